@@ -1,0 +1,1 @@
+"""How data flows through a model for calibrated methods: capture block inputs, the sequential block loop."""

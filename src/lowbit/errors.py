@@ -1,0 +1,26 @@
+"""lowbit's one exception type, and the input checks every entry point shares.
+
+Errors name the argument, file or tensor, what was expected and what was found.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class LowbitError(ValueError):
+    """Bad input or a state lowbit refuses to work from; the message says what was expected."""
+
+
+def check_float_tensor(x, name: str = "tensor", *, allow_empty: bool = False) -> torch.Tensor:
+    """Refuse non-tensors, non-float dtypes, empty tensors and NaN/inf (never a silent NaN)."""
+    if not isinstance(x, torch.Tensor):
+        raise LowbitError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise LowbitError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.numel() == 0 and not allow_empty:
+        raise LowbitError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise LowbitError(f"{name}: contains {n_bad} NaN/inf value(s) of {x.numel()}; "
+                          "refusing to quantize non-finite input")
+    return x

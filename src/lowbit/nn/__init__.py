@@ -1,0 +1,1 @@
+"""QuantLinear and CPU kernels on packed weights."""

@@ -1,0 +1,1 @@
+"""Equivalent float rewrites before quantization (AWQ / SmoothQuant scales, Hadamard rotations)."""
