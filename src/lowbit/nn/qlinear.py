@@ -1,0 +1,61 @@
+"""QuantLinear: an nn.Linear whose weight is held as a QuantizedWeight.
+
+The codes, scales and zero points are registered as buffers, so state_dict / .to(device) carry
+them; `.to(dtype)` casts only the float buffers (scales), never re-quantizes anything.
+
+forward() here is the reference path (dequantize, then matmul): exact, simple and the yardstick
+every fast kernel (nn/kernels) is tested against. A kernel, when attached with `set_kernel`,
+replaces it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lowbit.numerics.qweight import QuantizedWeight
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.scheme = qweight.scheme
+        self.info = dict(qweight.info)
+        self.register_buffer("qdata", qweight.qdata)
+        self.register_buffer("scale", qweight.scale)
+        self.register_buffer("zero_point", qweight.zero_point)
+        self.register_buffer("g_idx", qweight.g_idx)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.kernel = None  # a callable (x, module) -> y, set by nn.kernels
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qweight: QuantizedWeight) -> "QuantLinear":
+        return cls(qweight, linear.bias)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qdata, self.scale, self.zero_point, self.scheme, self.g_idx, self.info)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.dequantize(dtype)
+
+    def set_kernel(self, kernel) -> None:
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        ragged = f", ragged_last_group={self.info['ragged_last_group']}" if "ragged_last_group" in self.info else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.scheme.short_name()}, bias={self.bias is not None}{ragged}")
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

@@ -1,0 +1,175 @@
+"""Recipe: which modules get which scheme and which method. Typed, serialisable, saved with every output.
+
+A Recipe is an ordered list of rules. For each candidate module (every nn.Linear; an embedding
+only when a rule names it), the first rule whose `targets` regex matches the module's qualified
+name (re.search) decides; `ignore` patterns are checked first and keep a module in float. A rule
+with scheme=None also keeps its modules in float.
+
+    Recipe(name="w4g128-gptq",
+           rules=[Rule(targets=r".*", scheme=int_scheme(4, 128), method="gptq",
+                       method_args={"damp_percent": 0.01})],
+           ignore=["lm_head"])
+
+Named presets (`get_recipe("w4g128-gptq")`) follow a small grammar, so every combination a user
+may want has a name without a table of them:
+
+    w{bits}[g{group}][-sym]-{method}[-actorder]     e.g. w8-rtn (per channel), w3g128-gptq,
+                                                         w2g64-gptq-actorder, w4g128-sym-rtn
+Other preset families (GGUF mixes such as q4_k_m) register themselves with `register_preset`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lowbit.errors import LowbitError
+from lowbit.numerics.scheme import Scheme, int_scheme
+
+RECIPE_VERSION = 1
+
+
+@dataclass
+class Rule:
+    targets: str
+    scheme: Scheme | None
+    method: str = "rtn"
+    method_args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise LowbitError(f"Rule.targets: {self.targets!r} is not a valid regex ({e})") from None
+
+    def to_dict(self) -> dict:
+        return {"targets": self.targets, "scheme": None if self.scheme is None else self.scheme.to_dict(),
+                "method": self.method, "method_args": dict(self.method_args)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Rule":
+        missing = {"targets", "scheme"} - set(d)
+        if missing:
+            raise LowbitError(f"Rule: missing keys {sorted(missing)} in {d!r}")
+        scheme = None if d["scheme"] is None else Scheme.from_dict(d["scheme"])
+        return cls(d["targets"], scheme, d.get("method", "rtn"), dict(d.get("method_args", {})))
+
+
+@dataclass
+class Recipe:
+    name: str
+    rules: list[Rule]
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    calibration: dict = field(default_factory=dict)   # n_samples, seq_len, seed, text
+    description: str = ""
+
+    def rule_for(self, module_name: str) -> Rule | None:
+        """The rule that decides `module_name`, or None to keep it in float."""
+        if any(re.search(p, module_name) for p in self.ignore):
+            return None
+        for rule in self.rules:
+            if re.search(rule.targets, module_name):
+                return rule if rule.scheme is not None else None
+        return None
+
+    @property
+    def methods(self) -> set[str]:
+        return {r.method for r in self.rules if r.scheme is not None}
+
+    # ---- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"lowbit_recipe_version": RECIPE_VERSION, "name": self.name, "description": self.description,
+                "rules": [r.to_dict() for r in self.rules], "ignore": list(self.ignore),
+                "calibration": dict(self.calibration)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        v = d.get("lowbit_recipe_version")
+        if v != RECIPE_VERSION:
+            raise LowbitError(f"recipe: expected lowbit_recipe_version {RECIPE_VERSION}, got {v!r}")
+        return cls(name=d.get("name", "custom"), rules=[Rule.from_dict(r) for r in d.get("rules", [])],
+                   ignore=list(d.get("ignore", [])), calibration=dict(d.get("calibration", {})),
+                   description=d.get("description", ""))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        from lowbit.models.cache import atomic_file
+        with atomic_file(Path(path), "w") as fh:
+            fh.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LowbitError(f"recipe file {p}: not readable JSON ({e})") from e
+        if "lowbit_recipe" in d:  # a manifest with the recipe embedded
+            d = d["lowbit_recipe"]
+        return cls.from_dict(d)
+
+
+# ---- presets ----------------------------------------------------------------------------------
+_PRESETS: dict[str, tuple[Callable[[], Recipe], str]] = {}
+_GRAMMAR = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym)?-(?P<method>[a-z0-9_]+)"
+                      r"(?P<actorder>-actorder)?$")
+# modules that register more presets when imported (kept lazy: importing lowbit stays cheap)
+PRESET_MODULES: list[str] = []
+
+
+def register_preset(name: str, description: str = "") -> Callable:
+    def deco(fn: Callable[[], Recipe]) -> Callable[[], Recipe]:
+        _PRESETS[name] = (fn, description)
+        return fn
+    return deco
+
+
+def _load_preset_modules() -> None:
+    import importlib
+    for mod in PRESET_MODULES:
+        importlib.import_module(mod)
+
+
+def grammar_recipe(name: str) -> Recipe | None:
+    m = _GRAMMAR.match(name)
+    if not m:
+        return None
+    bits = int(m["bits"])
+    group = int(m["group"]) if m["group"] else None
+    sym = bool(m["sym"]) or (bits == 8 and group is None)
+    args = {"act_order": True} if m["actorder"] else {}
+    desc = (f"{bits}-bit {'symmetric' if sym else 'asymmetric'} "
+            f"{'group ' + str(group) if group else 'per output channel'}, {m['method']}"
+            f"{' with act-order' if args else ''}; lm_head and embeddings stay in float")
+    return Recipe(name=name, rules=[Rule(r".*", int_scheme(bits, group, sym), m["method"], args)],
+                  description=desc)
+
+
+def get_recipe(spec: str | Path | Recipe) -> Recipe:
+    """A preset name, a path to a recipe JSON (or a manifest that embeds one), or a Recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    s = str(spec)
+    _load_preset_modules()
+    if s in _PRESETS:
+        return _PRESETS[s][0]()
+    r = grammar_recipe(s)
+    if r is not None:
+        return r
+    if Path(s).is_file():
+        return Recipe.load(s)
+    raise LowbitError(f"recipe {s!r}: not a preset, preset grammar match or file. Presets: "
+                      f"{', '.join(sorted(_PRESETS)) or '(none registered)'}; grammar: "
+                      "w{bits}[g{group}][-sym]-{method}[-actorder], e.g. w4g128-gptq, w8-rtn")
+
+
+def list_presets() -> dict[str, str]:
+    _load_preset_modules()
+    out = {k: d for k, (_, d) in _PRESETS.items()}
+    for ex in ("w8-rtn", "w4g128-rtn", "w4g128-gptq", "w3g128-gptq", "w2g64-gptq-actorder"):
+        out.setdefault(ex, grammar_recipe(ex).description)
+    return out
