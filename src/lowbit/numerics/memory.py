@@ -58,7 +58,9 @@ class WeightMemory:
                             self.scale_bytes + other.scale_bytes, self.zero_bytes + other.zero_bytes)
 
 
-def _check_group(group_size: int) -> None:
+def _check_group(group_size: int, scale_bits: int = 16) -> None:
+    if not (isinstance(scale_bits, int) and scale_bits > 0):
+        raise LowbitError(f"scale_bits: expected a positive integer (16 for fp16 scales), got {scale_bits!r}")
     if not isinstance(group_size, int) or group_size < -1:
         raise LowbitError(f"group_size: expected a positive integer, 0 (one scale per tensor) or "
                           f"-1 (per output channel), got {group_size!r}")
@@ -78,7 +80,7 @@ def estimate_weight_memory(n_params: float, fmt: str, group_size: int = 128, *, 
     """
     if not (isinstance(n_params, (int, float)) and math.isfinite(n_params) and n_params > 0):
         raise LowbitError(f"params: expected a positive number of parameters, got {n_params!r}")
-    _check_group(group_size)
+    _check_group(group_size, scale_bits)
     bits = code_bits(fmt)
     codes = n_params * bits / 8
     if fmt in UNSCALED:
@@ -98,7 +100,7 @@ def estimate_weight_memory(n_params: float, fmt: str, group_size: int = 128, *, 
 def tensor_weight_memory(shape: tuple[int, ...], fmt: str, group_size: int = 128, *, symmetric: bool = False,
                          scale_bits: int = 16) -> WeightMemory:
     """Exact memory of one (rows, cols) weight, groups along the last axis (ragged last group counted)."""
-    _check_group(group_size)
+    _check_group(group_size, scale_bits)
     n = math.prod(shape)
     bits = code_bits(fmt)
     if fmt in UNSCALED or not shape:
