@@ -20,7 +20,8 @@ straight into affine.qparams_from_range(min_val, max_val, scheme). The methods:
 One-shot calls use the exact values (percentile by kthvalue, MSE on the values themselves).
 Streams (observers) keep a per-unit histogram of 2*bins bins over [-A, A], where A is a power-of-2
 multiple of the first batch's absmax: when a later batch exceeds A, A doubles as often as needed
-and every pair of old bins merges into one new bin, exactly (no re-binning error). Percentile,
+and every 2^k old bins merge into one new bin: each new bin is a union of whole old bins, so no count
+is split or smeared (re-binning is exact up to float rounding at bin edges). Percentile,
 MSE and KL then read that histogram (MSE treats each bin's centre as its values).
 """
 from __future__ import annotations
