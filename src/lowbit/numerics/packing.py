@@ -54,7 +54,7 @@ def _check_codes(codes: torch.Tensor, bits: int, name: str = "codes") -> None:
     if codes.dim() == 0:
         raise LowbitError(f"{name}: expected at least 1 dimension, got a scalar")
     if codes.numel():
-        lo, hi = int(codes.min()), int(codes.max())
+        lo, hi = (int(v) for v in torch.aminmax(codes))
         if lo < 0 or hi >= (1 << bits):
             raise LowbitError(f"{name}: {bits}-bit codes must lie in [0, {(1 << bits) - 1}], "
                               f"found values in [{lo}, {hi}]")
@@ -71,14 +71,13 @@ def _axis(t: torch.Tensor, axis: int, name: str) -> int:
     return axis % t.dim()
 
 
-def _runs(codes: torch.Tensor, axis: int, run: int) -> tuple[torch.Tensor, int]:
-    """codes with `axis` moved last, zero-padded to a multiple of `run`, as (..., n_runs, run) int64."""
-    x = codes.movedim(axis, -1).to(torch.int64)
-    n = x.shape[-1]
-    pad = (-n) % run
+def _runs(codes: torch.Tensor, axis: int, run: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """codes with `axis` moved last, zero-padded to a multiple of `run`, as (..., n_runs, run)."""
+    x = codes.movedim(axis, -1).to(dtype).contiguous()
+    pad = (-x.shape[-1]) % run
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], -1, run), n
+    return x.reshape(*x.shape[:-1], -1, run)
 
 
 def _check_unpack_length(length: int, n_runs: int, run: int, axis: int, fn: str) -> None:
@@ -100,20 +99,27 @@ def _stream_shape(bits: int, cbits: int) -> tuple[int, int]:
 
 def _pack_stream(codes: torch.Tensor, bits: int, dtype: torch.dtype, axis: int) -> torch.Tensor:
     cbits = _CONTAINER_BITS[dtype]
+    if bits == cbits:                                     # 8-bit codes in bytes: nothing to pack
+        return codes.to(dtype).clone()
     run, words = _stream_shape(bits, cbits)
-    x, _ = _runs(codes, axis, run)                       # (..., R, run)
-    out = torch.zeros(*x.shape[:-1], words, dtype=torch.int64)
+    # uint8 arithmetic for byte containers (a left shift drops the bits that belong to the next
+    # byte, which is the mask we want); int64 for int32 words, wrapped to two's complement below
+    work = torch.uint8 if dtype == torch.uint8 else torch.int64
+    x = _runs(codes, axis, run, work)                     # (..., R, run)
+    acc: list[torch.Tensor | None] = [None] * words
     # A loop over the <= 32 positions inside one run; every run in the tensor moves at once.
     for i in range(run):
-        bit = i * bits
-        w, off = divmod(bit, cbits)
-        out[..., w] |= (x[..., i] << off) & ((1 << cbits) - 1)
+        w, off = divmod(i * bits, cbits)
+        parts = [(w, x[..., i] << off)]
         if off + bits > cbits:                            # straddles into the next container
-            out[..., w + 1] |= x[..., i] >> (cbits - off)
-    out = out.reshape(*out.shape[:-2], -1)
+            parts.append((w + 1, x[..., i] >> (cbits - off)))
+        for k, v in parts:
+            acc[k] = v if acc[k] is None else acc[k] | v
+    out = torch.stack(acc, dim=-1).reshape(*x.shape[:-2], -1)
     if dtype == torch.int32:                              # two's complement wrap of the top bit
+        out = out & 0xFFFFFFFF
         out = torch.where(out >= (1 << 31), out - (1 << 32), out)
-    return out.to(dtype).movedim(-1, axis)
+    return out.to(dtype).movedim(-1, axis).contiguous()
 
 
 def _unpack_stream(packed: torch.Tensor, bits: int, length: int, axis: int, fn: str) -> torch.Tensor:
@@ -127,18 +133,22 @@ def _unpack_stream(packed: torch.Tensor, bits: int, length: int, axis: int, fn: 
         raise LowbitError(f"{fn}: a {bits}-bit stream in {packed.dtype} comes in runs of {words} "
                           f"containers; axis {axis} has {n_words}")
     _check_unpack_length(length, n_words // words, run, axis, fn)
-    p = packed.movedim(axis, -1).to(torch.int64) & ((1 << cbits) - 1)   # undo int32 sign
+    if bits == cbits:
+        return packed.to(torch.uint8).narrow(axis, 0, length).clone()
+    p = packed.movedim(axis, -1).contiguous()
+    if packed.dtype == torch.int32:
+        p = p.to(torch.int64) & 0xFFFFFFFF                # undo the sign: an unsigned 32-bit word
     p = p.reshape(*p.shape[:-1], -1, words)               # (..., R, words)
-    out = torch.empty(*p.shape[:-1], run, dtype=torch.int64)
     mask = (1 << bits) - 1
+    vals = []
     for i in range(run):
         w, off = divmod(i * bits, cbits)
         v = p[..., w] >> off
         if off + bits > cbits:
             v = v | (p[..., w + 1] << (cbits - off))
-        out[..., i] = v & mask
-    out = out.reshape(*out.shape[:-2], -1)[..., :length]
-    return out.to(torch.uint8).movedim(-1, axis)
+        vals.append(v & mask)
+    out = torch.stack(vals, dim=-1).reshape(*p.shape[:-2], -1)[..., :length]
+    return out.to(torch.uint8).movedim(-1, axis).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,9 +241,10 @@ def pack_ternary_5per_u8(codes: torch.Tensor, axis: int = -1) -> torch.Tensor:
     _check_codes(codes, 2)
     if codes.numel() and int(codes.max()) > 2:
         raise LowbitError(f"codes: ternary codes must be 0, 1 or 2, found {int(codes.max())}")
-    x, _ = _runs(codes, _axis(codes, axis, "pack_ternary_5per_u8"), 5)   # (..., R, 5)
-    packed = (x * torch.tensor(_POW3)).sum(-1)
-    return packed.to(torch.uint8).movedim(-1, axis)
+    x = _runs(codes, _axis(codes, axis, "pack_ternary_5per_u8"), 5, torch.uint8)   # (..., R, 5)
+    # at most 2*(1+3+9+27+81) = 242: the sum fits a byte
+    packed = x[..., 0] + 3 * x[..., 1] + 9 * x[..., 2] + 27 * x[..., 3] + 81 * x[..., 4]
+    return packed.movedim(-1, axis).contiguous()
 
 
 def unpack_ternary_5per_u8(packed: torch.Tensor, length: int, axis: int = -1) -> torch.Tensor:
@@ -242,12 +253,15 @@ def unpack_ternary_5per_u8(packed: torch.Tensor, length: int, axis: int = -1) ->
     _need_dtype(packed, torch.uint8, fn)
     axis = _axis(packed, axis, fn)
     _check_unpack_length(length, packed.shape[axis], 5, axis, fn)
-    p = packed.movedim(axis, -1).to(torch.int64)
+    p = packed.movedim(axis, -1).contiguous()
     if p.numel() and int(p.max()) > 242:
         raise LowbitError(f"{fn}: byte value {int(p.max())} > 242 is not 5 base-3 digits")
-    trits = (p.unsqueeze(-1) // torch.tensor(_POW3)) % 3    # (..., n, 5)
-    out = trits.reshape(*trits.shape[:-2], -1)[..., :length]
-    return out.to(torch.uint8).movedim(-1, axis)
+    trits = []
+    for _ in range(5):                                    # peel base-3 digits, lowest first
+        trits.append(p % 3)
+        p = p // 3
+    out = torch.stack(trits, dim=-1).reshape(*p.shape[:-1], -1)[..., :length]
+    return out.movedim(-1, axis).contiguous()
 
 
 def packed_len(n: int, bits: int, container: torch.dtype = torch.uint8) -> int:
