@@ -98,7 +98,8 @@ def run(n: int, repeats: int) -> str:
                      f"| {t_p:.1f} | {t_u:.1f} | {t_q / base:.1f} |")
     head = (f"Matrix {n}x{n} fp32 N(0,1), median of {repeats} runs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {platform.machine()} ({os.cpu_count()} CPUs), {date.today()}. "
-            f"Baseline w.to(float16): {base:.1f} ms.")
+            f"Baseline w.to(float16): {base:.1f} ms. Load average at the end: "
+            f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 

@@ -102,10 +102,9 @@ def _pack_stream(codes: torch.Tensor, bits: int, dtype: torch.dtype, axis: int) 
     if bits == cbits:                                     # 8-bit codes in bytes: nothing to pack
         return codes.to(dtype).clone()
     run, words = _stream_shape(bits, cbits)
-    # uint8 arithmetic for byte containers (a left shift drops the bits that belong to the next
-    # byte, which is the mask we want); int64 for int32 words, wrapped to two's complement below
-    work = torch.uint8 if dtype == torch.uint8 else torch.int64
-    x = _runs(codes, axis, run, work)                     # (..., R, run)
+    # Arithmetic in the container's own dtype: a left shift drops the bits that belong to the
+    # next container (torch shifts int32 as two's complement, so 15 << 28 is the word 0xF0000000)
+    x = _runs(codes, axis, run, dtype)                    # (..., R, run)
     acc: list[torch.Tensor | None] = [None] * words
     # A loop over the <= 32 positions inside one run; every run in the tensor moves at once.
     for i in range(run):
@@ -116,10 +115,7 @@ def _pack_stream(codes: torch.Tensor, bits: int, dtype: torch.dtype, axis: int) 
         for k, v in parts:
             acc[k] = v if acc[k] is None else acc[k] | v
     out = torch.stack(acc, dim=-1).reshape(*x.shape[:-2], -1)
-    if dtype == torch.int32:                              # two's complement wrap of the top bit
-        out = out & 0xFFFFFFFF
-        out = torch.where(out >= (1 << 31), out - (1 << 32), out)
-    return out.to(dtype).movedim(-1, axis).contiguous()
+    return out.movedim(-1, axis).contiguous()
 
 
 def _unpack_stream(packed: torch.Tensor, bits: int, length: int, axis: int, fn: str) -> torch.Tensor:
@@ -136,16 +132,14 @@ def _unpack_stream(packed: torch.Tensor, bits: int, length: int, axis: int, fn: 
     if bits == cbits:
         return packed.to(torch.uint8).narrow(axis, 0, length).clone()
     p = packed.movedim(axis, -1).contiguous()
-    if packed.dtype == torch.int32:
-        p = p.to(torch.int64) & 0xFFFFFFFF                # undo the sign: an unsigned 32-bit word
     p = p.reshape(*p.shape[:-1], -1, words)               # (..., R, words)
     mask = (1 << bits) - 1
     vals = []
     for i in range(run):
         w, off = divmod(i * bits, cbits)
-        v = p[..., w] >> off
-        if off + bits > cbits:
-            v = v | (p[..., w + 1] << (cbits - off))
+        v = p[..., w] >> off                              # int32 >> sign-extends: mask below
+        if off + bits > cbits:                            # low part from word w, high from w + 1
+            v = (v & ((1 << (cbits - off)) - 1)) | (p[..., w + 1] << (cbits - off))
         vals.append(v & mask)
     out = torch.stack(vals, dim=-1).reshape(*p.shape[:-2], -1)[..., :length]
     return out.to(torch.uint8).movedim(-1, axis).contiguous()
