@@ -84,7 +84,7 @@ def test_mse_works_through_every_codec():
 
 
 def test_stream_matches_one_shot():
-    x, inlier = heavy_tailed(rows=128, cols=512)
+    x, _ = heavy_tailed(rows=128, cols=512)
     s = int_scheme(8, 0, True)
     chunks = x.chunk(4)
     one = {m: calibrate_range(x, s, m, grid=60) for m in ("minmax", "percentile", "mse", "kl")}

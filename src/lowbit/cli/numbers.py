@@ -93,8 +93,8 @@ def run_estimate(args) -> int:
                                    in_features=args.in_features)
         rows.append([f, f"{m.bits_per_weight:.4f}", human_bytes(m.code_bytes), human_bytes(m.scale_bytes),
                      human_bytes(m.zero_bytes), human_bytes(m.total_bytes), f"{m.total_bytes / 2**30:.2f}"])
-    print(f"weights: {args.params:,.0f} parameters; {gran}; scales at {args.scale_bits} bits; "
-          f"int formats {'symmetric (no zero point)' if args.symmetric else 'asymmetric (zero point at the code width)'}")
+    ints = "symmetric (no zero point)" if args.symmetric else "asymmetric (zero point at the code width)"
+    print(f"weights: {args.params:,.0f} parameters; {gran}; scales at {args.scale_bits} bits; int formats {ints}")
     _print_table(head, rows)
     print("GB = 1e9 bytes. Weights only: add the KV cache and activations for serving memory. "
           "ternary counts 1.6 bits (5 trits per byte).")

@@ -39,7 +39,8 @@ class TensorEntry:
 
     @property
     def module(self) -> str:
-        """The name with block indices folded: model.layers.17.mlp.up_proj.weight -> model.layers.N.mlp.up_proj.weight"""
+        """The name with block indices folded:
+        model.layers.17.mlp.up_proj.weight -> model.layers.N.mlp.up_proj.weight"""
         return re.sub(r"\.\d+\.", ".N.", self.name)
 
     @property

@@ -26,11 +26,12 @@ zero codes at the end of the axis; unpack needs the original `length` and checks
 How the file formats' layouts are expressed (weight codes qdata: (out, in)):
     GPTQ / AutoGPTQ qweight (in/8, out) int32, 8 4-bit values per word along the input axis,
         low bits first:           pack_int32(qdata.t(), bits=4, axis=0)   == pack_int32(qdata, 4, axis=1).t()
-    GPTQ qzeros (groups, out/8):  pack_int32(zeros_codes, bits=4, axis=1)       (zeros (groups, out))
+    GPTQ qzeros (groups, out/8):  pack_int32(zeros_codes, bits=4, axis=1)       (zeros (groups, out);
+                                  GPTQ v1 files store zero - 1, which is the exporter's business)
     compressed-tensors weight_packed (out, in/8) int32, packed along the input axis:
                                   pack_int32(qdata, bits=4, axis=1)
-    (AWQ interleaves nibbles in the order 0,2,4,6,1,3,5,7 inside a word; export/awq applies that
-    permutation to the values before calling pack_int32.)
+    (AWQ interleaves nibbles in the order 0,2,4,6,1,3,5,7 inside a word and packs along the
+    output axis; an AWQ writer permutes the values, then calls pack_int32(..., axis=1).)
 """
 from __future__ import annotations
 
