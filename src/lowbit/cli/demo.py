@@ -11,7 +11,7 @@ import time
 
 DEMO_SEQ_LEN = 512
 DEMO_MAX_TOKENS = 4096
-DEMO_SPEED = {"prompt_len": 64, "new_tokens": 24, "runs": 3, "warmup": 1}
+DEMO_SPEED = {"prompt_len": 64, "new_tokens": 16, "runs": 3, "warmup": 1}
 
 
 def register(sub) -> None:
