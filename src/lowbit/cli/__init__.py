@@ -14,6 +14,8 @@ from lowbit.errors import LowbitError
 SUBCOMMANDS = [
     "lowbit.cli.info",
     "lowbit.cli.numbers",
+    "lowbit.cli.eval",
+    "lowbit.cli.demo",
 ]
 
 
