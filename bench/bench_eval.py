@@ -17,15 +17,20 @@ import argparse
 import copy
 import gc
 import math
+import os
 import sys
 import time
 
-import torch
+# libgomp's default (spinning) wait policy collapses when the two cores are shared (measured 6x
+# slower forward passes at load 8-10); must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lowbit import api
+import torch  # noqa: E402
+
+from lowbit import api  # noqa: E402
 from lowbit.eval import (DEFAULT_KL_MAX_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, evaluate,
-                         evaluate_reference, markdown_table, write_json)
-from lowbit.eval.report import env_info
+                         evaluate_reference, markdown_table, write_json)  # noqa: E402
+from lowbit.eval.report import env_info  # noqa: E402
 
 FULL = ["w8-rtn", "w8g128-rtn", "w4g128-rtn", "w4-rtn", "w3g128-rtn", "w3-rtn", "w4g64-rtn", "w4g32-rtn"]
 QUICK = ["w8-rtn", "w4g128-rtn", "w3g128-rtn"]
@@ -117,7 +122,8 @@ def main(argv=None) -> int:
     print(f"command: python bench/bench_eval.py{' --quick' if args.quick else ''}"
           f"{' --configs ' + args.configs if args.configs else ''}")
     print(f"machine: {env['machine']}, {env['cpu_count']} cores, torch {env['torch']} "
-          f"({env['threads']} threads), transformers {env['transformers']}; date {env['date']}; "
+          f"({env['threads']} threads, OMP_WAIT_POLICY={env['omp_wait_policy']}), transformers {env['transformers']}; "
+          f"date {env['date']}; load average {env['load_average']}; "
           f"total {time.perf_counter() - t_all:.0f} s")
     print(f"perplexity: {base['ppl']['method']}")
     print(f"KL: {records[configs[0]]['kl']['method'] if configs else '-'}")

@@ -61,7 +61,7 @@ def run(args) -> int:
     _say(f"  speed: batch 1, greedy, KV cache; {speed['prompt_len']}-token prompt, {speed['new_tokens']} "
          f"new tokens, median of {speed['runs']} runs after a warm-up; torch threads {torch.get_num_threads()}")
 
-    _say("\n[1/4] loading the model")
+    _say("\n[1/4] loading the model (the first run dequantizes the GGUF to fp32 once, ~20 s, and caches it)")
     kind, src = resolve_source(args.model)
     lm = api.load_model(args.model)
     _say(f"  {lm.model.config.model_type}, {sum(p.numel() for p in lm.model.parameters()):,} parameters, "

@@ -27,8 +27,18 @@ def env_info() -> dict:
     from lowbit import __version__ as lowbit_version
     return {"lowbit": lowbit_version, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": f"{platform.system()} {platform.machine()} "
-            f"{_cpu_name()}".strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            "cpu_count": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+            "load_average": _load_average(),
+            "machine": f"{platform.system()} {platform.machine()} {_cpu_name()}".strip(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def _load_average() -> str | None:
+    """1/5/15-minute load average: on a shared box, read speed figures next to it."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return None
 
 
 def _cpu_name() -> str:

@@ -29,7 +29,8 @@ def prepare_for_inference(model: torch.nn.Module) -> dict:
     Today QuantLinear runs its reference path (dequantize, then matmul) and there is nothing to do,
     so this is a no-op that says so. When packed CPU kernels land (lowbit.nn kernels, issue 8),
     this is where weights get packed and `QuantLinear.set_kernel` is called, and the demo and
-    `lowbit eval` pick it up without changes. Returns a note for the report.
+    `lowbit eval` pick it up without changes. Must stay idempotent (evaluate() and measure_speed()
+    both call it). Returns a note for the report.
     """
     from lowbit.nn.qlinear import QuantLinear
     n = sum(1 for m in model.modules() if isinstance(m, QuantLinear))
