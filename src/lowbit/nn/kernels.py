@@ -36,6 +36,10 @@ TILE_FLOATS = 1 << 20  # tiled fallback: at most 4 MiB of float weight at a time
 _q4_linear = _u8_linear = None  # torch.ops.lowbit_cpu.* once the extension is loaded
 
 
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+
 def _flat(x: torch.Tensor, k: int) -> torch.Tensor:
     if x.shape[-1] != k:
         raise LowbitError(f"quantized linear: expected input with last dim {k}, got {tuple(x.shape)}")
@@ -57,10 +61,9 @@ class ExtKernel(nn.Module):
         self.nibble = form.nibble
         self.group_size = form.group_size
         self.register_buffer("codes", pack_q4x32_u8(form.codes) if form.nibble else pack_u8(form.codes))
-        self.register_buffer("lut", form.lut.contiguous())
-        self.register_buffer("scale", form.scale)
-        self.register_buffer("zero", form.zero)
-        self.register_buffer("perm", form.perm)
+        # the kernel's own fp32 qparams are plain attributes, not buffers: model.to(bfloat16) must
+        # not round them (the kernel computes in fp32 whatever the activation dtype)
+        self.lut, self.scale, self.zero, self.perm = form.lut.contiguous(), form.scale, form.zero, form.perm
         self.bias = bias
 
     def forward(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
@@ -100,6 +103,9 @@ class ExtKernel(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_args", None)
         return super()._apply(fn, *args, **kwargs)
+
+    def nbytes(self) -> int:
+        return _nbytes(self.codes, self.lut, self.scale, self.zero, self.perm)
 
     def unpack_codes(self) -> torch.Tensor:
         c = unpack_q4x32_u8(self.codes, self.in_features) if self.nibble else self.codes[:, :self.in_features]
@@ -143,16 +149,31 @@ class TorchKernel(nn.Module):
             parent = torch.clamp(torch.arange(self.k_pad // sub) * sub // gs, max=form.scale.shape[1] - 1)
             s, z = form.scale[:, parent], zero[:, parent]                  # (N, K_pad/sub)
             sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1)   # (K_pad/sub, N, 2)
-            self.register_buffer("scales_and_zeros", sz.contiguous())
+            self.scales_and_zeros = sz.contiguous()  # fp32 master; cast per activation dtype
         else:
             w = None if form.scale.shape[1] != 1 else form.codes.to(torch.int16) - zero.round().to(torch.int16)
             if w is None or int(w.min()) < -128 or int(w.max()) > 127:
                 raise LowbitError(f"{name}: backend 'torch' int8 needs one scale per output channel "
                                   "and codes - zero within int8")
             self.kind, self.k_pad = "int8", k
+            self.int8_zero = zero.round().to(torch.int16)   # (N, 1), to give the codes back
             self.register_buffer("packed", w.to(torch.int8).contiguous())
-            self.register_buffer("scales", form.scale[:, 0].contiguous())
+            self.scales = form.scale[:, 0].contiguous()
         self._cast: dict = {}
+
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, getattr(self, "scales_and_zeros", None), getattr(self, "scales", None))
+
+    def unpack_codes(self) -> torch.Tensor:
+        """The (N, K) uint8 codes back from torch's opaque layout (exports and checks only)."""
+        if self.kind == "int4":
+            # with scale 1 and z' = 8 the op computes W = q, so eye(K) @ W.T reads the codes out
+            sz = torch.zeros_like(self.scales_and_zeros)
+            sz[..., 0], sz[..., 1] = 1.0, 8.0
+            eye = torch.eye(self.k_pad)
+            q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.sub_group, sz)
+            return q.t()[:, :self.in_features].round().to(torch.uint8)
+        return (self.packed.to(torch.int16) + self.int8_zero).to(torch.uint8)
 
     def _qparams(self, dtype: torch.dtype) -> torch.Tensor:
         t = self.scales_and_zeros if self.kind == "int4" else self.scales
@@ -225,6 +246,9 @@ class TiledKernel(nn.Module):
 
     def unpack_codes(self) -> torch.Tensor:
         return unpack_q4x32_u8(self.codes, self.in_features) if self.nibble else self.codes
+
+    def nbytes(self) -> int:
+        return _nbytes(*self.buffers(recurse=False))
 
 
 def make_kernel(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "auto",

@@ -75,5 +75,5 @@ def prepare_for_inference(model: nn.Module, backend: str = "auto") -> dict:
             packed = PackedLinear(mod.qweight, mod.bias, backend, name)
             set_submodule(model, name, packed)
             counts[packed.backend] += 1
-            nbytes += sum(b.numel() * b.element_size() for b in packed.packed.buffers())
+            nbytes += packed.packed.nbytes()
     return {"backends": dict(counts), "layers": len(targets), "packed_bytes": nbytes}
