@@ -100,6 +100,23 @@ def test_kernels_match_reference_on_real_shapes(real_weights, backend, scheme_na
     assert ran or backend == "torch"
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("backend", ["ext", "tiled"])
+@pytest.mark.parametrize("fmt,group", [("nf4", 64), ("fp4", 32), ("ternary", 128)])
+def test_codebook_formats_on_real_shapes(real_weights, backend, fmt, group):
+    """NF4 / FP4 / ternary (numerics/codebooks.py) run on the same 16-entry-table kernel as int4."""
+    g = torch.Generator().manual_seed(6)
+    for name in ("gate_proj", "down_proj"):
+        qw = quantize_weight(real_weights[name], Scheme(format=fmt, granularity="group", group_size=group))
+        kern = make_kernel(qw, None, backend, name)
+        assert kern.backend == backend
+        for m in (1, 9):
+            x = torch.randn(m, qw.shape[1], generator=g)
+            check_close(kern(x), x, qw.dequantize())
+    with pytest.raises(LowbitError, match="integer codes only"):
+        make_kernel(qw, None, "torch", name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_shapes_bias_and_leading_dims(backend):
     g = torch.Generator().manual_seed(2)

@@ -122,6 +122,20 @@ inline float row_u8(const uint8_t* p, const float* x, int64_t K, int64_t gs, con
 // ---- dequantize one row into fp32 (tile path) --------------------------------------------------
 inline void dequant_q4_row(const uint8_t* p, int64_t K, const float* lut, const float* scale,
                            const float* zero, int64_t gs, float* out) {
+#if defined(__AVX512F__)
+  const __m512 lutv = _mm512_loadu_ps(lut);
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    // same folded table as row_q4: values equal the reference's (lut[c] - zero) * scale
+    const __m512 lg = _mm512_mul_ps(_mm512_sub_ps(lutv, _mm512_set1_ps(zero ? zero[g] : 0.f)),
+                                    _mm512_set1_ps(scale[g]));
+    const int64_t k1 = std::min(K, k0 + gs);
+    for (int64_t k = k0; k < k1; k += kChunk) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
+      _mm512_storeu_ps(out + k, _mm512_permutexvar_ps(b, lg));
+      _mm512_storeu_ps(out + k + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lg));
+    }
+  }
+#else
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t g = k0 / gs;
     const float s = scale[g], z = zero ? zero[g] : 0.f;
@@ -131,15 +145,27 @@ inline void dequant_q4_row(const uint8_t* p, int64_t K, const float* lut, const 
       out[k0 + 16 + j] = (lut[b[j] >> 4] - z) * s;
     }
   }
+#endif
 }
 
 inline void dequant_u8_row(const uint8_t* p, int64_t K, const float* scale, const float* zero,
                            int64_t gs, float* out) {
+#if defined(__AVX512F__)
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    const __m512 zv = _mm512_set1_ps(zero ? zero[g] : 0.f), sv = _mm512_set1_ps(scale[g]);
+    const int64_t k1 = std::min(K, k0 + gs);
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k))));
+      _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_sub_ps(c, zv), sv));
+    }
+  }
+#else
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t g = k0 / gs;
     const float s = scale[g], z = zero ? zero[g] : 0.f;
     for (int j = 0; j < 32; ++j) out[k0 + j] = (static_cast<float>(p[k0 + j]) - z) * s;
   }
+#endif
 }
 
 void check_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
