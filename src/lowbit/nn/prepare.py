@@ -8,6 +8,8 @@ are unpacked on request.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections import Counter
 
 import torch
@@ -59,12 +61,42 @@ class PackedLinear(QuantLinear):
         return super().extra_repr() + f", backend={self.backend}"
 
 
-def prepare_for_inference(model: nn.Module, backend: str = "auto") -> dict:
+def release_checkpoint_memory(model: nn.Module) -> None:
+    """Copy the float tensors `model` still holds (embeddings, norms, a float lm_head) into
+    process memory and return freed heap pages to the OS.
+
+    transformers memory-maps safetensors checkpoints; one tensor still viewing the map keeps
+    every page of it that was ever read (all the float weights quantization read) resident, so a
+    4-bit model would report the float model's RSS. Tied parameters stay tied (the Parameter
+    object is shared; it is copied once).
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, PackedLinear):
+                continue
+            for p in mod.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    p.data = p.data.clone()
+            for name, b in list(mod._buffers.items()):
+                if b is not None and id(b) not in seen:
+                    seen.add(id(b))
+                    mod._buffers[name] = b.clone()
+    gc.collect()
+    try:  # glibc only: give back the pages quantization's temporaries left free in the heap
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def prepare_for_inference(model: nn.Module, backend: str = "auto", release_checkpoint: bool = True) -> dict:
     """Replace every QuantLinear of `model` (in place) by a PackedLinear with the fastest kernel.
 
     backend: "auto" (our C++ kernel where it builds and the scheme has a group form, else the
     tiled fallback), or force "ext" | "torch" | "tiled". Returns {"backends": {name: count},
-    "layers": n, "packed_bytes": bytes held by the kernels}.
+    "layers": n, "packed_bytes": bytes held by the kernels}. release_checkpoint: see
+    release_checkpoint_memory (on by default: without it RSS stays at the float model's).
     """
     counts: Counter = Counter()
     nbytes = 0
@@ -76,4 +108,6 @@ def prepare_for_inference(model: nn.Module, backend: str = "auto") -> dict:
             set_submodule(model, name, packed)
             counts[packed.backend] += 1
             nbytes += packed.packed.nbytes()
+    if release_checkpoint and targets:
+        release_checkpoint_memory(model)
     return {"backends": dict(counts), "layers": len(targets), "packed_bytes": nbytes}
