@@ -11,7 +11,8 @@ import sys
 
 
 def _common(p) -> None:
-    p.add_argument("model", help="built-in name (smollm2-135m), .gguf file or Hugging Face directory")
+    p.add_argument("model", help="built-in name (smollm2-135m), .gguf file, Hugging Face directory or "
+                                 "lowbit native directory (loaded straight into packed kernels)")
     p.add_argument("--recipe", default=None,
                    help="quantize on load with this data-free recipe (e.g. w4g128-rtn, w8-rtn); "
                         "default: run the model as loaded")
@@ -47,6 +48,7 @@ def prepare_model(args):
     from lowbit import api
     from lowbit.errors import LowbitError
     from lowbit.models import load_model
+    from lowbit.nn.load_packed import is_native_dir, load_packed
     from lowbit.nn.prepare import prepare_for_inference
     from lowbit.nn.qlinear import QuantLinear
     from lowbit.recipe import get_recipe
@@ -54,6 +56,12 @@ def prepare_model(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if is_native_dir(args.model):
+        if args.recipe:
+            raise LowbitError(f"{args.model} is already quantized (lowbit native); drop --recipe")
+        backend = "tiled" if args.backend == "reference" else args.backend
+        lm = load_packed(args.model, dtype=dtype, backend=backend)  # packed straight from the file
+        return lm.model, lm.tokenizer, f"{args.model} {args.dtype} (packed on load, {backend})"
     lm = load_model(args.model, dtype=dtype)
     model, tok = lm.model, lm.tokenizer
     desc = f"{args.model} {args.dtype}"
