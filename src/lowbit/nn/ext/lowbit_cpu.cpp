@@ -209,8 +209,10 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   if (M <= gemv_max_m) {
     at::Tensor y = at::empty({M, N}, x.options());
     float* yp = y.data_ptr<float>();
-    // grain: ~16 rows per task keeps the per-task overhead small beside a 32 KiB+ stream
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    // grain: at least ~128K weights per thread. Waking the pool costs 5-50 us (more on a busy
+    // box), so a k/v projection of 192x576 (~5 us of work) runs on the calling thread alone.
+    const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 17) / (K * M));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* row = cp + n * row_bytes;
         const float* srow = sp + n * G;
