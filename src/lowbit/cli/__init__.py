@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "lowbit.cli.numbers",
     "lowbit.cli.eval",
     "lowbit.cli.demo",
+    "lowbit.cli.generate",
 ]
 
 
