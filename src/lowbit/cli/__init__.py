@@ -13,6 +13,8 @@ from lowbit.errors import LowbitError
 
 SUBCOMMANDS = [
     "lowbit.cli.info",
+    "lowbit.cli.export",
+    "lowbit.cli.imatrix",
 ]
 
 

@@ -213,3 +213,30 @@ def collect_imatrix(model, batches, name_of: dict[str, str], chunk_size: int | N
         im.add(gname, v, ntok[gname])
     im.chunk_count = int(batches.shape[0])
     return im
+
+
+def imatrix_targets(model) -> dict[str, str]:
+    """HF module name -> GGUF tensor name for every nn.Linear inside the transformer blocks
+    (what llama-imatrix collects: src0 names starting with "blk.")."""
+    import torch.nn as nn
+
+    from lowbit.gguf.names import NameMap, arch_spec
+    cfg = model.config
+    names = NameMap(arch_spec(cfg.model_type).gguf_arch, int(cfg.num_hidden_layers))
+    out = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            g = names.to_gguf(mname + ".weight")
+            if g.startswith("blk."):
+                out[mname] = g
+    return out
+
+
+def compute_imatrix(loaded, text: str = "wiki-calibration", n_chunks: int = 64, seq_len: int = 512,
+                    seed: int = 0, progress: bool = True) -> Imatrix:
+    """Collect an imatrix for a LoadedModel on `n_chunks` windows of `seq_len` tokens of `text`
+    (lowbit.data.calibration_batches: disjoint windows picked by a seeded permutation)."""
+    from lowbit.data.text import calibration_batches
+    batches = calibration_batches(loaded.tokenizer, n_chunks, seq_len, seed, text)
+    return collect_imatrix(loaded.model, batches, imatrix_targets(loaded.model), chunk_size=seq_len,
+                           dataset=str(text), progress=progress)

@@ -274,3 +274,22 @@ def _encode(p, r: TensorRow, facts: dict, spec, imatrix) -> np.ndarray:
     a2 = a.reshape(-1, a.shape[-1])
     imp = imatrix.mean(r.name) if r.imatrix else None
     return quantize(a2, r.used, imatrix=imp, name=r.name)
+
+
+def export_gguf(source, out: str | Path, type: str | Recipe = "q4_k_m", *, imatrix=None,
+                tokenizer_pre: str | None = None, progress: bool = True) -> GGUFReport:
+    """lowbit export's GGUF path: a model name / .gguf / HF dir (or a LoadedModel) -> GGUF file.
+
+    type: a mix name (mixes.MIXES), a recipe JSON path, or a Recipe; imatrix: an Imatrix or a path
+    to an imatrix file (GGUF or legacy .dat, as llama-imatrix writes them)."""
+    from lowbit.gguf.imatrix import Imatrix
+    from lowbit.models import LoadedModel, load_model
+    from lowbit.models.load import resolve_source
+    loaded = source if isinstance(source, LoadedModel) else load_model(source)
+    kind, path = resolve_source(loaded.source)
+    im, im_file = imatrix, None
+    if isinstance(imatrix, (str, Path)):
+        im, im_file = Imatrix.load(imatrix), str(imatrix)
+    return write_gguf(loaded.model, out, type, hf_dir=loaded.path, imatrix=im, imatrix_file=im_file,
+                      source_gguf=path if kind == "gguf" else None, tokenizer_pre=tokenizer_pre,
+                      progress=progress)
