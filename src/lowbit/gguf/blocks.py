@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from lowbit.gguf.ggml_types import F32, fp16_bytes, fp16_from_bytes, register_codec, round_away, seq_sum
-from lowbit.gguf.ksearch import _signed_absmax, make_qkx_quants, make_qx_quants
+from lowbit.gguf.ksearch import make_qkx_quants, make_qx_quants, signed_absmax
 
 QK = 32
 
@@ -31,7 +31,7 @@ QK = 32
 def _row_importance(x: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
     """(rows, n) -> per-weight importance blocks (rows*n/32, 32): imatrix * sqrt(sigma2 + x^2)."""
     rows, n = x.shape
-    sigma2 = (seq_sum(x * x) / F32(n))[:, None]
+    sigma2 = (seq_sum(x * x, axis=1) / F32(n))[:, None]
     w = imatrix.astype(F32)[None, :] * np.sqrt(sigma2 + x * x)
     return w.reshape(-1, QK)
 
@@ -61,6 +61,11 @@ def _trunc_code(v: np.ndarray, qmax: int) -> np.ndarray:
     return np.minimum(np.trunc(v), F32(qmax))
 
 
+def _T(a: np.ndarray) -> np.ndarray:
+    """(nb, n) <-> (n, nb): the searches run element-major."""
+    return np.ascontiguousarray(a.T)
+
+
 def _inv(d: np.ndarray) -> np.ndarray:
     """`d ? 1.0f/d : 0.0f`"""
     with np.errstate(divide="ignore"):
@@ -72,12 +77,12 @@ def _encode_sym(x: np.ndarray, imatrix: np.ndarray | None, nmax: int) -> tuple[n
     """-> (d fp16-rounded (nb,), codes (nb, 32) in [0, 2*nmax))."""
     xb = x.reshape(-1, QK)
     if imatrix is None:
-        _, mx = _signed_absmax(xb)
+        _, mx = signed_absmax(_T(xb))
         d = mx / F32(-nmax)
         q = _trunc_code(xb * _inv(d)[:, None] + F32(nmax + 0.5), 2 * nmax - 1)
         return d, q
-    d, q = make_qx_quants(xb, nmax, 1, _row_importance(x, imatrix))
-    return d, q
+    d, q = make_qx_quants(_T(xb), nmax, 1, _T(_row_importance(x, imatrix)))
+    return d, q.T
 
 
 def _encode_q4_0(x, imatrix):
@@ -101,9 +106,9 @@ def _encode_asym(x: np.ndarray, imatrix: np.ndarray | None, nmax: int) -> tuple[
         d = (mx - mn) / F32(nmax)
         q = _trunc_code((xb - mn[:, None]) * _inv(d)[:, None] + F32(0.5), nmax)
         return d, mn, q
-    d, the_min, q = make_qkx_quants(xb, _row_importance(x, imatrix), nmax, -0.9, 0.05, 36,
+    d, the_min, q = make_qkx_quants(_T(xb), _T(_row_importance(x, imatrix)), nmax, -0.9, 0.05, 36,
                                     use_mad=False, flat_if_le=True)
-    return d, -the_min, q
+    return d, -the_min, q.T
 
 
 def _encode_q4_1(x, imatrix):

@@ -26,7 +26,8 @@ ternary.py):
 To reproduce ggml's bytes exactly, the encoders do every step in float32 in the same order as
 ggml-quants.c: sums run sequentially (np.cumsum, never numpy's pairwise sum), products are
 evaluated left to right, and rounding uses ggml's rules (`nearest_int` = round half to even,
-`roundf` = half away from zero, C casts truncate).
+`roundf` = half away from zero, C casts truncate). The searches keep blocks in "element-major"
+layout, (n, n_blocks), so that each of ggml's per-element loops is one vector op over all blocks.
 """
 from __future__ import annotations
 
@@ -125,9 +126,18 @@ def get_codec(name: str | GGMLType) -> tuple[Encoder, Decoder]:
 
 
 # ---- ggml's float32 arithmetic --------------------------------------------------------------------
-def seq_sum(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis in float32, strictly left to right (as a C `for` loop adds)."""
-    return np.cumsum(a, axis=-1, dtype=F32)[..., -1]
+def seq_sum(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Sum over `axis` in float32, strictly in index order, as a C `for` loop adds.
+
+    Works row by row over a contiguous (n, ...) view: each step is one vectorised add across all
+    blocks, which is both exact in ordering and fast (numpy's own sum may reorder: pairwise)."""
+    a = np.moveaxis(np.asarray(a, dtype=F32), axis, 0)
+    if a.ndim > 1 and not a[0].flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    s = a[0].copy()
+    for i in range(1, a.shape[0]):
+        s += a[i]
+    return s
 
 
 def nearest_int(x: np.ndarray) -> np.ndarray:

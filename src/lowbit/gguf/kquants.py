@@ -28,8 +28,12 @@ import numpy as np
 
 from lowbit.gguf.ggml_types import (F32, GROUP_MAX_EPS, QK_K, as_u8, fp16_bytes, fp16_from_bytes,
                                     fp16_round, nearest_int, register_codec, seq_sum)
-from lowbit.gguf.ksearch import (_signed_absmax, make_q3_quants, make_qkx_quants, make_qp_quants,
-                                 make_qx_quants)
+from lowbit.gguf.ksearch import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants, signed_absmax
+
+
+def _T(a: np.ndarray) -> np.ndarray:
+    """(nb, n) <-> (n, nb): the searches run element-major."""
+    return np.ascontiguousarray(a.T)
 
 
 def _super(x: np.ndarray) -> np.ndarray:
@@ -76,8 +80,9 @@ def _encode_q2_k(x, imatrix):
     nb = X.shape[0]
     xs = X.reshape(-1, 16)
     if imatrix is None:
-        sc, mn, L = make_qkx_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, use_mad=True)
-        sc, mn = sc.reshape(nb, 16), mn.reshape(nb, 16)
+        xt = _T(xs)
+        sc, mn, L = make_qkx_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, use_mad=True)
+        sc, mn, L = sc.reshape(nb, 16), mn.reshape(nb, 16), L.T
         max_sc, max_mn = _max_pos(sc), _max_pos(mn)
         has_sc, has_mn = max_sc > 0, max_mn > 0
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -88,13 +93,14 @@ def _encode_q2_k(x, imatrix):
         d = np.where(has_sc, max_sc / F32(15), F32(0))
         dmin = np.where(has_mn, max_mn / F32(15), F32(0))
     else:
-        sigma2 = (seq_sum(X * X) / F32(QK_K))[:, None]
-        w = (_imatrix_like(x, imatrix) * np.sqrt(sigma2 + X * X)).reshape(-1, 16)
-        sw = seq_sum(w).reshape(nb, 16)
-        sc, mn, L = make_qkx_quants(xs, w, 3, -0.9, 0.05, 36, use_mad=False, flat_if_le=True)
-        d, Ls = make_qp_quants(sc.reshape(nb, 16), 15, sw)
-        dmin, Lm = make_qp_quants(mn.reshape(nb, 16), 15, sw)
-        scales = Ls.astype(np.int64) | Lm.astype(np.int64) << 4
+        sigma2 = (seq_sum(X * X, axis=1) / F32(QK_K))[:, None]
+        wt = _T((_imatrix_like(x, imatrix) * np.sqrt(sigma2 + X * X)).reshape(-1, 16))
+        sw = _T(seq_sum(wt).reshape(nb, 16))
+        sc, mn, L = make_qkx_quants(_T(xs), wt, 3, -0.9, 0.05, 36, use_mad=False, flat_if_le=True)
+        L = L.T
+        d, Ls = make_qp_quants(_T(sc.reshape(nb, 16)), 15, sw)
+        dmin, Lm = make_qp_quants(_T(mn.reshape(nb, 16)), 15, sw)
+        scales = Ls.T.astype(np.int64) | Lm.T.astype(np.int64) << 4
     scales = (scales & 0xFF).astype(np.uint8)
     d_sub = fp16_round(d)[:, None] * (scales & 0xF).astype(F32)
     m_sub = fp16_round(dmin)[:, None] * (scales >> 4).astype(F32)
@@ -135,9 +141,9 @@ def _encode_q3_k(x, imatrix):
     nb = X.shape[0]
     xs = X.reshape(-1, 16)
     if imatrix is None:
-        sc, L = make_q3_quants(xs, 4)
-        sc = sc.reshape(nb, 16)
-        _, max_sc = _signed_absmax(sc)
+        sc, L = make_q3_quants(_T(xs), 4)
+        sc, L = sc.reshape(nb, 16), L.T
+        _, max_sc = signed_absmax(_T(sc))
         has = max_sc != 0
         with np.errstate(divide="ignore", invalid="ignore"):
             iscale = F32(-32) / np.where(has, max_sc, F32(1))
@@ -145,11 +151,13 @@ def _encode_q3_k(x, imatrix):
         l6 = np.where(has[:, None], l6, F32(0))
         d = np.where(has, F32(1) / iscale, F32(0))
     else:
-        sigma2 = (F32(2) * seq_sum(X * X) / F32(QK_K))[:, None]
-        w = (_imatrix_like(x, imatrix) * np.sqrt(sigma2 + X * X)).reshape(-1, 16)
-        sw = seq_sum(w).reshape(nb, 16)
-        sc, L = make_qx_quants(xs, 4, 1, w)
-        d, l6 = make_qx_quants(sc.reshape(nb, 16), 32, 1, sw)
+        sigma2 = (F32(2) * seq_sum(X * X, axis=1) / F32(QK_K))[:, None]
+        wt = _T((_imatrix_like(x, imatrix) * np.sqrt(sigma2 + X * X)).reshape(-1, 16))
+        sw = _T(seq_sum(wt).reshape(nb, 16))
+        sc, L = make_qx_quants(_T(xs), 4, 1, wt)
+        L = L.T
+        d, l6 = make_qx_quants(_T(sc.reshape(nb, 16)), 32, 1, sw)
+        l6 = l6.T
     scales = _pack_q3_scales(l6)
     d_sub = fp16_round(d)[:, None] * _unpack_q3_scales(scales)
     L = _requant(X.reshape(nb, 16, 16), L.reshape(nb, 16, 16), d_sub, None, -4, 3, 4).reshape(nb, QK_K)
@@ -197,11 +205,11 @@ def _encode_k45(x, imatrix, nmax: int):
     nb = X.shape[0]
     xs = X.reshape(-1, 32)
     if imatrix is None:
-        av_x = np.sqrt(seq_sum(xs * xs) / F32(32))[:, None]
-        w = av_x + np.abs(xs)
+        xt = _T(xs)
+        w = np.sqrt(seq_sum(xt * xt) / F32(32)) + np.abs(xt)
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
-        sc, mn, L = make_qkx_quants(xs, w, nmax, rmin, 0.1, nstep, use_mad=False)
-        sc, mn = sc.reshape(nb, 8), mn.reshape(nb, 8)
+        sc, mn, L = make_qkx_quants(xt, w, nmax, rmin, 0.1, nstep, use_mad=False)
+        sc, mn, L = sc.reshape(nb, 8), mn.reshape(nb, 8), L.T
         max_sc, max_mn = _max_pos(sc), _max_pos(mn)
         with np.errstate(divide="ignore"):
             inv_sc = np.where(max_sc > 0, F32(63) / max_sc, F32(0))[:, None]
@@ -210,12 +218,14 @@ def _encode_k45(x, imatrix, nmax: int):
         lm = np.minimum(F32(63), as_u8(nearest_int(inv_mn * mn)))
         d, dmin = max_sc / F32(63), max_mn / F32(63)
     else:
-        sigma2 = (F32(2) * seq_sum(X * X) / F32(QK_K))[:, None]
-        w = (_imatrix_like(x, imatrix) * np.sqrt(sigma2 + X * X)).reshape(-1, 32)
-        sw = seq_sum(w).reshape(nb, 8)
-        sc, mn, L = make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36, use_mad=False, flat_if_le=True)
-        d, ls = make_qp_quants(sc.reshape(nb, 8), 63, sw)
-        dmin, lm = make_qp_quants(mn.reshape(nb, 8), 63, sw)
+        sigma2 = (F32(2) * seq_sum(X * X, axis=1) / F32(QK_K))[:, None]
+        wt = _T((_imatrix_like(x, imatrix) * np.sqrt(sigma2 + X * X)).reshape(-1, 32))
+        sw = _T(seq_sum(wt).reshape(nb, 8))
+        sc, mn, L = make_qkx_quants(_T(xs), wt, nmax, -0.9, 0.05, 36, use_mad=False, flat_if_le=True)
+        L = L.T
+        d, ls = make_qp_quants(_T(sc.reshape(nb, 8)), 63, sw)
+        dmin, lm = make_qp_quants(_T(mn.reshape(nb, 8)), 63, sw)
+        ls, lm = ls.T, lm.T
         if nmax == 31:                                  # quantize_row_q5_K_impl clamps; q4_K's does not
             ls, lm = np.minimum(F32(63), ls), np.minimum(F32(63), lm)
     scales = _pack_k4_scales(ls, lm)
@@ -277,10 +287,10 @@ def _encode_q6_k(x, imatrix):
     X = _super(x)
     nb = X.shape[0]
     xs = X.reshape(-1, 16)
-    qw = None if imatrix is None else _imatrix_like(x, imatrix).reshape(-1, 16)
-    sc, L = make_qx_quants(xs, 32, 1, qw)
-    sc = sc.reshape(nb, 16)
-    amax, max_sc = _signed_absmax(sc)
+    qw = None if imatrix is None else _T(_imatrix_like(x, imatrix).reshape(-1, 16))
+    sc, L = make_qx_quants(_T(xs), 32, 1, qw)
+    sc, L = sc.reshape(nb, 16), L.T
+    amax, max_sc = signed_absmax(_T(sc))
     live = amax >= GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-128) / np.where(live, max_sc, F32(1))
