@@ -182,6 +182,30 @@ def _general(writer, config, source_gguf, file_type: int, quantized: bool) -> No
     writer.add_quantized_by("lowbit")
 
 
+def plan_tensors(model, recipe: Recipe, imatrix=None) -> tuple[dict, list[TensorRow]]:
+    """(parameters to write by HF name, one TensorRow per GGUF tensor) for a *bound* recipe.
+    A tied lm_head is not written: token_embd serves as the output and takes the lm_head rule."""
+    config = model.config
+    names = NameMap(arch_spec(config.model_type).gguf_arch, int(config.num_hidden_layers))
+    params = dict(model.state_dict())
+    emb = params.get("model.embed_tokens.weight")
+    head = params.get("lm_head.weight")
+    tied = bool(getattr(config, "tie_word_embeddings", False)) and (
+        head is None or (emb is not None and head.data_ptr() == emb.data_ptr()))
+    if tied:
+        params.pop("lm_head.weight", None)
+    rows: list[TensorRow] = []
+    for hf_name, p in params.items():
+        shape = tuple(p.shape)
+        wanted, used = tensor_type(recipe, hf_name, shape, tied)
+        gname = names.to_gguf(hf_name)
+        has_im = imatrix is not None and used not in ("F32", "F16", "BF16") and imatrix.mean(gname) is not None
+        n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        rows.append(TensorRow(gname, hf_name, shape, wanted, used, n_rows * ggml_type(used).row_bytes(shape[-1]),
+                              has_im))
+    return params, rows
+
+
 def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_dir: str | Path | None = None,
                imatrix=None, imatrix_file: str | None = None, source_gguf: str | Path | None = None,
                tokenizer_pre: str | None = None, progress: bool = True) -> GGUFReport:
@@ -199,22 +223,7 @@ def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_di
     spec = arch_spec(config.model_type)
     facts = model_facts(config)
     recipe = resolve_recipe(recipe, config, imatrix is not None)
-    names = NameMap(spec.gguf_arch, facts["n_layers"])
-    params = dict(model.state_dict())
-    emb = params.get("model.embed_tokens.weight")
-    head = params.get("lm_head.weight")
-    tied = bool(getattr(config, "tie_word_embeddings", False)) and (
-        head is None or (emb is not None and head.data_ptr() == emb.data_ptr()))
-    if tied:
-        params.pop("lm_head.weight", None)
-    rows: list[TensorRow] = []
-    for hf_name, p in params.items():
-        shape = tuple(p.shape)
-        wanted, used = tensor_type(recipe, hf_name, shape, tied)
-        gname = names.to_gguf(hf_name)
-        has_im = imatrix is not None and used not in ("F32", "F16", "BF16") and imatrix.mean(gname) is not None
-        n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        rows.append(TensorRow(gname, hf_name, shape, wanted, used, n_rows * ggml_type(used).row_bytes(shape[-1]), has_im))
+    params, rows = plan_tensors(model, recipe, imatrix)
     quantized = any(r.used not in ("F32", "F16", "BF16") for r in rows)
     out = Path(out)
     report = GGUFReport(out, recipe, rows)
