@@ -90,13 +90,16 @@ def main(argv=None) -> None:
     ap.add_argument("--imatrix-chunks", type=int, default=64)
     ap.add_argument("--presets", default="q8_0,q6_k,q5_k_m,q4_k_m,q4_k_s,q3_k_m,q2_k")
     ap.add_argument("--llamacpp-python", default=str(ROOT / "bench" / ".venv-llamacpp" / "bin" / "python"))
-    ap.add_argument("--llamacpp-ppl", default="f32,q8_0,q4_k_m,q4_k_m+imatrix,q2_k+imatrix",
+    ap.add_argument("--llamacpp-ppl", default="f32,q8_0,q4_k_m,q4_k_m+imatrix+refine,q2_k+imatrix+refine",
                     help="our files to evaluate with llama.cpp too (preset or preset+imatrix)")
+    ap.add_argument("--refine", default="q8_0,q6_k,q5_k_m,q4_k_m,q4_k_s,q3_k_m,q2_k",
+                    help="presets also written with lowbit's refinement (imatrix + refine)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="2 windows, 8 imatrix chunks, q8_0 and q4_k_m only")
     a = ap.parse_args(argv)
     if a.quick:
         a.windows, a.imatrix_chunks, a.presets, a.llamacpp_ppl = 2, 8, "q8_0,q4_k_m", "f32,q4_k_m+imatrix"
+        a.refine = "q4_k_m"
     torch.set_num_threads(a.threads)
     from lowbit.data.text import load_text, tokenize_text, token_windows
     from lowbit.gguf.imatrix import compute_imatrix
@@ -129,19 +132,22 @@ def main(argv=None) -> None:
         agree_llamacpp(a, res, "f32", f32_path, res["float_ppl"], base_nll)
 
     for preset in a.presets.split(","):
-        for use_im in (False, True):
-            name = f"{preset}{'+imatrix' if use_im else ''}"
-            ours = WORK / f"{tag}-{preset}{'-imat' if use_im else ''}.gguf"
+        for use_im, refine in ((False, False), (True, False), (True, True)):
+            if refine and preset not in a.refine.split(","):
+                continue
+            name = f"{preset}{'+imatrix' if use_im else ''}{'+refine' if refine else ''}"
+            ours = WORK / f"{tag}-{name.replace('+', '-')}.gguf"
             t1 = time.perf_counter()
             rep = write_gguf(loaded.model, ours, preset, hf_dir=loaded.path, source_gguf=source_gguf,
-                             imatrix=im if use_im else None, imatrix_file=str(im_path), progress=False)
+                             imatrix=im if use_im else None, imatrix_file=str(im_path), refine=refine,
+                             progress=False)
             t_write = time.perf_counter() - t1
             ppl, nll = ppl_of_file(ours, windows)
             row = {"preset": name, "bytes": rep.file_bytes, "bpw": rep.bits_per_weight, "ppl": ppl,
                    "dppl": ppl - res["float_ppl"], "fallbacks": len(rep.fallbacks), "write_s": round(t_write, 1),
                    "types": rep.type_counts()}
-            if have_llamacpp:
-                theirs = WORK / f"{tag}-{preset}{'-imat' if use_im else ''}-llamacpp.gguf"
+            if have_llamacpp and not refine:
+                theirs = WORK / f"{tag}-{name.replace('+', '-')}-llamacpp.gguf"
                 q = ["quantize", str(f32_path), str(theirs), "--ftype", preset.upper(), "--threads", str(a.threads)]
                 if use_im:
                     q += ["--imatrix", str(im_path)]

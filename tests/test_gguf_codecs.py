@@ -129,3 +129,25 @@ def test_bad_input_is_refused():
         quantize(x, "Q7_K")
     with pytest.raises(LowbitError, match="must be"):
         dequantize(np.zeros(10, np.uint8), "Q4_0", (4, 512))
+
+
+@pytest.mark.parametrize("t", ("Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+def test_refine_never_worse_per_block(golden, t):
+    """lowbit's refinement starts from ggml's bytes and lowers (or keeps) every block's weighted
+    error; the result is a valid block of the same type (gguf-py decodes it identically)."""
+    from lowbit.gguf.refine import importance, refine
+    x = golden["smollm2_ffn_down/x"]
+    imp = golden["smollm2_ffn_down/imatrix"] + np.float32(0.01)
+    base = quantize(x, t, imatrix=imp)
+    ref = refine(t, x, imp, base)
+    w = importance(x, imp)
+    bs = ggml_type(t).block_size
+    def block_err(blob):
+        d = dequantize(blob, t, x.shape) - x
+        return (w * d * d).reshape(-1, bs).sum(1)
+    e0, e1 = block_err(base), block_err(ref)
+    assert (e1 <= e0 * (1 + 1e-6)).all()
+    assert e1.sum() < e0.sum()
+    ours = dequantize(ref, t, x.shape)
+    assert np.array_equal(ours, gguf_dequantize(ref, GGMLQuantizationType[t]))
+    assert np.array_equal(refine(t, x, None, base), base)          # no imatrix: ggml's bytes kept

@@ -161,13 +161,20 @@ def _encode_q3_k(x, imatrix):
     scales = _pack_q3_scales(l6)
     d_sub = fp16_round(d)[:, None] * _unpack_q3_scales(scales)
     L = _requant(X.reshape(nb, 16, 16), L.reshape(nb, 16, 16), d_sub, None, -4, 3, 4).reshape(nb, QK_K)
-    hbit = (L > 3).astype(np.uint8).reshape(nb, 8, 32)    # element 32j + l -> hmask[l] bit j
+    hmask, qs = pack_q3_codes(L)
+    out = np.concatenate([hmask, qs, scales, fp16_bytes(d)], axis=1)
+    return out.reshape(x.shape[0], -1)
+
+
+def pack_q3_codes(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """codes (nb, 256) in [0,8) -> (hmask (nb, 32), qs (nb, 64)): 3rd bit of e = 32j + l in
+    hmask[l] bit j, low 2 bits as Q2_K."""
+    nb = L.shape[0]
+    hbit = (L > 3).astype(np.uint8).reshape(nb, 8, 32)
     hmask = np.zeros((nb, 32), dtype=np.uint8)
     for j in range(8):
         hmask |= hbit[:, j] << j
-    L = np.where(L > 3, L - F32(4), L)
-    out = np.concatenate([hmask, _pack_2bit(L), scales, fp16_bytes(d)], axis=1)
-    return out.reshape(x.shape[0], -1)
+    return hmask, _pack_2bit(np.where(L > 3, L - 4, L))
 
 
 def _decode_q3_k(data):
@@ -254,13 +261,18 @@ def _encode_q4_k(x, imatrix):
 
 def _encode_q5_k(x, imatrix):
     d, dmin, scales, L = _encode_k45(x, imatrix, 31)
-    hi = (L >> 4).reshape(-1, 4, 2, 32)                 # bit 2c+h of qh[l]
+    out = np.concatenate([fp16_bytes(d), fp16_bytes(dmin), scales, pack_q5_qh(L), _pack_nibbles_k(L)], axis=1)
+    return out.reshape(x.shape[0], -1)
+
+
+def pack_q5_qh(L: np.ndarray) -> np.ndarray:
+    """codes (nb, 256) in [0,32) -> qh (nb, 32): 5th bit of e = 64c + 32h + l at qh[l] bit 2c+h."""
+    hi = (L.astype(np.uint8) >> 4).reshape(-1, 4, 2, 32)
     qh = np.zeros((L.shape[0], 32), dtype=np.uint8)
     for c in range(4):
         for h in range(2):
             qh |= hi[:, c, h] << (2 * c + h)
-    out = np.concatenate([fp16_bytes(d), fp16_bytes(dmin), scales, qh, _pack_nibbles_k(L)], axis=1)
-    return out.reshape(x.shape[0], -1)
+    return qh
 
 
 def _decode_k45(b: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -298,14 +310,20 @@ def _encode_q6_k(x, imatrix):
     isc = np.minimum(F32(127), nearest_int(iscale[:, None] * sc))
     d_sub = fp16_round(d)[:, None] * isc
     L = _requant(X.reshape(nb, 16, 16), L.reshape(nb, 16, 16), d_sub, None, -32, 31, 32)
+    ql, qh = pack_q6_codes(L.reshape(nb, QK_K))
+    out = np.concatenate([ql, qh, isc.astype(np.int8).view(np.uint8), fp16_bytes(d)], axis=1)
+    out[~live] = 0                                     # ggml memsets an all-zero super-block
+    return out.reshape(x.shape[0], -1)
+
+
+def pack_q6_codes(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """codes (nb, 256) in [0,64) -> (ql (nb, 128), qh (nb, 64)), layout in the module docstring."""
+    nb = L.shape[0]
     q = L.reshape(nb, 2, 4, 32).astype(np.uint8)
     ql = np.stack([(q[:, :, 0] & 0xF) | (q[:, :, 2] & 0xF) << 4,
                    (q[:, :, 1] & 0xF) | (q[:, :, 3] & 0xF) << 4], axis=2).reshape(nb, 128)
     hq = q >> 4
-    qh = (hq[:, :, 0] | hq[:, :, 1] << 2 | hq[:, :, 2] << 4 | hq[:, :, 3] << 6).reshape(nb, 64)
-    out = np.concatenate([ql, qh, isc.astype(np.int8).view(np.uint8), fp16_bytes(d)], axis=1)
-    out[~live] = 0                                     # ggml memsets an all-zero super-block
-    return out.reshape(x.shape[0], -1)
+    return ql, (hq[:, :, 0] | hq[:, :, 1] << 2 | hq[:, :, 2] << 4 | hq[:, :, 3] << 6).reshape(nb, 64)
 
 
 def _decode_q6_k(data):

@@ -208,12 +208,14 @@ def plan_tensors(model, recipe: Recipe, imatrix=None) -> tuple[dict, list[Tensor
 
 def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_dir: str | Path | None = None,
                imatrix=None, imatrix_file: str | None = None, source_gguf: str | Path | None = None,
-               tokenizer_pre: str | None = None, progress: bool = True) -> GGUFReport:
+               tokenizer_pre: str | None = None, refine: bool = False, progress: bool = True) -> GGUFReport:
     """Quantize `model` (an HF causal LM, float weights) by `recipe` and write GGUF v3 to `out`.
 
     hf_dir: the model's HF directory (tokenizer files); source_gguf: the GGUF it came from, whose
     tokenizer.* / general.* keys are copied. imatrix: an Imatrix keyed by GGUF tensor names.
     Each fallback (a type whose block does not divide the row) is listed in the report.
+    refine: run lowbit's block refinement (refine.py) on tensors that have an imatrix; the file
+    then differs from llama.cpp's own quantization (lower weighted error, same types and layout).
     """
     import gguf
     from lowbit.gguf.fileio import atomic_path
@@ -261,14 +263,14 @@ def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_di
             from tqdm.auto import tqdm
             it = tqdm(rows, desc=f"gguf {recipe.name}", unit="tensor")
         for r in it:
-            w.write_tensor_data(_encode(params[r.hf_name], r, facts, spec, imatrix))
+            w.write_tensor_data(_encode(params[r.hf_name], r, facts, spec, imatrix, refine))
         w.close()
     report.seconds = time.perf_counter() - t0
     report.file_bytes = out.stat().st_size
     return report
 
 
-def _encode(p, r: TensorRow, facts: dict, spec, imatrix) -> np.ndarray:
+def _encode(p, r: TensorRow, facts: dict, spec, imatrix, refine: bool = False) -> np.ndarray:
     """One tensor's GGUF bytes (or float array for F32/F16), q/k rows permuted for llama."""
     a = p.detach().float().cpu().numpy()
     heads = qk_heads(r.hf_name, facts["n_head"], facts["n_head_kv"]) if spec.permute_qk else None
@@ -282,11 +284,15 @@ def _encode(p, r: TensorRow, facts: dict, spec, imatrix) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.float16)
     a2 = a.reshape(-1, a.shape[-1])
     imp = imatrix.mean(r.name) if r.imatrix else None
-    return quantize(a2, r.used, imatrix=imp, name=r.name)
+    data = quantize(a2, r.used, imatrix=imp, name=r.name)
+    if refine and imp is not None:
+        from lowbit.gguf.refine import refine as refine_blocks
+        data = refine_blocks(r.used, np.ascontiguousarray(a2, dtype=np.float32), imp, data)
+    return data
 
 
 def export_gguf(source, out: str | Path, type: str | Recipe = "q4_k_m", *, imatrix=None,
-                tokenizer_pre: str | None = None, progress: bool = True) -> GGUFReport:
+                tokenizer_pre: str | None = None, refine: bool = False, progress: bool = True) -> GGUFReport:
     """lowbit export's GGUF path: a model name / .gguf / HF dir (or a LoadedModel) -> GGUF file.
 
     type: a mix name (mixes.MIXES), a recipe JSON path, or a Recipe; imatrix: an Imatrix or a path
@@ -301,4 +307,4 @@ def export_gguf(source, out: str | Path, type: str | Recipe = "q4_k_m", *, imatr
         im, im_file = Imatrix.load(imatrix), str(imatrix)
     return write_gguf(loaded.model, out, type, hf_dir=loaded.path, imatrix=im, imatrix_file=im_file,
                       source_gguf=path if kind == "gguf" else None, tokenizer_pre=tokenizer_pre,
-                      progress=progress)
+                      refine=refine, progress=progress)
