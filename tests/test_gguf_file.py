@@ -233,3 +233,16 @@ def test_llama_cpp_perplexity_agrees_with_ours(smollm2, q4km_file, tmp_path):
             nll.append(float((torch.logsumexp(logits, -1) - logits.gather(1, w[1:, None])[:, 0]).mean()))
     ours = float(np.exp(np.mean(nll)))
     assert abs(theirs["ppl"] / ours - 1) < 0.01, (ours, theirs["ppl"])
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_like_lowbit(smollm2, tmp_path):
+    """Exported from an HF directory (tokenizer.ggml.* built from tokenizer.json), llama.cpp cuts the
+    whole evaluation text into exactly the token ids lowbit's tokenizer gives."""
+    from lowbit.data.text import load_text, tokenize_text
+    from lowbit.data.text import NAMED_TEXTS
+    out = tmp_path / "hf.gguf"
+    write_gguf(smollm2.model, out, "q8_0", hf_dir=smollm2.path, progress=False)
+    theirs = _peer("bench/peers/llamacpp_ids_ppl.py", str(out), "--tokenize", str(NAMED_TEXTS["wiki-evaluation"]))
+    ours = tokenize_text(smollm2.tokenizer, load_text("wiki-evaluation")).tolist()
+    assert theirs["text_tokens"] == ours

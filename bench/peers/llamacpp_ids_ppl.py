@@ -2,6 +2,7 @@
 lowbit scores (bench/bench_gguf.py). Runs in the peer venv (llama-cpp-python, numpy only):
 
     bench/.venv-llamacpp/bin/python bench/peers/llamacpp_ids_ppl.py MODEL.gguf WINDOWS.npy [--text FILE]
+    bench/.venv-llamacpp/bin/python bench/peers/llamacpp_ids_ppl.py MODEL.gguf --tokenize FILE   (ids only)
 
 WINDOWS.npy: int (n, n_ctx) token ids. For each window: reset the KV cache, evaluate all n_ctx
 tokens in one batch (logits for every position), NLL of tokens 1..n_ctx-1 under the logits of the
@@ -39,13 +40,20 @@ def nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
-    ap.add_argument("windows")
+    ap.add_argument("windows", nargs="?")
+    ap.add_argument("--tokenize", default=None, help="only tokenize this text file (vocab-only load)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--text", default=None)
     a = ap.parse_args(argv)
+    _quiet()
+    if a.tokenize:
+        llm = llama_cpp.Llama(model_path=a.model, vocab_only=True, verbose=False)
+        ids = llm.tokenize(Path(a.tokenize).read_text(encoding="utf-8").encode(), add_bos=False, special=False)
+        json.dump({"tool": "llama.cpp", "model": a.model, "text_tokens": ids}, sys.stdout)
+        print()
+        return
     wins = np.load(a.windows).astype(np.int64)
     n_ctx = int(wins.shape[1])
-    _quiet()
     llm = llama_cpp.Llama(model_path=a.model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=a.threads,
                           n_threads_batch=a.threads, logits_all=True, n_gpu_layers=0, verbose=False)
     t0 = time.perf_counter()

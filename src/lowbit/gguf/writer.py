@@ -175,7 +175,7 @@ def _general(writer, config, source_gguf, file_type: int, quantized: bool) -> No
                 writer.add_key_value(key, fld.contents(), vt, fld.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
                 copied.add(key)
     if "general.name" not in copied:
-        writer.add_name(str(_cfg(config, "_name_or_path", default="model")) or "model")
+        writer.add_name(Path(str(_cfg(config, "_name_or_path", default="") or "model")).name or "model")
     writer.add_file_type(file_type)
     if quantized:
         writer.add_quantization_version(GGML_QNT_VERSION)
