@@ -17,6 +17,8 @@ SUBCOMMANDS = [
     "lowbit.cli.eval",
     "lowbit.cli.demo",
     "lowbit.cli.generate",
+    "lowbit.cli.export",
+    "lowbit.cli.imatrix",
 ]
 
 
