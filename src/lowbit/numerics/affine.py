@@ -175,7 +175,9 @@ def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, scheme: Sch
 def choose_qparams(x: torch.Tensor, scheme: Scheme, clip_ratio: float | torch.Tensor = 1.0) -> QParams:
     """Min-max qparams, optionally shrinking each unit's range by `clip_ratio` (scalar or per unit)."""
     check_float_tensor(x, "x")
-    mn, mx = unit_minmax(x.float(), scheme)
+    # a codec may define its own default range (ternary: BitNet's absmean), else min-max
+    default_range = getattr(codec_for(scheme), "default_range", None)
+    mn, mx = default_range(x.float(), scheme) if default_range else unit_minmax(x.float(), scheme)
     return qparams_from_range(mn * clip_ratio, mx * clip_ratio, scheme)
 
 
