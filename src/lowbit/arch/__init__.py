@@ -35,6 +35,11 @@ def is_linear_like(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) or (conv1d is not None and isinstance(mod, conv1d))
 
 
+def _linear_or_quantized(mod: nn.Module) -> bool:
+    from lowbit.nn.qlinear import QuantLinear
+    return is_linear_like(mod) or isinstance(mod, QuantLinear)
+
+
 def linear_weight(mod: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features), whatever the module stores."""
     if isinstance(mod, nn.Linear):
@@ -63,7 +68,7 @@ def _spec_fits(model: nn.Module, spec: ArchSpec) -> bool:
     blocks = get_module(model, spec.blocks)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         return False
-    return all(is_linear_like(get_module(blocks[0], n) or nn.Identity()) for n in spec.linears)
+    return all(_linear_or_quantized(get_module(blocks[0], n) or nn.Identity()) for n in spec.linears)
 
 
 def spec_for(model: nn.Module) -> ArchSpec:
@@ -84,7 +89,7 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
             continue
         kinds = {type(c) for c in mod}
-        if len(kinds) != 1 or not any(is_linear_like(m) for m in mod[0].modules()):
+        if len(kinds) != 1 or not any(_linear_or_quantized(m) for m in mod[0].modules()):
             continue
         n = sum(p.numel() for p in mod.parameters())
         if n > best_params:

@@ -10,10 +10,10 @@ class registered here; the loop needs no change.
     act_abs_mean  mean_t |x_t|                (in_features,)               AWQ (arXiv:2306.00978)
     act_abs_max   max_t |x_t|                 (in_features,)               SmoothQuant (arXiv:2211.10438)
 
-Precision: each batch's X^T X is one float32 matmul (fast sgemm); the running sum is float64, so
-summing hundreds of batches adds no rounding drift. (Measured on the bundled model: float32
-batches + float64 sum agree with an all-float64 Hessian to ~1e-7 relative; an all-float32
-running sum drifts to ~1e-6; see tests/test_calibration.py.)
+Precision: each batch's X^T X is one float32 matmul (fast sgemm) added to a float64 running sum.
+Measured on the bundled model (down_proj input of block 5, 32 x 512 tokens): this agrees with an
+all-float64 Hessian to 0.9e-7 relative (an all-float32 running sum: 1.0e-7), far below the 1%
+dampening GPTQ adds; tests/test_calibration.py checks it.
 """
 from __future__ import annotations
 
