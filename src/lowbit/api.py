@@ -1,5 +1,10 @@
 """The one orchestrator: load -> quantize (Recipe) -> evaluate -> export. Kept short on purpose;
 the work lives in models/, methods/, calibration/, eval/ and export/.
+
+    lm = load_model("smollm2-135m")
+    report = quantize(lm.model, "w4g128-gptq", tokenizer=lm.tokenizer)   # calibrated: block by block
+    save_quantized(lm, report, "out/smollm2-w4g128")                     # lowbit native directory
+    load_model("out/smollm2-w4g128")                                     # -> the quantized model
 """
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from lowbit.arch import is_linear_like, linear_weight
 from lowbit.errors import LowbitError
 from lowbit.methods import get_method
 from lowbit.models import LoadedModel, load_model  # noqa: F401  (re-exported: lowbit.api.load_model)
@@ -22,6 +28,10 @@ class QuantizeReport:
     layers: list[dict] = field(default_factory=list)   # one row per quantized module
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)   # the CalibrationConfig used (calibrated runs)
+    timing: dict = field(default_factory=dict)        # seconds per phase (capture, stats, solve, forward)
+    activation_bytes: int = 0                         # calibration activations held at once
+    qweights: dict = field(default_factory=dict, repr=False)  # name -> QuantizedWeight (for export)
 
     @property
     def ragged(self) -> list[dict]:
@@ -32,7 +42,7 @@ def quantize_targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Mod
     """(name, module, rule) for every module the recipe quantizes, in model order."""
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Embedding) and not any(
+        if is_linear_like(mod) or (isinstance(mod, nn.Embedding) and not any(
                 True for _ in mod.children())):
             rule = recipe.rule_for(name)
             if rule is None:
@@ -43,17 +53,23 @@ def quantize_targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Mod
     return out
 
 
-def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True) -> QuantizeReport:
-    """Quantize `model` in place by `recipe` (data-free methods). Calibrated methods go through
-    lowbit.calibration; asking for one here without calibration data is an error."""
+def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, tokenizer=None,
+             tokens: torch.Tensor | None = None, calibration: dict | None = None,
+             log=None) -> QuantizeReport:
+    """Quantize `model` in place by `recipe`.
+
+    Data-free recipes (rtn) need nothing else. Calibrated methods (gptq, ...) run the sequential
+    block loop (lowbit.calibration) on token windows: `tokens` (n, seq) if given, else drawn from
+    the recipe's calibration settings (overridden by `calibration`) with `tokenizer`.
+    Every option is validated before any work starts.
+    """
     recipe = get_recipe(recipe)
     targets = quantize_targets(model, recipe)
     if not targets:
         raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
     calibrated = sorted({r.method for _, _, r in targets if get_method(r.method).needs})
     if calibrated:
-        raise LowbitError(f"recipe {recipe.name!r}: method(s) {calibrated} need calibration data; "
-                          "use lowbit.calibration.quantize_calibrated (or `lowbit quantize`)")
+        return _quantize_calibrated(model, recipe, targets, tokenizer, tokens, calibration, log)
     report = QuantizeReport(recipe)
     t0 = time.perf_counter()
     it = targets
@@ -63,21 +79,61 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True) -
     with torch.no_grad():
         for name, mod, rule in it:
             spec = get_method(rule.method)
-            qw = spec.fn(mod.weight, rule.scheme, spec.make_config(rule.method_args), None)
+            qw = spec.fn(linear_weight(mod) if is_linear_like(mod) else mod.weight, rule.scheme,
+                         spec.make_config(rule.method_args), None)
             report.layers.append(layer_row(name, qw, rule.method))
-            if isinstance(mod, nn.Linear):
-                set_submodule(model, name, QuantLinear.from_linear(mod, qw))
+            report.qweights[name] = qw
+            if is_linear_like(mod):
+                set_submodule(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
             else:  # embedding: a lookup table, stored quantized, served dequantized
                 mod.weight.data = qw.dequantize(mod.weight.dtype)
     report.seconds = time.perf_counter() - t0
+    _note_ragged(report)
+    return report
+
+
+def _note_ragged(report: QuantizeReport) -> None:
     if report.ragged:
         r = report.ragged[0]
         report.notes.append(f"{len(report.ragged)} layer(s) end each row in a shorter group "
                             f"(e.g. {r['name']}: in_features {r['shape'][1]}, last group {r['ragged_last_group']})")
+
+
+def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, calibration, log) -> QuantizeReport:
+    from lowbit.arch import spec_for
+    from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
+    cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
+    spec_for(model)  # an unknown architecture fails here, before any calibration work
+    if tokens is None:
+        if tokenizer is None:
+            raise LowbitError(f"recipe {recipe.name!r}: calibrated method(s) need calibration data: "
+                              "pass tokenizer= (windows drawn from the recipe's calibration text) or tokens=")
+        tokens = calibration_tokens(tokenizer, cfg)
+    else:
+        cfg.n_samples, cfg.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
+    # the recipe saved with the output records the calibration actually used
+    recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
+    t0 = time.perf_counter()
+    res = quantize_calibrated(model, recipe, targets, tokens, cfg, log=log)
+    report = QuantizeReport(recipe, seconds=time.perf_counter() - t0, notes=list(res.notes),
+                            calibration=cfg.to_dict(), timing=dict(res.timing),
+                            activation_bytes=res.activation_bytes)
+    order = {name: i for i, (name, _, _) in enumerate(targets)}
+    for name, qw, method in sorted(res.layers, key=lambda r: order.get(r[0], 0)):
+        report.layers.append(layer_row(name, qw, method))
+        report.qweights[name] = qw
+    _note_ragged(report)
     return report
+
+
+def save_quantized(loaded: LoadedModel, report: QuantizeReport, out, metrics: dict | None = None,
+                   overwrite: bool = False):
+    """Write the quantized model as a lowbit native directory (lowbit.export.native)."""
+    from lowbit.export.native import save
+    return save(loaded, report, out, metrics=metrics, overwrite=overwrite)
 
 
 def layer_row(name: str, qw, method: str) -> dict:
     return {"name": name, "shape": list(qw.shape), "scheme": qw.scheme.short_name(), "method": method,
             "bits_per_weight": round(qw.bits_per_weight, 4), "ragged_last_group": qw.ragged_last_group,
-            **{k: v for k, v in qw.info.items() if isinstance(v, (int, float, str))}}
+            **{k: v for k, v in qw.info.items() if isinstance(v, (bool, int, float, str))}}

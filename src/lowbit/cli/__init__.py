@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     "lowbit.cli.generate",
     "lowbit.cli.export",
     "lowbit.cli.imatrix",
+    "lowbit.cli.quantize",
 ]
 
 

@@ -3,6 +3,8 @@
     load_model("smollm2-135m")              built-in (models/registry.py), no hub access ever
     load_model("path/to/model.gguf")        dequantized to fp32 by transformers, cached once
     load_model("path/to/hf_dir")            config.json + safetensors (sharded or not)
+    load_model("path/to/lowbit_dir")        a lowbit native quantized directory (lowbit.json):
+                                            the model with its QuantLinear modules (export/native.py)
 
 A GGUF is dequantized once and cached as an ordinary safetensors directory under
 cache_dir()/models/<stem>-<sha256[:16]>, written atomically, so later loads take about a second.
@@ -105,6 +107,9 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kind, path = resolve_source(source)
     digest = None
+    if kind == "hf" and (path / "lowbit.json").is_file():  # a lowbit native quantized directory
+        from lowbit.export.native import load
+        return load(path, dtype=dtype)
     if kind == "gguf":
         path, digest = gguf_to_hf_dir(path)
     try:

@@ -1,0 +1,298 @@
+"""The sequential block-by-block calibration loop that every calibrated method runs through.
+
+    tokens (n, seq) ─ embed ─> X_0 = inputs of block 0       (capture.capture_block_inputs)
+    for each block b:
+        for each linear group G of b, in execution order     (arch spec: q/k/v | o | gate/up | down)
+            forward X_b through b until G's input is seen;    (hooks feed StatSets: "hessian", ...)
+            stop there                                        (the rest of the block is not run)
+            quantize G's linears with their methods           (methods/*: pure tensor math)
+            write the dequantized weights into b              (later groups see quantized inputs)
+        X_{b+1} = b(X_b) with every quantized weight          (errors propagate as in GPTQ's
+                                                               sequential mode, arXiv:2210.17323)
+        swap b's linears for QuantLinear modules
+    lm_head, when a calibrated rule targets it: the arch spec's head (final norm) on X_B, then as above
+
+Only one block's activations are held: X_b is replaced batch by batch by X_{b+1}. Statistics are
+accumulated per shared input and dropped after their group is quantized. With
+true_sequential=False a block's statistics all come from one float forward pass.
+
+Methods marked `row_separable` (GPTQ: every output row is solved independently given H) quantize
+the linears of one group (which share H) as one row-concatenated matrix: one Hessian factorisation
+and one column sweep for q/k/v instead of three.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from lowbit.arch import ArchSpec, get_blocks, get_module, is_linear_like, linear_weight, probe_groups, spec_for
+from lowbit.calibration.capture import BlockInput, CalibrationConfig, _StopForward, capture_block_inputs, run_block
+from lowbit.calibration.stats import StatSet
+from lowbit.errors import LowbitError
+from lowbit.methods import MethodSpec, get_method
+from lowbit.nn.qlinear import QuantLinear, set_submodule
+from lowbit.numerics.qweight import QuantizedWeight
+from lowbit.recipe import Recipe, Rule
+
+
+@dataclass
+class Target:
+    name: str                 # qualified module name in the model
+    module: nn.Module
+    rule: Rule
+    method: MethodSpec
+    config: object
+    rel: str = ""             # name relative to its decoder block ("" outside the blocks)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.method.needs)
+
+    def key(self) -> tuple:
+        """Targets with equal keys (same method, options and scheme) can be solved together."""
+        return (self.rule.method, repr(sorted(self.rule.method_args.items())), self.rule.scheme)
+
+
+@dataclass
+class LoopResult:
+    layers: list[tuple[str, QuantizedWeight, str]] = field(default_factory=list)  # (name, qw, method)
+    timing: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    activation_bytes: int = 0
+
+
+def make_targets(triples: list[tuple[str, nn.Module, Rule]]) -> list[Target]:
+    """Validate every rule before any work: methods exist, options parse, schemes fit."""
+    out = []
+    for name, mod, rule in triples:
+        spec = get_method(rule.method)
+        cfg = spec.make_config(rule.method_args)
+        check = getattr(spec.fn, "check_scheme", None)
+        if check is not None:
+            check(rule.scheme, name)
+        out.append(Target(name, mod, rule, spec, cfg))
+    return out
+
+
+def _block_of(name: str, prefix: str) -> tuple[int, str] | None:
+    if not name.startswith(prefix + "."):
+        return None
+    idx, _, rel = name[len(prefix) + 1:].partition(".")
+    return (int(idx), rel) if idx.isdigit() and rel else None
+
+
+def _log_nothing(_msg: str) -> None:
+    pass
+
+
+def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[str, nn.Module, Rule]],
+                        tokens: torch.Tensor, cfg: CalibrationConfig,
+                        log: Callable[[str], None] | None = None) -> LoopResult:
+    """Quantize `triples` (name, module, rule) of `model` in place, block by block."""
+    log = log or _log_nothing
+    targets = make_targets(triples)
+    arch = spec_for(model)                     # errors here for a model with no block list
+    blocks = get_blocks(model, arch)
+    per_block: dict[int, dict[str, Target]] = {}
+    outside: list[Target] = []
+    for t in targets:
+        where = _block_of(t.name, arch.blocks)
+        if where is None:
+            outside.append(t)
+        else:
+            t.rel = where[1]
+            per_block.setdefault(where[0], {})[where[1]] = t
+    for t in outside:
+        if not t.calibrated:
+            continue
+        if isinstance(t.module, nn.Embedding):
+            raise LowbitError(f"{t.name}: an embedding has no input activations; method "
+                              f"{t.rule.method!r} needs calibration. Use a data-free method (rtn) for it.")
+        if t.name != arch.lm_head or not arch.head:
+            raise LowbitError(f"{t.name}: outside the decoder blocks of architecture {arch.name!r} and "
+                              f"not its known lm_head with a head path; method {t.rule.method!r} needs "
+                              "calibration inputs there. Use a data-free method for it or extend the ArchSpec.")
+
+    res = LoopResult()
+    t_all = time.perf_counter()
+    with torch.no_grad():
+        # data-free layers outside the blocks first (a quantized embedding feeds the calibration)
+        for t in outside:
+            if not t.calibrated:
+                res.layers.append(_apply(model, t, _solve([t], None)[0]))
+        t0 = time.perf_counter()
+        acts = capture_block_inputs(model, blocks[0], tokens, cfg.batch_size)
+        res.timing["capture_s"] = time.perf_counter() - t0
+        res.activation_bytes = sum(a.nbytes for a in acts)
+        groups = arch.groups
+        if arch.discovered or any(rel not in arch.linears for bt in per_block.values() for rel in bt):
+            groups = probe_groups(blocks[0], lambda: run_block(blocks[0], acts[0]))
+            res.notes.append(f"linear groups discovered by probing block 0: {[list(g) for g in groups]}")
+        res.timing.update(stats_s=0.0, solve_s=0.0, forward_s=0.0)
+        head_targets = [t for t in outside if t.calibrated]
+        # blocks after the last targeted one only matter when lm_head needs their outputs
+        last = len(blocks) - 1 if head_targets else max(per_block, default=-1)
+        for b, block in enumerate(blocks):
+            if b > last:
+                break
+            tb = time.perf_counter()
+            bt = per_block.get(b, {})
+            plan = [[bt[rel] for rel in g if rel in bt] for g in groups]
+            plan = [p for p in plan if p]
+            missing = set(bt) - {rel for g in groups for rel in g}
+            if missing:
+                raise LowbitError(f"block {b}: targeted linears {sorted(missing)} are not on the block's "
+                                  "forward path as probed")
+            done: list[tuple[str, QuantizedWeight, str]] = []
+            if cfg.true_sequential:
+                for p in plan:
+                    done += _quantize_groups(block, [p], acts, res.timing, stop_early=True)
+            elif plan:
+                done += _quantize_groups(block, plan, acts, res.timing, stop_early=False)
+            t0 = time.perf_counter()
+            for i, a in enumerate(acts):       # replace batch by batch: one block of activations
+                acts[i] = run_block(block, a)
+            res.timing["forward_s"] += time.perf_counter() - t0
+            for name, qw, method in done:
+                res.layers.append(_swap(model, f"{arch.blocks}.{b}.{name}", qw, method))
+            loss = sum(qw.info.get("loss", 0.0) for _, qw, _ in done)
+            log(f"block {b + 1}/{last + 1}: {len(done)} layer(s), {time.perf_counter() - tb:.1f} s"
+                + (f", loss {loss:.4g}" if loss else ""))
+        if head_targets:
+            for path in arch.head:
+                mod = get_module(model, path)
+                if mod is not None:
+                    acts = [BlockInput(mod(a.hidden), a.kwargs) for a in acts]
+            stats = _stats_from(head_targets, acts)
+            for t, qw in zip(head_targets, _solve(head_targets, stats)):
+                res.layers.append(_swap(model, t.name, qw, t.rule.method))
+            log(f"{arch.lm_head}: quantized")
+    res.timing["total_s"] = time.perf_counter() - t_all
+    return res
+
+
+def _stats_from(group: list[Target], acts: list[BlockInput]) -> dict | None:
+    needs = set().union(*(t.method.needs for t in group))
+    if not needs:
+        return None
+    ss = StatSet(needs, linear_weight(group[0].module).shape[1])
+    for a in acts:
+        ss.update(a.hidden)
+    return ss.results()
+
+
+def _quantize_groups(block: nn.Module, plan: list[list[Target]], acts: list[BlockInput], timing: dict,
+                     stop_early: bool) -> list[tuple[str, QuantizedWeight, str]]:
+    """Collect the statistics of the groups in `plan` in one pass over `acts`, then quantize them.
+    Names in the result are relative to the block."""
+    t0 = time.perf_counter()
+    sets: list[StatSet | None] = []
+    handles = []
+    seen: set[int] = set()
+    wanted = set()
+    for k, group in enumerate(plan):
+        needs = set().union(*(t.method.needs for t in group))
+        sets.append(StatSet(needs, linear_weight(group[0].module).shape[1]) if needs else None)
+        if not needs:
+            continue
+        wanted.add(k)
+
+        def hook(_m, args, _k=k):
+            if _k in seen:
+                return                        # a group mate already fed this shared input
+            seen.add(_k)
+            sets[_k].update(args[0])
+            if stop_early and seen >= wanted:
+                raise _StopForward
+        for t in group:
+            handles.append(t.module.register_forward_pre_hook(hook))
+    try:
+        if wanted:
+            for a in acts:
+                seen.clear()
+                try:
+                    block(a.hidden, **a.kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    timing["stats_s"] += time.perf_counter() - t0
+    out = []
+    for group, ss in zip(plan, sets):
+        stats = ss.results() if ss is not None else None
+        t0 = time.perf_counter()
+        qws = _solve(group, stats)
+        timing["solve_s"] += time.perf_counter() - t0
+        for t, qw in zip(group, qws):
+            _write_dequantized(t.module, qw)
+            out.append((t.rel, qw, t.rule.method))
+    return out
+
+
+def _solve(group: list[Target], stats: dict | None) -> list[QuantizedWeight]:
+    """Quantize the targets of one shared-input group; row-separable methods with equal settings
+    are solved as one row-concatenated matrix."""
+    out: dict[int, QuantizedWeight] = {}
+    by_key: dict[tuple, list[int]] = {}
+    for i, t in enumerate(group):
+        by_key.setdefault(t.key(), []).append(i)
+    for idx in by_key.values():
+        t0 = group[idx[0]]
+        fuse = (len(idx) > 1 and getattr(t0.method.fn, "row_separable", False)
+                and t0.rule.scheme.granularity in ("channel", "group"))
+        chunks = [idx] if fuse else [[i] for i in idx]
+        for chunk in chunks:
+            ws = [linear_weight(group[i].module).detach().float() for i in chunk]
+            W = torch.cat(ws, 0) if len(ws) > 1 else ws[0]
+            name = "+".join(group[i].name for i in chunk)
+            try:
+                qw = t0.method.fn(W, t0.rule.scheme, t0.config, stats)
+            except LowbitError as e:
+                raise LowbitError(f"{name}: {e}") from None
+            rows = [w.shape[0] for w in ws]
+            for i, part in zip(chunk, _split_rows(qw, rows)):
+                out[i] = part
+    return [out[i] for i in range(len(group))]
+
+
+def _split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
+    info = {k: v for k, v in qw.info.items() if k != "loss_per_row"}
+    per_row = qw.info.get("loss_per_row")
+    if len(rows) == 1:
+        return [QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.scheme, qw.g_idx, info)]
+    parts, r0 = [], 0
+    for r in rows:
+        sl = slice(r0, r0 + r)
+        inf = dict(info)
+        if per_row is not None:
+            inf["loss"] = float(per_row[sl].double().sum())
+        parts.append(QuantizedWeight(qw.qdata[sl].contiguous(), qw.scale[sl].contiguous(),
+                                     None if qw.zero_point is None else qw.zero_point[sl].contiguous(),
+                                     qw.scheme, None if qw.g_idx is None else qw.g_idx.clone(), inf))
+        r0 += r
+    return parts
+
+
+def _write_dequantized(mod: nn.Module, qw: QuantizedWeight) -> None:
+    w = qw.dequantize(mod.weight.dtype)
+    mod.weight.data.copy_(w if isinstance(mod, nn.Linear) else w.t())
+
+
+def _apply(model: nn.Module, t: Target, qw: QuantizedWeight) -> tuple[str, QuantizedWeight, str]:
+    if isinstance(t.module, nn.Embedding):   # a lookup table: stored quantized, served dequantized
+        t.module.weight.data = qw.dequantize(t.module.weight.dtype)
+        return (t.name, qw, t.rule.method)
+    return _swap(model, t.name, qw, t.rule.method)
+
+
+def _swap(model: nn.Module, name: str, qw: QuantizedWeight, method: str) -> tuple[str, QuantizedWeight, str]:
+    mod = model.get_submodule(name)
+    if not is_linear_like(mod):
+        raise LowbitError(f"{name}: expected a linear module to replace, found {type(mod).__name__}")
+    set_submodule(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
+    return (name, qw, method)
