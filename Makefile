@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.lowbit-installed
 # The CPU build of torch is a local wheel on our machines; a looser spec pulls multi-GB CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# libgomp's default spin-waiting collapses when the 2 cores are shared (torch forwards measured
+# ~6x slower at load 8-10); passive waiting costs little when idle. Override from the environment.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test test-slow bench qwen peers clean
 
