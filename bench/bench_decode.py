@@ -3,6 +3,7 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_decode.py --threads 2 --repeats 3 \
         --gguf Q4_K_M=/tmp/smollm2-Q4_K_M.gguf --gguf Q8_0=/tmp/smollm2-Q8_0.gguf [--json out.json]
     .venv/bin/python bench/bench_decode.py --profile int4          # where a decode step's time goes
+    .venv/bin/python bench/bench_decode.py --load-native DIR --tg 16 --repeats 2   # load path memory
 
 Each variant runs in its own process (so its RSS is its own), variants interleaved `--repeats`
 times; figures are medians over repeats, ratios are against fp32 from the same repeats.
@@ -103,6 +104,27 @@ def worker(name: str, threads: int, pp: int, tg: int, runs: int) -> dict:
             "first_tokens": toks, "loadavg_1m": os.getloadavg()[0]}
 
 
+def load_worker(kind: str, path: str, threads: int, tg: int) -> dict:
+    """Peak memory of a load path, then a short greedy run so every weight page is touched:
+    fp32 = load_model (float checkpoint); packed = load_packed (native dir, no float linears)."""
+    import psutil
+    import torch
+
+    from lowbit.nn.decode import generate
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if kind == "packed":
+        from lowbit.nn.load_packed import load_packed
+        lm = load_packed(path)
+    else:
+        from lowbit.models import load_model
+        lm = load_model(path)
+    load_s = time.perf_counter() - t0
+    r = generate(lm.model, prompt_ids(lm.tokenizer, 16), tg + 1, min_new_tokens=tg + 1)
+    return {"variant": f"load {kind}", "load_s": load_s, "rss_mb": psutil.Process().memory_info().rss / 2**20,
+            "tg_tok_per_s": r.decode_tokens_per_s, "pp_tok_per_s": float("nan")}
+
+
 def run_child(cmd: list[str]) -> tuple[dict, float]:
     """Run a child that prints one JSON object last; -> (that object, its peak RSS in MiB)."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
@@ -158,7 +180,21 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, metavar="VARIANT")
+    ap.add_argument("--load-native", default=None, metavar="DIR",
+                    help="instead: peak RSS of load_model(fp32) vs load_packed(DIR), a lowbit native dir")
+    ap.add_argument("--load-worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load_worker:
+        print(json.dumps(load_worker(args.load_worker[0], args.load_worker[1], args.threads, args.tg)))
+        return
+    if args.load_native:
+        for rep in range(args.repeats):
+            for kind, path in (("fp32", "smollm2-135m"), ("packed", args.load_native)):
+                res, peak = run_child([sys.executable, __file__, "--load-worker", kind, path,
+                                       "--threads", str(args.threads), "--tg", str(args.tg)])
+                print(f"[{rep + 1}/{args.repeats}] load {kind:6s} {res['load_s']:6.1f} s  peak RSS {peak:6.0f} MiB  "
+                      f"RSS serving {res['rss_mb']:6.0f} MiB  decode {res['tg_tok_per_s']:.1f} tok/s", flush=True)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.threads, args.pp, args.tg, args.runs)))
         return

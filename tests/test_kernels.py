@@ -187,8 +187,9 @@ def test_packed_linear_memory_codes_and_errors():
     if pl.backend == "ext":
         assert report["packed_bytes"] == 1536 * 576 // 2 + 2 * 1536 * 5 * 4 + 16 * 4
     assert torch.equal(pl.qweight.qdata, qw.qdata)          # exporters still read the codes
-    with pytest.raises(LowbitError, match="last dim 576"):
-        pl.packed(torch.randn(2, 100)) if pl.backend != "ext" else kernels._flat(torch.randn(2, 100), 576)
+    for bad in (torch.randn(2, 100), torch.randn(3, 192)):   # 3x192 would reshape to 1x576
+        with pytest.raises(LowbitError, match="last dim 576"):
+            pl(bad)
     with pytest.raises(LowbitError, match="backend"):
         make_kernel(qw, None, "cuda")
     x = torch.randn(3, 576, generator=g)

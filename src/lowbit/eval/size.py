@@ -56,9 +56,10 @@ def size_report(model: nn.Module, *, path: str | os.PathLike | None = None,
             bits = qw.storage_bits()
             q_weights += qw.qdata.numel()
             q_bits += bits
-            for t in (mod.qdata, mod.scale, mod.zero_point, mod.g_idx):
-                if t is not None:
-                    skip.add(id(t))
+            # counted above via storage_bits: its codes/qparams, wherever a kernel keeps them
+            # (a PackedLinear holds packed codes in a child kernel module's buffers)
+            for t in mod.buffers():
+                skip.add(id(t))
             if mod is not head:
                 lin_weights += qw.qdata.numel()
                 lin_bits += bits

@@ -26,20 +26,24 @@ from lowbit.errors import LowbitError
 def prepare_for_inference(model: torch.nn.Module) -> dict:
     """Make a quantized model ready to run: the single place where inference kernels get attached.
 
-    Today QuantLinear runs its reference path (dequantize, then matmul) and there is nothing to do,
-    so this is a no-op that says so. When packed CPU kernels land (lowbit.nn kernels, issue 8),
-    this is where weights get packed and `QuantLinear.set_kernel` is called, and the demo and
-    `lowbit eval` pick it up without changes. Must stay idempotent (evaluate() and measure_speed()
-    both call it). Returns a note for the report.
+    Delegates to lowbit.nn.prepare.prepare_for_inference (issue 8): every QuantLinear becomes a
+    PackedLinear holding packed codes and the fastest CPU kernel here. Idempotent (evaluate() and
+    measure_speed() both call it: PackedLinear modules are left as they are). Returns a note for
+    the report.
     """
+    from lowbit.nn.prepare import PackedLinear
+    from lowbit.nn.prepare import prepare_for_inference as pack
     from lowbit.nn.qlinear import QuantLinear
     n = sum(1 for m in model.modules() if isinstance(m, QuantLinear))
-    with_kernel = sum(1 for m in model.modules() if isinstance(m, QuantLinear) and m.kernel is not None)
     if n == 0:
         return {"quant_linears": 0, "path": "float (no quantized layers)"}
-    return {"quant_linears": n, "with_kernel": with_kernel,
-            "path": "kernel" if with_kernel == n else
-                    "reference (dequantize each weight on every forward, then fp32 matmul)"}
+    pack(model)
+    backends: dict = {}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            backends[m.backend] = backends.get(m.backend, 0) + 1
+    return {"quant_linears": n, "with_kernel": n, "backends": backends,
+            "path": "packed CPU kernels (" + ", ".join(f"{k} x{v}" for k, v in sorted(backends.items())) + ")"}
 
 
 def _supports_logits_to_keep(model) -> bool:

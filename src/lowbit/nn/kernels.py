@@ -69,6 +69,8 @@ class ExtKernel(nn.Module):
     def forward(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         # kept lean: at decode this runs ~200 times a token, so each microsecond here counts
         op, args, k, n, plain, bias = self.__dict__.get("_args") or self._cache_args()
+        if x.shape[-1] != k:
+            _flat(x, k)  # raises the LowbitError naming the expected width
         xf = x.reshape(-1, k)
         if not plain or xf.dtype != torch.float32 or not xf.is_contiguous():
             xf = self._prepare_input(xf)
