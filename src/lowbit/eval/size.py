@@ -56,9 +56,8 @@ def size_report(model: nn.Module, *, path: str | os.PathLike | None = None,
             bits = qw.storage_bits()
             q_weights += qw.qdata.numel()
             q_bits += bits
-            for t in (mod.qdata, mod.scale, mod.zero_point, mod.g_idx):
-                if t is not None:
-                    skip.add(id(t))
+            # its codes, qparams and any packed kernel below it are counted by storage_bits
+            skip.update(id(t) for t in mod.buffers())
             if mod is not head:
                 lin_weights += qw.qdata.numel()
                 lin_bits += bits
