@@ -13,7 +13,7 @@ from lowbit import api
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.eval import (ReferenceLogprobs, eval_windows, evaluate, evaluate_reference, greedy_generate,
-                         kl_divergence, measure_speed, model_memory_bytes, parse_metrics, perplexity,
+                         inference_path, kl_divergence, measure_speed, model_memory_bytes, parse_metrics, perplexity,
                          reference_logprobs, size_report)
 from lowbit.eval.kl import KLAccumulator, reference_cache_key, reference_cache_path
 
@@ -128,6 +128,15 @@ def test_size_accounting_matches_the_layout(smollm2, rtn_models):
     assert s3["float_parameters"] > embed
     assert model_memory_bytes(smollm2.model) == pytest.approx(134_515_008 * 4, rel=1e-3)
     assert model_memory_bytes(m3) < 0.5 * model_memory_bytes(smollm2.model)
+    # packed for inference: the same packed-size accounting, less memory, and the report says how it runs
+    from lowbit.nn.prepare import prepare_for_inference
+    p3 = copy.deepcopy(m3)
+    prepare_for_inference(p3, release_checkpoint=False)
+    sp = size_report(p3)
+    assert sp["packed_bytes"] == s3["packed_bytes"] and sp["quantized_weights"] == s3["quantized_weights"]
+    assert model_memory_bytes(p3) < model_memory_bytes(m3)
+    assert inference_path(m3)["backends"] == {"reference": 210}
+    assert "reference" not in inference_path(p3)["backends"] and inference_path(p3)["quant_linears"] == 210
 
 
 @pytest.mark.model
@@ -179,7 +188,6 @@ def test_cli_eval_against_itself_prints_table_and_writes_json(smollm2, tmp_path,
                                            progress=False).ppl
 
 
-@pytest.mark.slow
 @pytest.mark.model
 def test_cli_eval_recipe_quantizes_in_process_and_measures_kl(smollm2, rtn_models, tmp_path, capsys):
     out = tmp_path / "rec.json"
@@ -193,9 +201,12 @@ def test_cli_eval_recipe_quantizes_in_process_and_measures_kl(smollm2, rtn_model
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
     w8_bits = sum(r * (c * 8 + 16) for r, c in shapes) / sum(r * c for r, c in shapes)  # + fp16 scale/row
     assert rec["size"]["linear_bits_per_weight"] == pytest.approx(w8_bits, rel=1e-12)
-    q8, _ = rtn_models["w8-rtn"]   # same recipe, deterministic: the same weights
-    assert rec["ppl"]["ppl"] == perplexity(q8, smollm2.tokenizer, seq_len=SEQ, max_tokens=SEQ,
-                                           progress=False).ppl
+    # it ran on packed kernels; the reference path on the same (deterministic) weights agrees up to
+    # float summation order
+    assert rec["inference"]["quant_linears"] == 210 and "reference" not in rec["inference"]["backends"]
+    q8, _ = rtn_models["w8-rtn"]
+    assert rec["ppl"]["ppl"] == pytest.approx(perplexity(q8, smollm2.tokenizer, seq_len=SEQ, max_tokens=SEQ,
+                                                         progress=False).ppl, rel=1e-4)
 
 
 def test_cli_eval_missing_or_corrupt_model_gives_clear_error(tmp_path, capsys, monkeypatch):

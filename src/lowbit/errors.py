@@ -19,7 +19,9 @@ def check_float_tensor(x, name: str = "tensor", *, allow_empty: bool = False) ->
         raise LowbitError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     if x.numel() == 0 and not allow_empty:
         raise LowbitError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    # Fast path: a finite sum proves every element finite (one reduction, no mask). An infinite
+    # sum may be NaN/inf input or mere overflow of large finite values: then check element-wise.
+    if x.numel() and not bool(torch.isfinite(x.sum(dtype=torch.float64))) and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise LowbitError(f"{name}: contains {n_bad} NaN/inf value(s) of {x.numel()}; "
                           "refusing to quantize non-finite input")

@@ -3,6 +3,10 @@
     lowbit eval smollm2-135m                                  the bundled fp32 model
     lowbit eval smollm2-135m --recipe w4g128-rtn              quantize in this process, KL vs the original
     lowbit eval path/to/hf_dir --ref smollm2-135m --json out.json
+    lowbit eval path/to/lowbit_native_dir --ref smollm2-135m   a model written by `lowbit quantize`
+
+Quantized layers run on packed kernels (lowbit.nn.prepare.prepare_for_inference), as a user runs
+them; --backend reference measures QuantLinear's dequantize-then-matmul path instead.
 """
 from __future__ import annotations
 
@@ -40,6 +44,10 @@ def register(sub) -> None:
     p.add_argument("--speed-runs", type=int, default=DEFAULT_SPEED["runs"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-cache", action="store_true", help="recompute the reference log-probs, don't cache them")
+    p.add_argument("--backend", default="auto", choices=("auto", "ext", "torch", "tiled", "reference"),
+                   help="how quantized layers run: packed kernels (auto: the fastest available here; "
+                        "see lowbit.nn.kernels) or 'reference' (QuantLinear's dequantize-then-matmul) "
+                        "(default: %(default)s)")
     p.add_argument("--json", metavar="OUT", help="write the record as JSON to OUT (atomically)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -85,6 +93,11 @@ def run(args) -> int:
         label = f"{args.model} {rep.recipe.name}"
         for note in rep.notes:
             print(f"note: {note}", file=sys.stderr)
+    if args.backend != "reference":
+        from lowbit.nn.prepare import prepare_for_inference
+        from lowbit.nn.qlinear import QuantLinear
+        if any(isinstance(m, QuantLinear) for m in lm.model.modules()):
+            prepare_for_inference(lm.model, args.backend)
     rec = evaluate(lm.model, lm.tokenizer, metrics=metrics, reference=ref, label=label,
                    path=None if args.recipe else lm.path, source_path=src if kind == "gguf" else None,
                    speed={"prompt_len": args.speed_prompt_len, "new_tokens": args.speed_new_tokens,

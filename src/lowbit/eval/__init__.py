@@ -16,13 +16,13 @@ from lowbit.eval.perplexity import (DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, SCORE_M
                                     eval_windows, perplexity, score_windows)
 from lowbit.eval.report import format_methods, format_table, markdown_table, write_json
 from lowbit.eval.size import size_report
-from lowbit.eval.speed import SpeedResult, greedy_generate, measure_speed, prepare_for_inference
+from lowbit.eval.speed import SpeedResult, greedy_generate, inference_path, measure_speed
 
 __all__ = [
     "ALL_METRICS", "DEFAULT_KL_MAX_TOKENS", "DEFAULT_MAX_TOKENS", "DEFAULT_SEQ_LEN", "SCORE_MODES",
     "KLResult", "PerplexityResult", "ReferenceLogprobs", "SpeedResult",
     "evaluate", "evaluate_reference", "eval_windows", "format_methods", "format_table", "greedy_generate",
     "kl_divergence", "markdown_table", "measure_speed", "memory_report", "model_fingerprint",
-    "model_memory_bytes", "parse_metrics", "peak_rss_bytes", "perplexity", "prepare_for_inference",
+    "model_memory_bytes", "inference_path", "parse_metrics", "peak_rss_bytes", "perplexity",
     "reference_for", "reference_logprobs", "score_windows", "size_report", "write_json",
 ]

@@ -20,7 +20,7 @@ from lowbit.eval.memory import memory_report
 from lowbit.eval.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, score_start, score_windows
 from lowbit.eval.report import EVAL_RECORD_VERSION, env_info
 from lowbit.eval.size import size_report
-from lowbit.eval.speed import measure_speed, prepare_for_inference
+from lowbit.eval.speed import inference_path, measure_speed
 
 ALL_METRICS = ("ppl", "kl", "size", "speed", "memory")
 DEFAULT_SPEED = {"prompt_len": 128, "new_tokens": 32, "runs": 3, "warmup": 1}
@@ -64,7 +64,7 @@ def _run(model, tokenizer, *, metrics, reference, collect: bool, text, seq_len, 
                     "settings": {"text": str(text), "seq_len": seq_len, "max_tokens": max_tokens,
                                  "score": score, "kl_max_tokens": kl_max_tokens, "metrics": list(metrics),
                                  "speed": speed},
-                    "inference": prepare_for_inference(model)}
+                    "inference": inference_path(model)}
 
     ref = None
     if "kl" in metrics and reference is not None:

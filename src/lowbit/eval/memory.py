@@ -1,8 +1,9 @@
 """Memory: what the model's tensors occupy, and the process's peak resident set.
 
 model_memory_bytes counts each storage once (a tied lm_head shares the embedding's storage), over
-parameters and buffers: for a QuantLinear that is its unpacked uint8 codes + fp32 scales/zeros, as
-held in memory today, not the packed size (size.py reports that).
+parameters, buffers and packed-kernel tensors: for a plain QuantLinear that is its unpacked uint8
+codes + fp32 scales/zeros; after lowbit.nn.prepare.prepare_for_inference, the packed codes and
+the kernels' qparams.
 
 peak_rss_bytes is the whole process's high-water mark since it started (getrusage ru_maxrss,
 which Linux reports in KiB and macOS in bytes): run one evaluation per process (`lowbit eval`
@@ -16,11 +17,23 @@ import sys
 import torch
 
 
+def _module_tensors(model: torch.nn.Module):
+    for mod in model.modules():
+        yield from mod._parameters.values()
+        yield from mod._buffers.values()
+        if callable(getattr(mod, "nbytes", None)):
+            # a packed kernel (lowbit.nn.kernels) keeps some fp32 qparams as plain attributes so
+            # that .to(dtype) leaves them alone; they are memory all the same
+            yield from (v for v in vars(mod).values() if isinstance(v, torch.Tensor))
+
+
 def model_memory_bytes(model: torch.nn.Module) -> int:
-    """Bytes of distinct tensor storages behind the model's parameters and buffers."""
+    """Bytes of distinct tensor storages behind the model's parameters, buffers and packed kernels."""
     seen: set[int] = set()
     total = 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in _module_tensors(model):
+        if t is None:
+            continue
         st = t.untyped_storage()
         key = st.data_ptr()
         if key in seen or st.nbytes() == 0:

@@ -23,9 +23,14 @@ import torch
 from lowbit.errors import LowbitError
 
 
-def prepare_for_inference(model: torch.nn.Module) -> dict:
-    """Make a quantized model ready to run: the single place where inference kernels get attached.
+_PATHS = {
+    "reference": "reference (dequantize the whole weight on every forward, then matmul)",
+    "ext": "packed codes, lowbit C++ kernels",
+    "torch": "packed codes, torch int4/int8 kernels",
+    "tiled": "packed codes, tile-by-tile dequantize + matmul",
+}
 
+<<<<<<< HEAD
     Delegates to lowbit.nn.prepare.prepare_for_inference (issue 8): every QuantLinear becomes a
     PackedLinear holding packed codes and the fastest CPU kernel here. Idempotent (evaluate() and
     measure_speed() both call it: PackedLinear modules are left as they are). Returns a note for
@@ -44,6 +49,27 @@ def prepare_for_inference(model: torch.nn.Module) -> dict:
             backends[m.backend] = backends.get(m.backend, 0) + 1
     return {"quant_linears": n, "with_kernel": n, "backends": backends,
             "path": "packed CPU kernels (" + ", ".join(f"{k} x{v}" for k, v in sorted(backends.items())) + ")"}
+=======
+
+def inference_path(model: torch.nn.Module) -> dict:
+    """How the model's quantized layers run (reported next to speed; changes nothing).
+
+    QuantLinear's own forward is the reference path; `lowbit.nn.prepare.prepare_for_inference`
+    swaps in PackedLinear modules with packed kernels, which is what a user runs.
+    """
+    from collections import Counter
+
+    from lowbit.nn.qlinear import QuantLinear
+    kinds: Counter = Counter()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            b = getattr(m, "backend", None)
+            kinds[b if isinstance(b, str) else ("custom kernel" if m.kernel is not None else "reference")] += 1
+    if not kinds:
+        return {"quant_linears": 0, "backends": {}, "path": "float (no quantized layers)"}
+    path = "; ".join(f"{n} layers: {_PATHS.get(k, k)}" for k, n in kinds.most_common())
+    return {"quant_linears": sum(kinds.values()), "backends": dict(kinds), "path": path}
+>>>>>>> issue3
 
 
 def _supports_logits_to_keep(model) -> bool:
@@ -117,7 +143,7 @@ def measure_speed(model: torch.nn.Module, prompt_ids: torch.Tensor, *, new_token
         raise LowbitError(f"runs: expected >= 1, got {runs}")
     if new_tokens < 2:
         raise LowbitError(f"new_tokens: need >= 2 to time at least one decode step, got {new_tokens}")
-    path = prepare_for_inference(model)["path"]
+    path = inference_path(model)["path"]
     it = range(warmup + runs)
     if progress:
         from tqdm.auto import tqdm
