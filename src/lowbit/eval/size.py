@@ -56,15 +56,8 @@ def size_report(model: nn.Module, *, path: str | os.PathLike | None = None,
             bits = qw.storage_bits()
             q_weights += qw.qdata.numel()
             q_bits += bits
-<<<<<<< HEAD
-            # counted above via storage_bits: its codes/qparams, wherever a kernel keeps them
-            # (a PackedLinear holds packed codes in a child kernel module's buffers)
-            for t in mod.buffers():
-                skip.add(id(t))
-=======
             # its codes, qparams and any packed kernel below it are counted by storage_bits
             skip.update(id(t) for t in mod.buffers())
->>>>>>> issue3
             if mod is not head:
                 lin_weights += qw.qdata.numel()
                 lin_bits += bits

@@ -30,26 +30,6 @@ _PATHS = {
     "tiled": "packed codes, tile-by-tile dequantize + matmul",
 }
 
-<<<<<<< HEAD
-    Delegates to lowbit.nn.prepare.prepare_for_inference (issue 8): every QuantLinear becomes a
-    PackedLinear holding packed codes and the fastest CPU kernel here. Idempotent (evaluate() and
-    measure_speed() both call it: PackedLinear modules are left as they are). Returns a note for
-    the report.
-    """
-    from lowbit.nn.prepare import PackedLinear
-    from lowbit.nn.prepare import prepare_for_inference as pack
-    from lowbit.nn.qlinear import QuantLinear
-    n = sum(1 for m in model.modules() if isinstance(m, QuantLinear))
-    if n == 0:
-        return {"quant_linears": 0, "path": "float (no quantized layers)"}
-    pack(model)
-    backends: dict = {}
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            backends[m.backend] = backends.get(m.backend, 0) + 1
-    return {"quant_linears": n, "with_kernel": n, "backends": backends,
-            "path": "packed CPU kernels (" + ", ".join(f"{k} x{v}" for k, v in sorted(backends.items())) + ")"}
-=======
 
 def inference_path(model: torch.nn.Module) -> dict:
     """How the model's quantized layers run (reported next to speed; changes nothing).
@@ -69,7 +49,6 @@ def inference_path(model: torch.nn.Module) -> dict:
         return {"quant_linears": 0, "backends": {}, "path": "float (no quantized layers)"}
     path = "; ".join(f"{n} layers: {_PATHS.get(k, k)}" for k, n in kinds.most_common())
     return {"quant_linears": sum(kinds.values()), "backends": dict(kinds), "path": path}
->>>>>>> issue3
 
 
 def _supports_logits_to_keep(model) -> bool:
