@@ -7,7 +7,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.methods import get_method
-from lowbit.methods.gptq import GPTQConfig, gptq_quantize, round_scale
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.methods.rtn import round_scale
 from lowbit.numerics import Scheme, choose_qparams, int_scheme, quantize_weight
 
 

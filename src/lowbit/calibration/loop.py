@@ -132,6 +132,11 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
         if arch.discovered or any(rel not in arch.linears for bt in per_block.values() for rel in bt):
             groups = probe_groups(blocks[0], lambda: run_block(blocks[0], acts[0]))
             res.notes.append(f"linear groups discovered by probing block 0: {[list(g) for g in groups]}")
+        covered = {rel for g in groups for rel in g}
+        for b, bt in sorted(per_block.items()):
+            if set(bt) - covered:
+                raise LowbitError(f"block {b}: targeted linears {sorted(set(bt) - covered)} are not on the "
+                                  f"block's forward path (groups: {[list(g) for g in groups]})")
         res.timing.update(stats_s=0.0, solve_s=0.0, forward_s=0.0)
         head_targets = [t for t in outside if t.calibrated]
         # blocks after the last targeted one only matter when lm_head needs their outputs
@@ -143,10 +148,6 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
             bt = per_block.get(b, {})
             plan = [[bt[rel] for rel in g if rel in bt] for g in groups]
             plan = [p for p in plan if p]
-            missing = set(bt) - {rel for g in groups for rel in g}
-            if missing:
-                raise LowbitError(f"block {b}: targeted linears {sorted(missing)} are not on the block's "
-                                  "forward path as probed")
             done: list[tuple[str, QuantizedWeight, str]] = []
             if cfg.true_sequential:
                 for p in plan:

@@ -9,9 +9,14 @@
 Tensors in model.safetensors, for a quantized module named L (a linear: rows = out_features,
 cols = in_features; an embedding: rows = vocab, cols = hidden):
 
-    L.weight_codes       uint8    (rows, cols)       one code per weight, unpacked, in [0, 2^bits)
-                                                      ("codes_layout": "u8"; row-major, column c of
-                                                      row r at [r, c], as QuantizedWeight.qdata)
+    L.weight_packed      uint8    (rows, ceil(cols * b / 8))   codes of b = 2, 3 or 4 bits, packed
+                                                      along each row by numerics.packing.pack_bits_u8
+                                                      ("codes_layout": "packed_u8"): one little-endian
+                                                      bit stream per row, value c at bits
+                                                      [c*b, (c+1)*b); 4-bit: byte j = v[2j] | v[2j+1] << 4;
+                                                      3-bit rows are padded to whole 8-value runs
+    L.weight_codes       uint8    (rows, cols)       other widths (8-bit, 5-7 bit): one code per weight,
+                                                      unpacked ("codes_layout": "u8"), as QuantizedWeight.qdata
     L.weight_scale       float16  qparam_shape        (rows, n_groups) for groups, (rows, 1) per
                                                       channel, (1, 1) per tensor; float32 if some
                                                       scale is not exactly an fp16 number
@@ -36,7 +41,8 @@ lowbit.json:
     source            {model, sha256}: what was quantized (the GGUF's or safetensors' sha256)
     calibration       CalibrationConfig of the run ({} for data-free recipes)
     layers            {L: {kind, scheme, method, shape, bits_per_weight, ragged_last_group,
-                           codes_layout, scale_dtype, zero_dtype, has_g_idx, info {loss, ...}}}
+                           codes_layout, code_bits, scale_dtype, zero_dtype, has_g_idx,
+                           info {loss, damp_percent, act_order, ...}}}
     tied              {name: the name it shares storage with}
     files             {file name: sha256} for every other file in DIR
     metrics           optional evaluation results
@@ -63,8 +69,9 @@ FORMAT_VERSION = 1
 MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
 # tensor-name suffixes of one quantized module, and the QuantizedWeight field each holds
-QUANT_TENSORS = {"weight_codes": "qdata", "weight_scale": "scale", "weight_zero_point": "zero_point",
-                 "weight_g_idx": "g_idx"}
+QUANT_TENSORS = {"weight_packed": "qdata", "weight_codes": "qdata", "weight_scale": "scale",
+                 "weight_zero_point": "zero_point", "weight_g_idx": "g_idx"}
+PACKED_BITS = (2, 3, 4)     # code widths stored packed (numerics.packing.pack_bits_u8)
 _COPY_SKIP = {WEIGHTS, MANIFEST, "model.safetensors.index.json", "lowbit_source.txt"}
 
 
@@ -110,7 +117,12 @@ def _scalar_info(info: dict) -> dict:
 
 
 def _layer_tensors(name: str, qw) -> tuple[dict, dict]:
-    tensors = {f"{name}.weight_codes": qw.qdata.to(torch.uint8).contiguous()}
+    from lowbit.numerics.packing import pack_bits_u8
+    bits = qw.scheme.code_bits
+    if bits in PACKED_BITS:
+        tensors, layout = {f"{name}.weight_packed": pack_bits_u8(qw.qdata, bits, axis=1)}, "packed_u8"
+    else:
+        tensors, layout = {f"{name}.weight_codes": qw.qdata.to(torch.uint8).contiguous()}, "u8"
     scale, sdt = _scale_tensor(qw.scale)
     tensors[f"{name}.weight_scale"] = scale
     zdt = None
@@ -118,7 +130,7 @@ def _layer_tensors(name: str, qw) -> tuple[dict, dict]:
         tensors[f"{name}.weight_zero_point"], zdt = _zero_tensor(qw.zero_point, qw.scheme)
     if qw.g_idx is not None:
         tensors[f"{name}.weight_g_idx"] = qw.g_idx.to(torch.int32).contiguous()
-    row = {"scheme": qw.scheme.to_dict(), "shape": list(qw.shape), "codes_layout": "u8",
+    row = {"scheme": qw.scheme.to_dict(), "shape": list(qw.shape), "codes_layout": layout, "code_bits": bits,
            "scale_dtype": sdt, "zero_dtype": zdt, "has_g_idx": qw.g_idx is not None,
            "bits_per_weight": round(qw.bits_per_weight, 6), "ragged_last_group": qw.ragged_last_group,
            "info": _scalar_info(qw.info)}
@@ -218,6 +230,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
 
     from lowbit.models.load import LoadedModel
     from lowbit.nn.qlinear import QuantLinear, set_submodule
+    from lowbit.numerics.packing import unpack_bits_u8
     from lowbit.numerics.qweight import QuantizedWeight
     from lowbit.numerics.scheme import Scheme
 
@@ -241,11 +254,16 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, row in m["layers"].items():
         scheme = Scheme.from_dict(row["scheme"])
-        if row.get("codes_layout") != "u8":
-            raise LowbitError(f"{wfile}: layer {name} has codes_layout {row.get('codes_layout')!r}; "
-                              "this lowbit reads 'u8'")
+        layout = row.get("codes_layout")
         try:
-            codes = tensors.pop(f"{name}.weight_codes")
+            if layout == "packed_u8":
+                codes = unpack_bits_u8(tensors.pop(f"{name}.weight_packed"), int(row["code_bits"]),
+                                       int(row["shape"][1]), axis=1)
+            elif layout == "u8":
+                codes = tensors.pop(f"{name}.weight_codes")
+            else:
+                raise LowbitError(f"{wfile}: layer {name} has codes_layout {layout!r}; this lowbit reads "
+                                  "'packed_u8' and 'u8'")
             scale = tensors.pop(f"{name}.weight_scale").float()
         except KeyError as e:
             raise LowbitError(f"{wfile}: tensor {e.args[0]} of quantized layer {name} is missing") from None

@@ -42,17 +42,19 @@ Pure tensor math: (W, H, scheme, config) in, QuantizedWeight out; the calibratio
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from lowbit.errors import LowbitError, check_float_tensor
 from lowbit.methods import register_method
+from lowbit.methods.rtn import SCALE_DTYPES as _SCALE_DTYPES
+from lowbit.methods.rtn import round_scale
 from lowbit.numerics.affine import codec_for, qparam_shape
 from lowbit.numerics.qweight import QuantizedWeight
 from lowbit.numerics.scheme import Scheme
 
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -87,20 +89,25 @@ def check_scheme(scheme: Scheme, name: str = "layer") -> None:
         raise LowbitError(f"{name}: gptq needs a per-value grid format (int, nf4, fp4), got {scheme.format!r}")
 
 
-def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round scales to what a file stores; a scale that would round to 0 takes the smallest
-    positive value of `dtype` (codes would divide by it)."""
-    if dtype == torch.float32:
-        return scale
-    tiny = torch.finfo(dtype).smallest_normal if dtype == torch.bfloat16 else 2.0 ** -24
-    return scale.to(dtype).float().clamp_min(tiny)
-
-
 def _qparams(w: torch.Tensor, scheme: Scheme, sdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale, zero) for the values of `w` along dim 1, one per row: (rows,), (rows,)."""
     mn, mx = w.aminmax(dim=1)
     scale, zero = codec_for(scheme).params(mn, mx, scheme)
     return round_scale(scale, sdtype), zero
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The column sweep is ~10 small ops per column: run it on one thread. Intra-op threads buy
+    little on (B, rows) slabs, and on a shared box every op waits for a descheduled peer thread
+    (measured 5-10x slower with 2 threads than 1 under load, for the sweep and for the fp64
+    Cholesky alike). The lazy block update, one large matmul, keeps every thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float, max_retries: int = 4
@@ -182,7 +189,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
     if not grouped:
         gid_proc = torch.zeros(cols, dtype=torch.long)
 
-    U64, damp_used, retries = hessian_inverse_cholesky(H, config.damp_percent, config.max_damp_retries)
+    with _one_thread():   # fp64 LAPACK on <= a few thousand columns: threads only add waiting
+        U64, damp_used, retries = hessian_inverse_cholesky(H, config.damp_percent, config.max_damp_retries)
     U = U64.float()
     del H, U64
 
@@ -205,25 +213,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
         U1 = U[i1:i2, i1:i2]
         if static:
             S1, Z1 = scale[:, gid_proc[i1:i2]].t(), zero[:, gid_proc[i1:i2]].t()
-        for i in range(i2 - i1):
-            j = i1 + i
-            if static:
-                scol, zcol = S1[i], (Z1[i] if has_zero else None)
-            elif j % g == 0:
-                # dynamic group: its columns are all in this block and fully updated
-                s, z = _qparams(W1[i:i + g].t(), scheme, sdtype)
-                scale[:, j // g] = s
-                scol = s
-                if z is not None:
-                    zero[:, j // g] = z
-                    zcol = z
-            w = W1[i]
-            c = codec.encode(w, scol, zcol, scheme)
-            codes_t[j] = c
-            err = (w - codec.decode(c, scol, zcol, scheme)).div_(U1[i, i])
-            Err1[i] = err
-            if i + 1 < i2 - i1:
-                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+        with _one_thread():
+            for i in range(i2 - i1):
+                j = i1 + i
+                if static:
+                    scol, zcol = S1[i], (Z1[i] if has_zero else None)
+                elif j % g == 0:
+                    # dynamic group: its columns are all in this block and fully updated
+                    s, z = _qparams(W1[i:i + g].t(), scheme, sdtype)
+                    scale[:, j // g] = s
+                    scol = s
+                    if z is not None:
+                        zero[:, j // g] = z
+                        zcol = z
+                w = W1[i]
+                c = codec.encode(w, scol, zcol, scheme)
+                codes_t[j] = c
+                err = (w - codec.decode(c, scol, zcol, scheme)).div_(U1[i, i])
+                Err1[i] = err
+                if i + 1 < i2 - i1:
+                    W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
         losses += Err1.double().square().sum(dim=0) / 2
         if i2 < cols:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
