@@ -53,6 +53,7 @@ from lowbit.methods.rtn import SCALE_DTYPES as _SCALE_DTYPES
 from lowbit.methods.rtn import round_scale
 from lowbit.numerics.affine import codec_for, qparam_shape
 from lowbit.numerics.qweight import QuantizedWeight
+from lowbit.numerics.ranges import mse_search
 from lowbit.numerics.scheme import Scheme
 
 
@@ -63,15 +64,27 @@ class GPTQConfig:
     block_size: lazy-batch width B (128 in the paper); rounded to a multiple of the group size.
     act_order: process columns by descending diag(H). static_groups: with act_order, choose group
     qparams up front on the original column order (no g_idx). scale_dtype: scales are rounded to
-    it before use. max_damp_retries: Cholesky retries, damping x10 each time."""
+    it before use. max_damp_retries: Cholesky retries, damping x10 each time.
+    clip: "minmax" (each group's full range, the paper's choice) or "mse": shrink each group's
+    range by the ratio r in a geometric grid [clip_min_ratio, 1] (clip_grid points) that minimises
+    sum_j diag(H)_j (w_j - q(w_j))^2 over the group, the input-importance weighting of llama.cpp's
+    imatrix; GPTQModel's `mse` option searches the same ratios, unweighted."""
     damp_percent: float = 0.01
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
     scale_dtype: str = "float16"
     max_damp_retries: int = 4
+    clip: str = "minmax"
+    clip_grid: int = 20
+    clip_min_ratio: float = 0.75
 
     def __post_init__(self) -> None:
+        if self.clip not in ("minmax", "mse"):
+            raise LowbitError(f"gptq clip: expected 'minmax' or 'mse', got {self.clip!r}")
+        if not (isinstance(self.clip_grid, int) and self.clip_grid >= 1 and 0.0 < self.clip_min_ratio <= 1.0):
+            raise LowbitError(f"gptq clip_grid / clip_min_ratio: expected an integer >= 1 and a ratio in "
+                              f"(0, 1], got {self.clip_grid!r}, {self.clip_min_ratio!r}")
         if not (0.0 <= float(self.damp_percent) < 10.0):
             raise LowbitError(f"gptq damp_percent: expected a fraction in [0, 10), got {self.damp_percent!r}")
         if not (isinstance(self.block_size, int) and self.block_size > 0):
@@ -89,9 +102,14 @@ def check_scheme(scheme: Scheme, name: str = "layer") -> None:
         raise LowbitError(f"{name}: gptq needs a per-value grid format (int, nf4, fp4), got {scheme.format!r}")
 
 
-def _qparams(w: torch.Tensor, scheme: Scheme, sdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, zero) for the values of `w` along dim 1, one per row: (rows,), (rows,)."""
+def _qparams(w: torch.Tensor, scheme: Scheme, sdtype: torch.dtype, config: GPTQConfig | None = None,
+             importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero) for the values of `w` along dim 1, one per row: (rows,), (rows,).
+    importance (w.shape[1],): diag(H) of those columns, for clip="mse"."""
     mn, mx = w.aminmax(dim=1)
+    if config is not None and config.clip == "mse":
+        weights = None if importance is None else importance.float()[None, :].expand_as(w)
+        mn, mx = mse_search(w, weights, mn, mx, scheme, grid=config.clip_grid, min_ratio=config.clip_min_ratio)
     scale, zero = codec_for(scheme).params(mn, mx, scheme)
     return round_scale(scale, sdtype), zero
 
@@ -158,6 +176,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
         H.diagonal()[dead] = 1.0
         W[:, dead] = 0.0
 
+    hdiag = H.diagonal().clone()         # input importance, for clip="mse" (original column order)
     grouped = scheme.granularity == "group"
     g = scheme.group_size if grouped else cols
     n_groups = scheme.n_groups(cols) if grouped else 1
@@ -168,14 +187,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
     zero = torch.empty(rows, n_groups)
     if not grouped:
         if scheme.granularity == "tensor":
-            s, z = _qparams(W.reshape(1, -1), scheme, sdtype)
+            s, z = _qparams(W.reshape(1, -1), scheme, sdtype, config, hdiag.repeat(rows))
             scale[:], zero[:] = s, (z if z is not None else 0.0)
         else:
-            s, z = _qparams(W, scheme, sdtype)
+            s, z = _qparams(W, scheme, sdtype, config, hdiag)
             scale[:, 0], zero[:, 0] = s, (z if z is not None else 0.0)
     elif static:
         for k in range(n_groups):
-            s, z = _qparams(W[:, k * g:(k + 1) * g], scheme, sdtype)
+            s, z = _qparams(W[:, k * g:(k + 1) * g], scheme, sdtype, config, hdiag[k * g:(k + 1) * g])
             scale[:, k], zero[:, k] = s, (z if z is not None else 0.0)
     has_zero = codec.params(torch.zeros(1), torch.ones(1), scheme)[1] is not None
 
@@ -183,6 +202,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
     if config.act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+    hdiag_proc = hdiag if perm is None else hdiag[perm]
     # group of each column in processing order
     orig_col = perm if perm is not None else torch.arange(cols)
     gid_proc = (orig_col // g) if static else (torch.arange(cols) // g)
@@ -220,7 +240,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
                     scol, zcol = S1[i], (Z1[i] if has_zero else None)
                 elif j % g == 0:
                     # dynamic group: its columns are all in this block and fully updated
-                    s, z = _qparams(W1[i:i + g].t(), scheme, sdtype)
+                    s, z = _qparams(W1[i:i + g].t(), scheme, sdtype, config, hdiag_proc[j:j + g])
                     scale[:, j // g] = s
                     scol = s
                     if z is not None:
