@@ -47,6 +47,10 @@ CONFIGS = {
     "rtn-w4g64": ("w4g64-rtn", {}), "gptq-w4g64": ("w4g64-gptq", {}),
     "gptq-w4g64-aos": ("w4g64-gptq", {"act_order": True, "static_groups": True}),
     "rtn-w3g64": ("w3g64-rtn", {}), "gptq-w3g64": ("w3g64-gptq", {}),
+    # lowbit's optional diag(H)-weighted MSE range search per group (GPTQConfig.clip="mse")
+    "gptq-w4g64-mse": ("w4g64-gptq", {"clip": "mse"}), "gptq-w4g128-mse": ("w4g128-gptq", {"clip": "mse"}),
+    "gptq-w3g128-mse": ("w3g128-gptq", {"clip": "mse"}), "gptq-w2g64-mse": ("w2g64-gptq", {"clip": "mse"}),
+    "gptq-w2g64-ao-mse": ("w2g64-gptq-actorder", {"clip": "mse"}),
 }
 # llm-compressor runs: name -> runner arguments (bench/peers/llmc_gptq.py)
 PEERS = {
