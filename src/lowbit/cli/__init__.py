@@ -14,6 +14,11 @@ from lowbit.errors import LowbitError
 SUBCOMMANDS = [
     "lowbit.cli.info",
     "lowbit.cli.numbers",
+    "lowbit.cli.eval",
+    "lowbit.cli.demo",
+    "lowbit.cli.generate",
+    "lowbit.cli.export",
+    "lowbit.cli.imatrix",
     "lowbit.cli.quantize",
 ]
 

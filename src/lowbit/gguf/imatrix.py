@@ -1,0 +1,242 @@
+"""Importance matrices: collect, read and write them as llama.cpp does.
+
+The statistic (llama.cpp tools/imatrix, PR #4861): for every linear layer inside the transformer
+blocks, the sum over calibration tokens of x_j^2 for each input column j, and the token count.
+Its mean E[x_j^2] weights column j in the quantizer's error, since the output error of a row is
+sum_j (w_j - q_j) x_j, whose expected square is ~ sum_j (w_j - q_j)^2 E[x_j^2].
+
+Files (keys are GGUF tensor names, e.g. "blk.0.attn_q.weight"):
+  GGUF (llama.cpp's current format, what llama-imatrix writes by default):
+      general.type = "imatrix", imatrix.datasets [str], imatrix.chunk_count u32, imatrix.chunk_size u32
+      tensors "<name>.in_sum2" F32 (n_in, n_mat) = raw sums of x^2, "<name>.counts" F32 (1, n_mat) = tokens
+  legacy .dat: i32 n_entries; per entry: i32 len, name, i32 ncall, i32 nval, f32[nval] = mean*ncall;
+      then optional i32 chunk_count, i32 len, dataset name
+llama-quantize turns either into per-column means (sum / count; 1.0 where count is 0).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+
+
+@dataclass
+class Imatrix:
+    sums: dict[str, np.ndarray] = field(default_factory=dict)     # name -> float64 (n_in,) sum of x^2
+    counts: dict[str, int] = field(default_factory=dict)          # name -> tokens seen
+    datasets: list[str] = field(default_factory=list)
+    chunk_size: int = 512
+    chunk_count: int = 0
+
+    def names(self) -> list[str]:
+        return sorted(self.sums)
+
+    def mean(self, name: str) -> np.ndarray | None:
+        """Per-column E[x^2] as llama-quantize computes it (1.0 when nothing was seen), or None."""
+        if name not in self.sums:
+            return None
+        c = self.counts.get(name, 0)
+        v = self.sums[name] / c if c > 0 else np.ones_like(self.sums[name])
+        return np.ascontiguousarray(v, dtype=np.float32)
+
+    def add(self, name: str, x_sq_sum: np.ndarray, n_tokens: int) -> None:
+        s = self.sums.get(name)
+        if s is not None and s.shape != x_sq_sum.shape:
+            raise LowbitError(f"imatrix {name}: {x_sq_sum.shape[0]} columns, earlier {s.shape[0]}")
+        self.sums[name] = x_sq_sum.astype(np.float64) + (0 if s is None else s)
+        self.counts[name] = self.counts.get(name, 0) + int(n_tokens)
+
+    # ---- files ------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """GGUF imatrix (default) or llama.cpp's legacy format when the suffix is .dat."""
+        path = Path(path)
+        if not self.sums:
+            raise LowbitError(f"imatrix {path}: nothing collected")
+        for name, s in self.sums.items():
+            if not np.isfinite(s).all():
+                raise LowbitError(f"imatrix {name}: non-finite sums; refusing to write {path}")
+        from lowbit.gguf.fileio import atomic_path
+        with atomic_path(path) as tmp:
+            if path.suffix == ".dat":
+                tmp.write_bytes(self._legacy_bytes())
+            else:
+                self._write_gguf(tmp)
+        return path
+
+    def _write_gguf(self, path: Path) -> None:
+        import gguf
+        w = gguf.GGUFWriter(path, arch="")
+        w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)   # an imatrix has no architecture
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", list(self.datasets) or ["lowbit"])
+        w.add_uint32("imatrix.chunk_count", int(self.chunk_count))
+        w.add_uint32("imatrix.chunk_size", int(self.chunk_size))
+        for name in self.names():
+            w.add_tensor(f"{name}.in_sum2", self.sums[name].astype(np.float32)[None, :])
+            w.add_tensor(f"{name}.counts", np.array([[float(self.counts[name])]], dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    def _legacy_bytes(self) -> bytes:
+        ncall = max(1, self.chunk_count)
+        out = [struct.pack("<i", len(self.sums))]
+        for name in self.names():
+            b = name.encode()
+            mean = self.mean(name).astype(np.float32)
+            out += [struct.pack("<i", len(b)), b, struct.pack("<ii", ncall, mean.size),
+                    (mean * np.float32(ncall)).astype("<f4").tobytes()]
+        ds = (self.datasets[-1] if self.datasets else "").encode()
+        out += [struct.pack("<i", int(self.chunk_count)), struct.pack("<i", len(ds)), ds]
+        return b"".join(out)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Imatrix":
+        """Read a GGUF imatrix or a legacy .dat one (llama.cpp tries GGUF first, as here)."""
+        path = Path(path)
+        if not path.is_file():
+            raise LowbitError(f"imatrix {path}: no such file")
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        return cls._load_gguf(path) if magic == b"GGUF" else cls._load_legacy(path)
+
+    @classmethod
+    def _load_gguf(cls, path: Path) -> "Imatrix":
+        import gguf
+        try:
+            r = gguf.GGUFReader(path)
+        except Exception as e:  # the reader raises several types on a damaged file
+            raise LowbitError(f"imatrix {path}: not a readable GGUF ({type(e).__name__}: {e})") from e
+        tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in r.tensors}
+        im = cls()
+        f = r.fields
+        if "imatrix.datasets" in f:
+            im.datasets = [str(v) for v in f["imatrix.datasets"].contents()]
+        im.chunk_count = int(f["imatrix.chunk_count"].contents()) if "imatrix.chunk_count" in f else 0
+        im.chunk_size = int(f["imatrix.chunk_size"].contents()) if "imatrix.chunk_size" in f else 0
+        for tname, sums in tensors.items():
+            if not tname.endswith(".in_sum2"):
+                continue
+            base = tname[:-len(".in_sum2")]
+            counts = tensors.get(base + ".counts")
+            if counts is None:
+                raise LowbitError(f"imatrix {path}: {tname} has no matching {base}.counts")
+            if counts.size != 1:
+                raise LowbitError(f"imatrix {path}: {base} has {counts.size} expert counts; "
+                                  "mixture-of-experts imatrices are not supported")
+            im.sums[base] = sums.ravel().astype(np.float64)
+            im.counts[base] = int(round(float(counts.ravel()[0])))
+        if not im.sums:
+            raise LowbitError(f"imatrix {path}: no '<name>.in_sum2' tensors")
+        return im
+
+    @classmethod
+    def _load_legacy(cls, path: Path) -> "Imatrix":
+        data = path.read_bytes()
+        im, off = cls(chunk_size=0), 0
+
+        def take(fmt: str):
+            nonlocal off
+            size = struct.calcsize(fmt)
+            if off + size > len(data):
+                raise LowbitError(f"imatrix {path}: truncated legacy .dat file at byte {off}")
+            v = struct.unpack_from(fmt, data, off)
+            off += size
+            return v
+
+        (n_entries,) = take("<i")
+        if n_entries < 1:
+            raise LowbitError(f"imatrix {path}: neither GGUF nor a legacy imatrix (n_entries={n_entries})")
+        for _ in range(n_entries):
+            (n,) = take("<i")
+            name = data[off:off + n].decode("utf-8", errors="replace")
+            off += n
+            ncall, nval = take("<ii")
+            vals = np.asarray(take(f"<{nval}f"), dtype=np.float64)
+            # legacy stores mean * ncall; keep it as sums over `ncall` "tokens"
+            im.sums[name], im.counts[name] = vals, max(int(ncall), 0)
+        if off + 4 <= len(data):
+            (im.chunk_count,) = take("<i")
+            if off + 4 <= len(data):
+                (n,) = take("<i")
+                if n > 0:
+                    im.datasets.append(data[off:off + n].decode("utf-8", errors="replace"))
+        return im
+
+
+def collect_imatrix(model, batches, name_of: dict[str, str], chunk_size: int | None = None,
+                    dataset: str = "", progress: bool = True) -> Imatrix:
+    """Run `batches` (n, seq_len) token ids through `model` and accumulate sum x^2 per input column
+    of every nn.Linear listed in name_of (HF module name -> GGUF tensor name).
+
+    As llama-imatrix, only the transformer blocks' linears are collected (not the output head);
+    sums are accumulated in float64."""
+    import torch
+    im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=chunk_size or int(batches.shape[1]))
+    acc: dict[str, torch.Tensor] = {}
+    ntok: dict[str, int] = {}
+    hooks = []
+
+    def make_hook(gname: str):
+        def hook(_mod, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            s = (x * x).sum(dim=0)
+            acc[gname] = s if gname not in acc else acc[gname] + s
+            ntok[gname] = ntok.get(gname, 0) + x.shape[0]
+        return hook
+
+    mods = dict(model.named_modules())
+    for hf_name, gname in name_of.items():
+        if hf_name not in mods:
+            raise LowbitError(f"imatrix: module {hf_name!r} not in the model")
+        hooks.append(mods[hf_name].register_forward_pre_hook(make_hook(gname)))
+    it = range(batches.shape[0])
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="imatrix", unit="chunk")
+    try:
+        with torch.no_grad():
+            for i in it:
+                model(batches[i:i + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+    for gname, s in acc.items():
+        v = s.cpu().numpy()
+        if not np.isfinite(v).all():
+            raise LowbitError(f"imatrix {gname}: non-finite activations during collection")
+        im.add(gname, v, ntok[gname])
+    im.chunk_count = int(batches.shape[0])
+    return im
+
+
+def imatrix_targets(model) -> dict[str, str]:
+    """HF module name -> GGUF tensor name for every nn.Linear inside the transformer blocks
+    (what llama-imatrix collects: src0 names starting with "blk.")."""
+    import torch.nn as nn
+
+    from lowbit.gguf.names import NameMap, arch_spec
+    cfg = model.config
+    names = NameMap(arch_spec(cfg.model_type).gguf_arch, int(cfg.num_hidden_layers))
+    out = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            g = names.to_gguf(mname + ".weight")
+            if g.startswith("blk."):
+                out[mname] = g
+    return out
+
+
+def compute_imatrix(loaded, text: str = "wiki-calibration", n_chunks: int = 64, seq_len: int = 512,
+                    seed: int = 0, progress: bool = True) -> Imatrix:
+    """Collect an imatrix for a LoadedModel on `n_chunks` windows of `seq_len` tokens of `text`
+    (lowbit.data.calibration_batches: disjoint windows picked by a seeded permutation)."""
+    from lowbit.data.text import calibration_batches
+    batches = calibration_batches(loaded.tokenizer, n_chunks, seq_len, seed, text)
+    return collect_imatrix(loaded.model, batches, imatrix_targets(loaded.model), chunk_size=seq_len,
+                           dataset=str(text), progress=progress)

@@ -1,0 +1,113 @@
+"""prepare_for_inference: swap every QuantLinear for a PackedLinear that holds only packed codes
+and calls the fastest kernel available here (nn/kernels.py).
+
+After it, the unpacked uint8 codes (one byte per weight) are gone from memory: a 4-bit weight
+takes K/2 bytes per row plus (N, G) fp32 scales (and zeros). PackedLinear is still a
+QuantLinear, so code that reads `module.qweight` (exporters, reports) keeps working: the codes
+are unpacked on request.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+from collections import Counter
+
+import torch
+import torch.nn as nn
+
+from lowbit.nn.kernels import make_kernel
+from lowbit.nn.qlinear import QuantLinear, set_submodule
+from lowbit.numerics.qweight import QuantizedWeight
+
+
+class PackedLinear(QuantLinear):
+    """A QuantLinear whose codes live only in its kernel's packed buffers (self.packed)."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
+                 backend: str = "auto", name: str = "weight"):
+        nn.Module.__init__(self)  # QuantLinear's own buffers would hold the unpacked codes
+        self.out_features, self.in_features = qweight.shape
+        self.scheme = qweight.scheme
+        self.info = dict(qweight.info)
+        self.register_buffer("scale", qweight.scale)
+        self.register_buffer("zero_point", qweight.zero_point)
+        self.register_buffer("g_idx", qweight.g_idx)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.packed = make_kernel(qweight, self.bias, backend, name)
+
+    @property
+    def backend(self) -> str:
+        return self.packed.backend
+
+    @property
+    def qdata(self) -> torch.Tensor:  # unpacked on request only (exports, checks)
+        return self.packed.unpack_codes()
+
+    @property
+    def kernel(self):
+        return self.__dict__.get("_override") or self.packed
+
+    def set_kernel(self, kernel) -> None:
+        """Override the packed kernel with any callable (x, module) -> y; None restores it."""
+        self.__dict__["_override"] = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        override = self.__dict__.get("_override")
+        if override is not None:
+            return override(x, self)
+        return self._modules["packed"].forward(x)  # skips nn.Module.__call__ hooks: ~2 us a call
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend}"
+
+
+def release_checkpoint_memory(model: nn.Module) -> None:
+    """Copy the float tensors `model` still holds (embeddings, norms, a float lm_head) into
+    process memory and return freed heap pages to the OS.
+
+    transformers memory-maps safetensors checkpoints; one tensor still viewing the map keeps
+    every page of it that was ever read (all the float weights quantization read) resident, so a
+    4-bit model would report the float model's RSS. Tied parameters stay tied (the Parameter
+    object is shared; it is copied once).
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, PackedLinear):
+                continue
+            for p in mod.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    p.data = p.data.clone()
+            for name, b in list(mod._buffers.items()):
+                if b is not None and id(b) not in seen:
+                    seen.add(id(b))
+                    mod._buffers[name] = b.clone()
+    gc.collect()
+    try:  # glibc only: give back the pages quantization's temporaries left free in the heap
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def prepare_for_inference(model: nn.Module, backend: str = "auto", release_checkpoint: bool = True) -> dict:
+    """Replace every QuantLinear of `model` (in place) by a PackedLinear with the fastest kernel.
+
+    backend: "auto" (our C++ kernel where it builds and the scheme has a group form, else the
+    tiled fallback), or force "ext" | "torch" | "tiled". Returns {"backends": {name: count},
+    "layers": n, "packed_bytes": bytes held by the kernels}. release_checkpoint: see
+    release_checkpoint_memory (on by default: without it RSS stays at the float model's).
+    """
+    counts: Counter = Counter()
+    nbytes = 0
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, QuantLinear) and not isinstance(m, PackedLinear)]
+    with torch.no_grad():
+        for name, mod in targets:
+            packed = PackedLinear(mod.qweight, mod.bias, backend, name)
+            set_submodule(model, name, packed)
+            counts[packed.backend] += 1
+            nbytes += packed.packed.nbytes()
+    if release_checkpoint and targets:
+        release_checkpoint_memory(model)
+    return {"backends": dict(counts), "layers": len(targets), "packed_bytes": nbytes}
