@@ -205,6 +205,35 @@ def save(loaded, report, out: str | os.PathLike, *, metrics: dict | None = None,
     return out
 
 
+def read_qweight(take, name: str, row: dict, where: str | os.PathLike = WEIGHTS):
+    """One quantized layer's QuantizedWeight and bias, whichever codes layout its manifest row
+    names. take(key, required) -> tensor or None reads one tensor from model.safetensors (a dict
+    pop, or safe_open's get_tensor), so every loader (this one, nn.load_packed) shares the layout
+    code."""
+    from lowbit.numerics.packing import unpack_bits_u8
+    from lowbit.numerics.qweight import QuantizedWeight
+    from lowbit.numerics.scheme import Scheme
+
+    layout = row.get("codes_layout")
+    if layout == "packed_u8":
+        codes = unpack_bits_u8(take(f"{name}.weight_packed", True), int(row["code_bits"]),
+                               int(row["shape"][1]), axis=1)
+    elif layout == "u8":
+        codes = take(f"{name}.weight_codes", True)
+    else:
+        raise LowbitError(f"{where}: layer {name} has codes_layout {layout!r}; this lowbit reads "
+                          "'packed_u8' and 'u8'")
+    scale = take(f"{name}.weight_scale", True).float()
+    zero = take(f"{name}.weight_zero_point", False)
+    g_idx = take(f"{name}.weight_g_idx", False)
+    bias = take(f"{name}.bias", False)
+    qw = QuantizedWeight(codes, scale, None if zero is None else zero.float(), Scheme.from_dict(row["scheme"]),
+                         g_idx, dict(row.get("info", {})))
+    if list(qw.shape) != list(row["shape"]):
+        raise LowbitError(f"{where}: layer {name} codes have shape {list(qw.shape)}, manifest says {row['shape']}")
+    return qw, bias
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     p = Path(path) / MANIFEST
     try:
@@ -228,11 +257,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.models.load import LoadedModel
+    from lowbit.models.load import LoadedModel, _dtype_kw
     from lowbit.nn.qlinear import QuantLinear, set_submodule
-    from lowbit.numerics.packing import unpack_bits_u8
-    from lowbit.numerics.qweight import QuantizedWeight
-    from lowbit.numerics.scheme import Scheme
 
     path = Path(path)
     m = read_manifest(path)
@@ -251,29 +277,17 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
     except ImportError:  # older transformers
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kw(dtype))
+
+    def take(key: str, required: bool):
+        if key not in tensors:
+            if required:
+                raise LowbitError(f"{wfile}: tensor {key} is missing")
+            return None
+        return tensors.pop(key)
+
     for name, row in m["layers"].items():
-        scheme = Scheme.from_dict(row["scheme"])
-        layout = row.get("codes_layout")
-        try:
-            if layout == "packed_u8":
-                codes = unpack_bits_u8(tensors.pop(f"{name}.weight_packed"), int(row["code_bits"]),
-                                       int(row["shape"][1]), axis=1)
-            elif layout == "u8":
-                codes = tensors.pop(f"{name}.weight_codes")
-            else:
-                raise LowbitError(f"{wfile}: layer {name} has codes_layout {layout!r}; this lowbit reads "
-                                  "'packed_u8' and 'u8'")
-            scale = tensors.pop(f"{name}.weight_scale").float()
-        except KeyError as e:
-            raise LowbitError(f"{wfile}: tensor {e.args[0]} of quantized layer {name} is missing") from None
-        zero = tensors.pop(f"{name}.weight_zero_point", None)
-        g_idx = tensors.pop(f"{name}.weight_g_idx", None)
-        bias = tensors.pop(f"{name}.bias", None)
-        qw = QuantizedWeight(codes, scale, None if zero is None else zero.float(), scheme, g_idx,
-                             dict(row.get("info", {})))
-        if list(qw.shape) != row["shape"]:
-            raise LowbitError(f"{wfile}: layer {name} codes have shape {list(qw.shape)}, manifest says {row['shape']}")
+        qw, bias = read_qweight(take, name, row, wfile)
         try:
             mod = model.get_submodule(name)
         except AttributeError:
@@ -283,8 +297,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
         else:
             set_submodule(model, name, QuantLinear(qw, bias))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k not in m.get("tied", {})
-               and k.rpartition(".")[0] not in m["layers"]]
     if unexpected:
         raise LowbitError(f"{wfile}: tensors {unexpected[:5]} do not belong to the model built from config.json")
     for key, target in m.get("tied", {}).items():
@@ -293,9 +305,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
         if owner in m["layers"]:
             continue
         setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
-    # non-persistent buffers (rotary tables) are rebuilt by from_config; everything else must be here
-    persistent = set(model.state_dict())
-    missing = [k for k in missing if k in persistent and k.rpartition(".")[0] not in m["layers"]]
+    # tied tensors were set just above; quantized layers' buffers came from their rows
+    missing = [k for k in missing if k not in m.get("tied", {}) and k.rpartition(".")[0] not in m["layers"]]
     if missing:
         raise LowbitError(f"{wfile}: tensors {missing[:5]} are missing")
     model.eval()
