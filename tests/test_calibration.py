@@ -157,3 +157,18 @@ def test_bad_input_fails_before_work(smollm2, model_copy):
                      tokenizer=smollm2.tokenizer, calibration=SMALL)
     assert all(isinstance(m, torch.nn.Linear) for m in model.model.layers[0].modules()
                if "proj" in type(m).__name__.lower() or isinstance(m, torch.nn.Linear))
+
+
+def test_paused_forward_equals_rerunning_the_block(smollm2, model_copy):
+    """The one-forward scheduler (paused.py) and re-running the block per group give the same bytes."""
+    recipe = Recipe("b0", [Rule(r"model\.layers\.0\.", int_scheme(4, 64), "gptq")])
+    tokens = calibration_tokens(smollm2.tokenizer, CalibrationConfig(n_samples=6, seq_len=128))
+    out = {}
+    for pause in (True, False):
+        model = model_copy()
+        rep = api.quantize(model, recipe, tokens=tokens, calibration={"batch_size": 2, "pause_forward": pause})
+        out[pause] = rep.qweights
+    assert list(out[True]) == list(out[False])
+    for name, qw in out[True].items():
+        other = out[False][name]
+        assert torch.equal(qw.qdata, other.qdata) and torch.equal(qw.scale, other.scale), name

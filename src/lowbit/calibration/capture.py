@@ -25,7 +25,11 @@ class CalibrationConfig:
     """n_samples token windows of seq_len from `text` (seeded, non-overlapping), run through the
     model `batch_size` windows at a time. true_sequential: each linear group's statistics are
     collected after the groups before it in the block are quantized (GPTQ paper's sequential
-    mode); False collects a whole block's statistics from one float pass (faster, slightly worse).
+    mode); False collects a whole block's statistics from one float pass.
+    pause_forward (true_sequential only): each batch's block forward pauses at every group's
+    input while the group is quantized (calibration/paused.py): one block forward per block,
+    holding every batch's intermediate activations meanwhile; False re-runs the block from its
+    start for each group instead (~2.5x the forward compute, least memory).
     """
     n_samples: int = 128
     seq_len: int = 512
@@ -33,6 +37,7 @@ class CalibrationConfig:
     text: str = "wiki-calibration"
     batch_size: int = 8
     true_sequential: bool = True
+    pause_forward: bool = True
 
     def __post_init__(self) -> None:
         for k in ("n_samples", "seq_len", "batch_size"):

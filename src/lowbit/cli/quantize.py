@@ -35,7 +35,10 @@ def run(args) -> int:
     import torch
 
     from lowbit import api
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
     from lowbit.errors import LowbitError
+    from lowbit.methods import get_method
+    from lowbit.models import load_tokenizer
     from lowbit.recipe import get_recipe
 
     if args.threads:
@@ -53,11 +56,15 @@ def run(args) -> int:
     def log(msg: str) -> None:
         print(f"[lowbit quantize] {msg}", file=sys.stderr, flush=True)
 
+    tokens = None
+    if any(get_method(r.method).needs for r in recipe.rules if r.scheme is not None):
+        # draw the calibration windows first: too short a text fails before the model is loaded
+        cfg = CalibrationConfig.from_dict({**recipe.calibration, **overrides})
+        tokens = calibration_tokens(load_tokenizer(args.model), cfg)
     t0 = time.perf_counter()
     loaded = api.load_model(args.model)
     log(f"loaded {args.model} ({time.perf_counter() - t0:.1f} s); recipe {recipe.name}: {recipe.description}")
-    report = api.quantize(loaded.model, recipe, tokenizer=loaded.tokenizer, calibration=overrides,
-                          progress=False, log=log)
+    report = api.quantize(loaded.model, recipe, tokens=tokens, calibration=overrides, progress=False, log=log)
     path = api.save_quantized(loaded, report, out, overwrite=args.overwrite)
     n = len(report.layers)
     bpw = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in report.layers) / \

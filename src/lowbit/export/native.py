@@ -9,9 +9,14 @@
 Tensors in model.safetensors, for a quantized module named L (a linear: rows = out_features,
 cols = in_features; an embedding: rows = vocab, cols = hidden):
 
-    L.weight_codes       uint8    (rows, cols)       one code per weight, unpacked, in [0, 2^bits)
-                                                      ("codes_layout": "u8"; row-major, column c of
-                                                      row r at [r, c], as QuantizedWeight.qdata)
+    L.weight_packed      uint8    (rows, ceil(cols * b / 8))   codes of b = 2, 3 or 4 bits, packed
+                                                      along each row by numerics.packing.pack_bits_u8
+                                                      ("codes_layout": "packed_u8"): one little-endian
+                                                      bit stream per row, value c at bits
+                                                      [c*b, (c+1)*b); 4-bit: byte j = v[2j] | v[2j+1] << 4;
+                                                      3-bit rows are padded to whole 8-value runs
+    L.weight_codes       uint8    (rows, cols)       other widths (8-bit, 5-7 bit): one code per weight,
+                                                      unpacked ("codes_layout": "u8"), as QuantizedWeight.qdata
     L.weight_scale       float16  qparam_shape        (rows, n_groups) for groups, (rows, 1) per
                                                       channel, (1, 1) per tensor; float32 if some
                                                       scale is not exactly an fp16 number
@@ -36,7 +41,8 @@ lowbit.json:
     source            {model, sha256}: what was quantized (the GGUF's or safetensors' sha256)
     calibration       CalibrationConfig of the run ({} for data-free recipes)
     layers            {L: {kind, scheme, method, shape, bits_per_weight, ragged_last_group,
-                           codes_layout, scale_dtype, zero_dtype, has_g_idx, info {loss, ...}}}
+                           codes_layout, code_bits, scale_dtype, zero_dtype, has_g_idx,
+                           info {loss, damp_percent, act_order, ...}}}
     tied              {name: the name it shares storage with}
     files             {file name: sha256} for every other file in DIR
     metrics           optional evaluation results
@@ -63,8 +69,9 @@ FORMAT_VERSION = 1
 MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
 # tensor-name suffixes of one quantized module, and the QuantizedWeight field each holds
-QUANT_TENSORS = {"weight_codes": "qdata", "weight_scale": "scale", "weight_zero_point": "zero_point",
-                 "weight_g_idx": "g_idx"}
+QUANT_TENSORS = {"weight_packed": "qdata", "weight_codes": "qdata", "weight_scale": "scale",
+                 "weight_zero_point": "zero_point", "weight_g_idx": "g_idx"}
+PACKED_BITS = (2, 3, 4)     # code widths stored packed (numerics.packing.pack_bits_u8)
 _COPY_SKIP = {WEIGHTS, MANIFEST, "model.safetensors.index.json", "lowbit_source.txt"}
 
 
@@ -110,7 +117,12 @@ def _scalar_info(info: dict) -> dict:
 
 
 def _layer_tensors(name: str, qw) -> tuple[dict, dict]:
-    tensors = {f"{name}.weight_codes": qw.qdata.to(torch.uint8).contiguous()}
+    from lowbit.numerics.packing import pack_bits_u8
+    bits = qw.scheme.code_bits
+    if bits in PACKED_BITS:
+        tensors, layout = {f"{name}.weight_packed": pack_bits_u8(qw.qdata, bits, axis=1)}, "packed_u8"
+    else:
+        tensors, layout = {f"{name}.weight_codes": qw.qdata.to(torch.uint8).contiguous()}, "u8"
     scale, sdt = _scale_tensor(qw.scale)
     tensors[f"{name}.weight_scale"] = scale
     zdt = None
@@ -118,7 +130,7 @@ def _layer_tensors(name: str, qw) -> tuple[dict, dict]:
         tensors[f"{name}.weight_zero_point"], zdt = _zero_tensor(qw.zero_point, qw.scheme)
     if qw.g_idx is not None:
         tensors[f"{name}.weight_g_idx"] = qw.g_idx.to(torch.int32).contiguous()
-    row = {"scheme": qw.scheme.to_dict(), "shape": list(qw.shape), "codes_layout": "u8",
+    row = {"scheme": qw.scheme.to_dict(), "shape": list(qw.shape), "codes_layout": layout, "code_bits": bits,
            "scale_dtype": sdt, "zero_dtype": zdt, "has_g_idx": qw.g_idx is not None,
            "bits_per_weight": round(qw.bits_per_weight, 6), "ragged_last_group": qw.ragged_last_group,
            "info": _scalar_info(qw.info)}
@@ -193,6 +205,35 @@ def save(loaded, report, out: str | os.PathLike, *, metrics: dict | None = None,
     return out
 
 
+def read_qweight(take, name: str, row: dict, where: str | os.PathLike = WEIGHTS):
+    """One quantized layer's QuantizedWeight and bias, whichever codes layout its manifest row
+    names. take(key, required) -> tensor or None reads one tensor from model.safetensors (a dict
+    pop, or safe_open's get_tensor), so every loader (this one, nn.load_packed) shares the layout
+    code."""
+    from lowbit.numerics.packing import unpack_bits_u8
+    from lowbit.numerics.qweight import QuantizedWeight
+    from lowbit.numerics.scheme import Scheme
+
+    layout = row.get("codes_layout")
+    if layout == "packed_u8":
+        codes = unpack_bits_u8(take(f"{name}.weight_packed", True), int(row["code_bits"]),
+                               int(row["shape"][1]), axis=1)
+    elif layout == "u8":
+        codes = take(f"{name}.weight_codes", True)
+    else:
+        raise LowbitError(f"{where}: layer {name} has codes_layout {layout!r}; this lowbit reads "
+                          "'packed_u8' and 'u8'")
+    scale = take(f"{name}.weight_scale", True).float()
+    zero = take(f"{name}.weight_zero_point", False)
+    g_idx = take(f"{name}.weight_g_idx", False)
+    bias = take(f"{name}.bias", False)
+    qw = QuantizedWeight(codes, scale, None if zero is None else zero.float(), Scheme.from_dict(row["scheme"]),
+                         g_idx, dict(row.get("info", {})))
+    if list(qw.shape) != list(row["shape"]):
+        raise LowbitError(f"{where}: layer {name} codes have shape {list(qw.shape)}, manifest says {row['shape']}")
+    return qw, bias
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     p = Path(path) / MANIFEST
     try:
@@ -216,10 +257,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.models.load import LoadedModel
+    from lowbit.models.load import LoadedModel, _dtype_kw
     from lowbit.nn.qlinear import QuantLinear, set_submodule
-    from lowbit.numerics.qweight import QuantizedWeight
-    from lowbit.numerics.scheme import Scheme
 
     path = Path(path)
     m = read_manifest(path)
@@ -238,24 +277,17 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
     except ImportError:  # older transformers
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kw(dtype))
+
+    def take(key: str, required: bool):
+        if key not in tensors:
+            if required:
+                raise LowbitError(f"{wfile}: tensor {key} is missing")
+            return None
+        return tensors.pop(key)
+
     for name, row in m["layers"].items():
-        scheme = Scheme.from_dict(row["scheme"])
-        if row.get("codes_layout") != "u8":
-            raise LowbitError(f"{wfile}: layer {name} has codes_layout {row.get('codes_layout')!r}; "
-                              "this lowbit reads 'u8'")
-        try:
-            codes = tensors.pop(f"{name}.weight_codes")
-            scale = tensors.pop(f"{name}.weight_scale").float()
-        except KeyError as e:
-            raise LowbitError(f"{wfile}: tensor {e.args[0]} of quantized layer {name} is missing") from None
-        zero = tensors.pop(f"{name}.weight_zero_point", None)
-        g_idx = tensors.pop(f"{name}.weight_g_idx", None)
-        bias = tensors.pop(f"{name}.bias", None)
-        qw = QuantizedWeight(codes, scale, None if zero is None else zero.float(), scheme, g_idx,
-                             dict(row.get("info", {})))
-        if list(qw.shape) != row["shape"]:
-            raise LowbitError(f"{wfile}: layer {name} codes have shape {list(qw.shape)}, manifest says {row['shape']}")
+        qw, bias = read_qweight(take, name, row, wfile)
         try:
             mod = model.get_submodule(name)
         except AttributeError:
@@ -265,8 +297,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
         else:
             set_submodule(model, name, QuantLinear(qw, bias))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k not in m.get("tied", {})
-               and k.rpartition(".")[0] not in m["layers"]]
     if unexpected:
         raise LowbitError(f"{wfile}: tensors {unexpected[:5]} do not belong to the model built from config.json")
     for key, target in m.get("tied", {}).items():
@@ -275,9 +305,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
         if owner in m["layers"]:
             continue
         setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
-    # non-persistent buffers (rotary tables) are rebuilt by from_config; everything else must be here
-    persistent = set(model.state_dict())
-    missing = [k for k in missing if k in persistent and k.rpartition(".")[0] not in m["layers"]]
+    # tied tensors were set just above; quantized layers' buffers came from their rows
+    missing = [k for k in missing if k not in m.get("tied", {}) and k.rpartition(".")[0] not in m["layers"]]
     if missing:
         raise LowbitError(f"{wfile}: tensors {missing[:5]} are missing")
     model.eval()

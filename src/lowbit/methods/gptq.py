@@ -42,17 +42,20 @@ Pure tensor math: (W, H, scheme, config) in, QuantizedWeight out; the calibratio
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from lowbit.errors import LowbitError, check_float_tensor
 from lowbit.methods import register_method
+from lowbit.methods.rtn import SCALE_DTYPES as _SCALE_DTYPES
+from lowbit.methods.rtn import round_scale
 from lowbit.numerics.affine import codec_for, qparam_shape
 from lowbit.numerics.qweight import QuantizedWeight
+from lowbit.numerics.ranges import mse_search
 from lowbit.numerics.scheme import Scheme
 
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -61,15 +64,27 @@ class GPTQConfig:
     block_size: lazy-batch width B (128 in the paper); rounded to a multiple of the group size.
     act_order: process columns by descending diag(H). static_groups: with act_order, choose group
     qparams up front on the original column order (no g_idx). scale_dtype: scales are rounded to
-    it before use. max_damp_retries: Cholesky retries, damping x10 each time."""
+    it before use. max_damp_retries: Cholesky retries, damping x10 each time.
+    clip: "minmax" (each group's full range, the paper's choice) or "mse": shrink each group's
+    range by the ratio r in a geometric grid [clip_min_ratio, 1] (clip_grid points) that minimises
+    sum_j diag(H)_j (w_j - q(w_j))^2 over the group, the input-importance weighting of llama.cpp's
+    imatrix; GPTQModel's `mse` option searches the same ratios, unweighted."""
     damp_percent: float = 0.01
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
     scale_dtype: str = "float16"
     max_damp_retries: int = 4
+    clip: str = "minmax"
+    clip_grid: int = 20
+    clip_min_ratio: float = 0.75
 
     def __post_init__(self) -> None:
+        if self.clip not in ("minmax", "mse"):
+            raise LowbitError(f"gptq clip: expected 'minmax' or 'mse', got {self.clip!r}")
+        if not (isinstance(self.clip_grid, int) and self.clip_grid >= 1 and 0.0 < self.clip_min_ratio <= 1.0):
+            raise LowbitError(f"gptq clip_grid / clip_min_ratio: expected an integer >= 1 and a ratio in "
+                              f"(0, 1], got {self.clip_grid!r}, {self.clip_min_ratio!r}")
         if not (0.0 <= float(self.damp_percent) < 10.0):
             raise LowbitError(f"gptq damp_percent: expected a fraction in [0, 10), got {self.damp_percent!r}")
         if not (isinstance(self.block_size, int) and self.block_size > 0):
@@ -87,20 +102,30 @@ def check_scheme(scheme: Scheme, name: str = "layer") -> None:
         raise LowbitError(f"{name}: gptq needs a per-value grid format (int, nf4, fp4), got {scheme.format!r}")
 
 
-def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round scales to what a file stores; a scale that would round to 0 takes the smallest
-    positive value of `dtype` (codes would divide by it)."""
-    if dtype == torch.float32:
-        return scale
-    tiny = torch.finfo(dtype).smallest_normal if dtype == torch.bfloat16 else 2.0 ** -24
-    return scale.to(dtype).float().clamp_min(tiny)
-
-
-def _qparams(w: torch.Tensor, scheme: Scheme, sdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, zero) for the values of `w` along dim 1, one per row: (rows,), (rows,)."""
+def _qparams(w: torch.Tensor, scheme: Scheme, sdtype: torch.dtype, config: GPTQConfig | None = None,
+             importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero) for the values of `w` along dim 1, one per row: (rows,), (rows,).
+    importance (w.shape[1],): diag(H) of those columns, for clip="mse"."""
     mn, mx = w.aminmax(dim=1)
+    if config is not None and config.clip == "mse":
+        weights = None if importance is None else importance.float()[None, :].expand_as(w)
+        mn, mx = mse_search(w, weights, mn, mx, scheme, grid=config.clip_grid, min_ratio=config.clip_min_ratio)
     scale, zero = codec_for(scheme).params(mn, mx, scheme)
     return round_scale(scale, sdtype), zero
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The column sweep is ~10 small ops per column: run it on one thread. Intra-op threads buy
+    little on (B, rows) slabs, and on a shared box every op waits for a descheduled peer thread
+    (measured 5-10x slower with 2 threads than 1 under load, for the sweep and for the fp64
+    Cholesky alike). The lazy block update, one large matmul, keeps every thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float, max_retries: int = 4
@@ -151,6 +176,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
         H.diagonal()[dead] = 1.0
         W[:, dead] = 0.0
 
+    hdiag = H.diagonal().clone()         # input importance, for clip="mse" (original column order)
     grouped = scheme.granularity == "group"
     g = scheme.group_size if grouped else cols
     n_groups = scheme.n_groups(cols) if grouped else 1
@@ -161,14 +187,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
     zero = torch.empty(rows, n_groups)
     if not grouped:
         if scheme.granularity == "tensor":
-            s, z = _qparams(W.reshape(1, -1), scheme, sdtype)
+            s, z = _qparams(W.reshape(1, -1), scheme, sdtype, config, hdiag.repeat(rows))
             scale[:], zero[:] = s, (z if z is not None else 0.0)
         else:
-            s, z = _qparams(W, scheme, sdtype)
+            s, z = _qparams(W, scheme, sdtype, config, hdiag)
             scale[:, 0], zero[:, 0] = s, (z if z is not None else 0.0)
     elif static:
         for k in range(n_groups):
-            s, z = _qparams(W[:, k * g:(k + 1) * g], scheme, sdtype)
+            s, z = _qparams(W[:, k * g:(k + 1) * g], scheme, sdtype, config, hdiag[k * g:(k + 1) * g])
             scale[:, k], zero[:, k] = s, (z if z is not None else 0.0)
     has_zero = codec.params(torch.zeros(1), torch.ones(1), scheme)[1] is not None
 
@@ -176,13 +202,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
     if config.act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+    hdiag_proc = hdiag if perm is None else hdiag[perm]
     # group of each column in processing order
     orig_col = perm if perm is not None else torch.arange(cols)
     gid_proc = (orig_col // g) if static else (torch.arange(cols) // g)
     if not grouped:
         gid_proc = torch.zeros(cols, dtype=torch.long)
 
-    U64, damp_used, retries = hessian_inverse_cholesky(H, config.damp_percent, config.max_damp_retries)
+    with _one_thread():   # fp64 LAPACK on <= a few thousand columns: threads only add waiting
+        U64, damp_used, retries = hessian_inverse_cholesky(H, config.damp_percent, config.max_damp_retries)
     U = U64.float()
     del H, U64
 
@@ -205,25 +233,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
         U1 = U[i1:i2, i1:i2]
         if static:
             S1, Z1 = scale[:, gid_proc[i1:i2]].t(), zero[:, gid_proc[i1:i2]].t()
-        for i in range(i2 - i1):
-            j = i1 + i
-            if static:
-                scol, zcol = S1[i], (Z1[i] if has_zero else None)
-            elif j % g == 0:
-                # dynamic group: its columns are all in this block and fully updated
-                s, z = _qparams(W1[i:i + g].t(), scheme, sdtype)
-                scale[:, j // g] = s
-                scol = s
-                if z is not None:
-                    zero[:, j // g] = z
-                    zcol = z
-            w = W1[i]
-            c = codec.encode(w, scol, zcol, scheme)
-            codes_t[j] = c
-            err = (w - codec.decode(c, scol, zcol, scheme)).div_(U1[i, i])
-            Err1[i] = err
-            if i + 1 < i2 - i1:
-                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+        with _one_thread():
+            for i in range(i2 - i1):
+                j = i1 + i
+                if static:
+                    scol, zcol = S1[i], (Z1[i] if has_zero else None)
+                elif j % g == 0:
+                    # dynamic group: its columns are all in this block and fully updated
+                    s, z = _qparams(W1[i:i + g].t(), scheme, sdtype, config, hdiag_proc[j:j + g])
+                    scale[:, j // g] = s
+                    scol = s
+                    if z is not None:
+                        zero[:, j // g] = z
+                        zcol = z
+                w = W1[i]
+                c = codec.encode(w, scol, zcol, scheme)
+                codes_t[j] = c
+                err = (w - codec.decode(c, scol, zcol, scheme)).div_(U1[i, i])
+                Err1[i] = err
+                if i + 1 < i2 - i1:
+                    W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
         losses += Err1.double().square().sum(dim=0) / 2
         if i2 < cols:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)

@@ -3,6 +3,9 @@
 clip="minmax" uses each unit's full range; other values name a range calibrator from
 numerics/ranges.py (e.g. "mse": search the shrink ratio that minimises the unit's squared error),
 which helps at 2-3 bits where one outlier stretches a whole group.
+
+Scales are rounded to `scale_dtype` (fp16 by default, what every file format stores) before the
+codes are chosen, so a saved model reproduces exactly what was measured in memory.
 """
 from __future__ import annotations
 
@@ -11,26 +14,46 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.methods import register_method
-from lowbit.numerics.affine import qparams_from_range
+from lowbit.numerics.affine import QParams, choose_qparams, qparams_from_range
 from lowbit.numerics.ranges import calibrate_range
 from lowbit.numerics.qweight import QuantizedWeight, quantize_weight
 from lowbit.numerics.scheme import Scheme
 
 
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round scales to what a file stores (kept as float32 values); a scale that would round to
+    0 takes the smallest positive value of `dtype` (codes divide by it)."""
+    if dtype == torch.float32:
+        return scale
+    tiny = torch.finfo(dtype).smallest_normal if dtype == torch.bfloat16 else 2.0 ** -24
+    return scale.to(dtype).float().clamp_min(tiny)
+
+
 @dataclass
 class RTNConfig:
-    clip: str = "minmax"   # minmax | percentile | mse | kl (numerics/ranges.py)
+    clip: str = "minmax"          # minmax | percentile | mse | kl (numerics/ranges.py)
+    scale_dtype: str = "float16"  # scales are rounded to it before rounding the weights
 
     def __post_init__(self) -> None:
         from lowbit.errors import LowbitError
         from lowbit.numerics.ranges import METHODS
         if self.clip not in METHODS:
             raise LowbitError(f"rtn option clip: expected one of {METHODS}, got {self.clip!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise LowbitError(f"rtn option scale_dtype: expected one of {sorted(SCALE_DTYPES)}, "
+                              f"got {self.scale_dtype!r}")
 
 
 @register_method("rtn", RTNConfig)
 def rtn(weight: torch.Tensor, scheme: Scheme, config: RTNConfig, stats: dict | None = None) -> QuantizedWeight:
+    w = weight.detach().float()
     if config.clip == "minmax":
-        return quantize_weight(weight, scheme)
-    lo, hi = calibrate_range(weight.detach().float(), scheme, method=config.clip)
-    return quantize_weight(weight, scheme, qp=qparams_from_range(lo, hi, scheme))
+        qp = choose_qparams(w, scheme)
+    else:
+        lo, hi = calibrate_range(w, scheme, method=config.clip)
+        qp = qparams_from_range(lo, hi, scheme)
+    qp = QParams(round_scale(qp.scale, SCALE_DTYPES[config.scale_dtype]), qp.zero)
+    return quantize_weight(weight, scheme, qp=qp)

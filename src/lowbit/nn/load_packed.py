@@ -54,8 +54,6 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bac
     from lowbit.models.load import LoadedModel, _dtype_kw
     from lowbit.nn.prepare import PackedLinear
     from lowbit.nn.qlinear import set_submodule
-    from lowbit.numerics.qweight import QuantizedWeight
-    from lowbit.numerics.scheme import Scheme
 
     native = _native()
     path = Path(path)
@@ -83,19 +81,7 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bac
             return f.get_tensor(key)
 
         for name, row in layers.items():
-            if row.get("codes_layout") != "u8":
-                raise LowbitError(f"{wfile}: layer {name} has codes_layout {row.get('codes_layout')!r}; "
-                                  "this lowbit reads 'u8'")
-            codes = take(f"{name}.weight_codes")
-            scale = take(f"{name}.weight_scale").float()
-            zero = take(f"{name}.weight_zero_point", False)
-            g_idx = take(f"{name}.weight_g_idx", False)
-            bias = take(f"{name}.bias", False)
-            qw = QuantizedWeight(codes, scale, None if zero is None else zero.float(),
-                                 Scheme.from_dict(row["scheme"]), g_idx, dict(row.get("info", {})))
-            if list(qw.shape) != list(row["shape"]):
-                raise LowbitError(f"{wfile}: layer {name} codes have shape {list(qw.shape)}, "
-                                  f"manifest says {row['shape']}")
+            qw, bias = native.read_qweight(take, name, row, wfile)   # any codes layout (packed or u8)
             try:
                 mod = model.get_submodule(name)
             except AttributeError:
@@ -106,7 +92,7 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bac
             else:
                 set_submodule(model, name, PackedLinear(qw, None if bias is None else bias.to(dtype),
                                                         backend, name))
-            del codes, qw
+            del qw
         for key in sorted(keys - used):
             t = f.get_tensor(key)
             _set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t)
