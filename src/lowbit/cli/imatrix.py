@@ -20,11 +20,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from lowbit.gguf.imatrix import compute_imatrix
     from lowbit.models import load_model
-    torch.set_num_threads(min(torch.get_num_threads(), 8))
     loaded = load_model(args.model)
     im = compute_imatrix(loaded, args.text, args.chunks, args.seq_len, args.seed, progress=not args.quiet)
     im.save(args.out)

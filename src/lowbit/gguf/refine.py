@@ -12,8 +12,8 @@ only lower the importance-weighted squared error of each block,
 search finds nothing better. The output is an ordinary GGUF tensor (same type, same layout):
 llama.cpp reads it as it reads its own; only the chosen codes differ.
 
-  Q4_0, Q5_0, Q8_0   61 trial scales d * (0.85 .. 1.15), each fp16-rounded, codes re-rounded,
-                     then two weighted least-squares refits of d (re-rounding each time)
+  Q4_0, Q5_0, Q8_0   31 trial scales d * (0.85 .. 1.15), each fp16-rounded, codes re-rounded,
+                     then one weighted least-squares refit of d (codes re-rounded again)
   Q2_K .. Q6_K       each sub-block's scale code (and min code) moved by a few steps around
                      ggml's, codes re-rounded to the stored scales; super-block d / dmin kept
 Without an imatrix the bytes are left exactly as ggml makes them.
@@ -50,46 +50,54 @@ def _err(x, w, xh, axis=-1):
 
 
 # ---- symmetric 32-blocks -------------------------------------------------------------------------
-_SYM = {"Q4_0": (8, 18), "Q5_0": (16, 22), "Q8_0": (128, 34)}   # nmax (codes in [-nmax, nmax)), bytes
+# signed code range and bytes per block; Q8_0 keeps ggml's [-127, 127] (its reference encoder never
+# writes -128, and some int8 dot-product kernels assume it does not)
+_SYM = {"Q4_0": (-8, 7, 18), "Q5_0": (-16, 15, 22), "Q8_0": (-127, 127, 34)}
 
 
-def _codes(x, d, nmax):
+def _codes(X, d, lo, hi):
+    """Element-major X (32, nb), scale d (nb,) -> codes clip(rint(x/d), lo, hi) (0 where d == 0)."""
     ok = d != 0
-    q = np.clip(np.rint(x / np.where(ok, d, F32(1))[:, None]), -nmax, nmax - 1)
-    return np.where(ok[:, None], q, F32(0)).astype(F32)
+    q = np.clip(np.rint(X / np.where(ok, d, F32(1))), lo, hi)
+    return np.where(ok, q, F32(0)).astype(F32)
 
 
-def _refine_sym32(t, x, w, data):
-    nmax, ts = _SYM[t]
-    if t == "Q8_0":
-        nmax = 128                      # int8 codes: [-128, 127] are all storable
-    xb, wb = x.reshape(-1, 32), w.reshape(-1, 32)
+def _err0(X, W, d, q):
+    r = X - d * q
+    return (W * r * r).sum(axis=0)
+
+
+def _refine_sym32(t, x, w, data, ratios=np.linspace(0.85, 1.15, 31, dtype=F32)):
+    lo, hi, ts = _SYM[t]
+    X, W = np.ascontiguousarray(x.reshape(-1, 32).T), np.ascontiguousarray(w.reshape(-1, 32).T)
     b = np.ascontiguousarray(data).reshape(-1, ts)
     d0 = fp16_from_bytes(b[:, :2])
     dec = {"Q4_0": blocks._decode_q4_0, "Q5_0": blocks._decode_q5_0, "Q8_0": blocks._decode_q8_0}[t]
-    x0 = dec(b).reshape(-1, 32)
-    best_d, best_q = d0, np.rint(x0 / np.where(d0 != 0, d0, F32(1))[:, None])
-    best = _err(xb, wb, x0)
+    x0 = np.ascontiguousarray(dec(b).reshape(-1, 32).T)
+    best_d, best_q = d0, np.rint(x0 / np.where(d0 != 0, d0, F32(1)))
+    r0 = X - x0
+    best = (W * r0 * r0).sum(axis=0)
     taken = np.zeros(d0.shape, dtype=bool)
-    for r in np.linspace(0.85, 1.15, 61, dtype=F32):
+    for r in ratios:
         d = fp16_round(d0 * r)
-        q = _codes(xb, d, nmax)
-        for _ in range(2):
-            num, den = (wb * xb * q).sum(1), (wb * q * q).sum(1)
-            d2 = fp16_round(np.where(den > 0, num / np.where(den > 0, den, F32(1)), d))
-            q2 = _codes(xb, d2, nmax)
-            better = _err(xb, wb, d2[:, None] * q2) < _err(xb, wb, d[:, None] * q)
-            d, q = np.where(better, d2, d), np.where(better[:, None], q2, q)
-        e = _err(xb, wb, d[:, None] * q)
+        q = _codes(X, d, lo, hi)
+        # one weighted least-squares refit of d for these codes, re-rounded
+        num, den = (W * X * q).sum(axis=0), (W * q * q).sum(axis=0)
+        d2 = fp16_round(np.where(den > 0, num / np.where(den > 0, den, F32(1)), d))
+        q2 = _codes(X, d2, lo, hi)
+        e1, e2 = _err0(X, W, d, q), _err0(X, W, d2, q2)
+        use2 = e2 < e1
+        e = np.where(use2, e2, e1)
         take = e < best
         if take.any():
             best = np.where(take, e, best)
-            best_d = np.where(take, d, best_d)
-            best_q = np.where(take[:, None], q, best_q)
+            best_d = np.where(take, np.where(use2, d2, d), best_d)
+            best_q = np.where(take, np.where(use2, q2, q), best_q)
             taken |= take
     if not taken.any():
         return data
-    q = (best_q + nmax).astype(np.uint8) if t != "Q8_0" else best_q.astype(np.int8).view(np.uint8)
+    best_q = np.ascontiguousarray(best_q.T)
+    q = (best_q - lo).astype(np.uint8) if t != "Q8_0" else best_q.astype(np.int8).view(np.uint8)
     if t == "Q4_0":
         new = np.concatenate([fp16_bytes(best_d), blocks._pack_nibbles(q)], axis=1)
     elif t == "Q5_0":

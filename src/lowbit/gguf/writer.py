@@ -127,7 +127,9 @@ def tensor_type(recipe: Recipe, hf_name: str, shape: tuple[int, ...], tied: bool
     return wanted, fallback_type(wanted, shape[-1])
 
 
-def _file_type(recipe: Recipe, rows: list[TensorRow]) -> int:
+def _file_type(recipe: Recipe) -> int:
+    """general.file_type: the mix's LlamaFileType; GUESSED for a custom recipe (as llama.cpp marks
+    files whose tensor types it did not choose)."""
     import gguf
     m = MIXES.get(recipe.name)
     if m is not None:
@@ -231,7 +233,7 @@ def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_di
     report = GGUFReport(out, recipe, rows)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch=spec.gguf_arch)
-        _general(w, config, source_gguf, _file_type(recipe, rows), quantized)
+        _general(w, config, source_gguf, _file_type(recipe), quantized)
         _hparams(w, config, spec)
         if source_gguf is not None and tokenizer_pre is None:
             for key, val, vt, sub in kv_from_gguf(source_gguf):
