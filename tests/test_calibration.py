@@ -14,7 +14,7 @@ from lowbit.calibration.stats import StatSet
 from lowbit.data import load_text, tokenize_text
 from lowbit.errors import LowbitError
 from lowbit.methods import register_method
-from lowbit.methods.rtn import rtn
+from lowbit.methods.rtn import RTNConfig, rtn
 from lowbit.nn.qlinear import QuantLinear
 from lowbit.numerics import int_scheme
 from lowbit.recipe import Recipe, Rule
@@ -105,7 +105,7 @@ SEEN: dict = {}
 def _stats_probe(weight, scheme, config, stats):
     """A stand-in for imatrix / AWQ: records the statistics it is handed, then rounds."""
     SEEN.setdefault("calls", []).append({k: v.clone() for k, v in stats.items()})
-    return rtn(weight, scheme, type("C", (), {"clip": "minmax"})())
+    return rtn(weight, scheme, RTNConfig())
 
 
 def test_generic_statistics_reach_a_plugged_in_method(smollm2, model_copy):
