@@ -34,9 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["fp32", "bf16", "int8", "int4", "int4-fp32-head", "int4-bf16"]
-LLAMA_PY = ROOT / "bench" / ".venv-llamacpp" / "bin" / "python"
-if not LLAMA_PY.exists():
-    LLAMA_PY = Path("/work/main/bench/.venv-llamacpp/bin/python")
+# `make peers` builds it; LOWBIT_LLAMACPP_PY points elsewhere (e.g. a venv shared by worktrees)
+LLAMA_PY = Path(os.environ.get("LOWBIT_LLAMACPP_PY", ROOT / "bench" / ".venv-llamacpp" / "bin" / "python"))
 
 
 def build_variant(name: str):

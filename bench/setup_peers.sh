@@ -7,7 +7,7 @@
 #
 # usage: bash bench/setup_peers.sh [llamacpp|llmc|all] [REPO_ROOT]
 #   REPO_ROOT defaults to the git top level of the current directory, so running this script from
-#   another worktree with cwd=/work/main installs into /work/main/bench.
+#   another worktree with cwd=<main checkout> installs into <main checkout>/bench.
 # Idempotent: a venv whose stamp file records the same pins is skipped. Re-run with
 # PEERS_FORCE=1 to rebuild. PEERS_JOBS (default 2) caps the C++ build's parallel jobs.
 set -euo pipefail
