@@ -166,6 +166,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
                 res.timing["forward_s"] += time.perf_counter() - t0
             for name, qw, method in done:
                 res.layers.append(_swap(model, f"{arch.blocks}.{b}.{name}", qw, method))
+                _note_numerics(f"{arch.blocks}.{b}.{name}", qw, res.notes, log)
             trim_heap()                            # the block's temporaries and float weights
             loss = sum(qw.info.get("loss", 0.0) for _, qw, _ in done)
             log(f"block {b + 1}/{last + 1}: {len(done)} layer(s), {time.perf_counter() - tb:.1f} s"
@@ -178,9 +179,22 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
             stats = _stats_from(head_targets, acts)
             for t, qw in zip(head_targets, _solve(head_targets, stats)):
                 res.layers.append(_swap(model, t.name, qw, t.rule.method))
+                _note_numerics(t.name, qw, res.notes, log)
             log(f"{arch.lm_head}: quantized")
     res.timing["total_s"] = time.perf_counter() - t_all
     return res
+
+
+def _note_numerics(name: str, qw: QuantizedWeight, notes: list[str], log: Callable[[str], None]) -> None:
+    """Say so when a layer needed more damping or had inputs calibration never activated."""
+    if qw.info.get("damp_retries"):
+        notes.append(f"{name}: Cholesky failed at the requested damping; retried "
+                     f"{qw.info['damp_retries']}x, succeeded with damp_percent={qw.info['damp_percent']:g}")
+        log(notes[-1])
+    if qw.info.get("n_dead_inputs"):
+        notes.append(f"{name}: {qw.info['n_dead_inputs']} input column(s) were zero on every calibration "
+                     "token; their weights were set to 0")
+        log(notes[-1])
 
 
 def _stats_from(group: list[Target], acts: list[BlockInput]) -> dict | None:
