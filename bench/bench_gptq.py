@@ -10,11 +10,11 @@ Phases (each resumable: results are kept under --work and a finished config is n
   2. every lowbit config quantizes the fp32 model in its own process (clean peak-RSS figures:
      a sampler thread reads the process RSS every 20 ms around `api.quantize`) and writes a lowbit
      native directory;
-  3. evaluation, one process: perplexity over the first --eval-windows non-overlapping 512-token
-     windows of wiki-evaluation (every token after the first of each window scored), and KL /
-     top-1 agreement to the fp32 model on the first --kl-windows of them (fp32 reference log-probs
-     held in fp16 and renormalised, KL = sum_v P (log P - log Q)); llm-compressor's results are
-     evaluated the same way, its dequantized weights loaded into the fp32 model.
+  3. evaluation with lowbit.eval, one process: perplexity over the first --eval-windows
+     non-overlapping 512-token windows of wiki-evaluation (every token after the first of each
+     window scored), KL / top-1 agreement to the fp32 model on the first --kl-windows of them
+     (lowbit.eval.kl: llama.cpp's KLD statistic, fp16 reference log-probs); llm-compressor's
+     results are evaluated the same way, its dequantized weights loaded into the fp32 model.
 The markdown table goes to stdout and <work>/results.md; raw figures to <work>/results.json.
 """
 from __future__ import annotations
@@ -135,73 +135,61 @@ def run_config(name: str, work: Path, threads: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # phase 3: evaluation (all models, one reference)
 # ---------------------------------------------------------------------------------------------
-def _eval_model(model, windows, ref_lp16, kl_windows: int) -> dict:
-    import torch
-    import torch.nn.functional as F
-    nll, n, kl_sum, top1, n_kl = 0.0, 0, 0.0, 0, 0
-    with torch.no_grad():
-        for i, w in enumerate(windows):
-            logits = model(w[None]).logits[0].float()            # (T, V)
-            lp = F.log_softmax(logits, dim=-1)
-            nll += float(-lp[:-1].gather(1, w[1:, None]).double().sum())
-            n += w.numel() - 1
-            if i < kl_windows:
-                p_log = F.log_softmax(ref_lp16[i].float(), dim=-1)   # renormalise the fp16 copy
-                q_log = F.log_softmax(lp.half().float(), dim=-1)
-                kl_sum += float((p_log.exp() * (p_log - q_log)).sum(-1).double().sum())
-                top1 += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
-                n_kl += w.numel()
-    import math
-    return {"ppl": math.exp(nll / n), "kl": kl_sum / max(1, n_kl), "top1": top1 / max(1, n_kl),
-            "eval_tokens": n, "kl_tokens": n_kl}
+def _record(rec: dict) -> dict:
+    kl = rec.get("kl", {})
+    return {"ppl": rec["ppl"]["ppl"], "kl": kl.get("mean", 0.0), "kl_stderr": kl.get("mean_stderr", 0.0),
+            "kl_p99": kl.get("p99", 0.0), "top1": kl.get("top1_agreement", 1.0),
+            "eval_tokens": rec["ppl"].get("tokens"), "kl_tokens": kl.get("tokens"),
+            "ppl_method": rec["ppl"].get("method"), "seconds": rec.get("seconds")}
 
 
 def evaluate_all(work: Path, names: list[str], peers: list[str], eval_windows: int, kl_windows: int,
                  threads: int) -> dict:
+    """lowbit.eval on every model: the same windows, scoring and fp32 reference for all."""
     import torch
-    import torch.nn.functional as F
     torch.set_num_threads(threads)
-    from lowbit.data import load_text, token_windows, tokenize_text
+    from lowbit.eval import evaluate, evaluate_reference
     from lowbit.models import load_model
     cache = work / "eval.json"
-    done = json.loads(cache.read_text()) if cache.is_file() else {}
-    key = f"{eval_windows}x512/kl{kl_windows}"
-    done = done.get(key, {})
+    key = f"lowbit.eval {eval_windows}x512 kl{kl_windows}x512"
+    allres = json.loads(cache.read_text()) if cache.is_file() else {}
+    done = allres.get(key, {})
+    settings = {"max_tokens": eval_windows * 512, "kl_max_tokens": kl_windows * 512, "seq_len": 512,
+                "progress": False}
     fp = load_model("smollm2-135m")
-    windows = token_windows(tokenize_text(fp.tokenizer, load_text("wiki-evaluation")), 512, eval_windows)
-    with torch.no_grad():
-        ref = [F.log_softmax(fp.model(w[None]).logits[0].float(), -1).half() for w in windows[:kl_windows]]
+    rec, ref = evaluate_reference(fp.model, fp.tokenizer, metrics=["ppl", "kl"], **settings)
+    done["fp32"] = _record(rec)
+    del fp
 
     def save():
-        allres = json.loads(cache.read_text()) if cache.is_file() else {}
         allres[key] = done
         cache.write_text(json.dumps(allres, indent=1))
 
-    if "fp32" not in done:
-        done["fp32"] = _eval_model(fp.model, windows, ref, kl_windows)
+    def one(name: str, model, tok) -> None:
+        t0 = time.perf_counter()
+        done[name] = _record(evaluate(model, tok, metrics=["ppl", "kl"], reference=ref, **settings))
+        print(f"eval {name}: {done[name]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         save()
+
+    save()
     for name in names:
         if name in done or not (work / "models" / name / "lowbit.json").is_file():
             continue
-        q = load_model(work / "models" / name)
-        t0 = time.perf_counter()
-        done[name] = _eval_model(q.model, windows, ref, kl_windows)
-        print(f"eval {name}: {done[name]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-        save()
+        q = load_model(work / "models" / name)      # the native directory, QuantLinear modules
+        one(name, q.model, q.tokenizer)
         del q
     for name in peers:
         dump = work / "peers" / f"{name}.pt"
         if name in done or not dump.is_file():
             continue
-        m = load_model("smollm2-135m").model
+        lm = load_model("smollm2-135m")
         weights = torch.load(dump)
-        for lname, w in weights.items():
-            m.get_submodule(lname).weight.data.copy_(w)
-        done[name] = _eval_model(m, windows, ref, kl_windows)
+        for lname, w in weights.items():             # llm-compressor's dequantized grid values
+            lm.model.get_submodule(lname).weight.data = w
+        one(name, lm.model, lm.tokenizer)
         done[name]["n_loaded"] = len(weights)
-        print(f"eval {name}: {done[name]}", file=sys.stderr, flush=True)
         save()
-        del m
+        del lm, weights
     return done
 
 

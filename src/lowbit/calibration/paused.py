@@ -34,6 +34,20 @@ from lowbit.errors import LowbitError
 DONE = -1
 
 
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Each coroutine thread allocates from its own malloc arena, and an arena keeps what its thread
+    freed: without trimming, every paused batch's transient attention / MLP buffers stay resident
+    and the process's RSS grows by their sum (measured +400-600 MiB on SmolLM2 at 2 batches).
+    Trimming while every batch is paused returns them."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _BatchForward(threading.Thread):
     """One batch's block forward, run in turns handed out by `step()`."""
 
@@ -119,10 +133,12 @@ def run_paused(block: nn.Module, acts: list[BlockInput], groups: list[list[nn.Mo
                                       "was expected; the block does not call its linears in the order "
                                       "of the architecture spec (or skips some)")
             quantize_group(k)
+            trim_heap()
         for w in workers:
             w.step()
             if w.at != DONE:
                 raise LowbitError(f"calibration: batch paused at group {w.at} after the last group")
+        trim_heap()
         return [w.result for w in workers]
     except BaseException:
         for w in workers:                   # unwind paused forwards so their threads end

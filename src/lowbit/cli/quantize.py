@@ -24,7 +24,10 @@ def register(sub) -> None:
     g.add_argument("--calib-text", help="wiki-calibration (default), a .txt file or a directory")
     g.add_argument("--batch-size", type=int, help="windows per forward pass (default 8)")
     g.add_argument("--no-true-sequential", action="store_true",
-                   help="collect a block's statistics in one float pass (faster, slightly worse)")
+                   help="collect a block's statistics in one float pass")
+    g.add_argument("--no-pause-forward", action="store_true",
+                   help="re-run each block per linear group instead of pausing every batch's forward "
+                        "(same result, ~2.5x the forward compute, less memory)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=run)
 
@@ -52,6 +55,8 @@ def run(args) -> int:
                  if v is not None}
     if args.no_true_sequential:
         overrides["true_sequential"] = False
+    if args.no_pause_forward:
+        overrides["pause_forward"] = False
 
     def log(msg: str) -> None:
         print(f"[lowbit quantize] {msg}", file=sys.stderr, flush=True)
