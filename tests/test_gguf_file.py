@@ -133,7 +133,12 @@ def test_imatrix_statistic_and_file_formats(smollm2, small_imatrix, tmp_path):
     assert t["blk.0.attn_q.weight.in_sum2"].shape.tolist() == [576, 1] and "blk.0.attn_q.weight.counts" in t
     back = Imatrix.load(p)
     for name in ("blk.0.attn_q.weight", "blk.29.ffn_down.weight"):
-        assert np.allclose(back.mean(name), im.mean(name), rtol=1e-6)
+        # bit for bit what llama-quantize computes from the file: float32 in_sum2 / float32 count,
+        # so a file quantized with the in-memory matrix equals llama.cpp's made with the saved one
+        sums = np.asarray(t[name + ".in_sum2"].data, dtype=np.float32).ravel()
+        count = np.float32(np.asarray(t[name + ".counts"].data).ravel()[0])
+        assert np.array_equal(im.mean(name), sums / count)
+        assert np.array_equal(back.mean(name), im.mean(name))
     legacy = Imatrix.load(im.save(tmp_path / "im.dat"))
     assert legacy.chunk_count == 2 and legacy.datasets == ["wiki-calibration"]
     assert np.allclose(legacy.mean("blk.7.ffn_up.weight"), im.mean("blk.7.ffn_up.weight"), rtol=1e-6)

@@ -36,12 +36,17 @@ class Imatrix:
         return sorted(self.sums)
 
     def mean(self, name: str) -> np.ndarray | None:
-        """Per-column E[x^2] as llama-quantize computes it (1.0 when nothing was seen), or None."""
+        """Per-column E[x^2] exactly as llama-quantize computes it from the saved file, or None:
+        float32(sum) / float32(count) in float32 arithmetic (1.0 when nothing was seen), so a
+        file quantized with this in-memory matrix has the same bytes as llama-quantize's with
+        the written one (a float64 division differs in the last bit for ~1 value in 4, which
+        flips near-tie scale choices)."""
         if name not in self.sums:
             return None
         c = self.counts.get(name, 0)
-        v = self.sums[name] / c if c > 0 else np.ones_like(self.sums[name])
-        return np.ascontiguousarray(v, dtype=np.float32)
+        if c <= 0:
+            return np.ones(self.sums[name].shape, dtype=np.float32)
+        return np.ascontiguousarray(self.sums[name].astype(np.float32) / np.float32(c), dtype=np.float32)
 
     def add(self, name: str, x_sq_sum: np.ndarray, n_tokens: int) -> None:
         s = self.sums.get(name)
