@@ -13,7 +13,8 @@ Steps (files under bench/_work/gguf/, results in bench/_work/gguf/results.json, 
   4. llama.cpp's own quantizer (llama_model_quantize) on an F32 GGUF written by lowbit, same preset,
      same imatrix -> compared tensor by tensor with ours (bytes), evaluated the same way;
   5. llama.cpp's perplexity (bench/peers/llamacpp_ids_ppl.py) of our files on the same token windows
-     -> agreement with our evaluation of the same file.
+     -> agreement with our evaluation of the same file, and with our evaluation with ggml's CPU
+     activation rounding simulated (VEC_DOT): what remains is accumulation order.
 Perplexity: exp(mean NLL) of every token after the first in each window, no BOS; NLL from the
 float64 log-softmax of the logits (the same convention in both evaluators).
 """
@@ -55,6 +56,55 @@ def ppl_of_file(path: Path, windows: torch.Tensor) -> tuple[float, list[float]]:
     return float(np.exp(np.mean(nll))), nll
 
 
+# ggml's CPU matmul quantizes the activations to the weight type's vec_dot partner before the dot
+# product (ggml-cpu type traits: Q4_0/Q5_0/Q8_0 -> Q8_0, Q4_1/Q5_1 -> Q8_1, k-quants and TQ -> Q8_K);
+# F32 weights see F32 activations. Simulating that rounding in our torch forward tells whether a
+# gap between llama.cpp's perplexity and ours is that rounding (and nothing in the file).
+VEC_DOT = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "Q4_1": "Q8_1", "Q5_1": "Q8_1",
+           "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K",
+           "TQ1_0": "Q8_K", "TQ2_0": "Q8_K"}
+
+
+def ggml_round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x rounded as ggml's quantize_row_q8_0 / q8_1 (blocks of 32, d = amax/127 stored fp16) or
+    quantize_row_q8_K (blocks of 256, d = max/-127 kept fp32, codes clamped to 127) round it."""
+    block = 256 if kind == "Q8_K" else 32
+    xs = x.float().reshape(*x.shape[:-1], -1, block)
+    if kind == "Q8_K":
+        mx = xs.gather(-1, xs.abs().argmax(-1, keepdim=True))
+        iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+        q = torch.round(iscale * xs).clamp(max=127)
+        d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
+    else:
+        amax = xs.abs().amax(-1, keepdim=True)        # x86 quantize_row_q8_0: id = 127 / amax
+        q = torch.round(xs * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+        d = (amax / 127.0).half().float()
+    return (q * d).reshape(x.shape).to(x.dtype)
+
+
+def ppl_ggml_numerics(path: Path, windows: torch.Tensor) -> float:
+    """Our perplexity of a GGUF with every quantized matmul's input rounded as ggml's CPU backend
+    rounds it (see VEC_DOT)."""
+    from lowbit.gguf.names import NameMap, arch_spec
+    from lowbit.gguf.reader import load_gguf, tensor_types
+    model, _, _ = load_gguf(path)
+    types = tensor_types(path)
+    names = NameMap(arch_spec(model.config.model_type).gguf_arch, int(model.config.num_hidden_layers))
+    hooks = []
+    for mname, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        gname = "token_embd.weight" if mname == "lm_head" and "output.weight" not in types else \
+            names.to_gguf(f"{mname}.weight")
+        kind = VEC_DOT.get(types[gname])
+        if kind:
+            hooks.append(mod.register_forward_pre_hook(lambda _m, a, k=kind: (ggml_round_activations(a[0], k),)))
+    nll = window_nll(model, windows)
+    for h in hooks:
+        h.remove()
+    return float(np.exp(np.mean(nll)))
+
+
 def same_tensors(a: Path, b: Path) -> tuple[int, int]:
     """(tensors whose type and bytes are identical, total)."""
     import gguf
@@ -77,8 +127,10 @@ def agree_llamacpp(a, res: dict, name: str, path: Path, ppl: float, nll: list[fl
     """llama.cpp's perplexity of one of our files on the same windows, next to ours."""
     r = peer(a.llamacpp_python, "llamacpp_ids_ppl.py", str(path), str(WORK / "windows.npy"),
              "--threads", str(a.threads))
+    sim = ppl_ggml_numerics(path, torch.from_numpy(np.load(WORK / "windows.npy")))
     agree = {"file": name, "ours_ppl": ppl, "llamacpp_ppl": r["ppl"], "rel_diff": r["ppl"] / ppl - 1.0,
-             "max_window_nll_diff": float(np.max(np.abs(np.array(r["window_mean_nll"]) - np.array(nll))))}
+             "max_window_nll_diff": float(np.max(np.abs(np.array(r["window_mean_nll"]) - np.array(nll)))),
+             "ours_ggml_rounding_ppl": sim, "rel_diff_ggml_rounding": r["ppl"] / sim - 1.0}
     res["llamacpp_ppl"].append(agree)
     print(json.dumps(agree), flush=True)
 
@@ -176,11 +228,13 @@ def print_markdown(res: dict) -> None:
         print(f"| {r['preset']} | {r['bytes'] / 2**20:.1f} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['dppl']:+.3f} | "
               f"{r.get('llamacpp_same_tensors', '-')} | {theirs} |")
     if res["llamacpp_ppl"]:
-        print("\n| our file | our eval ppl | llama.cpp ppl | rel. diff | max per-window NLL diff |")
-        print("|---|---:|---:|---:|---:|")
+        print("\n| our file | our eval ppl | llama.cpp ppl | rel. diff | max per-window NLL diff | "
+              "ours with ggml's activation rounding | rel. diff to that |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for r in res["llamacpp_ppl"]:
             print(f"| {r['file']} | {r['ours_ppl']:.4f} | {r['llamacpp_ppl']:.4f} | {r['rel_diff']:+.4%} | "
-                  f"{r['max_window_nll_diff']:.4f} |")
+                  f"{r['max_window_nll_diff']:.4f} | {r['ours_ggml_rounding_ppl']:.4f} | "
+                  f"{r['rel_diff_ggml_rounding']:+.4%} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_PY = Path(os.environ.get("LOWBIT_LLMC_PYTHON", ROOT / "bench" / ".venv-llmc" / "bin" / "python"))
 
-# name -> (lowbit recipe spec, extra method args). Preset grammar: w{bits}[g{group}]-{method}[-actorder]
+# name -> (lowbit recipe spec, extra method args). Preset grammar (lowbit.recipe):
+#   w{bits}[g{group}][-sym]-{method}[-actorder[-static]][-mse]
 CONFIGS = {
     "rtn-w4g128": ("w4g128-rtn", {}), "gptq-w4g128": ("w4g128-gptq", {}),
     "gptq-w4g128-ao": ("w4g128-gptq-actorder", {}),
@@ -45,13 +46,21 @@ CONFIGS = {
     "gptq-w2g64-ao": ("w2g64-gptq-actorder", {}),
     # side by side with llm-compressor (which refuses g128 on hidden 576; its default actorder is static)
     "rtn-w4g64": ("w4g64-rtn", {}), "gptq-w4g64": ("w4g64-gptq", {}),
-    "gptq-w4g64-aos": ("w4g64-gptq", {"act_order": True, "static_groups": True}),
+    "gptq-w4g64-aos": ("w4g64-gptq-actorder-static", {}),
     "rtn-w3g64": ("w3g64-rtn", {}), "gptq-w3g64": ("w3g64-gptq", {}),
-    # lowbit's optional diag(H)-weighted MSE range search per group (GPTQConfig.clip="mse")
-    "gptq-w4g64-mse": ("w4g64-gptq", {"clip": "mse"}), "gptq-w4g128-mse": ("w4g128-gptq", {"clip": "mse"}),
-    "gptq-w3g128-mse": ("w3g128-gptq", {"clip": "mse"}), "gptq-w2g64-mse": ("w2g64-gptq", {"clip": "mse"}),
-    "gptq-w2g64-ao-mse": ("w2g64-gptq-actorder", {"clip": "mse"}),
 }
+# lowbit's MSE range search per group (`-mse`: diag(H)-weighted for gptq), alone and with act-order,
+# and RTN with its own MSE range search (the strongest data-free baseline)
+for _pt in ("w4g128", "w4", "w3g128", "w2g64", "w4g64"):
+    _tag = "w4c" if _pt == "w4" else _pt
+    CONFIGS[f"gptq-{_tag}-mse"] = (f"{_pt}-gptq-mse", {})
+    CONFIGS[f"gptq-{_tag}-ao-mse"] = (f"{_pt}-gptq-actorder-mse", {})
+    CONFIGS[f"rtn-{_tag}-mse"] = (f"{_pt}-rtn-mse", {})
+CONFIGS["gptq-w4g64-aos-mse"] = ("w4g64-gptq-actorder-static-mse", {})
+# memory: re-run the block per linear group instead of pausing every batch's forward
+CONFIGS["gptq-w4g128-nopause"] = ("w4g128-gptq", {})
+# calibration-loop overrides per config (lowbit.calibration.CalibrationConfig fields)
+CALIBRATION = {"gptq-w4g128-nopause": {"pause_forward": False}}
 # llm-compressor runs: name -> runner arguments (bench/peers/llmc_gptq.py)
 PEERS = {
     "llmc-w4g64": ["--bits", "4", "--group-size", "64"],
@@ -117,7 +126,7 @@ def run_config(name: str, work: Path, threads: int) -> None:
         _ = sum(float(p.sum()) for p in lm.model.parameters())
     with RSSSampler() as rss:
         t0 = time.perf_counter()
-        report = api.quantize(lm.model, recipe, tokens=tokens, progress=False,
+        report = api.quantize(lm.model, recipe, tokens=tokens, progress=False, calibration=CALIBRATION.get(name),
                               log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
         wall = time.perf_counter() - t0
     api.save_quantized(lm, report, out, overwrite=True)

@@ -36,6 +36,14 @@ def test_preset_grammar_and_errors():
     assert get_recipe("w8-rtn").rules[0].scheme.granularity == "channel"
     assert get_recipe("w8-rtn").rules[0].scheme.symmetric
     assert get_recipe("w4g128-sym-rtn").rules[0].scheme.symmetric
+    assert get_recipe("w4g128-gptq").rules[0].method_args == {}
+    r = get_recipe("w4g128-gptq-actorder-static-mse").rules[0]
+    assert r.method == "gptq" and r.method_args == {"act_order": True, "static_groups": True, "clip": "mse"}
+    assert get_recipe("w3g128-rtn-mse").rules[0].method_args == {"clip": "mse"}
+    from lowbit.methods import get_method
+    get_method("rtn").make_config(get_recipe("w3g128-rtn-mse").rules[0].method_args)   # rtn accepts clip
+    with pytest.raises(LowbitError, match="grammar"):
+        get_recipe("w4g128-gptq-static")          # static groups only with act-order
     with pytest.raises(LowbitError, match="grammar"):
         get_recipe("w4-bogus-thing!")
     with pytest.raises(LowbitError, match="regex"):

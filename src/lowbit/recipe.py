@@ -13,8 +13,14 @@ with scheme=None also keeps its modules in float.
 Named presets (`get_recipe("w4g128-gptq")`) follow a small grammar, so every combination a user
 may want has a name without a table of them:
 
-    w{bits}[g{group}][-sym]-{method}[-actorder]     e.g. w8-rtn (per channel), w3g128-gptq,
-                                                         w2g64-gptq-actorder, w4g128-sym-rtn
+    w{bits}[g{group}][-sym]-{method}[-actorder[-static]][-mse]
+        e.g. w8-rtn (per channel), w3g128-gptq, w2g64-gptq-actorder, w4g128-sym-rtn,
+        w4g128-gptq-actorder-mse (GPTQ, act-order, MSE range search per group: the best 4-bit
+        point on the bundled model, BENCHMARKS.md), w4g128-gptq-actorder-static (no g_idx)
+  -actorder  gptq: columns by descending Hessian diagonal (g_idx stored with groups)
+  -static    gptq with -actorder: group qparams fixed up front on the original columns (no g_idx)
+  -mse       rtn / gptq: each group's range shrunk to the ratio that minimises its (Hessian-
+             weighted, for gptq) squared error, instead of the full min-max range
 Other preset families (GGUF mixes such as q4_k_m) register themselves with `register_preset`.
 """
 from __future__ import annotations
@@ -116,7 +122,7 @@ class Recipe:
 # ---- presets ----------------------------------------------------------------------------------
 _PRESETS: dict[str, tuple[Callable[[], Recipe], str]] = {}
 _GRAMMAR = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym)?-(?P<method>[a-z0-9_]+)"
-                      r"(?P<actorder>-actorder)?$")
+                      r"(?P<actorder>-actorder(?P<static>-static)?)?(?P<mse>-mse)?$")
 # modules that register more presets when imported (kept lazy: importing lowbit stays cheap)
 PRESET_MODULES: list[str] = ["lowbit.gguf.mixes"]
 
@@ -141,10 +147,18 @@ def grammar_recipe(name: str) -> Recipe | None:
     bits = int(m["bits"])
     group = int(m["group"]) if m["group"] else None
     sym = bool(m["sym"]) or (bits == 8 and group is None)
-    args = {"act_order": True} if m["actorder"] else {}
+    args: dict = {}
+    if m["actorder"]:
+        args["act_order"] = True
+    if m["static"]:
+        args["static_groups"] = True
+    if m["mse"]:
+        args["clip"] = "mse"
+    extras = [t for k, t in (("act_order", "act-order"), ("static_groups", "static groups"),
+                             ("clip", "MSE range search")) if k in args]
     desc = (f"{bits}-bit {'symmetric' if sym else 'asymmetric'} "
             f"{'group ' + str(group) if group else 'per output channel'}, {m['method']}"
-            f"{' with act-order' if args else ''}; lm_head and embeddings stay in float")
+            f"{' with ' + ', '.join(extras) if extras else ''}; lm_head and embeddings stay in float")
     return Recipe(name=name, rules=[Rule(r".*", int_scheme(bits, group, sym), m["method"], args)],
                   description=desc)
 
@@ -164,12 +178,14 @@ def get_recipe(spec: str | Path | Recipe) -> Recipe:
         return Recipe.load(s)
     raise LowbitError(f"recipe {s!r}: not a preset, preset grammar match or file. Presets: "
                       f"{', '.join(sorted(_PRESETS)) or '(none registered)'}; grammar: "
-                      "w{bits}[g{group}][-sym]-{method}[-actorder], e.g. w4g128-gptq, w8-rtn")
+                      "w{bits}[g{group}][-sym]-{method}[-actorder[-static]][-mse], e.g. w4g128-gptq, "
+                      "w4g128-gptq-actorder-mse, w8-rtn")
 
 
 def list_presets() -> dict[str, str]:
     _load_preset_modules()
     out = {k: d for k, (_, d) in _PRESETS.items()}
-    for ex in ("w8-rtn", "w4g128-rtn", "w4g128-gptq", "w3g128-gptq", "w2g64-gptq-actorder"):
+    for ex in ("w8-rtn", "w4g128-rtn", "w4g128-gptq", "w3g128-gptq", "w2g64-gptq-actorder",
+               "w4g128-gptq-actorder-mse", "w4g128-gptq-actorder-static"):
         out.setdefault(ex, grammar_recipe(ex).description)
     return out

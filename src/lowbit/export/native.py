@@ -205,6 +205,18 @@ def save(loaded, report, out: str | os.PathLike, *, metrics: dict | None = None,
     return out
 
 
+def retie(model, manifest: dict) -> None:
+    """Point every tensor the manifest lists as tied (stored once) at the tensor it shares,
+    e.g. lm_head.weight -> model.embed_tokens.weight; a tied name that is itself a quantized
+    layer keeps its own (quantized) module."""
+    for key, target in manifest.get("tied", {}).items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in manifest["layers"]:
+            continue
+        src_owner, _, src_leaf = target.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
+
+
 def read_qweight(take, name: str, row: dict, where: str | os.PathLike = WEIGHTS):
     """One quantized layer's QuantizedWeight and bias, whichever codes layout its manifest row
     names. take(key, required) -> tensor or None reads one tensor from model.safetensors (a dict
@@ -299,12 +311,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise LowbitError(f"{wfile}: tensors {unexpected[:5]} do not belong to the model built from config.json")
-    for key, target in m.get("tied", {}).items():
-        owner, _, leaf = key.rpartition(".")
-        src_owner, _, src_leaf = target.rpartition(".")
-        if owner in m["layers"]:
-            continue
-        setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
+    retie(model, m)
     # tied tensors were set just above; quantized layers' buffers came from their rows
     missing = [k for k in missing if k not in m.get("tied", {}) and k.rpartition(".")[0] not in m["layers"]]
     if missing:

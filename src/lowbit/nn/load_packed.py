@@ -96,12 +96,7 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bac
         for key in sorted(keys - used):
             t = f.get_tensor(key)
             _set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t)
-    for key, target in manifest.get("tied", {}).items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in layers:
-            continue
-        src_owner, _, src_leaf = target.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
+    native.retie(model, manifest)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise LowbitError(f"{wfile}: no tensor for {left[:5]} ({len(left)} in all)")
