@@ -16,7 +16,7 @@ may want has a name without a table of them:
     w{bits}[g{group}][-sym]-{method}[-actorder[-static]][-mse]
         e.g. w8-rtn (per channel), w3g128-gptq, w2g64-gptq-actorder, w4g128-sym-rtn,
         w4g128-gptq-actorder-mse (GPTQ, act-order, MSE range search per group: the best 4-bit
-        point on the bundled model, BENCHMARKS.md), w4g128-gptq-actorder-static (no g_idx)
+        g128 point measured on the bundled model, BENCHMARKS.md), w4g128-gptq-actorder-static
   -actorder  gptq: columns by descending Hessian diagonal (g_idx stored with groups)
   -static    gptq with -actorder: group qparams fixed up front on the original columns (no g_idx)
   -mse       rtn / gptq: each group's range shrunk to the ratio that minimises its (Hessian-
