@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 # libgomp's default spin-waiting collapses when the 2 cores are shared (torch forwards measured
 # ~6x slower at load 8-10); passive waiting costs little when idle. Override from the environment.
 export OMP_WAIT_POLICY ?= PASSIVE
-# Same inputs and seed, same bytes: MKL's dynamic threading may use fewer threads on a busy box,
-# changing float reduction order (seen once as a differing GPTQ checkpoint at load ~10).
+# A fixed MKL thread count keeps float reduction order (and timings) stable on a busy box. (The
+# "differing checkpoint" once blamed on it was safetensors' metadata order, fixed in export/native.)
 export MKL_DYNAMIC ?= FALSE
 
 .PHONY: install demo test test-slow bench qwen peers clean

@@ -59,8 +59,9 @@ for _pt in ("w4g128", "w4", "w3g128", "w2g64", "w4g64"):
 CONFIGS["gptq-w4g64-aos-mse"] = ("w4g64-gptq-actorder-static-mse", {})
 # memory: re-run the block per linear group instead of pausing every batch's forward
 CONFIGS["gptq-w4g128-nopause"] = ("w4g128-gptq", {})
+CONFIGS["gptq-w4g128-b2"] = ("w4g128-gptq", {})          # forward batches of 2 windows instead of 8
 # calibration-loop overrides per config (lowbit.calibration.CalibrationConfig fields)
-CALIBRATION = {"gptq-w4g128-nopause": {"pause_forward": False}}
+CALIBRATION = {"gptq-w4g128-nopause": {"pause_forward": False}, "gptq-w4g128-b2": {"batch_size": 2}}
 # llm-compressor runs: name -> runner arguments (bench/peers/llmc_gptq.py)
 PEERS = {
     "llmc-w4g64": ["--bits", "4", "--group-size", "64"],

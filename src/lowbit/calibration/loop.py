@@ -362,4 +362,8 @@ def _swap(model: nn.Module, name: str, qw: QuantizedWeight, method: str) -> tupl
     if not is_linear_like(mod):
         raise LowbitError(f"{name}: expected a linear module to replace, found {type(mod).__name__}")
     set_submodule(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
+    # The float module is out of the model but still referenced by its Target until the run ends:
+    # drop its weight (by then a dequantized copy, see _write_dequantized) so finished blocks do
+    # not keep 4 bytes per weight alive (measured: ~0.4 GiB on SmolLM2 at the end of a run).
+    mod.weight = None
     return (name, qw, method)

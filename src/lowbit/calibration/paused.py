@@ -22,6 +22,7 @@ order on every run (same bytes out) and no two forwards compete for the cores.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Callable
 
@@ -46,6 +47,18 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+M_ARENA_MAX = -8   # glibc mallopt parameter
+
+
+def _set_arena_max(n: int) -> bool:
+    """glibc's mallopt(M_ARENA_MAX, n), n > 0; False where there is no glibc."""
+    try:
+        import ctypes
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, n))
+    except (OSError, AttributeError):
+        return False
 
 
 class _BatchForward(threading.Thread):
@@ -121,6 +134,10 @@ def run_paused(block: nn.Module, acts: list[BlockInput], groups: list[list[nn.Mo
     for k, mods in enumerate(groups):
         for m in mods:
             handles.append(m.register_forward_pre_hook(make_hook(k)))
+    # The batch threads share the main malloc arena while they exist: with an arena per
+    # thread, each keeps the block-forward buffers it freed (measured on SmolLM2, 16 batches:
+    # +0.4-0.5 GiB peak RSS). They run one at a time, so the shared arena's lock is free.
+    shared_arena = _set_arena_max(1)
     try:
         for w in workers:
             w.start()
@@ -155,3 +172,5 @@ def run_paused(block: nn.Module, acts: list[BlockInput], groups: list[list[nn.Mo
                 w._go.release()
             if w.ident is not None:
                 w.join()
+        if shared_arena:   # back to glibc's default limit (8 per core on 64-bit; mallopt refuses 0)
+            _set_arena_max(8 * (os.cpu_count() or 1))

@@ -185,7 +185,9 @@ def save(loaded, report, out: str | os.PathLike, *, metrics: dict | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit": FORMAT})
+        # one metadata key only: safetensors keeps the header's metadata in a hash map, so with two
+        # keys their order (and the file's bytes) changed from one save to the next
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         src = Path(loaded.path)
         for f in sorted(src.iterdir()):
             if f.is_file() and f.name not in _COPY_SKIP and not f.name.endswith(".safetensors"):
