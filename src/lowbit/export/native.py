@@ -219,6 +219,16 @@ def retie(model, manifest: dict) -> None:
         setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
 
 
+def loaded(model, path: Path, manifest: dict):
+    """The LoadedModel every native loader returns: eval mode, no grads, the directory's tokenizer."""
+    from transformers import AutoTokenizer
+    from lowbit.models.load import LoadedModel
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=AutoTokenizer.from_pretrained(path), path=path, source=str(path),
+                       source_sha256=manifest.get("source", {}).get("sha256"), meta={"manifest": manifest})
+
+
 def read_qweight(take, name: str, row: dict, where: str | os.PathLike = WEIGHTS):
     """One quantized layer's QuantizedWeight and bias, whichever codes layout its manifest row
     names. take(key, required) -> tensor or None reads one tensor from model.safetensors (a dict
@@ -269,9 +279,9 @@ def is_native_dir(path: str | os.PathLike) -> bool:
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True):
     """Rebuild the quantized model (QuantLinear modules) and tokenizer -> LoadedModel."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.models.load import LoadedModel, _dtype_kw
+    from lowbit.models.load import _dtype_kw
     from lowbit.nn.qlinear import QuantLinear, set_submodule
 
     path = Path(path)
@@ -318,8 +328,4 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
     missing = [k for k in missing if k not in m.get("tied", {}) and k.rpartition(".")[0] not in m["layers"]]
     if missing:
         raise LowbitError(f"{wfile}: tensors {missing[:5]} are missing")
-    model.eval()
-    model.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model=model, tokenizer=tok, path=path, source=str(path),
-                       source_sha256=m["source"].get("sha256"), meta={"manifest": m})
+    return loaded(model, path, m)

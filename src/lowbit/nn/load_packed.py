@@ -49,9 +49,9 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bac
     """A lowbit native directory -> LoadedModel whose quantized linears are PackedLinear."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.models.load import LoadedModel, _dtype_kw
+    from lowbit.models.load import _dtype_kw
     from lowbit.nn.prepare import PackedLinear
     from lowbit.nn.qlinear import set_submodule
 
@@ -100,8 +100,4 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bac
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise LowbitError(f"{wfile}: no tensor for {left[:5]} ({len(left)} in all)")
-    model.eval()
-    model.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model=model, tokenizer=tok, path=path, source=str(path),
-                       source_sha256=manifest.get("source", {}).get("sha256"), meta={"manifest": manifest})
+    return native.loaded(model, path, manifest)
