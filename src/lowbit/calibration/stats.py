@@ -84,32 +84,33 @@ class HessianStat(Stat):
         return self.sum * (2.0 / self.n_tokens)
 
 
-@register_stat("act_sq_mean")
-class ActSqMean(Stat):
+class _ColumnMean(Stat):
+    """mean_t f(x_t) per input column, summed in float64; subclasses give f."""
+
+    @staticmethod
+    def f(x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def __init__(self, in_features: int):
         super().__init__(in_features)
         self.sum = torch.zeros(in_features, dtype=torch.float64)
 
     def update(self, x: torch.Tensor) -> None:
-        self.sum += self._check(x).square().sum(0).double()
+        self.sum += self.f(self._check(x)).sum(0).double()
 
     def result(self) -> torch.Tensor:
         self._need_tokens()
         return (self.sum / self.n_tokens).float()
+
+
+@register_stat("act_sq_mean")
+class ActSqMean(_ColumnMean):
+    f = staticmethod(torch.square)
 
 
 @register_stat("act_abs_mean")
-class ActAbsMean(Stat):
-    def __init__(self, in_features: int):
-        super().__init__(in_features)
-        self.sum = torch.zeros(in_features, dtype=torch.float64)
-
-    def update(self, x: torch.Tensor) -> None:
-        self.sum += self._check(x).abs().sum(0).double()
-
-    def result(self) -> torch.Tensor:
-        self._need_tokens()
-        return (self.sum / self.n_tokens).float()
+class ActAbsMean(_ColumnMean):
+    f = staticmethod(torch.abs)
 
 
 @register_stat("act_abs_max")

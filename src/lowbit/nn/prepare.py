@@ -25,14 +25,8 @@ class PackedLinear(QuantLinear):
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
                  backend: str = "auto", name: str = "weight"):
-        nn.Module.__init__(self)  # QuantLinear's own buffers would hold the unpacked codes
-        self.out_features, self.in_features = qweight.shape
-        self.scheme = qweight.scheme
-        self.info = dict(qweight.info)
-        self.register_buffer("scale", qweight.scale)
-        self.register_buffer("zero_point", qweight.zero_point)
-        self.register_buffer("g_idx", qweight.g_idx)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        nn.Module.__init__(self)  # QuantLinear's own qdata buffer would hold the unpacked codes
+        self._init_common(qweight, bias)
         self.packed = make_kernel(qweight, self.bias, backend, name)
 
     @property

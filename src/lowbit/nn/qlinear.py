@@ -19,15 +19,19 @@ from lowbit.numerics.qweight import QuantizedWeight
 class QuantLinear(nn.Module):
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
+        self._init_common(qweight, bias)
+        self.register_buffer("qdata", qweight.qdata)
+        self.kernel = None  # a callable (x, module) -> y, set by nn.kernels
+
+    def _init_common(self, qweight: QuantizedWeight, bias: torch.Tensor | None) -> None:
+        """Shape, scheme, info, qparams and bias: what every quantized linear carries."""
         self.out_features, self.in_features = qweight.shape
         self.scheme = qweight.scheme
         self.info = dict(qweight.info)
-        self.register_buffer("qdata", qweight.qdata)
         self.register_buffer("scale", qweight.scale)
         self.register_buffer("zero_point", qweight.zero_point)
         self.register_buffer("g_idx", qweight.g_idx)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.kernel = None  # a callable (x, module) -> y, set by nn.kernels
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, qweight: QuantizedWeight) -> "QuantLinear":
