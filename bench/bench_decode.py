@@ -17,7 +17,7 @@ llama.cpp (llama-cpp-python from bench/.venv-llamacpp, bench/peers/llamacpp_ref.
 thread count, same 16-token decode prompt / pp-token prompt from the bundled evaluation text.
 prompt tok/s = pp tokens in one forward into an empty cache; decode tok/s = tg greedy tokens
 after a 16-token prompt, EOS ignored. RSS = resident set after setup (ours) and the peak of the
-process (wait4 ru_maxrss; for ours it includes quantizing on load, see load_packed for the
+process (wait4 ru_maxrss; for ours it includes quantizing on load, see export.native.read for the
 deployment path). "RSS serving" = resident set after the timed runs (every weight page touched;
 right after loading, a memory-mapped float checkpoint is only partly resident).
 """
@@ -105,7 +105,7 @@ def worker(name: str, threads: int, pp: int, tg: int, runs: int) -> dict:
 
 def load_worker(kind: str, path: str, threads: int, tg: int) -> dict:
     """Peak memory of a load path, then a short greedy run so every weight page is touched:
-    fp32 = load_model (float checkpoint); packed = load_packed (native dir, no float linears)."""
+    fp32 = load_model (float checkpoint); packed = load_model(DIR, backend='auto') (native dir, no float linears)."""
     import psutil
     import torch
 
@@ -113,8 +113,8 @@ def load_worker(kind: str, path: str, threads: int, tg: int) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if kind == "packed":
-        from lowbit.nn.load_packed import load_packed
-        lm = load_packed(path)
+        from lowbit.models import load_model
+        lm = load_model(path, backend="auto")
     else:
         from lowbit.models import load_model
         lm = load_model(path)
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, metavar="VARIANT")
     ap.add_argument("--load-native", default=None, metavar="DIR",
-                    help="instead: peak RSS of load_model(fp32) vs load_packed(DIR), a lowbit native dir")
+                    help="instead: peak RSS of load_model(fp32) vs load_model(DIR, backend='auto'), a lowbit native dir")
     ap.add_argument("--load-worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load_worker:

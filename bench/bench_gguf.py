@@ -9,7 +9,7 @@ Steps (files under bench/_work/gguf/, results in bench/_work/gguf/results.json, 
      non-overlapping 512-token windows of wiki-evaluation (lowbit's tokenizer);
   2. an imatrix collected by lowbit on --imatrix-chunks windows of wiki-calibration;
   3. for every preset x {no imatrix, imatrix}: lowbit's GGUF -> size, bits/weight, perplexity
-     (file read back with lowbit.gguf.reader, fp32 torch forward; "ours");
+     (file read back with lowbit.export.gguf.reader, fp32 torch forward; "ours");
   4. llama.cpp's own quantizer (llama_model_quantize) on an F32 GGUF written by lowbit, same preset,
      same imatrix -> compared tensor by tensor with ours (bytes), evaluated the same way;
   5. llama.cpp's perplexity (bench/peers/llamacpp_ids_ppl.py) of our files on the same token windows
@@ -49,7 +49,7 @@ def window_nll(model, windows: torch.Tensor) -> list[float]:
 
 
 def ppl_of_file(path: Path, windows: torch.Tensor) -> tuple[float, list[float]]:
-    from lowbit.gguf.reader import load_gguf
+    from lowbit.export.gguf.reader import load_gguf
     model, _, _ = load_gguf(path)
     nll = window_nll(model, windows)
     del model
@@ -85,8 +85,8 @@ def ggml_round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
 def ppl_ggml_numerics(path: Path, windows: torch.Tensor) -> float:
     """Our perplexity of a GGUF with every quantized matmul's input rounded as ggml's CPU backend
     rounds it (see VEC_DOT)."""
-    from lowbit.gguf.names import NameMap, arch_spec
-    from lowbit.gguf.reader import load_gguf, tensor_types
+    from lowbit.arch.gguf_names import NameMap, arch_spec
+    from lowbit.export.gguf.reader import load_gguf, tensor_types
     model, _, _ = load_gguf(path)
     types = tensor_types(path)
     names = NameMap(arch_spec(model.config.model_type).gguf_arch, int(model.config.num_hidden_layers))
@@ -154,8 +154,8 @@ def main(argv=None) -> None:
         a.refine = "q4_k_m"
     torch.set_num_threads(a.threads)
     from lowbit.data.text import load_text, tokenize_text, token_windows
-    from lowbit.gguf.imatrix import compute_imatrix
-    from lowbit.gguf.writer import write_gguf
+    from lowbit.calibration.imatrix import compute_imatrix
+    from lowbit.export.gguf.writer import write_gguf
     from lowbit.models import load_model
     from lowbit.models.load import resolve_source
 

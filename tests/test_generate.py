@@ -120,7 +120,7 @@ def test_cli_chat_applies_template(capsys, smollm2):
 def test_load_packed_from_native_dir_never_builds_float_linears(smollm2, quantized, tmp_path):
     """Issue 4's native directory -> PackedLinear modules straight from the file."""
     native = pytest.importorskip("lowbit.export.native")
-    from lowbit.nn.load_packed import load_packed
+    from lowbit.models import load_model
     report = api.QuantizeReport(get_recipe("w4g128-rtn"))
     if not hasattr(report, "qweights"):
         pytest.skip("needs issue 4's api (QuantizeReport.qweights)")
@@ -128,7 +128,7 @@ def test_load_packed_from_native_dir_never_builds_float_linears(smollm2, quantiz
     lm = copy.copy(smollm2)
     lm.model = quantized
     out = native.save(lm, report, tmp_path / "w4")
-    loaded = load_packed(out)
+    loaded = load_model(out, backend="auto")
     packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 211 and not any(p.is_meta for p in loaded.model.parameters())
     ids = smollm2.tokenizer(PROMPT, return_tensors="pt").input_ids

@@ -15,7 +15,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from lowbit.errors import LowbitError
-from lowbit.gguf import QUANTIZED_TYPES, dequantize, ggml_type, quantize
+from lowbit.numerics.ggml import QUANTIZED_TYPES, dequantize, ggml_type, quantize
 
 GOLDEN = Path(__file__).parent / "golden" / "ggml_golden.npz"
 CASES = ("smollm2_ffn_down", "synthetic")
@@ -104,7 +104,7 @@ def test_quality_and_imatrix_weighting(t):
 
 
 def test_deterministic_and_chunking_invariant(monkeypatch):
-    import lowbit.gguf as g
+    import lowbit.numerics.ggml as g
     rng = np.random.default_rng(2)
     x = rng.standard_normal((40, 512)).astype(np.float32)
     imp = rng.uniform(0.1, 3, 512).astype(np.float32)
@@ -135,7 +135,7 @@ def test_bad_input_is_refused():
 def test_refine_never_worse_per_block(golden, t):
     """lowbit's refinement starts from ggml's bytes and lowers (or keeps) every block's weighted
     error; the result is a valid block of the same type (gguf-py decodes it identically)."""
-    from lowbit.gguf.refine import importance, refine
+    from lowbit.methods.ggml_refine import importance, refine
     x = golden["smollm2_ffn_down/x"]
     imp = golden["smollm2_ffn_down/imatrix"] + np.float32(0.01)
     base = quantize(x, t, imatrix=imp)

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.gguf import dequantize, quantize
-from lowbit.gguf.imatrix import Imatrix, collect_imatrix, imatrix_targets
-from lowbit.gguf.names import permute_qk, unpermute_qk
-from lowbit.gguf.reader import load_gguf, read_tensors
-from lowbit.gguf.writer import write_gguf
+from lowbit.numerics.ggml import dequantize, quantize
+from lowbit.calibration.imatrix import Imatrix, collect_imatrix, imatrix_targets
+from lowbit.arch.gguf_names import permute_qk, unpermute_qk
+from lowbit.export.gguf.reader import load_gguf, read_tensors
+from lowbit.export.gguf.writer import write_gguf
 from lowbit.models.load import resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_imatrix_statistic_and_file_formats(smollm2, small_imatrix, tmp_path):
 def test_tokenizer_from_hf_matches_llama_cpp_converter(smollm2, source_gguf, tmp_path):
     """Built from the HF tokenizer, the vocabulary, types, merges and special ids equal those
     llama.cpp's convert_hf_to_gguf.py wrote into the bundled GGUF."""
-    from lowbit.gguf.vocab import add_hf_tokenizer, detect_pre
+    from lowbit.export.gguf.vocab import add_hf_tokenizer, detect_pre
     out = tmp_path / "tok.gguf"
     w = gguf.GGUFWriter(out, arch="llama")
     add_hf_tokenizer(w, smollm2.path, 49152, pre="smollm")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.gguf.mixes import MIXES, PRESETS, bind_mix, fallback_type, layer_sets, mix_recipe
-from lowbit.gguf.writer import plan_tensors, resolve_recipe
+from lowbit.presets.gguf_mixes import MIXES, PRESETS, bind_mix, fallback_type, layer_sets, mix_recipe
+from lowbit.export.gguf.writer import plan_tensors, resolve_recipe
 from lowbit.recipe import Recipe, get_recipe, list_presets
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "llama_cpp_mix_types.json").read_text())

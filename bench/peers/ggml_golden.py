@@ -1,4 +1,4 @@
-"""Make the committed golden vectors for lowbit.gguf with llama.cpp's own ggml encoder.
+"""Make the committed golden vectors for lowbit.numerics.ggml with llama.cpp's own ggml encoder.
 
 Runs in the peer venv (bench/setup_peers.sh llamacpp), never in lowbit's .venv, and uses
 bench/peers/ggml_ref.py (ggml_quantize_chunk / type_traits.to_float via ctypes):

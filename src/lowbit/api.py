@@ -1,10 +1,12 @@
 """The one orchestrator: load -> quantize (Recipe) -> evaluate -> export. Kept short on purpose;
-the work lives in models/, methods/, calibration/, eval/ and export/.
+the work lives in models/, methods/, calibration/, eval/ and export/. Every CLI command calls it.
 
-    lm = load_model("smollm2-135m")
+    lm = load("smollm2-135m")
     report = quantize(lm.model, "w4g128-gptq", tokenizer=lm.tokenizer)   # calibrated: block by block
-    save_quantized(lm, report, "out/smollm2-w4g128")                     # lowbit native directory
-    load_model("out/smollm2-w4g128")                                     # -> the quantized model
+    export(lm, report, "out/smollm2-w4g128")                             # lowbit native directory
+    export(lm, report, "out/smollm2-gptq", format="gptq")                # any format that holds it
+    load("out/smollm2-gptq")                                             # -> the quantized model
+    evaluate(lm, reference=...)                                          # ppl, KL, size, speed
 """
 from __future__ import annotations
 
@@ -126,11 +128,34 @@ def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, cali
     return report
 
 
+def load(source, dtype: torch.dtype = torch.float32, backend: str | None = None) -> LoadedModel:
+    """A built-in name, .gguf, HF directory or any quantized output lowbit reads (lowbit.export)."""
+    return load_model(source, dtype=dtype, backend=backend)
+
+
+def export(loaded: LoadedModel, report: QuantizeReport | None, out, format: str = "native", *,
+           metrics: dict | None = None, overwrite: bool = False, **options):
+    """Write the quantized model in `format` (lowbit.export registry: native, gguf, gptq, awq,
+    compressed-tensors, onnx). report=None re-exports a model read back from a quantized output."""
+    from lowbit.export import QuantizedModel, get_format
+    fmt = get_format(format)
+    qm = (QuantizedModel.from_report(loaded, report, metrics) if report is not None
+          else QuantizedModel.from_loaded(loaded))
+    if metrics and report is None:
+        qm.provenance["metrics"] = dict(metrics)
+    return fmt.write(qm, out, overwrite=overwrite, **options)
+
+
 def save_quantized(loaded: LoadedModel, report: QuantizeReport, out, metrics: dict | None = None,
                    overwrite: bool = False):
     """Write the quantized model as a lowbit native directory (lowbit.export.native)."""
-    from lowbit.export.native import save
-    return save(loaded, report, out, metrics=metrics, overwrite=overwrite)
+    return export(loaded, report, out, "native", metrics=metrics, overwrite=overwrite)
+
+
+def evaluate(loaded: LoadedModel, reference=None, **options) -> dict:
+    """lowbit.eval.evaluate on a loaded model (options: metrics, text, seq_len, max_tokens, ...)."""
+    from lowbit.eval import evaluate as _evaluate
+    return _evaluate(loaded.model, loaded.tokenizer, reference=reference, **options)
 
 
 def layer_row(name: str, qw, method: str) -> dict:

@@ -103,7 +103,7 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save(self, path: str | Path) -> None:
-        from lowbit.models.cache import atomic_file
+        from lowbit.io import atomic_file
         with atomic_file(Path(path), "w") as fh:
             fh.write(self.to_json() + "\n")
 
@@ -124,7 +124,7 @@ _PRESETS: dict[str, tuple[Callable[[], Recipe], str]] = {}
 _GRAMMAR = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym)?-(?P<method>[a-z0-9_]+)"
                       r"(?P<actorder>-actorder(?P<static>-static)?)?(?P<mse>-mse)?$")
 # modules that register more presets when imported (kept lazy: importing lowbit stays cheap)
-PRESET_MODULES: list[str] = ["lowbit.gguf.mixes"]
+PRESET_MODULES: list[str] = ["lowbit.presets.gguf_mixes"]
 
 
 def register_preset(name: str, description: str = "") -> Callable:

@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "lowbit.cli.export",
     "lowbit.cli.imatrix",
     "lowbit.cli.quantize",
+    "lowbit.cli.verify",
 ]
 
 

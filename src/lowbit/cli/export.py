@@ -9,7 +9,7 @@ import sys
 
 
 def _export_gguf(args) -> int:
-    from lowbit.gguf.writer import export_gguf
+    from lowbit.export.gguf.writer import export_gguf
     if not args.out.endswith(".gguf"):
         print(f"lowbit export: note: {args.out} does not end in .gguf", file=sys.stderr)
     rep = export_gguf(args.model, args.out, args.recipe or args.type, imatrix=args.imatrix,
@@ -28,7 +28,7 @@ EXPORTERS = {"gguf": _export_gguf}
 
 
 def register(sub) -> None:
-    from lowbit.gguf.mixes import MIXES
+    from lowbit.presets.gguf_mixes import MIXES
     p = sub.add_parser("export", help="write a model in a deployment format (GGUF for llama.cpp)")
     p.add_argument("model", help="built-in name, .gguf file or Hugging Face directory")
     p.add_argument("--format", choices=sorted(EXPORTERS), default="gguf")

@@ -47,8 +47,8 @@ def prepare_model(args):
 
     from lowbit import api
     from lowbit.errors import LowbitError
-    from lowbit.models import load_model
-    from lowbit.nn.load_packed import is_native_dir, load_packed
+    from lowbit.export import detect_format
+    from lowbit.models import load_model, resolve_source
     from lowbit.nn.prepare import prepare_for_inference
     from lowbit.nn.qlinear import QuantLinear
     from lowbit.recipe import get_recipe
@@ -56,12 +56,15 @@ def prepare_model(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if is_native_dir(args.model):
+    kind, path = resolve_source(args.model)
+    fmt = detect_format(path) if kind == "hf" else None
+    if fmt is not None:   # a quantized output: read straight into packed kernels, layer by layer
         if args.recipe:
-            raise LowbitError(f"{args.model} is already quantized (lowbit native); drop --recipe")
-        backend = "tiled" if args.backend == "reference" else args.backend
-        lm = load_packed(args.model, dtype=dtype, backend=backend)  # packed straight from the file
-        return lm.model, lm.tokenizer, f"{args.model} {args.dtype} (packed on load, {backend})"
+            raise LowbitError(f"{args.model} is already quantized ({fmt.name}); drop --recipe")
+        backend = None if args.backend == "reference" else args.backend
+        lm = load_model(args.model, dtype=dtype, backend=backend)
+        how = "reference kernels" if backend is None else f"packed on load, {backend}"
+        return lm.model, lm.tokenizer, f"{args.model} {args.dtype} ({fmt.name}, {how})"
     lm = load_model(args.model, dtype=dtype)
     model, tok = lm.model, lm.tokenizer
     desc = f"{args.model} {args.dtype}"

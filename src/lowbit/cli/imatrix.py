@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lowbit.gguf.imatrix import compute_imatrix
+    from lowbit.calibration.imatrix import compute_imatrix
     from lowbit.models import load_model
     loaded = load_model(args.model)
     im = compute_imatrix(loaded, args.text, args.chunks, args.seq_len, args.seed, progress=not args.quiet)

@@ -1,6 +1,9 @@
-"""`lowbit quantize MODEL --recipe w4g128-gptq --out DIR`: quantize and write a lowbit native directory.
+"""`lowbit quantize MODEL --recipe w4g128-gptq --out DIR [--format gptq]`: quantize and write it.
 
-Progress is printed per decoder block; `lowbit eval DIR` (or `load_model(DIR)`) reads the result.
+The output is written by the formats layer (lowbit.export): the lowbit native directory by
+default, or any format that can hold the recipe's result (gptq, awq, compressed-tensors, gguf,
+onnx; `lowbit formats` lists them). Progress is printed per decoder block; `lowbit eval OUT`
+(or `load_model(OUT)`) reads the result.
 Calibration options override the recipe's (defaults: lowbit.calibration.CalibrationConfig).
 """
 from __future__ import annotations
@@ -15,8 +18,13 @@ def register(sub) -> None:
     p.add_argument("model", help="built-in name (smollm2-135m), .gguf file or Hugging Face directory")
     p.add_argument("--recipe", default="w4g128-gptq",
                    help="preset (w4g128-gptq, w3g128-gptq, w8-rtn, w2g64-gptq-actorder, ...) or recipe JSON")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="output directory or file (must not exist unless --overwrite)")
+    p.add_argument("--format", default="native",
+                   help="output format: native (default), gptq, awq, compressed-tensors, gguf, onnx")
+    p.add_argument("--max-shard-size", default=None,
+                   help="split safetensors weights into shards of at most this size (e.g. 2GB; default 5GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an earlier lowbit output (never any other path)")
     g = p.add_argument_group("calibration (calibrated methods only)")
     g.add_argument("--samples", type=int, help="number of token windows (default 128)")
     g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
@@ -39,17 +47,18 @@ def run(args) -> int:
 
     from lowbit import api
     from lowbit.calibration import CalibrationConfig, calibration_tokens
-    from lowbit.errors import LowbitError
+    from lowbit.export import get_format
     from lowbit.methods import get_method
     from lowbit.models import load_tokenizer
     from lowbit.recipe import get_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = get_recipe(args.recipe)          # a bad recipe fails before the model is loaded
+    recipe = get_recipe(args.recipe)          # a bad recipe or format fails before the model is loaded
+    fmt = get_format(args.format)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LowbitError(f"--out {out}: already exists; choose a new directory or pass --overwrite")
+    from lowbit.export.common import check_output
+    check_output(out, args.overwrite, single_file=bool(fmt.suffix))
     overrides = {k: v for k, v in {"n_samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
                                    "text": args.calib_text, "batch_size": args.batch_size}.items()
                  if v is not None}
@@ -70,7 +79,8 @@ def run(args) -> int:
     loaded = api.load_model(args.model)
     log(f"loaded {args.model} ({time.perf_counter() - t0:.1f} s); recipe {recipe.name}: {recipe.description}")
     report = api.quantize(loaded.model, recipe, tokens=tokens, calibration=overrides, progress=False, log=log)
-    path = api.save_quantized(loaded, report, out, overwrite=args.overwrite)
+    opts = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
+    path = api.export(loaded, report, out, fmt.name, overwrite=args.overwrite, **opts)
     n = len(report.layers)
     bpw = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in report.layers) / \
         max(1, sum(r["shape"][0] * r["shape"][1] for r in report.layers))

@@ -86,7 +86,7 @@ class ReferenceLogprobs:
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save
-        from lowbit.models.cache import atomic_file
+        from lowbit.io import atomic_file
         meta = {"lowbit_kl_reference_version": str(REFERENCE_FORMAT_VERSION), "score": self.score,
                 "fingerprint": self.fingerprint}
         blob = save({"logprobs": self.logprobs.contiguous(), "windows": self.windows.contiguous()},
@@ -120,7 +120,7 @@ def reference_cache_key(fingerprint: str, windows: torch.Tensor, score: str) -> 
 
 
 def reference_cache_path(key: str, root: str | os.PathLike | None = None) -> Path:
-    from lowbit.models.cache import cache_dir
+    from lowbit.io import cache_dir
     base = Path(root) if root is not None else cache_dir()
     return base / "kl-reference" / f"{key[:32]}.safetensors"
 

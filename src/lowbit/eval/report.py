@@ -145,7 +145,7 @@ def _jsonable(x):
 
 
 def write_json(record: dict, path: str | os.PathLike) -> Path:
-    from lowbit.models.cache import atomic_file
+    from lowbit.io import atomic_file
     p = Path(path)
     with atomic_file(p, "w") as fh:
         json.dump(_jsonable(record), fh, indent=2, sort_keys=True)

@@ -2,9 +2,10 @@
 
     DIR/
       config.json             the source model's Hugging Face config, unchanged
-      tokenizer*.json, ...    copied from the source (whatever tokenizer files it has)
-      model.safetensors       every tensor (below)
-      lowbit.json             the manifest (below)
+      tokenizer*.json, ...    the source's tokenizer files (export.common.MODEL_FILES, no others)
+      model.safetensors       every tensor (below); past max_shard_size, transformers' shards
+                              model-0000i-of-0000n.safetensors + model.safetensors.index.json
+      lowbit.json             the manifest (below; export/manifest.py's fields plus layers, tied)
 
 Tensors in model.safetensors, for a quantized module named L (a linear: rows = out_features,
 cols = in_features; an embedding: rows = vocab, cols = hidden):
@@ -49,20 +50,22 @@ lowbit.json:
 
 No timestamps or timings are written, so the same recipe, seed and machine give the same bytes.
 The directory is built under a temporary name and renamed into place.
+One reader (`read`) serves every caller: QuantLinear modules by default, PackedLinear kernels
+with `backend=`; the float model is never allocated (a meta skeleton filled tensor by tensor).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from lowbit.errors import LowbitError
+from lowbit.export import Format, register_format
+from lowbit.export.common import (TensorFiles, copy_model_files, empty_model, finish, float_tensors,
+                                  output_dir, place_quantized, retie, save_safetensors, set_tensor)
+from lowbit.export.manifest import provenance, verify, write_manifest
 
 FORMAT = "lowbit-native"
 FORMAT_VERSION = 1
@@ -72,26 +75,6 @@ WEIGHTS = "model.safetensors"
 QUANT_TENSORS = {"weight_packed": "qdata", "weight_codes": "qdata", "weight_scale": "scale",
                  "weight_zero_point": "zero_point", "weight_g_idx": "g_idx"}
 PACKED_BITS = (2, 3, 4)     # code widths stored packed (numerics.packing.pack_bits_u8)
-_COPY_SKIP = {WEIGHTS, MANIFEST, "model.safetensors.index.json", "lowbit_source.txt"}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _source_sha256(loaded) -> str | None:
-    if getattr(loaded, "source_sha256", None):
-        return loaded.source_sha256
-    shards = sorted(Path(loaded.path).glob("*.safetensors"))
-    if not shards:
-        return None
-    if len(shards) == 1:
-        return _sha256(shards[0])
-    return hashlib.sha256("".join(_sha256(s) for s in shards).encode()).hexdigest()
 
 
 def _scale_tensor(scale: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -137,111 +120,64 @@ def _layer_tensors(name: str, qw) -> tuple[dict, dict]:
     return tensors, row
 
 
-def save(loaded, report, out: str | os.PathLike, *, metrics: dict | None = None,
-         overwrite: bool = False) -> Path:
-    """Write `loaded.model` (quantized in place by `report`) as a lowbit native directory."""
-    from safetensors.torch import save_file
-
-    import lowbit
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"output {out}: already exists; choose a new directory or pass overwrite=True")
-    if not report.qweights:
-        raise LowbitError("save: the report holds no quantized weights (nothing was quantized)")
-    model = loaded.model
+def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size=None) -> Path:
+    """Write a QuantizedModel as a lowbit native directory."""
+    for name, qw in qm.qweights.items():
+        if qw.scheme.format not in ("int", "nf4", "fp4", "ternary", "fp8_e4m3", "fp8_e5m2"):
+            raise LowbitError(f"native format: layer {name} has scheme {qw.scheme.short_name()} "
+                              f"(format {qw.scheme.format}), which this format does not hold; "
+                              "ggml block formats go to --format gguf")
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
-    rows = {r["name"]: r for r in report.layers}
-    for name, qw in report.qweights.items():
+    rows = qm.provenance.get("layers", {})
+    for name, qw in qm.qweights.items():
         t, row = _layer_tensors(name, qw)
-        mod = model.get_submodule(name)
-        row["kind"] = "embedding" if isinstance(mod, nn.Embedding) else "linear"
+        row["kind"] = qm.kinds[name]
         row["method"] = rows.get(name, {}).get("method")
-        bias = getattr(mod, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            t[f"{name}.bias"] = bias.detach().contiguous()
+        bias = qm.bias(name)
+        if bias is not None:
+            t[f"{name}.bias"] = bias.contiguous()
         tensors.update(t)
         layers[name] = row
-    quantized = set(layers)
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, value in model.state_dict(keep_vars=False).items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in quantized:
-            continue                  # codes / scales / bias of a quantized module: written above
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-        if ident in seen:
-            tied[key] = seen[ident]
-            continue
-        seen[ident] = key
-        tensors[key] = value.detach().contiguous()
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": lowbit.__version__,
-        "lowbit_recipe": report.recipe.to_dict(),
-        "source": {"model": str(loaded.source), "sha256": _source_sha256(loaded)},
-        "calibration": dict(report.calibration), "layers": layers, "tied": tied,
-        "notes": list(report.notes), "metrics": dict(metrics or {}),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        # one metadata key only: safetensors keeps the header's metadata in a hash map, so with two
-        # keys their order (and the file's bytes) changed from one save to the next
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        src = Path(loaded.path)
-        for f in sorted(src.iterdir()):
-            if f.is_file() and f.name not in _COPY_SKIP and not f.name.endswith(".safetensors"):
-                shutil.copyfile(f, tmp / f.name)
-        manifest["files"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.name != MANIFEST}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if out.exists():                   # overwrite: swap in the new directory, then drop the old
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    floats, tied = float_tensors(qm.model, set(layers))
+    tensors.update(floats)
+    manifest = provenance(qm, FORMAT, layers, {"format_version": FORMAT_VERSION, "tied": tied})
+    with output_dir(out, overwrite) as tmp:
+        save_safetensors(tensors, tmp, max_shard_size)
+        copy_model_files(qm.source_dir, tmp)
+        write_manifest(tmp, manifest, MANIFEST)
+    return Path(out)
 
 
-def retie(model, manifest: dict) -> None:
-    """Point every tensor the manifest lists as tied (stored once) at the tensor it shares,
-    e.g. lm_head.weight -> model.embed_tokens.weight; a tied name that is itself a quantized
-    layer keeps its own (quantized) module."""
-    for key, target in manifest.get("tied", {}).items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in manifest["layers"]:
-            continue
-        src_owner, _, src_leaf = target.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
-
-
-def loaded(model, path: Path, manifest: dict):
-    """The LoadedModel every native loader returns: eval mode, no grads, the directory's tokenizer."""
-    from transformers import AutoTokenizer
-    from lowbit.models.load import LoadedModel
-    model.eval()
-    model.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=AutoTokenizer.from_pretrained(path), path=path, source=str(path),
-                       source_sha256=manifest.get("source", {}).get("sha256"), meta={"manifest": manifest})
+def save(loaded, report, out: str | os.PathLike, *, metrics: dict | None = None,
+         overwrite: bool = False, max_shard_size=None) -> Path:
+    """Write `loaded.model` (quantized in place by `report`) as a lowbit native directory."""
+    from lowbit.export import QuantizedModel
+    return write(QuantizedModel.from_report(loaded, report, metrics), out, overwrite=overwrite,
+                 max_shard_size=max_shard_size)
 
 
 def read_qweight(take, name: str, row: dict, where: str | os.PathLike = WEIGHTS):
     """One quantized layer's QuantizedWeight and bias, whichever codes layout its manifest row
-    names. take(key, required) -> tensor or None reads one tensor from model.safetensors (a dict
-    pop, or safe_open's get_tensor), so every loader (this one, nn.load_packed) shares the layout
-    code."""
+    names. take(key, required) -> tensor or None reads one tensor."""
     from lowbit.numerics.packing import unpack_bits_u8
     from lowbit.numerics.qweight import QuantizedWeight
     from lowbit.numerics.scheme import Scheme
 
-    layout = row.get("codes_layout")
+    try:
+        layout, shape = row.get("codes_layout"), [int(d) for d in row["shape"]]
+        scheme = Scheme.from_dict(row["scheme"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LowbitError(f"{where}: layer {name}: malformed manifest row ({type(e).__name__}: {e})") from None
     if layout == "packed_u8":
-        codes = unpack_bits_u8(take(f"{name}.weight_packed", True), int(row["code_bits"]),
-                               int(row["shape"][1]), axis=1)
+        packed = take(f"{name}.weight_packed", True)
+        bits = int(row.get("code_bits", 0))
+        need = (shape[0], -(-shape[1] * bits // 8))
+        if bits not in PACKED_BITS or packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[0] != shape[0] \
+                or packed.shape[1] < need[1]:
+            raise LowbitError(f"{where}: tensor {name}.weight_packed: expected uint8 {need} for "
+                              f"{bits}-bit codes of shape {shape}, got {packed.dtype} {tuple(packed.shape)}")
+        codes = unpack_bits_u8(packed, bits, shape[1], axis=1)
     elif layout == "u8":
         codes = take(f"{name}.weight_codes", True)
     else:
@@ -251,81 +187,71 @@ def read_qweight(take, name: str, row: dict, where: str | os.PathLike = WEIGHTS)
     zero = take(f"{name}.weight_zero_point", False)
     g_idx = take(f"{name}.weight_g_idx", False)
     bias = take(f"{name}.bias", False)
-    qw = QuantizedWeight(codes, scale, None if zero is None else zero.float(), Scheme.from_dict(row["scheme"]),
-                         g_idx, dict(row.get("info", {})))
-    if list(qw.shape) != list(row["shape"]):
-        raise LowbitError(f"{where}: layer {name} codes have shape {list(qw.shape)}, manifest says {row['shape']}")
+    if not bool(torch.isfinite(scale).all()):
+        raise LowbitError(f"{where}: tensor {name}.weight_scale contains NaN/inf")
+    if g_idx is not None and g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scale.shape[-1]):
+        raise LowbitError(f"{where}: tensor {name}.weight_g_idx has groups outside [0, {scale.shape[-1]})")
+    qw = QuantizedWeight(codes, scale, None if zero is None else zero.float(), scheme,
+                         None if g_idx is None else g_idx.to(torch.int32), dict(row.get("info", {})))
+    if list(qw.shape) != shape:
+        raise LowbitError(f"{where}: layer {name} codes have shape {list(qw.shape)}, manifest says {shape}")
     return qw, bias
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
+    from lowbit.export.manifest import read_json
     p = Path(path) / MANIFEST
-    try:
-        m = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LowbitError(f"{p}: not a readable lowbit manifest ({e})") from e
+    m = read_json(p, "lowbit manifest")
     if m.get("format") != FORMAT:
         raise LowbitError(f"{p}: expected format {FORMAT!r}, got {m.get('format')!r}")
     if m.get("format_version") != FORMAT_VERSION:
         raise LowbitError(f"{p}: format_version {m.get('format_version')!r} is not supported "
                           f"(this lowbit reads {FORMAT_VERSION})")
+    if not isinstance(m.get("layers"), dict):
+        raise LowbitError(f"{p}: expected a 'layers' table, got {type(m.get('layers')).__name__}")
     return m
 
 
 def is_native_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    p = Path(path) / MANIFEST
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return True   # ours by name; read_manifest gives the clear error
+
+
+def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: str | None = None,
+         verify_files: bool = True):
+    """A lowbit native directory -> LoadedModel. backend=None: QuantLinear modules (exact reference
+    forward); backend="auto"|"ext"|...: PackedLinear kernels, packed layer by layer as read."""
+    path = Path(path)
+    m = read_manifest(path)
+    if verify_files:
+        verify(path)
+    model = empty_model(path, dtype)
+    files = TensorFiles(path)
+    qweights = {}
+    for name, row in m["layers"].items():
+        qw, bias = read_qweight(files.get, name, row, path / WEIGHTS)
+        kind = row.get("kind", "linear")
+        place_quantized(model, name, qw, bias, kind, dtype, backend, path)
+        if kind == "embedding":
+            qweights[name] = qw
+        del qw
+    for key in files.unused():
+        t = files.get(key)
+        set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, str(path))
+    retie(model, m.get("tied", {}), set(m["layers"]))
+    return finish(model, path, m, FORMAT, extra_meta={"qweights": qweights})
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True):
     """Rebuild the quantized model (QuantLinear modules) and tokenizer -> LoadedModel."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return read(path, dtype, None, verify)
 
-    from lowbit.models.load import _dtype_kw
-    from lowbit.nn.qlinear import QuantLinear, set_submodule
 
-    path = Path(path)
-    m = read_manifest(path)
-    wfile = path / WEIGHTS
-    if verify:
-        for fname, digest in m.get("files", {}).items():
-            f = path / fname
-            if not f.is_file():
-                raise LowbitError(f"{path}: file {fname} listed in {MANIFEST} is missing")
-            if _sha256(f) != digest:
-                raise LowbitError(f"{f}: sha256 does not match {MANIFEST} (file changed or truncated)")
-    tensors = load_file(str(wfile))
-    config = AutoConfig.from_pretrained(path)
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from contextlib import nullcontext as no_init_weights
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kw(dtype))
-
-    def take(key: str, required: bool):
-        if key not in tensors:
-            if required:
-                raise LowbitError(f"{wfile}: tensor {key} is missing")
-            return None
-        return tensors.pop(key)
-
-    for name, row in m["layers"].items():
-        qw, bias = read_qweight(take, name, row, wfile)
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise LowbitError(f"{path}: quantized layer {name} does not exist in the model built from config.json") from None
-        if row.get("kind") == "embedding":
-            mod.weight.data = qw.dequantize(dtype)
-        else:
-            set_submodule(model, name, QuantLinear(qw, bias))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected:
-        raise LowbitError(f"{wfile}: tensors {unexpected[:5]} do not belong to the model built from config.json")
-    retie(model, m)
-    # tied tensors were set just above; quantized layers' buffers came from their rows
-    missing = [k for k in missing if k not in m.get("tied", {}) and k.rpartition(".")[0] not in m["layers"]]
-    if missing:
-        raise LowbitError(f"{wfile}: tensors {missing[:5]} are missing")
-    return loaded(model, path, m)
+register_format(Format("native", "lowbit's own directory: every scheme lowbit has, packed codes, "
+                       "read straight into CPU kernels", is_native_dir, write, read,
+                       holds="int 2-8 bit (any group, ragged, g_idx), nf4/fp4/ternary, fp8"))

@@ -3,8 +3,10 @@
     load_model("smollm2-135m")              built-in (models/registry.py), no hub access ever
     load_model("path/to/model.gguf")        dequantized to fp32 by transformers, cached once
     load_model("path/to/hf_dir")            config.json + safetensors (sharded or not)
-    load_model("path/to/lowbit_dir")        a lowbit native quantized directory (lowbit.json):
-                                            the model with its QuantLinear modules (export/native.py)
+    load_model("path/to/quantized_dir")     any quantized directory a format of lowbit.export
+                                            recognises (lowbit native, GPTQ, AWQ, compressed-
+                                            tensors): read by that format's reader, with its
+                                            QuantLinear modules (PackedLinear with backend=)
 
 A GGUF is dequantized once and cached as an ordinary safetensors directory under
 cache_dir()/models/<stem>-<sha256[:16]>, written atomically, so later loads take about a second.
@@ -14,27 +16,17 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.models.cache import atomic_dir, cache_dir
+from lowbit.io import atomic_dir, cache_dir
+from lowbit.models.base import LoadedModel, dtype_kw as _dtype_kw  # noqa: F401 (re-exported)
 from lowbit.models.registry import BUILTIN_MODELS, sha256_file
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
-    path: Path                      # the HF directory the weights were read from
-    source: str                     # what the user asked for
-    source_sha256: str | None = None  # of the GGUF, when it came from one
-    meta: dict = field(default_factory=dict)
 
 
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
@@ -88,12 +80,6 @@ def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     return out, digest
 
 
-def _dtype_kw(dtype: torch.dtype) -> dict:
-    import transformers
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
 def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL):
     from transformers import AutoTokenizer
     kind, path = resolve_source(source)
@@ -102,14 +88,23 @@ def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM for evaluation or quantization (eval mode, no grad)."""
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               backend: str | None = None) -> LoadedModel:
+    """Load a causal LM for evaluation or quantization (eval mode, no grad).
+
+    A quantized directory is read by its format (lowbit.export registry); backend= then puts its
+    quantized linears on packed CPU kernels as they are read (lowbit.nn.kernels), else they are
+    QuantLinear modules with the exact reference forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kind, path = resolve_source(source)
     digest = None
-    if kind == "hf" and (path / "lowbit.json").is_file():  # a lowbit native quantized directory
-        from lowbit.export.native import load
-        return load(path, dtype=dtype)
+    if kind == "hf":
+        from lowbit.export import detect_format
+        fmt = detect_format(path)
+        if fmt is not None:
+            lm = fmt.read(path, dtype=dtype, backend=backend)
+            lm.source = str(source)
+            return lm
     if kind == "gguf":
         path, digest = gguf_to_hf_dir(path)
     try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+from lowbit.io import sha256_file  # noqa: F401  (used below; re-exported)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class ChunkedGGUF(BuiltinModel):
     file_name: str = ""
 
     def gguf_path(self) -> Path:
-        from lowbit.models.cache import cache_dir
+        from lowbit.io import cache_dir
         out = cache_dir() / "gguf" / self.file_name
         if out.is_file() and out.stat().st_size == self.total_bytes:
             return out
@@ -114,9 +115,3 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()

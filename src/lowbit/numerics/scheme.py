@@ -29,7 +29,7 @@ INT_FORMATS = ("int",)
 CODEBOOK_FORMATS = ("nf4", "fp4", "ternary")
 # Formats that are a float cast after scaling (numerics/formats.py).
 FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp16", "bf16", "fp32")
-# ggml block formats (llama.cpp): fixed block layouts with their own encoders (lowbit.gguf);
+# ggml block formats (llama.cpp): fixed block layouts with their own encoders (lowbit.numerics.ggml);
 # granularity/group_size do not apply to them.
 GGUF_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
                 "tq1_0", "tq2_0", "iq4_nl")

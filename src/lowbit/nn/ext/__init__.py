@@ -41,7 +41,7 @@ def _cpu_flags() -> str:
 
 def library_path() -> Path:
     """Where the built library lives: keyed by source, torch and CPU, since it is built -march=native."""
-    from lowbit.models.cache import cache_dir
+    from lowbit.io import cache_dir
     h = hashlib.sha256()
     h.update(SOURCE.read_bytes())
     h.update(torch.__version__.encode())

@@ -1,4 +1,4 @@
-"""The user cache directory and atomic writes into it.
+"""The ground floor: the user cache directory, atomic files and directories, hashing.
 
 LOWBIT_CACHE overrides the location (default: $XDG_CACHE_HOME/lowbit or ~/.cache/lowbit).
 Every entry is written to a temporary sibling and renamed into place, so a crash never leaves a
@@ -52,3 +52,29 @@ def atomic_file(final: Path, mode: str = "wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path):
+    """Yield a temporary path next to `final`; on success rename it to `final`, else delete it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()

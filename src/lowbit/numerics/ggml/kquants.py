@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.gguf.ggml_types import (F32, GROUP_MAX_EPS, QK_K, as_u8, fp16_bytes, fp16_from_bytes,
+from lowbit.numerics.ggml.types import (F32, GROUP_MAX_EPS, QK_K, as_u8, fp16_bytes, fp16_from_bytes,
                                     fp16_round, nearest_int, register_codec, seq_sum)
-from lowbit.gguf.ksearch import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants, signed_absmax
+from lowbit.numerics.ggml.ksearch import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants, signed_absmax
 
 
 def _T(a: np.ndarray) -> np.ndarray:

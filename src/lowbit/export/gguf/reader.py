@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.gguf import dequantize
-from lowbit.gguf.ggml_types import GGML_BY_ID
-from lowbit.gguf.names import GGUF_TO_HF_TYPE, NameMap, arch_spec, qk_heads, unpermute_qk
+from lowbit.numerics.ggml import dequantize
+from lowbit.numerics.ggml.types import GGML_BY_ID
+from lowbit.arch.gguf_names import GGUF_TO_HF_TYPE, NameMap, arch_spec, qk_heads, unpermute_qk
 
 
 def gguf_metadata(path: str | Path) -> dict:

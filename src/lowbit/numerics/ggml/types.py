@@ -104,7 +104,7 @@ def ggml_type(name: str | GGMLType) -> GGMLType:
 Encoder = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 Decoder = Callable[[np.ndarray], np.ndarray]
 _CODECS: dict[str, tuple[Encoder, Decoder]] = {}
-CODEC_MODULES = ("lowbit.gguf.blocks", "lowbit.gguf.kquants", "lowbit.gguf.ternary")
+CODEC_MODULES = ("lowbit.numerics.ggml.blocks", "lowbit.numerics.ggml.kquants", "lowbit.numerics.ggml.ternary")
 
 
 def register_codec(name: str) -> Callable:

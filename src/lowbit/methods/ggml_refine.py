@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.gguf import blocks, kquants
-from lowbit.gguf.ggml_types import F32, QK_K, fp16_bytes, fp16_from_bytes, fp16_round
+from lowbit.numerics.ggml import blocks, kquants
+from lowbit.numerics.ggml.types import F32, QK_K, fp16_bytes, fp16_from_bytes, fp16_round
 
 REFINABLE = ("Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 

@@ -1,20 +1,21 @@
-"""ggml block quantization (llama.cpp's GGUF tensor types), mixes, and GGUF files.
+"""ggml block quantization: llama.cpp's GGUF tensor types as number formats.
 
-    from lowbit.gguf import quantize, dequantize
+    from lowbit.numerics.ggml import quantize, dequantize
     blob = quantize(w, "Q4_K", imatrix=imp)          # uint8 (rows, row_bytes): the GGUF tensor bytes
     w_hat = dequantize(blob, "Q4_K", w.shape)         # float32, bit-identical to ggml's to_float
 
-Modules: ggml_types (type table, codec registry, ggml's float32 arithmetic), ksearch (the
-weighted scale searches), blocks / kquants / ternary (codecs), imatrix (collect / read / write
-importance matrices), names (HF <-> llama.cpp tensor names), mixes (Q4_K_M & co. as Recipe
-rules), writer / reader (GGUF v3 files).
+Modules: types (type table, codec registry, ggml's float32 arithmetic), ksearch (the weighted
+scale searches), blocks / kquants / ternary (codecs). Elsewhere, by layer: the imatrix is
+calibration (calibration/imatrix.py), the mixes (Q4_K_M & co.) are Recipe presets
+(presets/gguf_mixes.py), HF <-> llama.cpp tensor names are architecture data
+(arch/gguf_names.py), and the GGUF file is a format (export/gguf/).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.gguf.ggml_types import GGML_TYPES, QUANTIZED_TYPES, GGMLType, get_codec, ggml_type
+from lowbit.numerics.ggml.types import GGML_TYPES, QUANTIZED_TYPES, GGMLType, get_codec, ggml_type
 
 __all__ = ["quantize", "dequantize", "GGML_TYPES", "QUANTIZED_TYPES", "GGMLType", "ggml_type"]
 
@@ -55,7 +56,7 @@ def quantize(x, type_name: str | GGMLType, imatrix=None, name: str = "tensor") -
     rows, n = a.shape
     if not t.fits(n):
         raise LowbitError(f"{name}: a row of {n} values is not a multiple of {t.name}'s block of "
-                          f"{t.block_size}; use a fallback type (lowbit.gguf.mixes.fallback_type)")
+                          f"{t.block_size}; use a fallback type (lowbit.presets.gguf_mixes.fallback_type)")
     if t.name == "F32":
         return a.view(np.uint8).reshape(rows, -1).copy()
     if t.name == "F16":

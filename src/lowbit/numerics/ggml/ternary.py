@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.gguf.ggml_types import F32, QK_K, fp16_bytes, fp16_from_bytes, register_codec, round_away
+from lowbit.numerics.ggml.types import F32, QK_K, fp16_bytes, fp16_from_bytes, register_codec, round_away
 
 
 def _trits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

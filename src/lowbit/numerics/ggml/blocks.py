@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.gguf.ggml_types import F32, fp16_bytes, fp16_from_bytes, register_codec, round_away, seq_sum
-from lowbit.gguf.ksearch import make_qkx_quants, make_qx_quants, signed_absmax
+from lowbit.numerics.ggml.types import F32, fp16_bytes, fp16_from_bytes, register_codec, round_away, seq_sum
+from lowbit.numerics.ggml.ksearch import make_qkx_quants, make_qx_quants, signed_absmax
 
 QK = 32
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.gguf.ggml_types import F32, GROUP_MAX_EPS, as_u8, nearest_int, safe_div, seq_sum
+from lowbit.numerics.ggml.types import F32, GROUP_MAX_EPS, as_u8, nearest_int, safe_div, seq_sum
 
 
 def signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
-from lowbit.gguf.ggml_types import ggml_type
+from lowbit.numerics.ggml.types import ggml_type
 from lowbit.numerics.scheme import Scheme
 from lowbit.recipe import Recipe, Rule, register_preset
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.gguf import quantize
-from lowbit.gguf.ggml_types import ggml_type
-from lowbit.gguf.mixes import MIXES, bind_mix, fallback_type, mix_recipe
-from lowbit.gguf.names import NameMap, arch_spec, module_of, permute_qk, qk_heads
+from lowbit.numerics.ggml import quantize
+from lowbit.numerics.ggml.types import ggml_type
+from lowbit.presets.gguf_mixes import MIXES, bind_mix, fallback_type, mix_recipe
+from lowbit.arch.gguf_names import NameMap, arch_spec, module_of, permute_qk, qk_heads
 from lowbit.recipe import Recipe, get_recipe
 
 GGML_QNT_VERSION = 2
@@ -220,8 +220,8 @@ def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_di
     then differs from llama.cpp's own quantization (lower weighted error, same types and layout).
     """
     import gguf
-    from lowbit.gguf.fileio import atomic_path
-    from lowbit.gguf.vocab import add_hf_tokenizer, kv_from_gguf
+    from lowbit.io import atomic_path
+    from lowbit.export.gguf.vocab import add_hf_tokenizer, kv_from_gguf
     t0 = time.perf_counter()
     config = model.config
     spec = arch_spec(config.model_type)
@@ -288,7 +288,7 @@ def _encode(p, r: TensorRow, facts: dict, spec, imatrix, refine: bool = False) -
     imp = imatrix.mean(r.name) if r.imatrix else None
     data = quantize(a2, r.used, imatrix=imp, name=r.name)
     if refine and imp is not None:
-        from lowbit.gguf.refine import refine as refine_blocks
+        from lowbit.methods.ggml_refine import refine as refine_blocks
         data = refine_blocks(r.used, np.ascontiguousarray(a2, dtype=np.float32), imp, data)
     return data
 
@@ -299,7 +299,7 @@ def export_gguf(source, out: str | Path, type: str | Recipe = "q4_k_m", *, imatr
 
     type: a mix name (mixes.MIXES), a recipe JSON path, or a Recipe; imatrix: an Imatrix or a path
     to an imatrix file (GGUF or legacy .dat, as llama-imatrix writes them)."""
-    from lowbit.gguf.imatrix import Imatrix
+    from lowbit.calibration.imatrix import Imatrix
     from lowbit.models import LoadedModel, load_model
     from lowbit.models.load import resolve_source
     loaded = source if isinstance(source, LoadedModel) else load_model(source)

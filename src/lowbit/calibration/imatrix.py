@@ -64,7 +64,7 @@ class Imatrix:
         for name, s in self.sums.items():
             if not np.isfinite(s).all():
                 raise LowbitError(f"imatrix {name}: non-finite sums; refusing to write {path}")
-        from lowbit.gguf.fileio import atomic_path
+        from lowbit.io import atomic_path
         with atomic_path(path) as tmp:
             if path.suffix == ".dat":
                 tmp.write_bytes(self._legacy_bytes())
@@ -225,7 +225,7 @@ def imatrix_targets(model) -> dict[str, str]:
     (what llama-imatrix collects: src0 names starting with "blk.")."""
     import torch.nn as nn
 
-    from lowbit.gguf.names import NameMap, arch_spec
+    from lowbit.arch.gguf_names import NameMap, arch_spec
     cfg = model.config
     names = NameMap(arch_spec(cfg.model_type).gguf_arch, int(cfg.num_hidden_layers))
     out = {}

@@ -1,0 +1,302 @@
+"""What every format's writer and reader share: the output directory, model files, float tensors,
+sharded safetensors, and the skeleton model a reader fills in.
+
+Writers build their output under a temporary sibling and rename it into place (`output_dir`), so a
+crash never leaves a half-written model; `--overwrite` replaces only a directory that a lowbit
+writer made (it has a manifest), never an arbitrary path.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lowbit.errors import LowbitError
+
+# files copied from the source model directory: config and tokenizer, nothing else (no pickles,
+# no dotfiles, no symlinks followed)
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+               "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+               "chat_template.jinja", "chat_template.json")
+MANIFEST_NAMES = ("lowbit.json", "lowbit_manifest.json")
+DEFAULT_MAX_SHARD = 5 * 2**30       # transformers' save_pretrained default (5 GB)
+
+
+def parse_size(s: str | int | None) -> int | None:
+    """'500MB' / '2GiB' / 1000000 -> bytes (None stays None)."""
+    if s is None or isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(s), re.I)
+    if not m:
+        raise LowbitError(f"max_shard_size {s!r}: expected a size such as 500MB, 2GB or 1GiB")
+    base = 1024 if m[3] else 1000
+    return int(float(m[1]) * base ** "_KMGT".index((m[2] or "_").upper()))
+
+
+def check_output(out: str | os.PathLike, overwrite: bool = False, single_file: bool = False) -> None:
+    """Refuse an existing `out` unless overwrite and it is a lowbit output (a directory with a
+    manifest, or a file with its .lowbit.json sidecar): never delete an arbitrary path."""
+    out = Path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise LowbitError(f"output {out}: already exists; choose a new path or pass overwrite")
+    if single_file:
+        ours = out.is_file() and not out.is_symlink() and Path(f"{out}.lowbit.json").is_file()
+    else:
+        ours = out.is_dir() and not out.is_symlink() and any((out / m).is_file() for m in MANIFEST_NAMES)
+    if not ours:
+        raise LowbitError(f"output {out}: exists and is not a lowbit output ("
+                          f"{'no .lowbit.json sidecar' if single_file else 'no ' + ' or '.join(MANIFEST_NAMES)}"
+                          "); refusing to overwrite it")
+
+
+@contextlib.contextmanager
+def output_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory; on success it replaces `out` atomically (rename)."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():                   # overwrite: swap in the new directory, then drop the old
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_model_files(src: Path, dst: Path, config: dict | None = None) -> None:
+    """config.json (the given dict, else the source's) and the tokenizer files of `src`."""
+    src = Path(src)
+    if config is None:
+        config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in MODEL_FILES:
+        f = src / name
+        if f.is_file() and not f.is_symlink():
+            shutil.copyfile(f, dst / name)
+
+
+def source_config(qm) -> dict:
+    cfg = json.loads((Path(qm.source_dir) / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    return cfg
+
+
+def float_tensors(model: nn.Module, skip_modules: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of `model` outside `skip_modules`, by state_dict name, each storage once.
+    -> (tensors, tied) where tied maps a name to the one it shares storage with."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in model.state_dict(keep_vars=False).items():
+        owner, _, _ = key.rpartition(".")
+        if owner in skip_modules:
+            continue
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if ident in seen:
+            tied[key] = seen[ident]
+            continue
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise LowbitError(f"tensor {key}: contains NaN/inf; refusing to write a broken model")
+        seen[ident] = key
+        tensors[key] = value.detach().contiguous()
+    return tensors, tied
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], dst: Path, max_shard_size: int | str | None = None,
+                     stem: str = "model") -> list[str]:
+    """Write `tensors` as model.safetensors, or as transformers' shards
+    model-00001-of-0000N.safetensors + model.safetensors.index.json when they exceed
+    max_shard_size (default 5 GB). Tensors keep their sorted-name order; shards split by size.
+    -> the file names written."""
+    from safetensors.torch import save_file
+    limit = parse_size(max_shard_size) or DEFAULT_MAX_SHARD
+    names = sorted(tensors)
+    sizes = {k: tensors[k].numel() * tensors[k].element_size() for k in names}
+    shards: list[list[str]] = [[]]
+    acc = 0
+    for k in names:
+        if shards[-1] and acc + sizes[k] > limit:
+            shards.append([])
+            acc = 0
+        shards[-1].append(k)
+        acc += sizes[k]
+    # one metadata key only: safetensors keeps header metadata in a hash map, so with two keys
+    # their order (and the file's bytes) changed from one save to the next
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file({k: tensors[k] for k in shards[0]}, str(dst / f"{stem}.safetensors"), metadata=meta)
+        return [f"{stem}.safetensors"]
+    files, weight_map = [], {}
+    for i, keys in enumerate(shards):
+        fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: tensors[k] for k in keys}, str(dst / fname), metadata=meta)
+        files.append(fname)
+        weight_map.update({k: fname for k in keys})
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (dst / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files + [f"{stem}.safetensors.index.json"]
+
+
+class TensorFiles:
+    """Read tensors one at a time from a directory's safetensors (one file or an index of shards),
+    never loading the whole checkpoint. Tracks which keys were taken, so a reader can refuse
+    tensors it did not expect."""
+
+    def __init__(self, path: Path, stem: str = "model"):
+        from safetensors import safe_open
+        path = Path(path)
+        index = path / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            try:
+                wmap = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise LowbitError(f"{index}: not a safetensors index (expected a weight_map): {e}") from None
+            files = sorted(set(wmap.values()))
+        else:
+            files = [f.name for f in sorted(path.glob("*.safetensors"))]
+        if not files:
+            raise LowbitError(f"{path}: no *.safetensors weights")
+        self.path, self._handles, self._where, self.used = path, {}, {}, set()
+        for fname in files:
+            f = path / fname
+            if not f.is_file():
+                raise LowbitError(f"{path}: shard {fname} is missing")
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise LowbitError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+            self._handles[fname] = h
+            for k in h.keys():
+                self._where[k] = fname
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str, required: bool = True) -> torch.Tensor | None:
+        if key not in self._where:
+            if required:
+                raise LowbitError(f"{self.path}: tensor {key} is missing")
+            return None
+        self.used.add(key)
+        try:
+            return self._handles[self._where[key]].get_tensor(key)
+        except Exception as e:
+            raise LowbitError(f"{self.path / self._where[key]}: tensor {key} unreadable "
+                              f"({type(e).__name__}: {e})") from None
+
+    def unused(self) -> list[str]:
+        return sorted(set(self._where) - self.used)
+
+
+def empty_model(config_dir: Path, dtype: torch.dtype, config=None):
+    """The model's skeleton from config.json: parameters on the meta device (nothing allocated),
+    computed buffers (rotary tables) real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.models.base import dtype_kw
+    try:
+        config = config or AutoConfig.from_pretrained(config_dir)
+    except Exception as e:
+        raise LowbitError(f"{config_dir}/config.json: not a usable model config ({type(e).__name__}: {e})") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **dtype_kw(dtype))
+    return model
+
+
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor, where: str = "") -> None:
+    owner, _, leaf = key.rpartition(".")
+    try:
+        mod = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        raise LowbitError(f"{where}: tensor {key} does not belong to the model built from config.json") from None
+    cur = mod._parameters.get(leaf, mod._buffers.get(leaf))
+    if leaf not in mod._parameters and leaf not in mod._buffers:
+        raise LowbitError(f"{where}: tensor {key} does not belong to the model built from config.json")
+    if cur is not None and tuple(cur.shape) != tuple(value.shape):
+        raise LowbitError(f"{where}: tensor {key} has shape {tuple(value.shape)}, the model built from "
+                          f"config.json expects {tuple(cur.shape)}")
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[leaf] = value
+
+
+def quant_module(qw, bias, name: str, dtype: torch.dtype, backend: str | None):
+    """QuantLinear (reference forward), or PackedLinear on `backend`'s kernels (codes packed at
+    once, the unpacked codes dropped)."""
+    from lowbit.nn.qlinear import QuantLinear
+    bias = None if bias is None else bias.to(dtype)
+    if backend is None:
+        return QuantLinear(qw, bias)
+    from lowbit.nn.prepare import PackedLinear
+    return PackedLinear(qw, bias, backend, name)
+
+
+def place_quantized(model: nn.Module, name: str, qw, bias, kind: str, dtype, backend, where) -> None:
+    """Put one read QuantizedWeight into the skeleton: a linear becomes a quantized module, an
+    embedding (a lookup table) is served dequantized."""
+    from lowbit.nn.qlinear import set_submodule
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise LowbitError(f"{where}: quantized layer {name} is not in the model built from config.json") from None
+    want = (mod.weight.shape if hasattr(mod, "weight") and mod.weight is not None
+            else (getattr(mod, "out_features", None), getattr(mod, "in_features", None)))
+    if tuple(want) != tuple(qw.shape):
+        raise LowbitError(f"{where}: layer {name} has shape {tuple(qw.shape)}, the model built from "
+                          f"config.json expects {tuple(want)}")
+    if kind == "embedding":
+        set_tensor(model, f"{name}.weight", qw.dequantize(dtype), where)
+    else:
+        set_submodule(model, name, quant_module(qw, bias, name, dtype, backend))
+
+
+def retie(model: nn.Module, tied: dict[str, str], quantized: set[str]) -> None:
+    """Point each tied tensor (stored once) at the one it shares, e.g. lm_head.weight ->
+    model.embed_tokens.weight; a tied name that is itself a quantized layer keeps its own module."""
+    for key, target in tied.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantized:
+            continue
+        src_owner, _, src_leaf = target.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
+
+
+def finish(model: nn.Module, path: Path, manifest: dict, fmt: str, tokenizer_dir: Path | None = None,
+           extra_meta: dict | None = None):
+    """Check nothing is left on the meta device, then -> LoadedModel (eval, no grad)."""
+    from transformers import AutoTokenizer
+
+    from lowbit.models.base import LoadedModel
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise LowbitError(f"{path}: no tensor for {left[:5]} ({len(left)} in all)")
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir or path)
+    except Exception as e:
+        raise LowbitError(f"{tokenizer_dir or path}: tokenizer files unreadable ({type(e).__name__}: {e})") from None
+    return LoadedModel(model=model, tokenizer=tok, path=Path(path), source=str(path),
+                       source_sha256=(manifest.get("source") or {}).get("sha256"),
+                       meta={"manifest": manifest, "format": fmt, **(extra_meta or {})})
