@@ -170,8 +170,11 @@ def test_tokenizer_from_hf_matches_llama_cpp_converter(smollm2, source_gguf, tmp
 def test_permute_inverse_and_refusals(smollm2, tmp_path):
     w = np.arange(192 * 4, dtype=np.float32).reshape(192, 4)
     assert np.array_equal(unpermute_qk(permute_qk(w, 3), 3), w)
+    from lowbit.numerics.scheme import Scheme
+    from lowbit.recipe import Recipe, Rule
+    nf4 = Recipe("nf4", [Rule(r"\.mlp\.", Scheme(bits=4, format="nf4", group_size=64), "rtn")])
     with pytest.raises(LowbitError, match="GGUF holds ggml types"):
-        write_gguf(smollm2.model, tmp_path / "x.gguf", "w4g128-rtn", hf_dir=smollm2.path, progress=False)
+        write_gguf(smollm2.model, tmp_path / "x.gguf", nf4, hf_dir=smollm2.path, progress=False)
     assert not list(tmp_path.iterdir())      # nothing half-written left behind
 
 
@@ -183,7 +186,8 @@ def test_cli_export_and_imatrix(tmp_path, capsys):
     assert main(["export", "smollm2-135m", "--format", "gguf", "--type", "q8_0", "--imatrix", str(im),
                  "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "bits/weight" in text and "0 fallback(s)" in text
+    assert "Q8_0" in text and "0 fallback(s)" in text
+    assert main(["verify", str(out)]) == 0
     assert gguf.GGUFReader(out).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
 
 

@@ -20,7 +20,7 @@ from lowbit.arch import is_linear_like, linear_weight
 from lowbit.errors import LowbitError
 from lowbit.methods import get_method
 from lowbit.models import LoadedModel, load_model  # noqa: F401  (re-exported: lowbit.api.load_model)
-from lowbit.nn.qlinear import QuantLinear, set_submodule
+from lowbit.nn.qlinear import make_quant_module, set_submodule
 from lowbit.recipe import Recipe, get_recipe
 
 
@@ -34,6 +34,7 @@ class QuantizeReport:
     timing: dict = field(default_factory=dict)        # seconds per phase (capture, stats, solve, forward)
     activation_bytes: int = 0                         # calibration activations held at once
     qweights: dict = field(default_factory=dict, repr=False)  # name -> QuantizedWeight (for export)
+    imatrix: dict = field(default_factory=dict)       # the importance matrix used (ggml types): file, dataset
 
     @property
     def ragged(self) -> list[dict]:
@@ -57,22 +58,29 @@ def quantize_targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Mod
 
 def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, tokenizer=None,
              tokens: torch.Tensor | None = None, calibration: dict | None = None,
-             log=None) -> QuantizeReport:
+             imatrix=None, log=None) -> QuantizeReport:
     """Quantize `model` in place by `recipe`.
 
-    Data-free recipes (rtn) need nothing else. Calibrated methods (gptq, ...) run the sequential
-    block loop (lowbit.calibration) on token windows: `tokens` (n, seq) if given, else drawn from
-    the recipe's calibration settings (overridden by `calibration`) with `tokenizer`.
+    Data-free recipes (rtn, ggml) need nothing else. Calibrated methods (gptq, ...) run the
+    sequential block loop (lowbit.calibration) on token windows: `tokens` (n, seq) if given, else
+    drawn from the recipe's calibration settings (overridden by `calibration`) with `tokenizer`.
+    imatrix: an importance matrix (calibration.imatrix.Imatrix or a llama-imatrix file) for ggml
+    types, as llama-quantize uses it. GGUF mixes (q4_k_m, ...) are bound to this model's layers.
     Every option is validated before any work starts.
     """
-    recipe = get_recipe(recipe)
+    from lowbit.presets.gguf_mixes import bind_to_model
+    im, im_file = _imatrix(imatrix)
+    recipe = bind_to_model(get_recipe(recipe), model, im is not None)
     targets = quantize_targets(model, recipe)
     if not targets:
         raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
+    extra = _imatrix_stats(model, targets, im)
     calibrated = sorted({r.method for _, _, r in targets if get_method(r.method).needs})
     if calibrated:
-        return _quantize_calibrated(model, recipe, targets, tokenizer, tokens, calibration, log)
-    report = QuantizeReport(recipe)
+        rep = _quantize_calibrated(model, recipe, targets, tokenizer, tokens, calibration, log, extra)
+        rep.imatrix = _imatrix_meta(im, im_file)
+        return rep
+    report = QuantizeReport(recipe, imatrix=_imatrix_meta(im, im_file))
     t0 = time.perf_counter()
     it = targets
     if progress:
@@ -82,11 +90,11 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
         for name, mod, rule in it:
             spec = get_method(rule.method)
             qw = spec.fn(linear_weight(mod) if is_linear_like(mod) else mod.weight, rule.scheme,
-                         spec.make_config(rule.method_args), None)
+                         spec.make_config(rule.method_args), extra.get(name))
             report.layers.append(layer_row(name, qw, rule.method))
             report.qweights[name] = qw
             if is_linear_like(mod):
-                set_submodule(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
+                set_submodule(model, name, make_quant_module(qw, getattr(mod, "bias", None)))
             else:  # embedding: a lookup table, stored quantized, served dequantized
                 mod.weight.data = qw.dequantize(mod.weight.dtype)
     report.seconds = time.perf_counter() - t0
@@ -101,7 +109,42 @@ def _note_ragged(report: QuantizeReport) -> None:
                             f"(e.g. {r['name']}: in_features {r['shape'][1]}, last group {r['ragged_last_group']})")
 
 
-def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, calibration, log) -> QuantizeReport:
+def _imatrix(imatrix):
+    if imatrix is None:
+        return None, None
+    from lowbit.calibration.imatrix import Imatrix
+    if isinstance(imatrix, Imatrix):
+        return imatrix, None
+    return Imatrix.load(imatrix), str(imatrix)
+
+
+def _imatrix_meta(im, im_file) -> dict:
+    if im is None:
+        return {}
+    return {"file": im_file or "lowbit", "dataset": (im.datasets or [None])[0], "entries": len(im.sums),
+            "chunks": int(im.chunk_count)}
+
+
+def _imatrix_stats(model, targets, im) -> dict:
+    """name -> {"imatrix": per-column mean x^2} for the targets the imatrix has (by GGUF name)."""
+    if im is None:
+        return {}
+    from lowbit.arch.gguf_names import NameMap, arch_spec
+    cfg = model.config
+    names = NameMap(arch_spec(cfg.model_type).gguf_arch, int(cfg.num_hidden_layers))
+    out = {}
+    for name, _, _ in targets:
+        try:
+            mean = im.mean(names.to_gguf(f"{name}.weight"))
+        except LowbitError:
+            mean = None
+        if mean is not None:
+            out[name] = {"imatrix": mean}
+    return out
+
+
+def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, calibration, log,
+                         extra: dict | None = None) -> QuantizeReport:
     from lowbit.arch import spec_for
     from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
     cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
@@ -116,7 +159,7 @@ def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, cali
     # the recipe saved with the output records the calibration actually used
     recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
     t0 = time.perf_counter()
-    res = quantize_calibrated(model, recipe, targets, tokens, cfg, log=log)
+    res = quantize_calibrated(model, recipe, targets, tokens, cfg, log=log, extra_stats=extra)
     report = QuantizeReport(recipe, seconds=time.perf_counter() - t0, notes=list(res.notes),
                             calibration=cfg.to_dict(), timing=dict(res.timing),
                             activation_bytes=res.activation_bytes)
@@ -159,6 +202,7 @@ def evaluate(loaded: LoadedModel, reference=None, **options) -> dict:
 
 
 def layer_row(name: str, qw, method: str) -> dict:
-    return {"name": name, "shape": list(qw.shape), "scheme": qw.scheme.short_name(), "method": method,
+    scheme = getattr(qw, "type", None) or qw.scheme.short_name()     # a ggml type, or our scheme
+    return {"name": name, "shape": list(qw.shape), "scheme": scheme, "method": method,
             "bits_per_weight": round(qw.bits_per_weight, 4), "ragged_last_group": qw.ragged_last_group,
             **{k: v for k, v in qw.info.items() if isinstance(v, (bool, int, float, str))}}

@@ -37,8 +37,9 @@ from lowbit.calibration.paused import run_paused, trim_heap
 from lowbit.calibration.stats import StatSet
 from lowbit.errors import LowbitError
 from lowbit.methods import MethodSpec, get_method
-from lowbit.nn.qlinear import QuantLinear, set_submodule
+from lowbit.nn.qlinear import make_quant_module, set_submodule
 from lowbit.numerics.qweight import QuantizedWeight
+from lowbit.numerics.scheme import GGUF_FORMATS
 from lowbit.recipe import Recipe, Rule
 
 
@@ -50,6 +51,7 @@ class Target:
     method: MethodSpec
     config: object
     rel: str = ""             # name relative to its decoder block ("" outside the blocks)
+    extra: dict = field(default_factory=dict)   # statistics given from outside (imatrix means)
 
     @property
     def calibrated(self) -> bool:
@@ -94,10 +96,14 @@ def _log_nothing(_msg: str) -> None:
 
 def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[str, nn.Module, Rule]],
                         tokens: torch.Tensor, cfg: CalibrationConfig,
-                        log: Callable[[str], None] | None = None) -> LoopResult:
-    """Quantize `triples` (name, module, rule) of `model` in place, block by block."""
+                        log: Callable[[str], None] | None = None, extra_stats: dict | None = None) -> LoopResult:
+    """Quantize `triples` (name, module, rule) of `model` in place, block by block.
+    extra_stats: name -> statistics given from outside (an imatrix file's means), merged into
+    what calibration collects for that module."""
     log = log or _log_nothing
     targets = make_targets(triples)
+    for t in targets:
+        t.extra = dict((extra_stats or {}).get(t.name, {}))
     arch = spec_for(model)                     # errors here for a model with no block list
     blocks = get_blocks(model, arch)
     per_block: dict[int, dict[str, Target]] = {}
@@ -306,14 +312,18 @@ def _solve(group: list[Target], stats: dict | None) -> list[QuantizedWeight]:
     for idx in by_key.values():
         t0 = group[idx[0]]
         fuse = (len(idx) > 1 and getattr(t0.method.fn, "row_separable", False)
-                and t0.rule.scheme.granularity in ("channel", "group"))
+                and t0.rule.scheme.granularity in ("channel", "group")
+                and t0.rule.scheme.format not in GGUF_FORMATS)   # ggml blocks: one matrix each
         chunks = [idx] if fuse else [[i] for i in idx]
         for chunk in chunks:
             ws = [linear_weight(group[i].module).detach().float() for i in chunk]
             W = torch.cat(ws, 0) if len(ws) > 1 else ws[0]
             name = "+".join(group[i].name for i in chunk)
+            st = stats
+            if len(chunk) == 1 and getattr(group[chunk[0]], "extra", None):
+                st = {**(stats or {}), **group[chunk[0]].extra}
             try:
-                qw = t0.method.fn(W, t0.rule.scheme, t0.config, stats)
+                qw = t0.method.fn(W, t0.rule.scheme, t0.config, st)
             except LowbitError as e:
                 raise LowbitError(f"{name}: {e}") from None
             rows = [w.shape[0] for w in ws]
@@ -325,6 +335,9 @@ def _solve(group: list[Target], stats: dict | None) -> list[QuantizedWeight]:
 def _split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
     info = {k: v for k, v in qw.info.items() if k != "loss_per_row"}
     per_row = qw.info.get("loss_per_row")
+    if not isinstance(qw, QuantizedWeight):   # a GGMLWeight (never fused): drop the per-row tensor
+        qw.info = info
+        return [qw]
     if len(rows) == 1:
         return [QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.scheme, qw.g_idx, info)]
     parts, r0 = [], 0
@@ -361,7 +374,7 @@ def _swap(model: nn.Module, name: str, qw: QuantizedWeight, method: str) -> tupl
     mod = model.get_submodule(name)
     if not is_linear_like(mod):
         raise LowbitError(f"{name}: expected a linear module to replace, found {type(mod).__name__}")
-    set_submodule(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
+    set_submodule(model, name, make_quant_module(qw, getattr(mod, "bias", None)))
     # The float module is out of the model but still referenced by its Target until the run ends:
     # drop its weight (by then a dequantized copy, see _write_dequantized) so finished blocks do
     # not keep 4 bytes per weight alive (measured: ~0.4 GiB on SmolLM2 at the end of a run).

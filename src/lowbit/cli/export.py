@@ -1,45 +1,117 @@
-"""`lowbit export MODEL --format gguf --type q4_k_m [--imatrix FILE] --out FILE.gguf`
+"""`lowbit export MODEL --format FORMAT --out OUT`: write a model in an engine's format.
 
-MODEL is a built-in name, a .gguf file or a Hugging Face directory. Each format is one entry in
-EXPORTERS (format -> function taking the parsed args); add a format by adding an entry.
+MODEL is either a quantized output lowbit reads (a lowbit native / GPTQ / AWQ / compressed-tensors
+directory): it is written in FORMAT with its codes as they are (GGUF re-encodes only what no ggml
+type holds, and says so); or a float model (built-in name, .gguf, HF directory), quantized first
+by --recipe (or, for GGUF, the mix --type, with --imatrix as llama-quantize uses it):
+
+    lowbit export out/w4g32 --format gguf --out out/w4g32.gguf          # codes unchanged (Q4_0)
+    lowbit export smollm2-135m --format gguf --type q4_k_m --imatrix im.gguf --out q4km.gguf
+    lowbit export out/w4g128-gptq --format gptq --out out/gptq
+
+Every path goes through api.quantize and api.export (lowbit.export's registry).
 """
 from __future__ import annotations
 
 import sys
 
 
-def _export_gguf(args) -> int:
-    from lowbit.export.gguf.writer import export_gguf
-    if not args.out.endswith(".gguf"):
-        print(f"lowbit export: note: {args.out} does not end in .gguf", file=sys.stderr)
-    rep = export_gguf(args.model, args.out, args.recipe or args.type, imatrix=args.imatrix,
-                      tokenizer_pre=args.tokenizer_pre, refine=args.refine, progress=not args.quiet)
-    for t in rep.fallbacks:
-        print(f"fallback: {t.name:32s} wanted {t.wanted:5s} used {t.used:5s} "
-              f"(row of {t.shape[-1]} is not a multiple of {t.wanted}'s block)")
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(rep.type_counts().items()))
-    print(f"wrote {rep.path}: {rep.file_bytes / 2**20:.1f} MiB, {rep.bits_per_weight:.3f} bits/weight, "
-          f"{len(rep.tensors)} tensors ({counts}), {len(rep.fallbacks)} fallback(s), "
-          f"imatrix {'yes' if args.imatrix else 'no'}{', refined' if args.refine else ''}, {rep.seconds:.1f} s")
+def register(sub) -> None:
+    from lowbit.presets.gguf_mixes import MIXES
+    p = sub.add_parser("export", help="write a model in a deployment format (gguf, gptq, awq, "
+                                      "compressed-tensors, onnx, native)")
+    p.add_argument("model", help="a quantized output directory, or a float model (built-in name, .gguf, HF dir)")
+    p.add_argument("--format", default="gguf", help="output format (default gguf); `lowbit formats` lists them")
+    p.add_argument("--type", default="q4_k_m", choices=sorted(MIXES), metavar="TYPE",
+                   help=f"GGUF mix for a float model: {', '.join(MIXES)} (default q4_k_m)")
+    p.add_argument("--recipe", default=None, help="recipe for a float model (preset or JSON; overrides --type)")
+    p.add_argument("--imatrix", default=None, help="importance matrix (lowbit imatrix / llama-imatrix file)")
+    p.add_argument("--tokenizer-pre", default=None, help="GGUF: llama.cpp pre-tokenizer name (default: from the "
+                   "source GGUF, else detected from tokenizer.json)")
+    p.add_argument("--refine", action="store_true", help="GGUF with --imatrix: lowbit's block refinement "
+                   "(lower weighted error than llama.cpp's search; the bytes then differ from llama.cpp's)")
+    p.add_argument("--reencode", default=None, metavar="GGML_TYPE",
+                   help="GGUF from an int-quantized model: the ggml type for weights that are not exactly "
+                        "one (default by bit width: 4-bit -> Q4_K, with llama.cpp's fallbacks)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier lowbit output")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lowbit import api
+    from lowbit.errors import LowbitError
+    from lowbit.export import detect_format, get_format
+    from lowbit.export.common import check_output
+    from lowbit.models import resolve_source
+    from lowbit.recipe import get_recipe
+
+    fmt = get_format(args.format)
+    check_output(args.out, args.overwrite, single_file=bool(fmt.suffix))
+    kind, path = resolve_source(args.model)
+    src_fmt = detect_format(path) if kind == "hf" else None
+    opts = {}
+    if fmt.name == "gguf":
+        opts = {"tokenizer_pre": args.tokenizer_pre, "reencode": args.reencode, "progress": not args.quiet}
+    elif args.reencode or args.tokenizer_pre:
+        raise LowbitError("--reencode / --tokenizer-pre apply to --format gguf only")
+    if src_fmt is not None:
+        if args.recipe or args.imatrix or args.refine:
+            raise LowbitError(f"{args.model} is already quantized ({src_fmt.name}); --recipe / --imatrix / "
+                              "--refine apply to float models")
+        lm = api.load(args.model)
+        out = api.export(lm, None, args.out, fmt.name, overwrite=args.overwrite, **opts)
+        _summary(out, fmt.name, f"from {src_fmt.name}")
+        return 0
+    recipe = get_recipe(args.recipe or args.type)
+    if args.refine:
+        if not args.imatrix:
+            raise LowbitError("--refine needs --imatrix")
+        recipe = _with_refine(recipe)
+    lm = api.load(args.model)
+    rep = api.quantize(lm.model, recipe, tokenizer=lm.tokenizer, imatrix=args.imatrix, progress=not args.quiet)
+    if args.imatrix and rep.imatrix:
+        rep.imatrix["file"] = str(args.imatrix)
+    out = api.export(lm, rep, args.out, fmt.name, overwrite=args.overwrite, **opts)
+    _summary(out, fmt.name, f"{rep.recipe.name}{', imatrix' if args.imatrix else ''}{', refined' if args.refine else ''}")
+    for n in rep.notes:
+        print(f"note: {n}", file=sys.stderr)
     return 0
 
 
-EXPORTERS = {"gguf": _export_gguf}
+def _with_refine(recipe):
+    from lowbit.recipe import Recipe, Rule
+    return Recipe(recipe.name, [Rule(r.targets, r.scheme, r.method,
+                                     {**r.method_args, **({"refine": True} if r.method == "ggml" else {})})
+                                for r in recipe.rules], list(recipe.ignore), dict(recipe.calibration),
+                  recipe.description)
 
 
-def register(sub) -> None:
-    from lowbit.presets.gguf_mixes import MIXES
-    p = sub.add_parser("export", help="write a model in a deployment format (GGUF for llama.cpp)")
-    p.add_argument("model", help="built-in name, .gguf file or Hugging Face directory")
-    p.add_argument("--format", choices=sorted(EXPORTERS), default="gguf")
-    p.add_argument("--type", default="q4_k_m", choices=sorted(MIXES), metavar="TYPE",
-                   help=f"GGUF mix: {', '.join(MIXES)} (default q4_k_m)")
-    p.add_argument("--recipe", default=None, help="a recipe JSON with ggml formats (overrides --type)")
-    p.add_argument("--imatrix", default=None, help="importance matrix (lowbit imatrix / llama-imatrix file)")
-    p.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: from the "
-                   "source GGUF, else detected from tokenizer.json)")
-    p.add_argument("--refine", action="store_true", help="with --imatrix: lowbit's block refinement "
-                   "(lower weighted error than llama.cpp's search; the bytes then differ from llama.cpp's)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=lambda a: EXPORTERS[a.format](a))
+def _summary(out, fmt: str, how: str) -> None:
+    import json
+    from pathlib import Path
+
+    from lowbit.export.manifest import find_manifest
+    out = Path(out)
+    size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {out} ({fmt}, {how}): {size / 2**20:.1f} MiB")
+    try:
+        m = json.loads(find_manifest(out).read_text())
+    except Exception:
+        return
+    g = m.get("gguf") or {}
+    if g:
+        used: dict[str, int] = {}
+        n_fb = 0
+        for row in g.get("tensors", {}).values():
+            used[row["used"]] = used.get(row["used"], 0) + 1
+            if row["wanted"] != row["used"]:
+                n_fb += 1
+                print(f"fallback: {row['hf']:40s} wanted {row['wanted']:5s} used {row['used']}")
+        print(f"{len(g.get('tensors', {}))} tensors (" + ", ".join(f"{k} {v}" for k, v in sorted(used.items()))
+              + f"), {n_fb} fallback(s)")
+        if g.get("exact_int"):
+            print(f"{len(g['exact_int'])} int weight(s) written with their codes unchanged")
+        for r in g.get("reencoded", []):
+            print(f"re-encoded: {r['name']:40s} {r['scheme']} -> {r['type']}, relative RMS error {r['rel_rms_error']:.4f}")

@@ -41,7 +41,7 @@ class MethodSpec:
 
 _METHODS: dict[str, MethodSpec] = {}
 # modules that define methods; imported on first lookup
-METHOD_MODULES = ["lowbit.methods.rtn", "lowbit.methods.gptq"]
+METHOD_MODULES = ["lowbit.methods.rtn", "lowbit.methods.gptq", "lowbit.methods.ggml"]
 
 
 def register_method(name: str, config_cls: type, needs: tuple[str, ...] = ()) -> Callable:

@@ -56,6 +56,8 @@ from lowbit.numerics.qweight import QuantizedWeight
 from lowbit.numerics.ranges import mse_search
 from lowbit.numerics.scheme import Scheme
 
+# ggml types whose codes GPTQ can choose (numerics/ggml/grid.py)
+GGML_GRID_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 @dataclass
@@ -98,8 +100,11 @@ def check_scheme(scheme: Scheme, name: str = "layer") -> None:
     if scheme.granularity == "block" or (scheme.granularity == "channel" and scheme.axis != 0):
         raise LowbitError(f"{name}: gptq supports tensor, per-output-channel and group granularity, "
                           f"got {scheme.short_name()} ({scheme.granularity}, axis={scheme.axis})")
+    if scheme.format in GGML_GRID_FORMATS:
+        return                   # ggml blocks: methods/gptq_ggml.py
     if scheme.format not in ("int", "nf4", "fp4"):
-        raise LowbitError(f"{name}: gptq needs a per-value grid format (int, nf4, fp4), got {scheme.format!r}")
+        raise LowbitError(f"{name}: gptq needs a per-value grid format (int, nf4, fp4) or a ggml type "
+                          f"({', '.join(GGML_GRID_FORMATS)}), got {scheme.format!r}")
 
 
 def _qparams(w: torch.Tensor, scheme: Scheme, sdtype: torch.dtype, config: GPTQConfig | None = None,
@@ -278,6 +283,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
 def gptq(weight: torch.Tensor, scheme: Scheme, config: GPTQConfig, stats: dict) -> QuantizedWeight:
     if not stats or "hessian" not in stats:
         raise LowbitError("gptq: needs stats['hessian'] (cols, cols) from calibration")
+    if scheme.format in GGML_GRID_FORMATS:
+        from lowbit.methods.gptq_ggml import gptq_ggml_quantize
+        return gptq_ggml_quantize(weight, stats["hessian"], scheme, config, stats.get("imatrix"))
     return gptq_quantize(weight, stats["hessian"], scheme, config)
 
 

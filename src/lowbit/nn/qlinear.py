@@ -63,3 +63,46 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+class GGMLLinear(nn.Module):
+    """A linear whose weight is ggml blocks (numerics.ggml.weight.GGMLWeight), as the GGUF file
+    holds them. forward() decodes once (bit for bit as ggml) and caches the float weight: the
+    reference path for evaluating a GGUF-bound model in lowbit; llama.cpp runs the file itself."""
+
+    def __init__(self, gweight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = gweight.shape
+        self.ggml_type, self.wanted, self.info = gweight.type, gweight.wanted, dict(gweight.info)
+        self.register_buffer("data", gweight.data)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._dense = None
+
+    @property
+    def scheme(self):
+        return self.qweight.scheme
+
+    @property
+    def qweight(self):
+        from lowbit.numerics.ggml.weight import GGMLWeight
+        return GGMLWeight(self.data, self.ggml_type, (self.out_features, self.in_features), self.wanted, self.info)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is None or self._dense.dtype != x.dtype:
+            self._dense = self.dequantize_weight(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self._dense, bias)
+
+    def extra_repr(self) -> str:
+        fb = f" (wanted {self.wanted})" if self.wanted != self.ggml_type else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, ggml={self.ggml_type}{fb}"
+
+
+def make_quant_module(qweight, bias: torch.Tensor | None = None) -> nn.Module:
+    """The module that holds a method's result: QuantLinear, or GGMLLinear for ggml blocks."""
+    if isinstance(qweight, QuantizedWeight):
+        return QuantLinear(qweight, bias)
+    return GGMLLinear(qweight, bias)

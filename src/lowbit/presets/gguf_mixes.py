@@ -102,9 +102,55 @@ def mix_recipe(name: str) -> Recipe:
                               "bound to the model at export")
 
 
-for _m in PRESETS:
+def mix_gptq_recipe(name: str) -> Recipe:
+    """`<mix>-gptq`: the same per-tensor types, with GPTQ's error feedback choosing the codes of
+    every decoder linear (methods/gptq_ggml.py); lm_head / embeddings keep llama.cpp's encoder."""
+    r = mix_recipe(name)
+    rules = [Rule(x.targets, x.scheme, "ggml" if x.targets == HEAD else "gptq", dict(x.method_args))
+             for x in r.rules]
+    return Recipe(name=f"{r.name}-gptq", rules=rules, ignore=list(r.ignore),
+                  description=f"{r.description}; codes by GPTQ with ggml's block encoders as the quantizer")
+
+
+for _m in MIXES:
     register_preset(_m, f"GGUF {_m.upper()}: llama.cpp's per-tensor mix as Recipe rules")(
         lambda _n=_m: mix_recipe(_n))
+    if _m not in ("f16", "f32", "tq1_0", "tq2_0"):
+        register_preset(f"{_m}-gptq", f"GGUF {_m.upper()} types, codes chosen by GPTQ (ggml encoders as quantizer)")(
+            lambda _n=_m: mix_gptq_recipe(_n))
+
+EMBED = r"embed_tokens$"
+
+
+def is_ggml_recipe(recipe: Recipe) -> bool:
+    from lowbit.numerics.scheme import GGUF_FORMATS
+    return any(r.scheme is not None and (r.scheme.format in GGUF_FORMATS or r.method == "ggml")
+               for r in recipe.rules)
+
+
+def bind_to_model(recipe: Recipe, model, has_imatrix: bool = False) -> Recipe:
+    """A recipe with ggml types, made concrete for `model` as llama-quantize treats it: layer sets
+    bound to its layer count; the token embedding quantized too (GGUF stores it quantized): with
+    tied embeddings it takes the lm_head rule and serves as the output (lm_head itself is not a
+    separate tensor then), else the rule its own name matches. Other recipes pass unchanged."""
+    if not is_ggml_recipe(recipe):
+        return recipe
+    cfg = model.config
+    n_head = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+    r = bind_mix(recipe, int(cfg.num_hidden_layers), n_head, n_kv, has_imatrix)
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and emb is not None and head.weight is emb.weight
+    src = r.rule_for("lm_head") if tied else r.rule_for("model.embed_tokens")
+    rules = [x for x in r.rules if x.targets != EMBED]
+    ignore = list(r.ignore)
+    if src is not None and src.scheme is not None:
+        rules.insert(0, Rule(EMBED, src.scheme, "ggml"))
+    if tied and r"^lm_head$" not in ignore:
+        ignore.append(r"^lm_head$")
+    return Recipe(name=r.name, rules=rules, ignore=ignore, calibration=dict(r.calibration),
+                  description=r.description)
 
 
 # ---- binding layer sets to a model ----------------------------------------------------------------

@@ -1,6 +1,17 @@
-"""Write a Hugging Face causal LM as a GGUF v3 file that llama.cpp loads as its own.
+"""Write a quantized model as a GGUF v3 file that llama.cpp loads as its own.
 
+    report = write_quantized(qm, "out.gguf")       # any QuantizedModel (api.quantize's result)
     report = write_gguf(model, "out.gguf", recipe="q4_k_m", hf_dir=..., imatrix=im, source_gguf=...)
+                                                    # = api.quantize(copy, recipe) + write_quantized
+
+The writer never quantizes. Each quantized module's tensor comes from its weight:
+  GGMLWeight (methods ggml / gptq on ggml types)  the blocks, unchanged (q/k rows permuted);
+  QuantizedWeight on an int grid                   written unchanged where its scheme *is* a ggml
+      type (int4/int5/int8 symmetric group 32 = Q4_0/Q5_0/Q8_0; asymmetric = Q4_1/Q5_1 when every
+      minimum -zero*scale is an fp16 number), proven by decoding the blocks back to exactly our
+      dequantized weight; otherwise re-encoded from our dequantized weight with the ggml type of
+      its bit width (`reencode`), and the report lists each such tensor with its relative error;
+  anything else (norms: F32; float 2-D tensors: F16, or F32 if F16 does not fit).
 
 File layout (GGUF v3, docs/gguf.md of ggml): header, metadata KV, tensor infos, then tensor data,
 each tensor aligned to general.alignment (32, the default, not written). We build on gguf-py's
@@ -59,6 +70,8 @@ class GGUFReport:
     tensors: list[TensorRow] = field(default_factory=list)
     seconds: float = 0.0
     file_bytes: int = 0
+    exact: list[str] = field(default_factory=list)      # int weights written with their codes unchanged
+    reencoded: list[dict] = field(default_factory=list)  # {name, scheme, type, rel_rms_error}
 
     @property
     def fallbacks(self) -> list[TensorRow]:
@@ -131,7 +144,7 @@ def _file_type(recipe: Recipe) -> int:
     """general.file_type: the mix's LlamaFileType; GUESSED for a custom recipe (as llama.cpp marks
     files whose tensor types it did not choose)."""
     import gguf
-    m = MIXES.get(recipe.name)
+    m = MIXES.get(recipe.name.removesuffix("-gptq"))
     if m is not None:
         return int(getattr(gguf.LlamaFileType, m.ftype))
     return int(gguf.LlamaFileType.GUESSED)
@@ -208,29 +221,138 @@ def plan_tensors(model, recipe: Recipe, imatrix=None) -> tuple[dict, list[Tensor
     return params, rows
 
 
-def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_dir: str | Path | None = None,
-               imatrix=None, imatrix_file: str | None = None, source_gguf: str | Path | None = None,
-               tokenizer_pre: str | None = None, refine: bool = False, progress: bool = True) -> GGUFReport:
-    """Quantize `model` (an HF causal LM, float weights) by `recipe` and write GGUF v3 to `out`.
+# int schemes that are exactly a ggml type: (bits, symmetric) at group 32
+EXACT_INT = {(4, True): "Q4_0", (5, True): "Q5_0", (8, True): "Q8_0", (4, False): "Q4_1", (5, False): "Q5_1"}
+# re-encoding target by bit width (then llama.cpp's fallback for rows its block does not divide)
+REENCODE = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 7: "Q8_0", 8: "Q8_0"}
 
-    hf_dir: the model's HF directory (tokenizer files); source_gguf: the GGUF it came from, whose
-    tokenizer.* / general.* keys are copied. imatrix: an Imatrix keyed by GGUF tensor names.
-    Each fallback (a type whose block does not divide the row) is listed in the report.
-    refine: run lowbit's block refinement (refine.py) on tensors that have an imatrix; the file
-    then differs from llama.cpp's own quantization (lower weighted error, same types and layout).
-    """
+
+def ggml_from_int(qw) -> tuple[str, np.ndarray] | None:
+    """(ggml type, blocks uint8 (rows, row_bytes)) holding `qw`'s own codes and scales, or None
+    when its scheme is not exactly a ggml type. Checked by decoding: the blocks must give back
+    exactly qw.dequantize()."""
+    import torch
+
+    from lowbit.numerics.ggml import dequantize
+    from lowbit.numerics.ggml.grid import code_span
+    from lowbit.numerics.ggml.types import fp16_bytes
+    sc = qw.scheme
+    if sc.format != "int" or sc.granularity != "group" or sc.group_size != 32:
+        return None
+    rows, cols = qw.shape
+    if cols % 32:
+        return None
+    if qw.g_idx is not None and not torch.equal(qw.g_idx.long(), torch.arange(cols) // 32):
+        return None
+    t = EXACT_INT.get((sc.bits, bool(sc.symmetric)))
+    if t is None:
+        return None
+    nb = rows * (cols // 32)
+    s = qw.scale.float().reshape(-1).numpy()
+    if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
+        return None
+    header = [fp16_bytes(s.astype(np.float32))]
+    if not sc.symmetric:
+        z = qw.zero_point.float().reshape(-1).numpy()
+        m = (-z * s).astype(np.float32)
+        if not np.array_equal(m.astype(np.float16).astype(np.float32), m):
+            return None
+        header.append(fp16_bytes(m))
+    elif qw.zero_point is not None and not bool((qw.zero_point == sc.sym_zero).all()):
+        return None
+    span = code_span(t)
+    codes = qw.qdata.reshape(nb, 32).numpy().astype(np.uint8)
+    if sc.bits == 8 and not sc.symmetric:
+        return None
+    blocks = np.concatenate([*header, span.pack(codes)], axis=1).reshape(rows, -1)
+    want = qw.dequantize(torch.float32).numpy()
+    if not np.array_equal(dequantize(blocks, t, (rows, cols)), want):
+        return None
+    return t, blocks
+
+
+def _weight_bytes(qw, hf_name: str, reencode: str | None, report: GGUFReport) -> tuple[str, str, np.ndarray]:
+    """(wanted, used, blocks in HF row order) for one quantized module's weight."""
+    from lowbit.numerics.ggml.weight import GGMLWeight
+    if isinstance(qw, GGMLWeight):
+        return qw.wanted, qw.type, qw.data.numpy()
+    exact = ggml_from_int(qw)
+    if exact is not None:
+        report.exact.append(hf_name)
+        return exact[0], exact[0], exact[1]
+    if qw.scheme.format != "int":
+        raise LowbitError(f"GGUF export: {hf_name} has scheme {qw.scheme.short_name()} (format "
+                          f"{qw.scheme.format}); GGUF holds ggml types and int grids it can re-encode")
+    wanted = (reencode or REENCODE[qw.scheme.bits]).upper()
+    used = fallback_type(wanted, qw.shape[1])
+    w = np.ascontiguousarray(qw.dequantize().numpy(), dtype=np.float32)
+    blocks = quantize(w, used, name=hf_name)
+    from lowbit.numerics.ggml import dequantize
+    err = float(np.sqrt(np.mean((dequantize(blocks, used, w.shape) - w) ** 2)) / max(1e-30, np.sqrt(np.mean(w ** 2))))
+    report.reencoded.append({"name": hf_name, "scheme": qw.scheme.short_name(), "type": used,
+                             "rel_rms_error": err})
+    return wanted, used, blocks
+
+
+def write_quantized(qm, out: str | Path, *, source_gguf: str | Path | None = None,
+                    tokenizer_pre: str | None = None, reencode: str | None = None, overwrite: bool = False,
+                    progress: bool = False, max_shard_size=None) -> GGUFReport:
+    """Write a QuantizedModel as GGUF v3 (module docstring: what each tensor becomes).
+
+    source_gguf: the GGUF the model came from (its general.* and tokenizer.* keys are copied;
+    default: the provenance's source when it is a GGUF). reencode: the ggml type for int weights
+    that are not exactly one (default by bit width, REENCODE)."""
     import gguf
-    from lowbit.io import atomic_path
+
+    from lowbit.export.common import check_output
     from lowbit.export.gguf.vocab import add_hf_tokenizer, kv_from_gguf
+    from lowbit.export.manifest import provenance, write_sidecar
+    from lowbit.io import atomic_path
+    if max_shard_size is not None:
+        raise LowbitError("GGUF export: max_shard_size is not supported (one file; llama.cpp's gguf-split splits it)")
     t0 = time.perf_counter()
-    config = model.config
+    out = Path(out)
+    check_output(out, overwrite, single_file=True)
+    model, config = qm.model, qm.model.config
     spec = arch_spec(config.model_type)
     facts = model_facts(config)
-    recipe = resolve_recipe(recipe, config, imatrix is not None)
-    params, rows = plan_tensors(model, recipe, imatrix)
-    quantized = any(r.used not in ("F32", "F16", "BF16") for r in rows)
-    out = Path(out)
-    report = GGUFReport(out, recipe, rows)
+    names = NameMap(spec.gguf_arch, facts["n_layers"])
+    if source_gguf is None:
+        source_gguf = _source_gguf(qm)
+    params = _logical_tensors(model, qm)
+    emb, head = params.get("model.embed_tokens.weight"), params.get("lm_head.weight")
+    emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = getattr(head_mod, "weight", None) is not None and getattr(head_mod, "weight", None) is \
+        getattr(emb_mod, "weight", None) and "lm_head" not in qm.qweights
+    if tied or (head is not None and emb is not None and head.data_ptr() == emb.data_ptr()
+                and "lm_head" not in qm.qweights):
+        params.pop("lm_head.weight", None)
+    recipe = qm.recipe if qm.recipe is not None else Recipe("custom", [])
+    report = GGUFReport(out, recipe)
+    data: dict[str, np.ndarray] = {}
+    for hf_name, p in params.items():
+        module = module_of(hf_name)
+        shape = tuple(p.shape)
+        gname = names.to_gguf(hf_name)
+        if module in qm.qweights and hf_name.endswith(".weight"):
+            wanted, used, blob = _weight_bytes(qm.qweights[module], hf_name, reencode, report)
+            im = bool(qm.qweights[module].info.get("imatrix", False)) if hasattr(qm.qweights[module], "info") else False
+        else:
+            a = p.detach().float().cpu().numpy()
+            if not np.isfinite(a).all():
+                raise LowbitError(f"GGUF export: tensor {hf_name} contains NaN/inf; refusing to write it")
+            wanted = "F32" if len(shape) < 2 else "F16"
+            used = wanted if len(shape) < 2 else fallback_type("F16", shape[-1])
+            blob, im = (a.astype(np.float32) if used == "F32" else a.astype(np.float16)), False
+        heads = qk_heads(hf_name, facts["n_head"], facts["n_head_kv"]) if spec.permute_qk else None
+        if heads is not None:
+            blob = permute_qk(blob, heads)
+        n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        report.tensors.append(TensorRow(gname, hf_name, shape, wanted, used,
+                                        n_rows * ggml_type(used).row_bytes(shape[-1]), im))
+        data[gname] = np.ascontiguousarray(blob)
+    quantized = any(r.used not in ("F32", "F16", "BF16") for r in report.tensors)
+    im_meta = qm.provenance.get("imatrix") or {}
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch=spec.gguf_arch)
         _general(w, config, source_gguf, _file_type(recipe), quantized)
@@ -239,16 +361,14 @@ def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_di
             for key, val, vt, sub in kv_from_gguf(source_gguf):
                 w.add_key_value(key, val, vt, sub)
         else:
-            if hf_dir is None:
-                raise LowbitError("GGUF export: need hf_dir (tokenizer files) or source_gguf")
-            add_hf_tokenizer(w, hf_dir, int(config.vocab_size), tokenizer_pre)
-        if imatrix is not None:
-            w.add_string("quantize.imatrix.file", str(imatrix_file or "lowbit"))
-            if imatrix.datasets:
-                w.add_string("quantize.imatrix.dataset", imatrix.datasets[0])
-            w.add_int32("quantize.imatrix.entries_count", len(imatrix.sums))
-            w.add_int32("quantize.imatrix.chunks_count", int(imatrix.chunk_count))
-        for r in rows:
+            add_hf_tokenizer(w, qm.source_dir, int(config.vocab_size), tokenizer_pre)
+        if im_meta:
+            w.add_string("quantize.imatrix.file", str(im_meta.get("file") or "lowbit"))
+            if im_meta.get("dataset"):
+                w.add_string("quantize.imatrix.dataset", im_meta["dataset"])
+            w.add_int32("quantize.imatrix.entries_count", int(im_meta.get("entries", 0)))
+            w.add_int32("quantize.imatrix.chunks_count", int(im_meta.get("chunks", 0)))
+        for r in report.tensors:
             gt = gguf.GGMLQuantizationType[r.used]
             if r.used == "F32":
                 w.add_tensor_info(r.name, r.shape, np.dtype(np.float32), r.nbytes)
@@ -260,53 +380,106 @@ def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_di
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        it = rows
+        it = report.tensors
         if progress:
             from tqdm.auto import tqdm
-            it = tqdm(rows, desc=f"gguf {recipe.name}", unit="tensor")
+            it = tqdm(it, desc=f"gguf {recipe.name}", unit="tensor")
         for r in it:
-            w.write_tensor_data(_encode(params[r.hf_name], r, facts, spec, imatrix, refine))
+            w.write_tensor_data(data.pop(r.name))
         w.close()
     report.seconds = time.perf_counter() - t0
     report.file_bytes = out.stat().st_size
+    man = provenance(qm, "gguf", extra={"gguf": {
+        "tensors": {r.name: {"hf": r.hf_name, "wanted": r.wanted, "used": r.used} for r in report.tensors},
+        "exact_int": report.exact, "reencoded": report.reencoded, "imatrix": im_meta}})
+    write_sidecar(out, man)
     return report
 
 
-def _encode(p, r: TensorRow, facts: dict, spec, imatrix, refine: bool = False) -> np.ndarray:
-    """One tensor's GGUF bytes (or float array for F32/F16), q/k rows permuted for llama."""
-    a = p.detach().float().cpu().numpy()
-    heads = qk_heads(r.hf_name, facts["n_head"], facts["n_head_kv"]) if spec.permute_qk else None
-    if heads is not None:
-        a = permute_qk(a, heads)
-    if r.used in ("F32", "F16") and not np.isfinite(a).all():
-        raise LowbitError(f"{r.name}: contains NaN/inf; refusing to write it")
-    if r.used == "F32":
-        return np.ascontiguousarray(a, dtype=np.float32)
-    if r.used == "F16":
-        return np.ascontiguousarray(a, dtype=np.float16)
-    a2 = a.reshape(-1, a.shape[-1])
-    imp = imatrix.mean(r.name) if r.imatrix else None
-    data = quantize(a2, r.used, imatrix=imp, name=r.name)
-    if refine and imp is not None:
-        from lowbit.methods.ggml_refine import refine as refine_blocks
-        data = refine_blocks(r.used, np.ascontiguousarray(a2, dtype=np.float32), imp, data)
-    return data
+def _logical_tensors(model, qm) -> dict:
+    """The model's tensors by their float names, in state_dict order: a quantized module stands
+    for `<module>.weight` (its QuantizedWeight / GGMLWeight) and its bias, not its buffers."""
+    out: dict = {}
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in qm.qweights and qm.kinds.get(owner) == "linear":
+            if f"{owner}.weight" not in out:
+                out[f"{owner}.weight"] = _Shape(qm.qweights[owner].shape)
+                b = qm.bias(owner)
+                if b is not None:
+                    out[f"{owner}.bias"] = b
+            continue
+        out[key] = value
+    return out
+
+
+class _Shape:
+    """Stands for a quantized weight in the tensor plan: only its shape is read."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def data_ptr(self) -> int:
+        return id(self)
+
+
+def _source_gguf(qm) -> Path | None:
+    from lowbit.models.registry import BUILTIN_MODELS
+    src = str((qm.provenance.get("source") or {}).get("model", ""))
+    if src in BUILTIN_MODELS:
+        try:
+            return BUILTIN_MODELS[src].gguf_path()
+        except LowbitError:
+            return None
+    p = Path(src)
+    return p if p.is_file() and p.suffix.lower() == ".gguf" else None
+
+
+def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_dir: str | Path | None = None,
+               imatrix=None, imatrix_file: str | None = None, source_gguf: str | Path | None = None,
+               tokenizer_pre: str | None = None, refine: bool = False, progress: bool = True,
+               overwrite: bool = True) -> GGUFReport:
+    """Quantize a copy of `model` (float weights) by `recipe` with api.quantize, then write it
+    (write_quantized). hf_dir: the model's HF directory (config and tokenizer files);
+    source_gguf: the GGUF it came from, whose tokenizer.* / general.* keys are copied.
+    imatrix: an Imatrix keyed by GGUF tensor names (or a file). refine: lowbit's block
+    refinement on tensors that have an imatrix (the bytes then differ from llama.cpp's)."""
+    import copy
+
+    from lowbit import api
+    from lowbit.export import QuantizedModel
+    from lowbit.models.base import LoadedModel
+    r = get_recipe(recipe)
+    if refine:
+        r = Recipe(r.name, [type(x)(x.targets, x.scheme, x.method,
+                                    {**x.method_args, **({"refine": True} if x.method == "ggml" else {})})
+                            for x in r.rules], list(r.ignore), dict(r.calibration), r.description)
+    if hf_dir is None:
+        raise LowbitError("GGUF export: need hf_dir (the model's config and tokenizer files)")
+    m = copy.deepcopy(model)
+    rep = api.quantize(m, r, progress=False, imatrix=imatrix)
+    if imatrix_file and rep.imatrix:
+        rep.imatrix["file"] = str(imatrix_file)
+    lm = LoadedModel(m, None, Path(hf_dir), str(source_gguf or hf_dir))
+    qm = QuantizedModel.from_report(lm, rep)
+    qm.provenance["imatrix"] = dict(rep.imatrix)
+    try:
+        return write_quantized(qm, out, source_gguf=source_gguf, tokenizer_pre=tokenizer_pre,
+                               overwrite=overwrite, progress=progress)
+    finally:
+        del m, qm
 
 
 def export_gguf(source, out: str | Path, type: str | Recipe = "q4_k_m", *, imatrix=None,
-                tokenizer_pre: str | None = None, refine: bool = False, progress: bool = True) -> GGUFReport:
-    """lowbit export's GGUF path: a model name / .gguf / HF dir (or a LoadedModel) -> GGUF file.
-
-    type: a mix name (mixes.MIXES), a recipe JSON path, or a Recipe; imatrix: an Imatrix or a path
-    to an imatrix file (GGUF or legacy .dat, as llama-imatrix writes them)."""
-    from lowbit.calibration.imatrix import Imatrix
+                tokenizer_pre: str | None = None, refine: bool = False, progress: bool = True,
+                overwrite: bool = True) -> GGUFReport:
+    """lowbit export's GGUF path for a float model: a model name / .gguf / HF dir (or a
+    LoadedModel) -> quantized by the mix `type` (imatrix: an Imatrix or a file) -> GGUF file."""
     from lowbit.models import LoadedModel, load_model
     from lowbit.models.load import resolve_source
     loaded = source if isinstance(source, LoadedModel) else load_model(source)
     kind, path = resolve_source(loaded.source)
-    im, im_file = imatrix, None
-    if isinstance(imatrix, (str, Path)):
-        im, im_file = Imatrix.load(imatrix), str(imatrix)
-    return write_gguf(loaded.model, out, type, hf_dir=loaded.path, imatrix=im, imatrix_file=im_file,
+    im_file = str(imatrix) if isinstance(imatrix, (str, Path)) else None
+    return write_gguf(loaded.model, out, type, hf_dir=loaded.path, imatrix=imatrix, imatrix_file=im_file,
                       source_gguf=path if kind == "gguf" else None, tokenizer_pre=tokenizer_pre,
-                      refine=refine, progress=progress)
+                      refine=refine, progress=progress, overwrite=overwrite)

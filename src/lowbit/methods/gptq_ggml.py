@@ -1,0 +1,99 @@
+"""GPTQ with ggml's block encoders as the quantizer: GGUF files (Q2_K..Q6_K, Q4_0/Q5_0/Q8_0, ...)
+whose codes carry GPTQ's second-order error compensation.
+
+GPTQ (arXiv:2210.17323, see gptq.py) needs, for each column, "round this value onto the grid";
+a ggml block fixes its grid per block of B columns (32, or a 256-column super-block with 16/32-
+column sub-blocks). So, for each block of B columns of W (all rows at once), in column order:
+
+    1. encode the block's *current*, error-updated weights with llama.cpp's encoder, weighted by
+       the input importance (the imatrix when given, else diag(H), the same statistic: mean x^2
+       per input column): this fixes d, dmin and the sub-block scales, as llama-quantize would;
+    2. read that block's grid off the bytes (grid.affine: x = a*q + b per weight);
+    3. sweep its B columns one by one as GPTQ does: q_j = clip(round((w_j - b_j) / a_j)),
+       err_j = (w_j - a_j q_j - b_j) / U[j, j], update the block's later columns by err_j U[j, j+1:];
+    4. write the chosen codes into the block (grid.with_codes: the scales stay the encoder's),
+       and push the block's errors onto every later column with one matmul (lazy batch update).
+
+The result is a valid block of the same type and size as llama.cpp's, so llama.cpp reads it
+unchanged; only the codes (and, through the updates, the scales of later blocks) differ.
+Column order is the storage order (act-order would need a permutation GGUF cannot hold).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lowbit.errors import LowbitError, check_float_tensor
+
+
+def gptq_ggml_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme, config, imatrix=None,
+                       name: str = "weight"):
+    from lowbit.methods.ggml import resolve_type
+    from lowbit.methods.gptq import _one_thread, hessian_inverse_cholesky
+    from lowbit.numerics.ggml import quantize
+    from lowbit.numerics.ggml.grid import affine, code_span, with_codes
+    from lowbit.numerics.ggml.types import ggml_type
+    from lowbit.numerics.ggml.weight import GGMLWeight
+
+    check_float_tensor(weight, name)
+    check_float_tensor(hessian, f"{name} hessian")
+    rows, cols = weight.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise LowbitError(f"{name}: hessian must be ({cols}, {cols}), got {tuple(hessian.shape)}")
+    if config.act_order:
+        raise LowbitError(f"{name}: gptq act_order with a ggml type: GGUF stores columns in order "
+                          "(no g_idx); drop -actorder")
+    wanted, used = resolve_type(scheme, cols, name)
+    t = ggml_type(used)
+    if used in ("F16", "F32", "BF16"):      # no ggml block fits these rows: stays float
+        return GGMLWeight(torch.from_numpy(quantize(weight.float().numpy(), used)), used, (rows, cols), wanted,
+                          {"ggml_type": used, "ggml_wanted": wanted})
+    span = code_span(used)
+    B = t.block_size
+    W = weight.detach().float().clone()
+    H = hessian.detach().double().clone()
+    dead = H.diagonal() == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        H.diagonal()[dead] = 1.0
+        W[:, dead] = 0.0
+    imp = (np.asarray(imatrix, dtype=np.float32) if imatrix is not None
+           else (H.diagonal() / max(1.0, float(H.diagonal().mean()))).float().numpy())
+    with _one_thread():
+        U64, damp_used, retries = hessian_inverse_cholesky(H, config.damp_percent, config.max_damp_retries)
+    U = U64.float()
+    del H, U64
+    Wt = W.t().contiguous()                       # (cols, rows): a column is a contiguous row
+    del W
+    nblk = cols // B
+    blocks = np.empty((rows, nblk, t.type_size), dtype=np.uint8)
+    losses = torch.zeros(rows, dtype=torch.float64)
+    for k in range(nblk):
+        i1, i2 = k * B, (k + 1) * B
+        W1 = Wt[i1:i2].clone()                    # (B, rows)
+        enc = quantize(np.ascontiguousarray(W1.t().numpy()), used, imatrix=imp[i1:i2])   # (rows, type_size)
+        a_np, b_np = affine(enc, used)            # (rows, B) each
+        A, Bv = torch.from_numpy(a_np).t().contiguous(), torch.from_numpy(b_np).t().contiguous()  # (B, rows)
+        live = A != 0
+        Asafe = torch.where(live, A, torch.ones_like(A))
+        Q = torch.empty(B, rows)
+        Err1 = torch.empty(B, rows)
+        U1 = U[i1:i2, i1:i2]
+        with _one_thread():
+            for i in range(B):
+                w = W1[i]
+                q = torch.where(live[i], ((w - Bv[i]) / Asafe[i]).round_().clamp_(0, span.qmax),
+                                torch.zeros_like(w))
+                Q[i] = q
+                err = (w - (A[i] * q + Bv[i])).div_(U1[i, i])
+                Err1[i] = err
+                if i + 1 < B:
+                    W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+        blocks[:, k] = with_codes(enc, used, Q.t().numpy())
+        losses += Err1.double().square().sum(dim=0) / 2
+        if i2 < cols:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
+    info = {"ggml_type": used, "ggml_wanted": wanted, "loss": float(losses.sum()), "damp_percent": damp_used,
+            "damp_retries": retries, "n_dead_inputs": n_dead, "imatrix": imatrix is not None,
+            "loss_per_row": losses.float()}
+    return GGMLWeight(torch.from_numpy(blocks.reshape(rows, -1)), used, (rows, cols), wanted, info)
