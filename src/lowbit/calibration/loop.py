@@ -316,7 +316,8 @@ def _solve(group: list[Target], stats: dict | None) -> list[QuantizedWeight]:
                 and t0.rule.scheme.format not in GGUF_FORMATS)   # ggml blocks: one matrix each
         chunks = [idx] if fuse else [[i] for i in idx]
         for chunk in chunks:
-            ws = [linear_weight(group[i].module).detach().float() for i in chunk]
+            ws = [(linear_weight(group[i].module) if is_linear_like(group[i].module)
+                   else group[i].module.weight).detach().float() for i in chunk]
             W = torch.cat(ws, 0) if len(ws) > 1 else ws[0]
             name = "+".join(group[i].name for i in chunk)
             st = stats

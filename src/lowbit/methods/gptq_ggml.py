@@ -16,6 +16,11 @@ column sub-blocks). So, for each block of B columns of W (all rows at once), in 
 
 The result is a valid block of the same type and size as llama.cpp's, so llama.cpp reads it
 unchanged; only the codes (and, through the updates, the scales of later blocks) differ.
+Finally each row keeps whichever of (GPTQ's row, llama.cpp's own encoding of the original row)
+has the lower proxy loss (w - q)^T H (w - q): rows are independent in the file, so the result is
+never worse than the encoder alone on the calibration statistics. (It matters where the float
+weights already lie on a ggml grid, as SmolLM2's lie on Q4_1's: Q4_K re-encodes those nearly
+exactly and GPTQ's updates would move them off it.)
 Column order is the storage order (act-order would need a permutation GGUF cannot hold).
 """
 from __future__ import annotations
@@ -52,6 +57,7 @@ def gptq_ggml_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme, conf
     B = t.block_size
     W = weight.detach().float().clone()
     H = hessian.detach().double().clone()
+    H0 = hessian.detach().float()
     dead = H.diagonal() == 0
     n_dead = int(dead.sum())
     if n_dead:
@@ -67,7 +73,6 @@ def gptq_ggml_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme, conf
     del W
     nblk = cols // B
     blocks = np.empty((rows, nblk, t.type_size), dtype=np.uint8)
-    losses = torch.zeros(rows, dtype=torch.float64)
     for k in range(nblk):
         i1, i2 = k * B, (k + 1) * B
         W1 = Wt[i1:i2].clone()                    # (B, rows)
@@ -90,10 +95,23 @@ def gptq_ggml_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme, conf
                 if i + 1 < B:
                     W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
         blocks[:, k] = with_codes(enc, used, Q.t().numpy())
-        losses += Err1.double().square().sum(dim=0) / 2
         if i2 < cols:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
-    info = {"ggml_type": used, "ggml_wanted": wanted, "loss": float(losses.sum()), "damp_percent": damp_used,
-            "damp_retries": retries, "n_dead_inputs": n_dead, "imatrix": imatrix is not None,
-            "loss_per_row": losses.float()}
-    return GGMLWeight(torch.from_numpy(blocks.reshape(rows, -1)), used, (rows, cols), wanted, info)
+    blob = blocks.reshape(rows, -1)
+    # per row: GPTQ's codes or the encoder's own, whichever has the lower proxy loss
+    from lowbit.numerics.ggml import dequantize
+    W0 = weight.detach().float()
+    plain = quantize(np.ascontiguousarray(W0.numpy()), used, imatrix=imp)
+    proxy = []
+    for cand in (blob, plain):
+        D = W0 - torch.from_numpy(dequantize(cand, used, (rows, cols)))
+        proxy.append(((D @ H0) * D).sum(1).double())
+    keep_plain = proxy[1] < proxy[0]
+    if bool(keep_plain.any()):
+        blob = np.where(keep_plain.numpy()[:, None], plain, blob)
+    chosen = torch.where(keep_plain, proxy[1], proxy[0])
+    info = {"ggml_type": used, "ggml_wanted": wanted, "loss": float(chosen.sum()) / 2,
+            "loss_encoder_only": float(proxy[1].sum()) / 2, "rows_from_encoder": int(keep_plain.sum()),
+            "damp_percent": damp_used, "damp_retries": retries, "n_dead_inputs": n_dead,
+            "imatrix": imatrix is not None, "loss_per_row": (chosen / 2).float()}
+    return GGMLWeight(torch.from_numpy(np.ascontiguousarray(blob)), used, (rows, cols), wanted, info)
