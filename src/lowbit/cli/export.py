@@ -21,7 +21,7 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write a model in a deployment format (gguf, gptq, awq, "
                                       "compressed-tensors, onnx, native)")
     p.add_argument("model", help="a quantized output directory, or a float model (built-in name, .gguf, HF dir)")
-    p.add_argument("--format", default="gguf", help="output format (default gguf); `lowbit formats` lists them")
+    p.add_argument("--format", default="gguf", help="output format: gguf (default), native, gptq, awq, compressed-tensors, onnx")
     p.add_argument("--type", default="q4_k_m", choices=sorted(MIXES), metavar="TYPE",
                    help=f"GGUF mix for a float model: {', '.join(MIXES)} (default q4_k_m)")
     p.add_argument("--recipe", default=None, help="recipe for a float model (preset or JSON; overrides --type)")

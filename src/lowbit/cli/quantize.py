@@ -2,7 +2,7 @@
 
 The output is written by the formats layer (lowbit.export): the lowbit native directory by
 default, or any format that can hold the recipe's result (gptq, awq, compressed-tensors, gguf,
-onnx; `lowbit formats` lists them). Progress is printed per decoder block; `lowbit eval OUT`
+onnx). Progress is printed per decoder block; `lowbit eval OUT`
 (or `load_model(OUT)`) reads the result.
 Calibration options override the recipe's (defaults: lowbit.calibration.CalibrationConfig).
 """
