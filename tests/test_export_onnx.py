@@ -194,6 +194,10 @@ def test_directory_manifest_and_determinism(exported, tmp_path):
     assert m["format"] == "onnx" and m["lowbit_recipe"]["name"] == RECIPE
     row = m["layers"]["model.layers.0.mlp.down_proj"]
     assert (row["op"], row["bits"], row["block_size"], row["shape"]) == ("MatMulNBits", 4, 64, [576, 1536])
+    assert m["layers"]["model.layers.0.self_attn.k_proj"]["node"] == "model.layers.0.self_attn.qkv_proj"
+    g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("MatMulNBits") == 4 * 30 and ops.count("GroupQueryAttention") == 30   # qkv, o, gate_up, down
     assert len([r for r in m["layers"].values() if r["op"] == "MatMulNBits"]) == 7 * 30
     from lowbit.export.manifest import verify
     assert verify(out)["format"] == "onnx"
@@ -234,3 +238,16 @@ def test_cli_quantize_format_onnx(tmp_path, exported, tokens):
     ref = json.loads((exported[2] / "lowbit_manifest.json").read_text())["files"]
     assert files["model.onnx"] == ref["model.onnx"] and files["model.onnx.data"] == ref["model.onnx.data"]
     assert OnnxRunner(out).logits(tokens[:, :8]).shape == (1, 8, 49152)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_unfused_graph_gives_the_same_logits(exported, tokens, tmp_path):
+    """fuse=False (one MatMulNBits per linear, separate q/k/v into GroupQueryAttention) computes
+    the same dot products: equal to the fused graph up to fp32 reordering."""
+    lm, rep, out = exported
+    plain = api.export(lm, rep, tmp_path / "plain", "onnx", fuse=False)
+    ops = [n.op_type for n in onnx.load(str(plain / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 7 * 30
+    a, b = OnnxRunner(out).logits(tokens), OnnxRunner(plain).logits(tokens)
+    assert float((a - b).abs().max()) < 1e-3

@@ -19,11 +19,16 @@ Graph inputs / outputs, in onnxruntime-genai's names and layout (BNSH cache):
 One Llama-family block (llama, mistral without a sliding window, qwen2), as nodes:
 
     h ─ SkipSimplifiedLayerNormalization(input_layernorm) ─ x      (skip: the residual sum, fp32)
-    x ─ MatMulNBits q/k/v (+ Add bias) ─ GroupQueryAttention(do_rotary, rotate_half layout,
-        cos/sin caches = cos/sin(pos * model's inv_freq) * attention_scaling, causal) ─ MatMulNBits o
+    x ─ MatMulNBits qkv_proj (q|k|v rows stacked, + Add bias) ─ GroupQueryAttention(packed qkv,
+        do_rotary, rotate_half layout, cos/sin caches = cos/sin(pos * the model's inv_freq) *
+        attention_scaling, causal) ─ MatMulNBits o_proj
     ─ SkipSimplifiedLayerNormalization(post_attention_layernorm, adds the residual) ─ x2
-    x2 ─ MatMulNBits gate ─ g * Sigmoid(g) ─┐
-    x2 ─ MatMulNBits up   ───────────────────┴ Mul ─ MatMulNBits down ─ (residual, next block)
+    x2 ─ MatMulNBits gate_up_proj ─ Split ─ gate ─ gate * Sigmoid(gate) ─┐
+                                          └ up ───────────────────────────┴ Mul ─ MatMulNBits down_proj
+
+q/k/v (and gate/up) are one MatMulNBits when their schemes share bits, block size and zero-point
+presence (else, or with fuse=False, one node each): each output row is the same dot product
+either way, so fusing changes no number; it saves kernel calls, which batch-1 decode is bound by.
     final: SkipSimplifiedLayerNormalization(model.norm) ─ lm_head (MatMulNBits, or Gemm transB on
     the float embedding table it is tied to: the table is stored once)
 
@@ -205,6 +210,20 @@ class _Graph:
         self.nodes.append(helper.make_node(op, list(inputs), outputs, name=name, domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
+    def _row(self, name: str, qw, p: dict, node: str) -> None:
+        self.layers[name] = {"kind": "linear", "op": "MatMulNBits", "node": node,
+                             "scheme": qw.scheme.short_name(), "shape": list(qw.shape), "bits": p["bits"],
+                             "block_size": p["block_size"], "zero_points": p["zero_points"] is not None,
+                             "ragged_last_group": qw.ragged_last_group,
+                             "bits_per_weight": round(qw.bits_per_weight, 6)}
+
+    def _matmul_nbits(self, name: str, p: dict, x: str) -> str:
+        ins = [x, self.init(f"{name}.qweight", p["B"]), self.init(f"{name}.scales", p["scales"])]
+        if p["zero_points"] is not None:
+            ins.append(self.init(f"{name}.qzeros", p["zero_points"]))
+        return self.node("MatMulNBits", ins, f"{name}/out", name, "com.microsoft", K=p["K"], N=p["N"],
+                         bits=p["bits"], block_size=p["block_size"])
+
     def linear(self, qm, name: str, x: str) -> str:
         """One linear (quantized: MatMulNBits; float: MatMul on W^T), plus its bias."""
         mod = qm.model.get_submodule(name)
@@ -212,22 +231,46 @@ class _Graph:
         if name in qm.qweights and qm.kinds.get(name) == "linear":
             qw = qm.qweights[name]
             p = pack_matmul_nbits(qw, name)
-            ins = [x, self.init(f"{name}.qweight", p["B"]), self.init(f"{name}.scales", p["scales"])]
-            if p["zero_points"] is not None:
-                ins.append(self.init(f"{name}.qzeros", p["zero_points"]))
-            y = self.node("MatMulNBits", ins, f"{name}/out", name, "com.microsoft", K=p["K"], N=p["N"],
-                          bits=p["bits"], block_size=p["block_size"])
-            self.layers[name] = {"kind": "linear", "op": "MatMulNBits", "scheme": qw.scheme.short_name(),
-                                 "shape": list(qw.shape), "bits": p["bits"], "block_size": p["block_size"],
-                                 "zero_points": p["zero_points"] is not None,
-                                 "ragged_last_group": qw.ragged_last_group,
-                                 "bits_per_weight": round(qw.bits_per_weight, 6)}
+            y = self._matmul_nbits(name, p, x)
+            self._row(name, qw, p, name)
         else:
             w = mod.weight.detach().float()
             y = self.node("MatMul", [x, self.init(f"{name}.weight_t", w.t().contiguous())], f"{name}/out", name)
         if bias is not None:
             y = self.node("Add", [y, self.init(f"{name}.bias", bias.float())], f"{name}/biased", f"{name}/bias")
         return y
+
+    def fused(self, qm, names: list[str], x: str, fused_name: str) -> str | None:
+        """Linears that read the same input as ONE MatMulNBits over their rows stacked (q/k/v,
+        gate/up: one kernel call instead of 2-3, what decode at batch 1 is bound by). The
+        stacked inputs are the per-layer ones concatenated along N (B, scales and the per-row
+        packed zero points are all row-major). -> the (.., sum N) output, or None when the
+        layers do not share bits / block_size / zero-point presence (then they stay separate)."""
+        if not all(n in qm.qweights and qm.kinds.get(n) == "linear" for n in names):
+            return None
+        packs = [pack_matmul_nbits(qm.qweights[n], n) for n in names]
+        key = {(p["K"], p["bits"], p["block_size"], p["zero_points"] is None) for p in packs}
+        if len(key) != 1:
+            return None
+        cat = {"B": np.concatenate([p["B"] for p in packs]),
+               "scales": np.concatenate([p["scales"] for p in packs]),
+               "zero_points": None if packs[0]["zero_points"] is None else
+               np.concatenate([p["zero_points"] for p in packs]),
+               "K": packs[0]["K"], "N": sum(p["N"] for p in packs), "bits": packs[0]["bits"],
+               "block_size": packs[0]["block_size"]}
+        y = self._matmul_nbits(fused_name, cat, x)
+        for n, p in zip(names, packs):
+            self._row(n, qm.qweights[n], p, fused_name)
+        biases = [qm.bias(n) for n in names]
+        if any(b is not None for b in biases):
+            b = torch.cat([torch.zeros(p["N"]) if b is None else b.float() for b, p in zip(biases, packs)])
+            y = self.node("Add", [y, self.init(f"{fused_name}.bias", b)], f"{fused_name}/biased",
+                          f"{fused_name}/bias")
+        return y
+
+    def split(self, y: str, sizes: list[int], names: list[str]) -> list[str]:
+        self.init(f"{y}/split_sizes", np.array(sizes, np.int64))
+        return self.node("Split", [y, f"{y}/split_sizes"], [f"{n}/out" for n in names], f"{y}/split", axis=-1)
 
 
 def _check_model(qm):
@@ -256,8 +299,9 @@ def _check_model(qm):
     return head_dim
 
 
-def build_model(qm, max_seq_len: int | None = None):
-    """The onnx.ModelProto of `qm` (a QuantizedModel of the Llama family)."""
+def build_model(qm, max_seq_len: int | None = None, fuse: bool = True):
+    """The onnx.ModelProto of `qm` (a QuantizedModel of the Llama family). fuse: q/k/v and
+    gate/up each as one MatMulNBits (when their schemes allow; exact either way)."""
     onnx = _need_onnx()
     from onnx import TensorProto, helper
     head_dim = _check_model(qm)
@@ -309,9 +353,12 @@ def build_model(qm, max_seq_len: int | None = None):
     for i in range(L):
         blk, p = m.model.layers[i], f"model.layers.{i}"
         x = norm(pending, blk.input_layernorm.weight, f"{p}.input_layernorm")
-        q = g.linear(qm, f"{p}.self_attn.q_proj", x)
-        k = g.linear(qm, f"{p}.self_attn.k_proj", x)
-        v = g.linear(qm, f"{p}.self_attn.v_proj", x)
+        qkv_names = [f"{p}.self_attn.{n}_proj" for n in "qkv"]
+        qkv = g.fused(qm, qkv_names, x, f"{p}.self_attn.qkv_proj") if fuse else None
+        if qkv is not None:       # GroupQueryAttention takes packed q|k|v when key, value are ""
+            q, k, v = qkv, "", ""
+        else:
+            q, k, v = (g.linear(qm, n, x) for n in qkv_names)
         pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         ok, ov = f"present.{i}.key", f"present.{i}.value"
         for n in (pk, pv):
@@ -324,8 +371,12 @@ def build_model(qm, max_seq_len: int | None = None):
                      scale=float(head_dim ** -0.5))[0]
         o = g.linear(qm, f"{p}.self_attn.o_proj", att)
         x2 = norm(o, blk.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
-        gate = g.linear(qm, f"{p}.mlp.gate_proj", x2)
-        up = g.linear(qm, f"{p}.mlp.up_proj", x2)
+        gu_names = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
+        gu = g.fused(qm, gu_names, x2, f"{p}.mlp.gate_up_proj") if fuse else None
+        if gu is not None:
+            gate, up = g.split(gu, [cfg.intermediate_size] * 2, gu_names)
+        else:
+            gate, up = (g.linear(qm, n, x2) for n in gu_names)
         sig = g.node("Sigmoid", [gate], f"{p}.mlp/sigmoid", f"{p}.mlp/sigmoid")
         act = g.node("Mul", [gate, sig], f"{p}.mlp/silu", f"{p}.mlp/silu")
         prod = g.node("Mul", [act, up], f"{p}.mlp/gated", f"{p}.mlp/gated")
@@ -363,15 +414,16 @@ def _lowbit_version() -> str:
 
 
 def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size=None,
-          max_seq_len: int | None = None) -> Path:
+          max_seq_len: int | None = None, fuse: bool = True) -> Path:
     """Write a QuantizedModel as an ONNX directory for onnxruntime (module docstring).
-    max_seq_len caps the rotary caches (default: config.max_position_embeddings)."""
+    max_seq_len caps the rotary caches (default: config.max_position_embeddings); fuse=False
+    keeps one MatMulNBits per linear (q/k/v, gate/up unfused)."""
     onnx = _need_onnx()
     from lowbit.export.common import copy_model_files, output_dir, source_config
     from lowbit.export.manifest import provenance, write_manifest
     if max_shard_size is not None:
         raise LowbitError("format onnx: max_shard_size does not apply (one external data file, no size limit)")
-    model, layers = build_model(qm, max_seq_len)
+    model, layers = build_model(qm, max_seq_len, fuse)
     rows = qm.provenance.get("layers", {})
     for name, row in layers.items():
         row["method"] = rows.get(name, {}).get("method")
