@@ -251,3 +251,41 @@ def test_unfused_graph_gives_the_same_logits(exported, tokens, tmp_path):
     assert ops.count("MatMulNBits") == 7 * 30
     a, b = OnnxRunner(out).logits(tokens), OnnxRunner(plain).logits(tokens)
     assert float((a - b).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("tied,head", [(False, "float"), (True, "quantized")])
+def test_qwen2_biases_and_lm_head(tmp_path, tied, head):
+    """A small Qwen2 built by transformers from a config (random weights, seeded): q/k/v biases
+    (added after the fused MatMulNBits), rope_theta 1e6, an untied float lm_head (MatMul on W^T)
+    or a tied one quantized (its own MatMulNBits): onnxruntime vs the transformers forward of the
+    same quantized model, within the fp32 yardstick of the test above (6 x our fp32-vs-fp64)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lowbit.recipe import Recipe, Rule
+    cfg = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=1e6, tie_word_embeddings=tied, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():                        # transformers initialises biases to 0: make them count
+        for layer in model.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.normal_(0, 0.5)
+    src = tmp_path / "src"
+    model.config.save_pretrained(src)
+    recipe = Recipe("w4g32+head", [Rule(r".*", int_scheme(4, 32))], ignore=[] if head == "quantized" else ["lm_head"])
+    rep = api.quantize(model, recipe, progress=False)
+    assert ("lm_head" in rep.qweights) == (head == "quantized")
+    lm = LoadedModel(model, None, src, "tiny-qwen2", None)
+    out = api.export(lm, rep, tmp_path / "m", "onnx")
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(ids).logits
+        exact = copy.deepcopy(model).double()(ids).logits
+    got = OnnxRunner(out).logits(ids)
+    e32 = float((ours.double() - exact).abs().max())
+    assert 0 < e32 < 1e-4
+    assert float((got.double() - exact).abs().max()) <= 6 * e32
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Add") == 2                 # one fused q|k|v bias per layer
+    assert ops.count("MatMulNBits") == 4 * 2 + (head == "quantized")
