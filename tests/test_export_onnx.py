@@ -90,7 +90,7 @@ def test_golden_packing_by_hand():
                                     int_scheme(8, 16), int_scheme(8, None, symmetric=True), int_scheme(4, None)],
                          ids=lambda s: s.short_name())
 def test_packing_matches_numpy_matmul(scheme):
-    # 40 x 576: SmolLM2's hidden size, ragged at g128 (4 x 128 + 64), one 1024-wide block per channel
+    # 40 x 576: SmolLM2's hidden size, ragged at g128 (4 x 128 + 64); per channel: 9 blocks of 64
     w = torch.randn(40, 576, generator=torch.Generator().manual_seed(0))
     qw = quantize_weight(w, scheme)
     p = pack_matmul_nbits(qw, "t")

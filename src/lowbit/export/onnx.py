@@ -51,8 +51,10 @@ Our int schemes map exactly: asymmetric integer zero points as they are, symmetr
 zero = 2^(bits-1) (the input is then omitted). A ragged last group (576 columns at g128 =
 4 x 128 + 64) is held as it is: onnxruntime accepts K not a multiple of block_size and reads only
 K values of A; the codes past K are written as the block's zero point, so each contributes
-exactly 0 whatever runs it. Per-channel schemes are one block per row, block_size = the next
-power of two >= K (same arithmetic). bits 2, 4 and 8 are what MatMulNBits has; other widths,
+exactly 0 whatever runs it. Per-channel schemes repeat the row's scale and zero in every block
+of a block size that divides K (576 -> 64, 1536 -> 256; same arithmetic, no padded codes).
+bits 2, 4 and 8 are what MatMulNBits has (onnxruntime 1.32's CPU kernel for 8 bits at fp32
+accuracy is ~10x slower a call than its 4-bit one, measured: BENCHMARKS.md); other widths,
 non-int formats (nf4, fp8, ggml blocks), block granularity, a non power of two group size and
 act-order g_idx that is not the identity are refused, naming the tensor.
 
@@ -78,6 +80,7 @@ DATA = "model.onnx.data"
 OPSET = 21
 MNB_BITS = (2, 4, 8)                     # the widths MatMulNBits holds (onnxruntime >= 1.20 CPU)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+CHANNEL_BLOCKS = (256, 128, 64, 32, 16)  # block sizes a per-channel weight may be cut into
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -94,10 +97,6 @@ def _need_onnx():
 # ---------------------------------------------------------------------------------------------
 # MatMulNBits packing
 # ---------------------------------------------------------------------------------------------
-def _next_pow2(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
 def _pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     """(rows, L) uint8 codes, L a multiple of 8/bits -> (rows, L*bits/8) bytes, low bits first."""
     per = 8 // bits
@@ -131,7 +130,12 @@ def matmul_nbits_block(qw, name: str = "weight") -> tuple[int, int]:
                           "g_idx), or export to --format native")
     if s.granularity == "group":
         return s.bits, s.group_size
-    return s.bits, _next_pow2(qw.shape[1])        # channel / tensor: one block spans each row
+    # channel / tensor: the row's one (scale, zero) repeated in every block. One block spanning
+    # the row (block_size = next power of two >= K) would pad the codes to it (576 -> 1024:
+    # +78% bytes) and runs slower in onnxruntime 1.32; instead the block that pads least,
+    # the largest on a tie (576 -> 64, 1536 -> 256): the scales cost 4 bytes per block
+    K = qw.shape[1]
+    return s.bits, min(CHANNEL_BLOCKS, key=lambda b: (-(-K // b) * b - K, -b))
 
 
 def pack_matmul_nbits(qw, name: str = "weight") -> dict:
