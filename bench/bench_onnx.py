@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_onnx.py --recipe w4g64-rtn --threads 2 \
         --pp 128 --tg 64 --repeats 3 [--json out.json] [--markdown]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_onnx.py --kernels   # one MatMulNBits node per scheme
 
 One process: the bundled model is quantized once (--recipe), exported with lowbit.export.onnx
 (MatMulNBits), then served two ways:
@@ -43,6 +44,55 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def kernel_calls(threads: int, calls: int = 300) -> int:
+    """Microseconds per onnxruntime call of one MatMulNBits node, 1536 x 576 (SmolLM2's gate_proj),
+    one activation row, for the schemes our export writes; median of 5 rounds of `calls`."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.export.onnx import pack_matmul_nbits
+    from lowbit.numerics import int_scheme
+    from lowbit.numerics.qweight import quantize_weight
+    w = torch.randn(1536, 576, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for sch in (int_scheme(4, 64), int_scheme(4, 128), int_scheme(4, 32, symmetric=True), int_scheme(2, 64),
+                int_scheme(8, 128, symmetric=True), int_scheme(8, None, symmetric=True)):
+        p = pack_matmul_nbits(quantize_weight(w, sch))
+        inits = [numpy_helper.from_array(p["B"], "B"), numpy_helper.from_array(p["scales"], "s")]
+        ins = ["A", "B", "s"]
+        if p["zero_points"] is not None:
+            inits.append(numpy_helper.from_array(p["zero_points"], "z"))
+            ins.append("z")
+        node = helper.make_node("MatMulNBits", ins, ["Y"], domain="com.microsoft", K=576, N=1536,
+                                bits=p["bits"], block_size=p["block_size"])
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 576])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 1536])], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        m.ir_version = 10
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning",
+                                    "0" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else "1")
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        a = {"A": np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)}
+        for _ in range(30):
+            sess.run(None, a)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(calls):
+                sess.run(None, a)
+            times.append((time.perf_counter() - t) / calls * 1e6)
+        rows.append((sch.short_name(), p["bits"], p["block_size"], statistics.median(times)))
+    print("| scheme | bits | block_size | us / call |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.0f} |")
+    print(f"threads {threads}, load avg {os.getloadavg()[0]:.1f}, {cpu_model()}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="w4g64-rtn")
@@ -52,7 +102,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", action="store_true", help="print a BENCHMARKS.md table")
+    ap.add_argument("--kernels", action="store_true",
+                    help="only time single MatMulNBits nodes (gate_proj's 1536 x 576, batch 1) per scheme")
     args = ap.parse_args(argv)
+    if args.kernels:
+        return kernel_calls(args.threads)
 
     import torch
     from transformers import DynamicCache
