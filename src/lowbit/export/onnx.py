@@ -53,8 +53,8 @@ zero = 2^(bits-1) (the input is then omitted). A ragged last group (576 columns 
 K values of A; the codes past K are written as the block's zero point, so each contributes
 exactly 0 whatever runs it. Per-channel schemes repeat the row's scale and zero in every block
 of a block size that divides K (576 -> 64, 1536 -> 256; same arithmetic, no padded codes).
-bits 2, 4 and 8 are what MatMulNBits has (onnxruntime 1.32's CPU kernel for 8 bits at fp32
-accuracy is ~10x slower a call than its 4-bit one, measured: BENCHMARKS.md); other widths,
+bits 2, 4 and 8 are what MatMulNBits has (onnxruntime 1.32's CPU kernels for 2 and 8 bits at
+fp32 accuracy are 25-70x slower a call than its 4-bit one, measured: BENCHMARKS.md); other widths,
 non-int formats (nf4, fp8, ggml blocks), block granularity, a non power of two group size and
 act-order g_idx that is not the identity are refused, naming the tensor.
 
