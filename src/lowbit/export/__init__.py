@@ -74,11 +74,12 @@ def get_format(name: str) -> Format:
     return fmts[name]
 
 
-def detect_format(path: str | os.PathLike) -> Format | None:
-    """The format that recognises `path` (native first), or None (a float checkpoint)."""
+def detect_format(path: str | os.PathLike, readable: bool = True) -> Format | None:
+    """The format that recognises `path` (native first), or None (a float checkpoint).
+    readable=True: only formats lowbit reads back as a torch model."""
     p = Path(path)
     for fmt in formats().values():
-        if fmt.read is not None and fmt.detect(p):
+        if (fmt.read is not None or not readable) and fmt.detect(p):
             return fmt
     return None
 

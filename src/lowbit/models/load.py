@@ -105,6 +105,11 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
             lm = fmt.read(path, dtype=dtype, backend=backend)
             lm.source = str(source)
             return lm
+        other = detect_format(path, readable=False)
+        if other is not None:
+            raise LowbitError(f"model {path}: a {other.name} export ({other.description}); lowbit writes "
+                              f"it but does not read it back as a torch model"
+                              + (": run it with lowbit.export.onnx.OnnxRunner(DIR)" if other.name == "onnx" else ""))
     if kind == "gguf":
         path, digest = gguf_to_hf_dir(path)
     try:
