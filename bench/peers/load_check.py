@@ -75,21 +75,35 @@ def _ct_dequantize(ckpt: Path) -> dict:
     tensors = {}
     for f in files:
         tensors.update(load_file(str(f)))
-    deq = CompressedTensorsDequantizer(str(ckpt), dtype=torch.float32)
     quantized = {k.rpartition(".")[0] for k in tensors if k.endswith((".weight_packed", ".weight_scale"))}
+    # The model-free dequantizer matches "Linear" targets by tensor name only: for the int-quantized
+    # (8-bit) format the root param is plain `weight`, so it also claims the embedding and the norms
+    # and fails ("Missing expected compression param 'model.embed_tokens.weight_scale'", compressed-
+    # tensors 0.19.0). Telling it to ignore every module that has no weight_scale avoids that.
+    plain = sorted({k.rpartition(".")[0] for k in tensors if k.endswith(".weight")} - quantized)
+    deq = CompressedTensorsDequantizer(str(ckpt), ignore=plain, dtype=torch.float32)
     out = deq.validate(tensors)
     return {f"{m}.weight": out[f"{m}.weight"].float().contiguous() for m in sorted(quantized)}
 
 
 def _gptq_dequantize(model) -> dict:
-    """gptqmodel's own dequantization of each QuantLinear (qweight/qzeros/scales/g_idx)."""
+    """gptqmodel's own dequantization of each QuantLinear: GPTQ modules' `dequantize_weight()`
+    (qweight/qzeros/scales/g_idx), AWQ modules' `dequantize_gemm` (the function their forward calls)."""
     import torch
     out = {}
     for name, mod in model.named_modules():
+        if not hasattr(mod, "qweight"):
+            continue
         fn = getattr(mod, "dequantize_weight", None)
-        if callable(fn) and hasattr(mod, "qweight"):
-            with torch.no_grad():
+        with torch.no_grad():
+            if callable(fn):
                 w = fn()
+            elif type(mod).__name__.startswith("Awq"):
+                from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+                w = dequantize_gemm(qweight=mod.qweight, qzeros=mod.qzeros, scales=mod.scales,
+                                    bits=mod.bits, group_size=mod.group_size)
+            else:
+                continue
             w = w.float()
             if w.shape == (mod.in_features, mod.out_features):  # gptqmodel returns (in, out)
                 w = w.t()
@@ -109,6 +123,8 @@ def main() -> int:
     ap.add_argument("--backend", default=None,
                     help="gptqmodel kernel for gptq/awq (default torch / torch_awq; 'auto': gptqmodel picks)")
     ap.add_argument("--float-dir", help="float HF directory: also record top-1 agreement and KL(float||quant)")
+    ap.add_argument("--annotate", help="a JSON file (e.g. the checkpoint's peer.json) to merge a `peer_check` "
+                                       "summary into (atomic rewrite)")
     args = ap.parse_args()
 
     ckpt, out = Path(args.dir), Path(args.out)
@@ -119,6 +135,14 @@ def main() -> int:
     def finish(ok: bool, code: int) -> int:
         result["ok"] = ok
         _atomic(out / "load_check.json", lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+        if args.annotate:
+            target = Path(args.annotate)
+            doc = json.loads(target.read_text()) if target.is_file() else {}
+            keep = ("ok", "error", "format", "dtype", "backend_requested", "backend_used", "versions", "modules",
+                    "logits", "vs_float", "dequant", "dequant_vs_loaded", "load_s", "forward_s")
+            doc["peer_check"] = {"load_check_json": str((out / "load_check.json").resolve()),
+                                 "out_dir": str(out.resolve()), **{k: result[k] for k in keep if k in result}}
+            _atomic(target, lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
         print(json.dumps({k: result.get(k) for k in ("ok", "format", "error", "logits", "modules")}))
         return code
 
@@ -210,15 +234,15 @@ def main() -> int:
                 sd = model.state_dict()
                 diffs = [float((sd[k].float() - v).abs().max()) for k, v in deq.items() if k in sd]
                 result["dequant_vs_loaded"] = {"compared": len(diffs), "max_abs_diff": max(diffs) if diffs else None}
-            _atomic(out / "dequant.safetensors", lambda p: save_file(deq, str(p)))
-            result["dequant"] = {"file": "dequant.safetensors", "n_tensors": len(deq),
-                                 "how": ("compressed_tensors CompressedTensorsDequantizer (model-free)"
-                                         if args.format == "compressed-tensors"
-                                         else "gptqmodel QuantLinear.dequantize_weight()"),
-                                 "seconds": round(time.perf_counter() - t0, 2)}
             if not deq:
                 result["error"] = "no quantized weight was found to dequantize"
                 return finish(False, 1)
+            _atomic(out / "dequant.safetensors", lambda p: save_file(deq, str(p)))
+            result["dequant"] = {"file": "dequant.safetensors", "n_tensors": len(deq),
+                                 "how": {"compressed-tensors": "compressed_tensors CompressedTensorsDequantizer (model-free)",
+                                         "gptq": "gptqmodel QuantLinear.dequantize_weight()",
+                                         "awq": "gptqmodel awq packing_utils.dequantize_gemm"}[args.format],
+                                 "seconds": round(time.perf_counter() - t0, 2)}
     except Exception as e:  # the peer refused it: that is the finding, keep its words
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc(limit=8)[-4000:]

@@ -6,6 +6,7 @@ Runs in bench/.venv-ort (onnxruntime + onnx + numpy):
     $P bench/peers/ort_run.py run MODEL.onnx --ids ids.npy --out-logits logits.npy \
         [--json run.json] [--threads 2] [--runs 3]
     $P bench/peers/ort_run.py selfcheck [--json matmulnbits.json]
+    $P bench/peers/ort_run.py tiny-lm tiny.onnx [--vocab 256 --hidden 128]   # a 2-op LM to try `run` on
 
 run: feeds `ids` ((seq,) or (batch, seq) integers) to the graph input named input_ids (cast to
 the input's declared integer type); an `attention_mask` input gets ones and a `position_ids` input
@@ -173,6 +174,39 @@ def selfcheck(args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- tiny LM (to exercise `run`)
+def tiny_lm(args) -> dict:
+    """input_ids -> Gather(embedding) -> MatMulNBits(hidden -> vocab, 4-bit, block 32) -> logits."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    v, h, block, bits = args.vocab, args.hidden, 32, 4
+    emb = rng.standard_normal((v, h)).astype(np.float32)
+    q, scale, zp = quantize_blocks(rng.standard_normal((v, h)).astype(np.float32) * 0.1, bits, block, False)
+    kb = scale.shape[1]
+    zpad = np.zeros((v, -(-kb // 2) * 2), np.int64)
+    zpad[:, :kb] = zp
+    inits = [numpy_helper.from_array(emb, "embed"), numpy_helper.from_array(pack_low_first(q.reshape(v, kb, block), bits), "B"),
+             numpy_helper.from_array(scale, "scales"), numpy_helper.from_array(pack_low_first(zpad, bits), "zero_points")]
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["hidden"], axis=0),
+             helper.make_node("MatMulNBits", ["hidden", "B", "scales", "zero_points"], ["logits"], domain="com.microsoft",
+                              K=h, N=v, bits=bits, block_size=block)]
+    graph = helper.make_graph(nodes, "tiny_lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", v])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    tmp = args.out + f".tmp{os.getpid()}"
+    onnx.save(model, tmp)
+    os.replace(tmp, args.out)
+    w = dequant_ref(q, scale.astype(np.float64), zp, h, block)
+    ids = rng.integers(0, v, size=(1, 16))
+    np.save(args.out + ".ids.npy", ids)
+    np.save(args.out + ".expected_logits.npy", (emb[ids].astype(np.float64) @ w.T).astype(np.float32))
+    return {"model": os.path.abspath(args.out), "vocab": v, "hidden": h, "ids": args.out + ".ids.npy",
+            "expected_logits": args.out + ".expected_logits.npy (numpy reference)"}
+
+
 # ---------------------------------------------------------------- run
 def run(args) -> dict:
     import onnx
@@ -247,8 +281,13 @@ def main() -> int:
     s = sub.add_parser("selfcheck")
     s.add_argument("--json")
     s.add_argument("--threads", type=int, default=2)
+    t = sub.add_parser("tiny-lm")
+    t.add_argument("out")
+    t.add_argument("--vocab", type=int, default=256)
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--json")
     args = ap.parse_args()
-    res = run(args) if args.cmd == "run" else selfcheck(args)
+    res = {"run": run, "selfcheck": selfcheck, "tiny-lm": tiny_lm}[args.cmd](args)
     text = json.dumps(res, indent=1)
     if args.json:
         tmp = args.json + f".tmp{os.getpid()}"
