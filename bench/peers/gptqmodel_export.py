@@ -3,13 +3,15 @@
 Runs in bench/.venv-gptq:
 
     bench/.venv-gptq/bin/python bench/peers/gptqmodel_export.py --model-dir DIR --calib calib.npy \
-        --out OUT_DIR [--bits 4 --group-size 64] [--desc-act] [--asym] [--threads 2]
+        --out OUT_DIR [--bits 4 --group-size 64] [--desc-act] [--asym] [--dtype float32] [--threads 2]
 
 GPTQModel's own GPTQ (QuantizeConfig + GPTQModel.load(...).quantize(...).save(...)), calibrated on
 `calib.npy` (bench/peers/peer_inputs.py: lowbit's windows, passed as input_ids/attention_mask
 lists, so no dataset is fetched). --desc-act = activation order (columns quantized by decreasing
 Hessian diagonal; the checkpoint's g_idx then maps each input column to its group out of order);
 without it, act_group_aware (GPTQModel's GAR default) is switched off too so g_idx is sequential.
+--dtype float32 (default) loads and calibrates the model in fp32 like lowbit does; GPTQModel's own
+default on CPU is bfloat16 (then the unquantized embedding/norms are saved as bf16 too).
 Saved in GPTQ v1 layout (format "gptq": qzeros hold zero-1), which is what transformers reads.
 OUT_DIR/peer.json records tool, versions, config and the command line.
 """
@@ -34,6 +36,7 @@ def main() -> int:
     ap.add_argument("--desc-act", action="store_true")
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--damp-percent", type=float, default=0.01)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -58,7 +61,8 @@ def main() -> int:
                 sym=not args.asym, damp_percent=args.damp_percent, format="gptq", device="cpu")
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in tokens]
     t0 = time.perf_counter()
-    model = GPTQModel.load(args.model_dir, QuantizeConfig(**qcfg))  # QuantizeConfig.device="cpu"
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = GPTQModel.load(args.model_dir, QuantizeConfig(**qcfg), dtype=dtype)  # QuantizeConfig.device="cpu"
     model.quantize(calib, batch_size=1, calibration_sort=None)
     wall = time.perf_counter() - t0
     model.save(str(tmp))
@@ -66,7 +70,7 @@ def main() -> int:
     cfg = json.loads((tmp / "config.json").read_text()).get("quantization_config")
     info = {"tool": "gptqmodel", "versions": {"gptqmodel": gptqmodel.__version__,
                                               "transformers": transformers.__version__, "torch": torch.__version__},
-            "format": "gptq", "quantize_config": qcfg,
+            "format": "gptq", "quantize_config": qcfg, "dtype": args.dtype,
             "calibration": {"file": os.path.abspath(args.calib), "shape": list(tokens.shape), "batch_size": 1},
             "source_model_dir": os.path.abspath(args.model_dir),
             "command": [sys.executable, *sys.argv], "threads": args.threads,
