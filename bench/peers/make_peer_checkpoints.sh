@@ -37,6 +37,7 @@ CHECKPOINTS=(
   "autoround-gptq-w4g64-sym-rtn|$LLMC|autoround_export.py --format auto_gptq --iters 0|gptq|$GPTQ"
   "autoround-gptq-w4g64-asym-rtn|$LLMC|autoround_export.py --format auto_gptq --asym --iters 0|gptq|$GPTQ"
   "autoround-awq-w4g64-rtn|$LLMC|autoround_export.py --format auto_awq --iters 0|awq|$GPTQ"
+  "autoround-gptq-w4g64-sym-iters20|$LLMC|autoround_export.py --format auto_gptq --iters 20|gptq|$GPTQ"
   "gptqmodel-w4g64-sym|$GPTQ|gptqmodel_export.py|gptq|$GPTQ"
   "gptqmodel-w4g64-sym-descact|$GPTQ|gptqmodel_export.py --desc-act|gptq|$GPTQ"
 )
