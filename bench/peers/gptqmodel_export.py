@@ -54,7 +54,10 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     tokens = np.load(args.calib)
-    out = Path(args.out)
+    args.model_dir, args.calib = os.path.abspath(args.model_dir), os.path.abspath(args.calib)
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.chdir(out.parent)  # quantize() writes logs/gptq_log_*.log into the cwd: keep them by the output
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     qcfg = dict(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, act_group_aware=False,
