@@ -3,9 +3,12 @@
 # (never in .venv, so their pins cannot leak into ours):
 #   bench/.venv-llamacpp  llama-cpp-python built from source (CPU, -march=native; it vendors
 #                         llama.cpp + ggml), numpy, gguf  -> bench/peers/llamacpp_ref.py, ggml_ref.py
-#   bench/.venv-llmc      llmcompressor on the local CPU torch wheel
+#   bench/.venv-llmc      llmcompressor on the local CPU torch wheel (+ compressed-tensors, auto-round)
+#   bench/.venv-ort       onnxruntime (CPU) + onnx + numpy           -> bench/peers/ort_run.py
+#   bench/.venv-gptq      GPTQModel (torch/CPU kernels) on the local CPU torch wheel, so that
+#                         transformers loads quant_method gptq/awq checkpoints -> bench/peers/load_check.py
 #
-# usage: bash bench/setup_peers.sh [llamacpp|llmc|all] [REPO_ROOT]
+# usage: bash bench/setup_peers.sh [llamacpp|llmc|ort|gptq|all] [REPO_ROOT]
 #   REPO_ROOT defaults to the git top level of the current directory, so running this script from
 #   another worktree with cwd=<main checkout> installs into <main checkout>/bench.
 # Idempotent: a venv whose stamp file records the same pins is skipped. Re-run with
@@ -13,8 +16,8 @@
 set -euo pipefail
 
 what="${1:-all}"
-case "$what" in llamacpp|llmc|all) ;; *)
-    echo "usage: $0 [llamacpp|llmc|all] [REPO_ROOT]" >&2; exit 2;;
+case "$what" in llamacpp|llmc|ort|gptq|all) ;; *)
+    echo "usage: $0 [llamacpp|llmc|ort|gptq|all] [REPO_ROOT]" >&2; exit 2;;
 esac
 root="${2:-$(git rev-parse --show-toplevel)}"
 root="$(cd "$root" && pwd)"
@@ -30,6 +33,16 @@ NUMPY_SPEC="numpy==2.4.6"
 # The CPU build of torch is a local wheel on our machines; anything looser pulls CUDA wheels.
 TORCH_SPEC="torch==2.13.0"
 LLMCOMPRESSOR_VERSION=0.14.0.1
+ONNXRUNTIME_VERSION=1.32.0
+ONNX_VERSION=1.23.2
+# 7.7.0 (newest) requires torch>=2.14.1 and transformers>=5.20.2; 7.6.0 is the newest that accepts
+# our torch 2.13.0 CPU wheel. Pure-Python sdist: no extension is compiled at install time (its
+# C++/CUDA kernels are JIT-built on first use where a GPU is present); on CPU it uses its torch kernel.
+GPTQMODEL_VERSION=7.6.0
+GPTQ_NUMPY_SPEC="numpy==2.2.6"   # gptqmodel 7.6.0 pins numpy==2.2.6 on python<3.14
+# transformers' GptqHfQuantizer (quant_method gptq) refuses to load without optimum (optimum.gptq
+# converts the model's Linears to gptqmodel's QuantLinear); gptqmodel's own `hf` extra is optimum.
+OPTIMUM_VERSION=2.3.0
 # CPU-only, lean: no CUDA/BLAS, no mtmd/llava, server, tools, tests or examples.
 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF"
 
@@ -98,11 +111,59 @@ EOF
     say "llmc: done in ${secs}s -> $venv (pip freeze in $venv/.peers-freeze.txt)"
 }
 
+setup_ort() {
+    local venv="$root/bench/.venv-ort"
+    local pins="onnxruntime==$ONNXRUNTIME_VERSION onnx==$ONNX_VERSION $NUMPY_SPEC"
+    if done_already "$venv" "$pins"; then
+        say "ort: up to date in $venv ($(sed -n 2p "$venv/.peers-stamp"))"; return
+    fi
+    make_venv "$venv"
+    local t0=$SECONDS
+    "$venv/bin/pip" install -q "onnxruntime==$ONNXRUNTIME_VERSION" "onnx==$ONNX_VERSION" "$NUMPY_SPEC"
+    local secs=$((SECONDS - t0))
+    "$venv/bin/python" - <<'EOF'
+import numpy, onnx, onnxruntime as ort
+print("onnxruntime", ort.__version__, "onnx", onnx.__version__, "numpy", numpy.__version__,
+      "providers", ort.get_available_providers())
+assert "CPUExecutionProvider" in ort.get_available_providers()
+EOF
+    printf '%s\ninstalled %s in %ss\n' "$pins" "$(date -u +%FT%TZ)" "$secs" > "$venv/.peers-stamp"
+    "$venv/bin/pip" freeze > "$venv/.peers-freeze.txt"
+    say "ort: done in ${secs}s -> $venv (pip freeze in $venv/.peers-freeze.txt)"
+}
+
+setup_gptq() {
+    local venv="$root/bench/.venv-gptq"
+    local pins="$TORCH_SPEC gptqmodel==$GPTQMODEL_VERSION optimum==$OPTIMUM_VERSION $GPTQ_NUMPY_SPEC"
+    if done_already "$venv" "$pins"; then
+        say "gptq: up to date in $venv ($(sed -n 2p "$venv/.peers-stamp"))"; return
+    fi
+    make_venv "$venv"
+    local t0=$SECONDS
+    # torch FIRST and held by a constraint (as for llmc): gptqmodel must not pull a CUDA torch
+    "$venv/bin/pip" install -q "$TORCH_SPEC"
+    local constraints="$venv/.peers-constraints.txt"
+    echo "$TORCH_SPEC" > "$constraints"
+    "$venv/bin/pip" install -q -c "$constraints" "gptqmodel==$GPTQMODEL_VERSION" \
+        "optimum==$OPTIMUM_VERSION" "$GPTQ_NUMPY_SPEC"
+    local secs=$((SECONDS - t0))
+    "$venv/bin/python" - <<'EOF'
+import torch, gptqmodel, optimum.gptq, transformers
+assert "+cpu" in torch.__version__ or not torch.version.cuda, f"CUDA torch slipped in: {torch.__version__}"
+print("torch", torch.__version__, "gptqmodel", gptqmodel.__version__, "transformers", transformers.__version__)
+EOF
+    printf '%s\ninstalled %s in %ss\n' "$pins" "$(date -u +%FT%TZ)" "$secs" > "$venv/.peers-stamp"
+    "$venv/bin/pip" freeze > "$venv/.peers-freeze.txt"
+    say "gptq: done in ${secs}s -> $venv (pip freeze in $venv/.peers-freeze.txt)"
+}
+
 say "repo root: $root"
 mkdir -p "$root/bench"
 case "$what" in
     llamacpp) setup_llamacpp ;;
     llmc) setup_llmc ;;
-    all) setup_llamacpp; setup_llmc ;;
+    ort) setup_ort ;;
+    gptq) setup_gptq ;;
+    all) setup_llamacpp; setup_llmc; setup_ort; setup_gptq ;;
 esac
 say "all requested peers ready"
