@@ -44,7 +44,11 @@ GPTQ_NUMPY_SPEC="numpy==2.2.6"   # gptqmodel 7.6.0 pins numpy==2.2.6 on python<3
 # converts the model's Linears to gptqmodel's QuantLinear); gptqmodel's own `hf` extra is optimum.
 OPTIMUM_VERSION=2.3.0
 # CPU-only, lean: no CUDA/BLAS, no mtmd/llava, server, tools, tests or examples.
-LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF"
+# Not GGML_NATIVE: on CPUs with AMX (Sapphire Rapids and later) -march=native turns on ggml's AMX
+# matmul, which segfaults here (ggml_backend_amx_mul_mat, seen 2026-12-01 on every quantized model);
+# so the x86 ISA levels are named one by one, AMX off. A CPU without AVX-512 falls back to AVX2 at
+# run time only if GGML_CPU_ALL_VARIANTS is used; set LLAMA_CMAKE_ARGS to override.
+LLAMA_CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF}"
 
 say() { echo "[setup_peers] $*"; }
 
