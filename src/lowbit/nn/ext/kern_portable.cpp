@@ -13,9 +13,42 @@ namespace {
 constexpr int64_t kRun = 32;
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// int codes (lut = 0..15): per group sum x * (code - zero), then * scale (as gemv_u8): no table
+// lookup, so the loop vectorises (a table lookup per weight does not)
+void gemv_q4_int(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
+                 const float* scale, const float* zero, int64_t G,
+                 float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t rb = K / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * rb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float tot[16] = {0};
+      for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+        const float z = zero ? zero[n * G + g] : 0.f, s = scale[n * G + g];
+        float acc[16] = {0};
+        const int64_t k1 = imin(K, k0 + gs);
+        for (int64_t k = k0; k < k1; k += kRun) {
+          const uint8_t* b = p + k / 2;
+          for (int j = 0; j < 16; ++j)
+            acc[j] += (static_cast<float>(b[j] & 0x0F) - z) * xr[k + j] +
+                      (static_cast<float>(b[j] >> 4) - z) * xr[k + 16 + j];
+        }
+        for (int j = 0; j < 16; ++j) tot[j] += s * acc[j];
+      }
+      float t = 0.f;
+      for (int j = 0; j < 16; ++j) t += tot[j];
+      y[m * N + n] = t;
+    }
+  }
+}
+
 void gemv_q4(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
              const float* lut, const float* scale, const float* zero, int64_t G,
              float* y, int64_t N, int64_t n0, int64_t n1) {
+  bool int_lut = true;
+  for (int j = 0; j < 16; ++j) int_lut = int_lut && lut[j] == float(j);
+  if (int_lut) return gemv_q4_int(codes, x, M, K, gs, scale, zero, G, y, N, n0, n1);
   const int64_t rb = K / 2;
   float lg[16];
   for (int64_t n = n0; n < n1; ++n) {
