@@ -339,6 +339,11 @@ def test_int8_activations_fall_back_for_codebooks_and_prefill(backend):
     w = torch.randn(64, 128, generator=g)
     nf4 = make(quantize_weight(w, Scheme(format="nf4", granularity="group", group_size=64)), act="int8")
     assert nf4.act == "fp32"           # a non-integer table has no integer dot product
+    # the default, auto: int8 activations for 4-bit integer codes, fp32 for 8-bit codes
+    assert make(quantize_weight(w, int_scheme(8, None, True)), act="auto").act == "fp32"
+    assert make(quantize_weight(w, int_scheme(3, 64)), act="auto").act == "int8"
+    with pytest.raises(LowbitError, match="decode activations"):
+        make(quantize_weight(w, int_scheme(3, 64)), act="int4")
     qw = quantize_weight(w, int_scheme(4, 64))
     kern = make(qw, act="int8")
     x = torch.randn(kernels.GEMV_MAX_M + 1, 128, generator=g)

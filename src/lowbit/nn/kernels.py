@@ -44,8 +44,11 @@ BACKENDS = ("ext", "torch", "tiled")
 # tile of rows and calls MKL (bench/bench_kernels.py picks it)
 GEMV_MAX_M = 4
 TILE_FLOATS = 1 << 20  # tiled fallback: at most 4 MiB of float weight at a time
-DECODE_ACTS = ("fp32", "int8")
-DECODE_ACT = os.environ.get("LOWBIT_DECODE_ACT", "fp32").strip().lower()
+# "auto": int8 activations for 4-bit-or-smaller integer codes, fp32 for 8-bit ones. Measured on
+# the bundled model (BENCHMARKS.md, CPU kernels): int8 activations add ~0.003 nats of KL in both
+# cases, ~1% of what 4-bit weights already cost (0.38) but +60% of 8-bit weights' (0.004).
+DECODE_ACTS = ("auto", "fp32", "int8")
+DECODE_ACT = os.environ.get("LOWBIT_DECODE_ACT", "auto").strip().lower()
 _q4_linear = _u8_linear = None  # torch.ops.lowbit_cpu.* once the extension is loaded
 
 
@@ -84,9 +87,12 @@ class ExtKernel(nn.Module):
         self.set_act(DECODE_ACT if act is None else act)
 
     def set_act(self, act: str) -> None:
-        """Decode activations: 'fp32' or 'int8' (falls back to fp32 for non-integer codes)."""
+        """Decode activations: 'fp32', 'int8' (falls back to fp32 for non-integer codes) or 'auto'
+        (int8 for the 4-bit container's integer codes, fp32 for 8-bit codes; see DECODE_ACT)."""
         if act not in DECODE_ACTS:
             raise LowbitError(f"decode activations: expected one of {'|'.join(DECODE_ACTS)}, got {act!r}")
+        if act == "auto":
+            act = "int8" if self.nibble else "fp32"
         self.act = act if self.int_codes else "fp32"
         self.__dict__.pop("_args", None)
 
@@ -300,7 +306,7 @@ def make_kernel(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: 
 
 
 def set_decode_activations(model: nn.Module, act: str) -> int:
-    """Switch every `ext` kernel in `model` to 'fp32' or 'int8' decode activations; returns how
+    """Switch every `ext` kernel in `model` to 'fp32', 'int8' or 'auto' decode activations; returns how
     many kernels now use int8 (codebook formats stay fp32)."""
     n = 0
     for mod in model.modules():
