@@ -13,6 +13,11 @@ Our variants all use lowbit.nn.decode.generate (one loop: HF forward + DynamicCa
     int4               w4 g128 asymmetric RTN on the blocks' linears + lm_head int8 per channel
     int4-fp32-head     the w4g128-rtn preset as is (lm_head stays fp32: 28M of 134M weights)
     int4-bf16          int4 with bf16 activations (our kernels accumulate in fp32)
+    int4-act-fp32      int4 with fp32 decode activations in every kernel (lowbit.nn.kernels)
+    int4-act-int8      int4 with int8 decode activations in every kernel, lm_head too
+                       (plain int4 runs the default, "auto": int8 for the 4-bit layers, fp32 lm_head)
+LOWBIT_ISA=avx2 (or avx512vnni, avx512, portable) in the environment runs every variant on that
+ISA variant of our kernels; the table header says which one ran.
 llama.cpp (llama-cpp-python from bench/.venv-llamacpp, bench/peers/llamacpp_ref.py speed): same
 thread count, same 16-token decode prompt / pp-token prompt from the bundled evaluation text.
 prompt tok/s = pp tokens in one forward into an empty cache; decode tok/s = tg greedy tokens
@@ -33,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["fp32", "bf16", "int8", "int4", "int4-fp32-head", "int4-bf16"]
+VARIANTS = ["fp32", "bf16", "int8", "int4", "int4-fp32-head", "int4-bf16", "int4-act-fp32", "int4-act-int8"]
 # `make peers` builds it; LOWBIT_LLAMACPP_PY points elsewhere (e.g. a venv shared by worktrees)
 LLAMA_PY = Path(os.environ.get("LOWBIT_LLAMACPP_PY", ROOT / "bench" / ".venv-llamacpp" / "bin" / "python"))
 
@@ -54,7 +59,7 @@ def build_variant(name: str):
     recipe = None
     if name == "int8":
         recipe = Recipe("w8c-all", [Rule(r".*", int_scheme(8, None, symmetric=True))], ignore=[])
-    elif name in ("int4", "int4-bf16"):
+    elif name in ("int4", "int4-bf16", "int4-act-fp32", "int4-act-int8"):
         recipe = Recipe("w4g128+head-w8c", [Rule(r"lm_head", int_scheme(8, None, symmetric=True)),
                                             Rule(r".*", int_scheme(4, 128))], ignore=[])
     elif name == "int4-fp32-head":
@@ -62,6 +67,9 @@ def build_variant(name: str):
     if recipe is not None:
         api.quantize(model, recipe, progress=False)
         prepare_for_inference(model)
+        if "-act-" in name:
+            from lowbit.nn.kernels import set_decode_activations
+            set_decode_activations(model, name.rsplit("-", 1)[1])
     import gc
     gc.collect()
     return model, lm.tokenizer
@@ -97,7 +105,8 @@ def worker(name: str, threads: int, pp: int, tg: int, runs: int) -> dict:
             tgs.append(r.decode_tokens_per_s)
             toks = r.tokens[:8]
     rss_serving = psutil.Process().memory_info().rss   # every weight page touched by now
-    return {"variant": name, "threads": threads, "pp_tok_per_s": statistics.median(pps),
+    from lowbit.nn import ext
+    return {"isa": ext.isa() if ext.load() else ext.status(), "variant": name, "threads": threads, "pp_tok_per_s": statistics.median(pps),
             "tg_tok_per_s": statistics.median(tgs), "rss_mb": rss_serving / 2**20,
             "rss_after_setup_mb": rss / 2**20, "setup_s": setup_s,
             "first_tokens": toks, "loadavg_1m": os.getloadavg()[0]}
@@ -225,8 +234,9 @@ def main() -> None:
             med[name]["rss_mb"] = statistics.median(r["rss_mb"] for r in rs)
         med[name]["tg_runs"] = [round(r["tg_tok_per_s"], 1) for r in rs]
     base = med.get("fp32")
+    isa = next((r[0].get("isa") for r in results.values() if r and r[0].get("isa")), "-")
     print(f"\nthreads {args.threads}, {args.repeats} repeats x {args.runs} runs, pp {args.pp}, tg {args.tg}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}\n")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, lowbit kernels ISA variant {isa}\n")
     print("| variant | decode tok/s | vs fp32 | prompt tok/s | vs fp32 | RSS serving MiB | peak RSS MiB | decode runs |")
     print("|---|---|---|---|---|---|---|---|")
     for name, m in med.items():

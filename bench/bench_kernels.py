@@ -9,11 +9,21 @@ Variants, all on the same random weight (N(0, 0.02)):
     qdyn-int8            torch.ao.quantization.quantize_dynamic (int8 weights and activations)
     ours-int8 / -int4    lowbit PackedLinear, backend ext: w8 per channel sym / w4 g128 asym, fp32 activations
     torch-int4-bf16      lowbit's torch backend: aten._weight_int4pack_mm_for_cpu with bf16 activations
+    ours-*-<isa>[-i8]    with --isas: our kernels on each ISA variant of nn/ext (-i8: int8 decode activations)
 Timing: variants are interleaved in `rounds` rounds (so load from other processes hits them alike);
 each round times `iters` calls and keeps the median; the table shows the median over rounds and
 the ratio to fp32 from the same rounds. Weights are re-read every call but mostly stay in the 32 MiB
 L3 here (not the lm_head, nor 4096x4096 in fp32): whole-model decode (bench_decode.py) is the
 memory-bound figure.
+
+    .venv/bin/python bench/bench_kernels.py --act-accuracy [--max-tokens 2048]
+
+instead measures what int8 decode activations cost in accuracy on the bundled model: perplexity
+and KL (lowbit.eval, wiki-evaluation, 512-token windows) of the int4 model (w4g128 blocks, w8
+per-channel lm_head) and the int8 one (w8 per channel everywhere), with fp32 vs int8 activations
+(and "auto": int8 for the 4-bit codes, fp32 for the 8-bit lm_head), KL against both the fp32 model and the same model's fp32-activation kernels. Every row of each
+window goes through the decode (GEMV) kernels, one token's activations rounded on their own, as
+generate() rounds them one step at a time (GEMV_MAX_M raised for the run).
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowbit.nn import ext, kernels
 from lowbit.nn.prepare import PackedLinear
 from lowbit.numerics.qweight import quantize_weight
 from lowbit.numerics.scheme import int_scheme
@@ -61,6 +72,73 @@ def variants(n: int, k: int, m: int, seed: int = 0) -> dict:
             "torch-int4-bf16": lambda: t4(xb)}
 
 
+def isa_variants(n: int, k: int, m: int, isas: list[str], seed: int = 0) -> dict:
+    """ours-int4 / ours-int8 on each ISA variant, fp32 and int8 activations."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g)
+    out = {"fp32": lambda: F.linear(x, w)}
+    for label, scheme in (("int4", int_scheme(4, 128)), ("int8", int_scheme(8, None, symmetric=True))):
+        for act in ("fp32", "int8"):
+            lin = PackedLinear(quantize_weight(w, scheme), backend="ext")
+            lin.packed.set_act(act)
+            for isa in isas:
+                def call(lin=lin, isa=isa):
+                    ext.set_isa(isa)
+                    return lin(x)
+                out[f"ours-{label}-{isa}" + ("-i8" if act == "int8" else "")] = call
+    return out
+
+
+def act_accuracy(max_tokens: int, threads: int, acts: list[str], models: list[str]) -> None:
+    import copy
+
+    from lowbit import api
+    from lowbit.eval import evaluate, evaluate_reference, reference_for
+    from lowbit.models import load_model
+    from lowbit.nn.prepare import prepare_for_inference
+    from lowbit.recipe import Recipe, Rule
+    torch.set_num_threads(threads)
+    lm = load_model("smollm2-135m")
+    kw = dict(max_tokens=max_tokens, kl_max_tokens=max_tokens, progress=False)
+    base, ref = evaluate_reference(lm.model, lm.tokenizer, metrics=["ppl"], **kw)
+    print(f"fp32 model: ppl {base['ppl']['ppl']:.4f}  ({base['ppl'].get('method', '')})", flush=True)
+    recipes = {"int4 (w4g128 + w8c head)": Recipe("w4g128+head-w8c", [Rule(r"lm_head", int_scheme(8, None, symmetric=True)),
+                                                                    Rule(r".*", int_scheme(4, 128))], ignore=[]),
+               "int8 (w8c all)": Recipe("w8c-all", [Rule(r".*", int_scheme(8, None, symmetric=True))], ignore=[])}
+    kernels.GEMV_MAX_M = 1 << 30          # every row through the decode kernels (see docstring)
+    rows = []
+    for label, recipe in recipes.items():
+        if label.split()[0] not in models:
+            continue
+        model = copy.deepcopy(lm.model)
+        api.quantize(model, recipe, progress=False)
+        prepare_for_inference(model, "ext")
+        kernels.set_decode_activations(model, "fp32")
+        r32 = evaluate(model, lm.tokenizer, metrics=["ppl", "kl"], reference=ref, **kw)
+        ref_act = reference_for(model, lm.tokenizer, cache=False, **kw)
+        rows.append((label, "fp32", r32["ppl"]["ppl"], r32["kl"]["mean"], 0.0, 1.0))
+        print(rows[-1], flush=True)
+        for act in acts:
+            if act == "fp32" or (act == "auto" and "int8 (" in label):   # auto = fp32 for 8-bit codes
+                continue
+            kernels.set_decode_activations(model, act)
+            r8 = evaluate(model, lm.tokenizer, metrics=["ppl", "kl"], reference=ref, **kw)
+            r8k = evaluate(model, lm.tokenizer, metrics=["kl"], reference=ref_act, **kw)
+            rows.append((label, act, r8["ppl"]["ppl"], r8["kl"]["mean"], r8k["kl"]["mean"],
+                         r8k["kl"]["top1_agreement"]))
+            print(rows[-1], flush=True)
+        del model
+    print(f"\n{max_tokens} tokens of wiki-evaluation, 512-token windows, threads {threads}, "
+          f"ISA variant {ext.isa()}\n")
+    print("| model | decode activations | ppl | KL vs fp32 model | KL vs fp32-activation kernel | "
+          "top-1 vs fp32-activation kernel |")
+    print("|---|---|---|---|---|---|")
+    print(f"| fp32 | - | {base['ppl']['ppl']:.4f} | 0 | - | - |")
+    for label, act, ppl, kl, klk, top1 in rows:
+        print(f"| {label} | {act} | {ppl:.4f} | {kl:.5f} | {klk:.5f} | {top1:.4f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -68,13 +146,28 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--isas", default=None, help="comma list of nn/ext ISA variants to time (or 'all')")
+    ap.add_argument("--shapes", default=None, help="comma list of shape labels to keep")
+    ap.add_argument("--act-accuracy", action="store_true", help="see the docstring")
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--models", default="int4,int8", help="--act-accuracy: int4 and/or int8")
+    ap.add_argument("--acts", default="int8,auto", help="--act-accuracy: decode activations to compare with fp32")
     args = ap.parse_args()
+    if args.act_accuracy:
+        act_accuracy(args.max_tokens, args.threads, args.acts.split(","), args.models.split(","))
+        return
     torch.set_num_threads(args.threads)
+    isas = None
+    if args.isas:
+        ready = [v for v, why in ext.isa_status().items() if why == "ready"]
+        isas = ready if args.isas == "all" else [v for v in args.isas.split(",") if v in ready]
     rows = []
     with torch.inference_mode():
         for label, n, k in SHAPES:
+            if args.shapes and label not in args.shapes.split(","):
+                continue
             for m in [int(b) for b in args.batches.split(",")]:
-                fns = variants(n, k, m)
+                fns = isa_variants(n, k, m, isas) if isas else variants(n, k, m)
                 # fewer calls for the slow big cases so one round stays around a second
                 iters = max(3, min(args.iters, int(args.iters * 2e6 / (n * k * max(m, 4) / 4))))
                 per = {name: [] for name in fns}

@@ -5,8 +5,20 @@ so we allow a max abs error of 2e-6 x (sum_k |x_k| |W_nk|) per output (a bound o
 rounding for these lengths), and `tiled` (reference decode per tile + F.linear) the same.
 bf16 activations: the kernels compute in fp32 and round once, so the bound is bf16's half-ulp
 of the fp32 result plus the same dot bound.
+
+`ext` runs once per ISA variant of nn/ext this machine can execute (ext-avx512vnni, ext-avx512,
+ext-avx2, ext-portable; the others skip saying what the CPU lacks); LOWBIT_ISA=<variant> keeps
+only that one (to test as an AVX2-only box would), LOWBIT_EXT=0 skips them all.
+int8 activations (act="int8"): the kernel rounds x per 32-column block to int8 (d = max|x|/127,
+q = round-half-even(x / d)) and then computes exactly with the rounded x, so we compare with
+F.linear(x_rounded, W) under the fp32 dot bound taken over the magnitudes of the terms it sums,
+|scale| * (code + |zero|) (plus 256 for the byte codes' signed bias), not |W|.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,7 +33,29 @@ from lowbit.nn.qlinear import QuantLinear
 from lowbit.numerics.scheme import Scheme, int_scheme
 from lowbit.numerics.qweight import QuantizedWeight, quantize_weight
 
-BACKENDS = ["ext", "torch", "tiled"]
+EXT_VARIANTS = [f"ext-{v}" for v in ext.ISAS]
+BACKENDS = EXT_VARIANTS + ["torch", "tiled"]
+
+
+@pytest.fixture
+def backend(request):
+    """'ext-<isa>' -> 'ext' with that ISA variant active (skipped with the reason where this
+    machine can't run it); other backends pass through."""
+    name = request.param
+    if not name.startswith("ext-"):
+        yield name
+        return
+    isa = name[4:]
+    if not ext.load():
+        pytest.skip(f"C++ extension unavailable: {ext.status()}")
+    forced = os.environ.get("LOWBIT_ISA", "").strip().lower()
+    if forced not in ("", "auto") and forced != isa:
+        pytest.skip(f"LOWBIT_ISA={forced} keeps only that variant")
+    why = ext.isa_status()[isa]
+    if why != "ready":
+        pytest.skip(f"ISA variant {isa}: {why}")
+    with ext.use_isa(isa):
+        yield "ext"
 SCHEMES = {
     "w4g128a": int_scheme(4, 128),           # the default preset; 576 columns -> last group of 64
     "w4g32s": int_scheme(4, 32, symmetric=True),
@@ -33,6 +67,15 @@ SCHEMES = {
     "w8g128a": int_scheme(8, 128),
     "w4b64x64": Scheme(bits=4, granularity="block", block_size=(64, 64)),
 }
+
+
+def make(qw, bias=None, backend="auto", name="weight", act="fp32"):
+    """make_kernel with the ext kernel's decode activations pinned (fp32 unless asked), so these
+    tests do not depend on kernels.DECODE_ACT."""
+    kern = make_kernel(qw, bias, backend, name)
+    if isinstance(kern, kernels.ExtKernel):
+        kern.set_act(act)
+    return kern
 
 
 def dot_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -76,7 +119,7 @@ def test_pack_q4x32_roundtrip_and_layout():
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("scheme_name", ["w4g128a", "w4g32s", "w3g64a", "w8cs", "w8g128a"])
 def test_kernels_match_reference_on_real_shapes(real_weights, backend, scheme_name):
     scheme = SCHEMES[scheme_name]
@@ -85,7 +128,7 @@ def test_kernels_match_reference_on_real_shapes(real_weights, backend, scheme_na
     for name, w in real_weights.items():
         qw = quantize_weight(w, scheme)
         try:
-            kern = make_kernel(qw, None, backend, name)
+            kern = make(qw, None, backend, name)
         except LowbitError as e:
             # torch's kernels take fewer schemes; the refusal must name the layer and say why
             assert backend == "torch" and name in str(e)
@@ -101,14 +144,14 @@ def test_kernels_match_reference_on_real_shapes(real_weights, backend, scheme_na
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("backend", ["ext", "tiled"])
+@pytest.mark.parametrize("backend", EXT_VARIANTS + ["tiled"], indirect=True)
 @pytest.mark.parametrize("fmt,group", [("nf4", 64), ("fp4", 32), ("ternary", 128)])
 def test_codebook_formats_on_real_shapes(real_weights, backend, fmt, group):
     """NF4 / FP4 / ternary (numerics/codebooks.py) run on the same 16-entry-table kernel as int4."""
     g = torch.Generator().manual_seed(6)
     for name in ("gate_proj", "down_proj"):
         qw = quantize_weight(real_weights[name], Scheme(format=fmt, granularity="group", group_size=group))
-        kern = make_kernel(qw, None, backend, name)
+        kern = make(qw, None, backend, name)
         assert kern.backend == backend
         for m in (1, 9):
             x = torch.randn(m, qw.shape[1], generator=g)
@@ -117,7 +160,7 @@ def test_codebook_formats_on_real_shapes(real_weights, backend, fmt, group):
         make_kernel(qw, None, "torch", name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_odd_shapes_bias_and_leading_dims(backend):
     g = torch.Generator().manual_seed(2)
     for (n, k), scheme in [((48, 70), int_scheme(4, 32)), ((100, 200), int_scheme(4, 64, True)),
@@ -129,7 +172,7 @@ def test_odd_shapes_bias_and_leading_dims(backend):
         b = torch.randn(n, generator=g)
         qw = quantize_weight(w, scheme)
         try:
-            kern = make_kernel(qw, b, backend)
+            kern = make(qw, b, backend)
         except LowbitError:
             assert backend == "torch"
             continue
@@ -139,7 +182,7 @@ def test_odd_shapes_bias_and_leading_dims(backend):
         check_close((y - b).reshape(10, n), x.reshape(10, k), qw.dequantize())
 
 
-@pytest.mark.parametrize("backend", ["ext", "tiled"])
+@pytest.mark.parametrize("backend", EXT_VARIANTS + ["tiled"], indirect=True)
 def test_act_order_g_idx(backend):
     g = torch.Generator().manual_seed(3)
     n, k, gs = 64, 256, 64
@@ -149,7 +192,7 @@ def test_act_order_g_idx(backend):
     g_idx[perm] = (torch.arange(k) // gs).to(torch.int32)   # GPTQ desc_act: groups follow a permutation
     ref = quantize_weight(w, int_scheme(4, gs))
     qw = QuantizedWeight(ref.qdata, ref.scale, ref.zero_point, ref.scheme, g_idx)
-    kern = make_kernel(qw, None, backend)
+    kern = make(qw, None, backend)
     assert backend == "tiled" or kern.perm is not None
     for m in (1, 8):
         x = torch.randn(m, k, generator=g)
@@ -157,12 +200,12 @@ def test_act_order_g_idx(backend):
     assert torch.equal(kern.unpack_codes(), qw.qdata)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_bf16_activations(backend):
     g = torch.Generator().manual_seed(4)
     w = torch.randn(256, 576, generator=g) * 0.05
     qw = quantize_weight(w, int_scheme(4, 128))
-    kern = make_kernel(qw, None, backend)
+    kern = make(qw, None, backend)
     for m in (1, 16):
         x = torch.randn(m, 576, generator=g).bfloat16()
         y = kern(x)
@@ -179,6 +222,7 @@ def test_packed_linear_memory_codes_and_errors():
     qw = quantize_weight(lin.weight, int_scheme(4, 128))
     model = torch.nn.Sequential(QuantLinear(qw))
     report = prepare_for_inference(model)
+    kernels.set_decode_activations(model, "fp32")
     pl = model[0]
     assert isinstance(pl, PackedLinear) and isinstance(pl, QuantLinear)
     assert report["layers"] == 1
@@ -213,7 +257,7 @@ def test_group_form_refuses_what_kernels_cannot_take():
         to_group_form(quantize_weight(w, int_scheme(4, 48)), "layer.x")
     # ...and auto falls back to the tiled kernel, which reads any scheme
     qw = quantize_weight(w, int_scheme(4, 48))
-    kern = make_kernel(qw)
+    kern = make(qw)
     assert kern.backend == "tiled"
     x = torch.randn(2, 96)
     check_close(kern(x), x, qw.dequantize())
@@ -228,7 +272,136 @@ def test_auto_without_extension_falls_back(monkeypatch):
         make_kernel(qw, None, "ext")
 
 
+@pytest.mark.skipif(ext.disabled() is not None, reason=str(ext.disabled()))
 def test_extension_builds_here():
-    """make install builds it; on this machine (gcc present) it must load."""
+    """make install builds it; on this machine (gcc present) it must load, and the variant it
+    picks on its own is the best one the CPU runs."""
     assert ext.load(), ext.status()
     assert kernels.available_backends()["ext"] == "ready"
+    ready = [v for v, why in ext.isa_status().items() if why == "ready"]
+    assert "portable" in ready
+    with ext.use_isa("auto"):
+        assert ext.isa() == ready[0]
+
+
+def q8_round(x: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """x rounded as the kernels' int8 activation path does (per 32-column block of the padded row:
+    d = max|x| / 127, q = round-half-even(x * (1 / d))), back in float, unpadded."""
+    m, k = x.shape
+    xb = F.pad(x.float(), (0, k_pad - k)).reshape(m, -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv).clamp(-127, 127)
+    return (q * d).reshape(m, k_pad)[:, :k]
+
+
+def term_magnitudes(qw) -> torch.Tensor:
+    """|scale| * (code + |zero|) (+ 256 for byte codes): the size of each term the int8 path sums
+    (codes x q, zero x sum q; the byte path biases codes by 128), per weight, (N, K)."""
+    form = to_group_form(qw)
+    g = torch.arange(form.in_features) // form.group_size
+    z = form.zero[:, g].abs() if form.zero is not None else 0.0
+    return form.scale[:, g].abs() * (form.codes.float() + z + (0.0 if form.nibble else 256.0))
+
+
+@pytest.mark.parametrize("backend", EXT_VARIANTS, indirect=True)
+@pytest.mark.parametrize("shape,scheme_name", [((1536, 576), "w4g128a"), ((576, 1536), "w4g32s"),
+                                               ((100, 224), "w2g64a"), ((48, 96), "w4ca"),
+                                               ((1536, 576), "w8cs"), ((80, 224), "w8g128a"),
+                                               ((40, 70), "w4ta"), ((64, 96), "w4b64x64")])
+def test_int8_activations_equal_exact_math_on_rounded_input(backend, shape, scheme_name):
+    """The integer path's only approximation is rounding x to int8 per block: its output is the
+    exact product of the rounded x with W, to fp32 summation order. Odd block counts (96, 224
+    and 70 -> 96 columns) take the AVX-512 single-block tail."""
+    g = torch.Generator().manual_seed(7)
+    n, k = shape
+    qw = quantize_weight(torch.randn(n, k, generator=g) * 0.05, SCHEMES[scheme_name])
+    kern = make(qw, None, backend, act="int8")
+    assert kern.act == "int8"
+    w, mag = qw.dequantize(), term_magnitudes(qw)
+    for m in (1, 4):
+        x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 3   # uneven columns
+        xr = q8_round(x, kern.k_pad)
+        y = kern(x)
+        err = (y - F.linear(xr, w)).abs()
+        bound = 2e-6 * (xr.abs() @ mag.t()) + 1e-30
+        assert bool((err <= bound).all()), f"max err/bound {float((err / bound).max()):.3g}"
+        # ...which is within the rounding's own bound of the fp32-activation result: each x_k
+        # moves by at most half a step d_b / 2
+        d = F.pad(x, (0, kern.k_pad - k)).reshape(m, -1, 32).abs().amax(-1) / 127.0
+        e = d.repeat_interleave(32, 1)[:, :k] / 2
+        assert bool(((y - F.linear(x, w)).abs() <= e @ w.abs().t() + bound).all())
+
+
+@pytest.mark.parametrize("backend", EXT_VARIANTS, indirect=True)
+def test_int8_activations_fall_back_for_codebooks_and_prefill(backend):
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(64, 128, generator=g)
+    nf4 = make(quantize_weight(w, Scheme(format="nf4", granularity="group", group_size=64)), act="int8")
+    assert nf4.act == "fp32"           # a non-integer table has no integer dot product
+    # the default, auto: int8 activations for 4-bit integer codes, fp32 for 8-bit codes
+    assert make(quantize_weight(w, int_scheme(8, None, True)), act="auto").act == "fp32"
+    assert make(quantize_weight(w, int_scheme(3, 64)), act="auto").act == "int8"
+    with pytest.raises(LowbitError, match="decode activations"):
+        make(quantize_weight(w, int_scheme(3, 64)), act="int4")
+    qw = quantize_weight(w, int_scheme(4, 64))
+    kern = make(qw, act="int8")
+    x = torch.randn(kernels.GEMV_MAX_M + 1, 128, generator=g)
+    check_close(kern(x), x, qw.dequantize())   # prefill rows: tile path, fp32 activations
+
+
+@pytest.mark.parametrize("backend", EXT_VARIANTS, indirect=True)
+@pytest.mark.parametrize("act", ["fp32", "int8"])
+def test_nan_and_inf_propagate(backend, act):
+    qw = quantize_weight(torch.randn(32, 64), int_scheme(4, 32))
+    kern = make(qw, act=act)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 64)
+        x[0, 5] = bad
+        y = kern(x)
+        assert not bool(y[0].isfinite().any()), y[0]   # every output reads x[0, 5]
+        assert bool(y[1].isfinite().all())
+
+
+def test_isa_variants_can_be_forced_and_refused():
+    if not ext.load():
+        pytest.skip(f"C++ extension unavailable: {ext.status()}")
+    status = ext.isa_status()
+    before = ext.isa()
+    for isa, why in status.items():
+        if why == "ready":
+            with ext.use_isa(isa):
+                assert ext.isa() == isa
+        else:   # e.g. avx512 on an AVX2-only CPU, x86 variants on ARM
+            with pytest.raises(LowbitError, match="cannot run here"):
+                ext.set_isa(isa)
+    assert ext.isa() == before
+    with pytest.raises(LowbitError, match="expected one of auto"):
+        ext.set_isa("sse9")
+
+
+def _run_env(env: dict, code: str) -> str:
+    full = {**os.environ, **env}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_environment_forces_a_variant_or_disables_the_extension():
+    """LOWBIT_ISA forces one variant (refused with a LowbitError if the CPU can't run it);
+    LOWBIT_EXT=0 leaves the extension out and auto falls back to the tiled kernel."""
+    probe = ("import torch; from lowbit.nn import ext, kernels; from lowbit.numerics.qweight import "
+             "quantize_weight; from lowbit.numerics.scheme import int_scheme\n"
+             "k = kernels.make_kernel(quantize_weight(torch.randn(32, 64), int_scheme(4, 32)))\n"
+             "print(k.backend, ext.isa() if k.backend == 'ext' else ext.status())")
+    assert _run_env({"LOWBIT_EXT": "0"}, probe).split()[0] == "tiled"
+    if not ext.load():
+        pytest.skip(f"C++ extension unavailable: {ext.status()}")
+    ready = [v for v, why in ext.isa_status().items() if why == "ready"]
+    target = "avx2" if "avx2" in ready else "portable"
+    assert _run_env({"LOWBIT_ISA": target}, probe).split() == ["ext", target]
+    refused = [v for v, why in ext.isa_status().items() if why != "ready"]
+    if refused:
+        full = {**os.environ, "LOWBIT_ISA": refused[0]}
+        res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=full, timeout=300)
+        assert res.returncode != 0 and "cannot run here" in res.stderr

@@ -4,8 +4,9 @@ buffers, called as kernel(x, module) -> y (QuantLinear's `set_kernel` hook).
     backend  weights held as                          formats                      compute
     -------  ---------------------------------------  ---------------------------  -------------------
     ext      q4x32 nibbles or u8 bytes + (N, G) fp32  int 2..8 bits, NF4/FP4/      our C++ (nn/ext): fp32
-             scale / zero (nn/packed.py)              ternary (any 16-entry table)  GEMV at decode, tile
-                                                      group sizes multiple of 32   dequant + MKL at prefill
+             scale / zero (nn/packed.py)              ternary (any 16-entry table)  GEMV at decode (or int8
+                                                      group sizes multiple of 32   activations, see below),
+                                                                                   tile dequant + MKL at prefill
     torch    torch's int4pack / int8 + scales         int <= 4 bits (group 32..256  aten._weight_int4pack_mm
                                                       after splitting), int8 sym    _for_cpu / _weight_int8pack_mm
                                                       per channel
@@ -13,10 +14,20 @@ buffers, called as kernel(x, module) -> y (QuantLinear's `set_kernel` hook).
                                                                                      (reference code), F.linear
 
 None of them builds the whole float weight: `tiled` holds at most TILE_FLOATS floats at once.
+`ext` runs on the ISA variant nn/ext picked for this CPU (AVX-512+VNNI, AVX-512, AVX2+FMA or
+portable; LOWBIT_ISA forces one). Decode activations: "fp32" multiplies fp32 activations with the
+exact dequantized weights; "int8" rounds the activations per 32-column block to int8 (ggml's Q8_0)
+and sums codes x int8 exactly in int32 (AVX2 maddubs / AVX-512 VNNI), for integer codes only
+(int formats; codebooks stay on fp32). DECODE_ACT is the default (LOWBIT_DECODE_ACT overrides it;
+BENCHMARKS.md "CPU kernels: AVX2 / AVX-512 / portable" has the speed and accuracy that chose it);
+set_decode_activations(model, ...) switches a prepared model.
+
 Every kernel is tested against QuantLinear's dequantize-then-matmul reference
 (tests/test_kernels.py); `ext` and `torch` differ from it only by float summation order.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn as nn
@@ -33,6 +44,11 @@ BACKENDS = ("ext", "torch", "tiled")
 # tile of rows and calls MKL (bench/bench_kernels.py picks it)
 GEMV_MAX_M = 4
 TILE_FLOATS = 1 << 20  # tiled fallback: at most 4 MiB of float weight at a time
+# "auto": int8 activations for 4-bit-or-smaller integer codes, fp32 for 8-bit ones. Measured on
+# the bundled model (BENCHMARKS.md, CPU kernels): int8 activations add ~0.003 nats of KL in both
+# cases, ~1% of what 4-bit weights already cost (0.38) but +60% of 8-bit weights' (0.004).
+DECODE_ACTS = ("auto", "fp32", "int8")
+DECODE_ACT = os.environ.get("LOWBIT_DECODE_ACT", "auto").strip().lower()
 _q4_linear = _u8_linear = None  # torch.ops.lowbit_cpu.* once the extension is loaded
 
 
@@ -50,7 +66,7 @@ class ExtKernel(nn.Module):
     """Our C++ kernel (nn/ext/lowbit_cpu.cpp) on the q4x32 / u8 containers, fp32 accumulation."""
     backend = "ext"
 
-    def __init__(self, form: GroupForm, bias: torch.Tensor | None = None):
+    def __init__(self, form: GroupForm, bias: torch.Tensor | None = None, act: str | None = None):
         super().__init__()
         if not ext.load():
             raise LowbitError(f"backend 'ext': C++ kernels unavailable ({ext.status()})")
@@ -65,6 +81,20 @@ class ExtKernel(nn.Module):
         # not round them (the kernel computes in fp32 whatever the activation dtype)
         self.lut, self.scale, self.zero, self.perm = form.lut.contiguous(), form.scale, form.zero, form.perm
         self.bias = bias
+        # int8 activations need W = scale * (code - zero) with integer codes: the byte container,
+        # or nibbles whose table is 0..15 (not NF4 / FP4 / ternary)
+        self.int_codes = not form.nibble or torch.equal(self.lut, torch.arange(16, dtype=torch.float32))
+        self.set_act(DECODE_ACT if act is None else act)
+
+    def set_act(self, act: str) -> None:
+        """Decode activations: 'fp32', 'int8' (falls back to fp32 for non-integer codes) or 'auto'
+        (int8 for the 4-bit container's integer codes, fp32 for 8-bit codes; see DECODE_ACT)."""
+        if act not in DECODE_ACTS:
+            raise LowbitError(f"decode activations: expected one of {'|'.join(DECODE_ACTS)}, got {act!r}")
+        if act == "auto":
+            act = "int8" if self.nibble else "fp32"
+        self.act = act if self.int_codes else "fp32"
+        self.__dict__.pop("_args", None)
 
     def forward(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         # kept lean: at decode this runs ~200 times a token, so each microsecond here counts
@@ -93,10 +123,11 @@ class ExtKernel(nn.Module):
     def _cache_args(self) -> tuple:
         # buffers read through nn.Module.__getattr__ cost ~0.7 us each; keep them in a plain tuple
         # (dropped by _apply, i.e. on .to() / .float(), and rebuilt on the next call)
+        q8 = int(self.act == "int8")
         if self.nibble:
-            op, args = _q4_linear, (self.codes, self.lut, self.scale, self.zero, self.group_size, GEMV_MAX_M)
+            op, args = _q4_linear, (self.codes, self.lut, self.scale, self.zero, self.group_size, GEMV_MAX_M, q8)
         else:
-            op, args = _u8_linear, (self.codes, self.scale, self.zero, self.group_size, GEMV_MAX_M)
+            op, args = _u8_linear, (self.codes, self.scale, self.zero, self.group_size, GEMV_MAX_M, q8)
         plain = self.perm is None and self.k_pad == self.in_features
         a = (op, args, self.in_features, self.out_features, plain, self.bias)
         self.__dict__["_args"] = a
@@ -272,6 +303,17 @@ def make_kernel(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: 
     if backend == "ext" or ext.load():
         return ExtKernel(form, bias)
     return TiledKernel(qw, bias)
+
+
+def set_decode_activations(model: nn.Module, act: str) -> int:
+    """Switch every `ext` kernel in `model` to 'fp32', 'int8' or 'auto' decode activations; returns how
+    many kernels now use int8 (codebook formats stay fp32)."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, ExtKernel):
+            mod.set_act(act)
+            n += mod.act == "int8"
+    return n
 
 
 def available_backends() -> dict[str, str]:

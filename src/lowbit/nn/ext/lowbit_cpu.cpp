@@ -19,155 +19,92 @@
 //          contiguous 16-float vectors without a shuffle)
 //   u8     (N, K) uint8: one code per byte
 //
-// Two paths:
+// Three paths:
 //   gemv (M <= gemv_max_m, decode): per output row, stream the packed codes once and
 //        accumulate in fp32; per group acc is scaled and summed. Memory-bound, so reading
 //        4 or 8 bits instead of 32 is the speed-up.
+//   gemv on q8 activations (act_q8=1, integer codes only): x is rounded per 32-column block
+//        to int8 (x ~= d_b * q, d_b = max|x_b| / 127, ggml's Q8_0), codes x q summed exactly in
+//        int32 (maddubs / VNNI), then y = sum_b d_b scale_g(b) dot_b - sum_g scale_g zero_g xs_g
+//        with xs_g = sum_{b in g} d_b sum(q_b). The only error added is the activation rounding.
 //   tile (larger M, prefill): dequantize a tile of rows into a small fp32 buffer, then
 //        at::mm_out on it (MKL / oneDNN); the full float W never exists.
 // Parallelism: at::parallel_for (torch's own OpenMP pool, so torch.set_num_threads rules).
+//
+// ISA: the arithmetic lives in kern_*.cpp (lowbit_kern.h), each compiled for its own target
+// (AVX-512 + VNNI, AVX-512, AVX2 + FMA, portable); this file is compiled for the baseline ISA
+// and picks a table when the library loads from what the CPU reports, best first. set_isa()
+// forces one (refusing what this CPU cannot run), so every variant can be tested on one box.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include <string>
+#include <vector>
+
+#include "lowbit_kern.h"
 
 namespace {
 
-constexpr int64_t kChunk = 32;  // columns per packed run
+using lowbit::KernTable;
+constexpr int64_t kChunk = 32;  // columns per packed run and per q8 block
 
-// ---- one output value: sum_k x[k] * W[n, k] over a whole row --------------------------------
-// q4: the group's scale and zero are folded into its 16-entry table once per group,
-//     lut_g[c] = (lut[c] - zero) * scale, which is exactly the reference's dequantized value,
-//     so only the order of the fp32 sum differs from dequantize-then-matmul.
-//     Unpack (AVX-512): one vpmovzxbd spreads 16 packed bytes over 16 int32 lanes; vpermps reads
-//     only the low 4 bits of each index, so permuting by the lanes looks up the low nibble
-//     directly and, after a 4-bit shift, the high one. 6 zmm ops per 32 weights.
-inline float row_q4(const uint8_t* p, const float* x, int64_t K, int64_t gs, const float* lut,
-                    const float* scale, const float* zero) {
-#if defined(__AVX512F__)
-  const __m512 lutv = _mm512_loadu_ps(lut);
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
-    const __m512 zv = _mm512_set1_ps(zero ? zero[g] : 0.f);
-    const __m512 lg = _mm512_mul_ps(_mm512_sub_ps(lutv, zv), _mm512_set1_ps(scale[g]));
-    const int64_t k1 = std::min(K, k0 + gs);
-    for (int64_t k = k0; k < k1; k += kChunk) {
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
-      a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, lg), _mm512_loadu_ps(x + k), a0);
-      a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lg), _mm512_loadu_ps(x + k + 16), a1);
-    }
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#else
-  float acc[16] = {0};
-  float lg[16];
-  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
-    const float z = zero ? zero[g] : 0.f;
-    for (int j = 0; j < 16; ++j) lg[j] = (lut[j] - z) * scale[g];
-    const int64_t k1 = std::min(K, k0 + gs);
-    for (int64_t k = k0; k < k1; k += kChunk) {
-      const uint8_t* b = p + k / 2;
-      for (int j = 0; j < 16; ++j) acc[j] += lg[b[j] & 0x0F] * x[k + j] + lg[b[j] >> 4] * x[k + 16 + j];
-    }
-  }
-  float s = 0.f;
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
+// ---- ISA selection ------------------------------------------------------------------------------
+// The names, best first. __builtin_cpu_supports checks the CPUID bits and (for AVX / AVX-512)
+// that the OS saves the wider registers (XCR0), so a listed variant really runs here.
+const char* const kIsaNames[] = {"avx512vnni", "avx512", "avx2", "portable"};
+
+const KernTable* table_named(const std::string& name) {
+#if defined(__x86_64__)
+  if (name == "avx512vnni") return &lowbit::kern_avx512vnni;
+  if (name == "avx512") return &lowbit::kern_avx512;
+  if (name == "avx2") return &lowbit::kern_avx2;
 #endif
+  if (name == "portable") return &lowbit::kern_portable;
+  return nullptr;
 }
 
-// u8: per group, acc_g = sum x * (code - zero), then total += scale * acc_g (vector-wide, one
-// horizontal sum per row).
-inline float row_u8(const uint8_t* p, const float* x, int64_t K, int64_t gs, const float* scale,
-                    const float* zero) {
-#if defined(__AVX512F__)
-  __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
-  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
-    const __m512 zv = _mm512_set1_ps(zero ? zero[g] : 0.f);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    const int64_t k1 = std::min(K, k0 + gs);
-    for (int64_t k = k0; k < k1; k += kChunk) {
-      const __m512 w0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k)))), zv);
-      const __m512 w1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k + 16)))), zv);
-      a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), a0);
-      a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), a1);
-    }
-    const __m512 sv = _mm512_set1_ps(scale[g]);
-    t0 = _mm512_fmadd_ps(sv, a0, t0);
-    t1 = _mm512_fmadd_ps(sv, a1, t1);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
-#else
-  float total = 0.f;
-  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
-    const float z = zero ? zero[g] : 0.f;
-    float acc[32] = {0};
-    const int64_t k1 = std::min(K, k0 + gs);
-    for (int64_t k = k0; k < k1; k += kChunk)
-      for (int j = 0; j < 32; ++j) acc[j] += (static_cast<float>(p[k + j]) - z) * x[k + j];
-    float s = 0.f;
-    for (int j = 0; j < 32; ++j) s += acc[j];
-    total += scale[g] * s;
-  }
-  return total;
+bool cpu_runs(const std::string& name) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx512vnni") return avx512 && __builtin_cpu_supports("avx512vnni");
+  if (name == "avx512") return avx512;
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
+  return name == "portable";
 }
 
-// ---- dequantize one row into fp32 (tile path) --------------------------------------------------
-inline void dequant_q4_row(const uint8_t* p, int64_t K, const float* lut, const float* scale,
-                           const float* zero, int64_t gs, float* out) {
-#if defined(__AVX512F__)
-  const __m512 lutv = _mm512_loadu_ps(lut);
-  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
-    // same folded table as row_q4: values equal the reference's (lut[c] - zero) * scale
-    const __m512 lg = _mm512_mul_ps(_mm512_sub_ps(lutv, _mm512_set1_ps(zero ? zero[g] : 0.f)),
-                                    _mm512_set1_ps(scale[g]));
-    const int64_t k1 = std::min(K, k0 + gs);
-    for (int64_t k = k0; k < k1; k += kChunk) {
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
-      _mm512_storeu_ps(out + k, _mm512_permutexvar_ps(b, lg));
-      _mm512_storeu_ps(out + k + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lg));
-    }
-  }
-#else
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    const int64_t g = k0 / gs;
-    const float s = scale[g], z = zero ? zero[g] : 0.f;
-    const uint8_t* b = p + k0 / 2;
-    for (int j = 0; j < 16; ++j) {
-      out[k0 + j] = (lut[b[j] & 0x0F] - z) * s;
-      out[k0 + 16 + j] = (lut[b[j] >> 4] - z) * s;
-    }
-  }
-#endif
+const KernTable* best_table() {
+  for (const char* n : kIsaNames)
+    if (table_named(n) && cpu_runs(n)) return table_named(n);
+  return &lowbit::kern_portable;
 }
 
-inline void dequant_u8_row(const uint8_t* p, int64_t K, const float* scale, const float* zero,
-                           int64_t gs, float* out) {
-#if defined(__AVX512F__)
-  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
-    const __m512 zv = _mm512_set1_ps(zero ? zero[g] : 0.f), sv = _mm512_set1_ps(scale[g]);
-    const int64_t k1 = std::min(K, k0 + gs);
-    for (int64_t k = k0; k < k1; k += 16) {
-      const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k))));
-      _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_sub_ps(c, zv), sv));
-    }
+const KernTable* g_kern = best_table();
+
+std::string set_isa(const std::string& name) {
+  if (name == "auto") {
+    g_kern = best_table();
+    return g_kern->name;
   }
-#else
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    const int64_t g = k0 / gs;
-    const float s = scale[g], z = zero ? zero[g] : 0.f;
-    for (int j = 0; j < 32; ++j) out[k0 + j] = (static_cast<float>(p[k0 + j]) - z) * s;
-  }
-#endif
+  const KernTable* t = table_named(name);
+  TORCH_CHECK(t != nullptr, "lowbit kernel: unknown ISA variant '", name,
+              "' (expected auto, avx512vnni, avx512, avx2 or portable; x86 variants exist on x86-64 only)");
+  TORCH_CHECK(cpu_runs(name), "lowbit kernel: this CPU cannot run the '", name,
+              "' variant (its CPUID / OS lacks the instructions it needs)");
+  g_kern = t;
+  return g_kern->name;
 }
 
+std::string current_isa() { return g_kern->name; }
+
+bool isa_supported(const std::string& name) { return table_named(name) != nullptr && cpu_runs(name); }
+
+// ---- the ops ------------------------------------------------------------------------------------
 void check_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                 const c10::optional<at::Tensor>& zero, int64_t gs) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -189,20 +126,26 @@ void check_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
 template <bool Q4>
 at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                          const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
-                         int64_t gs, int64_t gemv_max_m) {
+                         int64_t gs, int64_t gemv_max_m, int64_t act_q8) {
   check_args(x, codes, scale, zero, gs);
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
   const int64_t row_bytes = Q4 ? K / 2 : K;
   TORCH_CHECK(codes.size(1) == row_bytes, "lowbit kernel: codes must be (N, ", row_bytes, ") for K=", K,
               ", got ", codes.sizes());
+  const float* lp = nullptr;
   if (Q4) {
     TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16 && lut.is_contiguous(),
                 "lowbit kernel: lut must be 16 contiguous float32 values");
+    lp = lut.data_ptr<float>();
+    if (act_q8) {
+      for (int j = 0; j < 16; ++j)
+        TORCH_CHECK(lp[j] == float(j), "lowbit kernel: int8 activations need integer codes (lut = 0..15)");
+    }
   }
+  const KernTable* kt = g_kern;
   const int64_t G = scale.size(1);
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const float* lp = Q4 ? lut.data_ptr<float>() : nullptr;
   const float* sp = scale.data_ptr<float>();
   const float* zp = zero.has_value() ? zero->data_ptr<float>() : nullptr;
 
@@ -212,34 +155,41 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
     // grain: at least ~128K weights per thread. Waking the pool costs 5-50 us (more on a busy
     // box), so a k/v projection of 192x576 (~5 us of work) runs on the calling thread alone.
     const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 17) / (K * M));
+    if (act_q8) {
+      const int64_t nb = K / kChunk;
+      std::vector<int8_t> xq(M * K);
+      std::vector<float> d(M * nb), xs(M * G, 0.f);
+      std::vector<int32_t> qsum(M * nb), bgrp(nb);
+      kt->quant_q8(xp, M, K, xq.data(), d.data(), qsum.data());
+      for (int64_t b = 0; b < nb; ++b) bgrp[b] = static_cast<int32_t>(b * kChunk / gs);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t b = 0; b < nb; ++b) xs[m * G + bgrp[b]] += d[m * nb + b] * float(qsum[m * nb + b]);
+      auto fn = Q4 ? kt->gemv_q4q8 : kt->gemv_u8q8;
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+        fn(cp, xq.data(), d.data(), xs.data(), bgrp.data(), M, K, sp, zp, G, yp, N, n0, n1);
+      });
+      return y;
+    }
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* row = cp + n * row_bytes;
-        const float* srow = sp + n * G;
-        const float* zrow = zp ? zp + n * G : nullptr;
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xr = xp + m * K;
-          const float total = Q4 ? row_q4(row, xr, K, gs, lp, srow, zrow) : row_u8(row, xr, K, gs, srow, zrow);
-          yp[m * N + n] = total;
-        }
-      }
+      if (Q4) kt->gemv_q4(cp, xp, M, K, gs, lp, sp, zp, G, yp, N, n0, n1);
+      else    kt->gemv_u8(cp, xp, M, K, gs, sp, zp, G, yp, N, n0, n1);
     });
     return y;
   }
   // tile path: yT (N, M) so each tile's output rows are contiguous; returned as (M, N)
   at::Tensor yT = at::empty({N, M}, x.options());
-  const int64_t tile = std::max<int64_t>(16, ((int64_t(1) << 17) / K) / 16 * 16);  // ~512 KiB of fp32
+  // ~2 MiB of fp32 per tile (L3-resident): few tiles, so few pool barriers, which cost most on a
+  // busy box (512 KiB tiles measured 1.2-3x slower than fp32 F.linear at M=128 under load)
+  const int64_t tile = std::max<int64_t>(16, ((int64_t(1) << 19) / K) / 16 * 16);
   at::Tensor w = at::empty({std::min(tile, N), K}, x.options());
   const at::Tensor xT = x.t();
   for (int64_t t0 = 0; t0 < N; t0 += tile) {
     const int64_t tn = std::min(tile, N - t0);
     float* wp = w.data_ptr<float>();
     at::parallel_for(0, tn, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = t0 + r;
-        if (Q4) dequant_q4_row(cp + n * row_bytes, K, lp, sp + n * G, zp ? zp + n * G : nullptr, gs, wp + r * K);
-        else    dequant_u8_row(cp + n * row_bytes, K, sp + n * G, zp ? zp + n * G : nullptr, gs, wp + r * K);
-      }
+      // the kernels index rows from the start of codes / scale; out is this tile's row r0
+      if (Q4) kt->dequant_q4(cp, K, gs, lp, sp, zp, G, t0 + r0, t0 + r1, wp + r0 * K);
+      else    kt->dequant_u8(cp, K, gs, sp, zp, G, t0 + r0, t0 + r1, wp + r0 * K);
     });
     at::Tensor out = yT.narrow(0, t0, tn);
     at::mm_out(out, w.narrow(0, 0, tn), xT);
@@ -249,20 +199,27 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& lut,
                      const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
-                     int64_t group_size, int64_t gemv_max_m) {
-  return lowbit_linear<true>(x, packed, lut, scale, zero, group_size, gemv_max_m);
+                     int64_t group_size, int64_t gemv_max_m, int64_t act_q8) {
+  return lowbit_linear<true>(x, packed, lut, scale, zero, group_size, gemv_max_m, act_q8);
 }
 
 at::Tensor u8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& zero, int64_t group_size, int64_t gemv_max_m) {
-  return lowbit_linear<false>(x, codes, at::Tensor(), scale, zero, group_size, gemv_max_m);
+                     const c10::optional<at::Tensor>& zero, int64_t group_size, int64_t gemv_max_m,
+                     int64_t act_q8) {
+  return lowbit_linear<false>(x, codes, at::Tensor(), scale, zero, group_size, gemv_max_m, act_q8);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lowbit_cpu, m) {
-  m.def("q4_linear(Tensor x, Tensor packed, Tensor lut, Tensor scale, Tensor? zero, int group_size, int gemv_max_m) -> Tensor");
-  m.def("u8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group_size, int gemv_max_m) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor packed, Tensor lut, Tensor scale, Tensor? zero, int group_size, "
+        "int gemv_max_m, int act_q8=0) -> Tensor");
+  m.def("u8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group_size, int gemv_max_m, "
+        "int act_q8=0) -> Tensor");
+  // not tensor ops: registered as plain functions (no dispatch key), called from Python
+  m.def("set_isa(str name) -> str", &set_isa);
+  m.def("isa() -> str", &current_isa);
+  m.def("isa_supported(str name) -> bool", &isa_supported);
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {

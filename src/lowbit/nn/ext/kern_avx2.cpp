@@ -1,0 +1,278 @@
+// AVX2 + FMA kernels (compiled -mavx2 -mfma only: runs on every x86-64 since Haswell / Zen 1).
+//
+// q4 fp32 GEMV, integer codes (lut = 0..15, the int formats): weights as (code - zero) in fp32,
+// scaled once per group (gemv_q4_int below). Any other 16-entry table (NF4 / FP4 / ternary):
+// a group's 16-entry folded table lg[c] = (lut[c] - zero) * scale lives in two
+// ymm (entries 0-7, 8-15). vpermps looks up the low 3 bits of each int32 lane in both halves
+// and vblendvps picks the half by bit 3 (shifted up into the sign bit):
+//
+//     codes (8 x int32)  ->  perm(lo, c), perm(hi, c), blend by (c << 28)  ->  8 weights
+//
+// q8 integer paths (ggml-style): 32 codes and 32 int8 activations per block,
+//     vpmaddubsw (u8 x s8 -> 16 x int16 pair sums) then vpmaddwd by 1 (-> 8 x int32),
+// exact in int32; one fp32 FMA per block applies d_b * scale_g. 4-bit codes (<= 15) never
+// saturate the int16 pair sums (2 * 15 * 127); 8-bit codes could (2 * 255 * 127), so they are
+// biased to signed (c - 128) and multiplied with vpsignb's |c - 128| x sign-adjusted q
+// (<= 2 * 128 * 127 = 32512), the 128 * sum(q) term moving into the per-group zero correction.
+#include <immintrin.h>
+
+#include "lowbit_kern.h"
+
+namespace lowbit {
+namespace {
+
+constexpr int64_t kRun = 32;
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 packed bytes -> four 8-lane int32 code vectors, columns 0-7, 8-15, 16-23, 24-31
+inline void unpack_q4_i32(const uint8_t* p, __m256i c[4]) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  c[0] = _mm256_cvtepu8_epi32(lo);
+  c[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+  c[2] = _mm256_cvtepu8_epi32(hi);
+  c[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+}
+
+inline __m256 lookup16(__m256 lo, __m256 hi, __m256i c) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, c), _mm256_permutevar8x32_ps(hi, c),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+}
+
+inline void folded_lut(const float* lut, float z, float s, __m256* lo, __m256* hi) {
+  const __m256 zv = _mm256_set1_ps(z), sv = _mm256_set1_ps(s);
+  *lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(lut), zv), sv);
+  *hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(lut + 8), zv), sv);
+}
+
+inline bool integer_lut(const float* lut) {
+  for (int j = 0; j < 16; ++j)
+    if (lut[j] != float(j)) return false;
+  return true;
+}
+
+// int codes (lut = 0..15): per group acc = sum x * (code - zero), total += scale * acc, as the
+// u8 kernel does. code - zero is exactly the reference's (lut[c] - zero); no table lookup, so
+// 4 ops per 8 weights (vpmovzxbd, vcvtdq2ps, vsubps, vfmadd) with one on the shuffle port,
+// against 7 (3 shuffles) for the table.
+void gemv_q4_int(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
+                 const float* scale, const float* zero, int64_t G,
+                 float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t rb = K / 2;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * rb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+      for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+        const __m256 zv = _mm256_set1_ps(zero ? zero[n * G + g] : 0.f);
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        const int64_t k1 = imin(K, k0 + gs);
+        for (int64_t k = k0; k < k1; k += kRun) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2));
+          const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+          const __m256 w0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), zv);
+          const __m256 w1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), zv);
+          const __m256 w2 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), zv);
+          const __m256 w3 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), zv);
+          a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + k), a0);
+          a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + k + 8), a1);
+          a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + k + 16), a0);
+          a1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + k + 24), a1);
+        }
+        const __m256 sv = _mm256_set1_ps(scale[n * G + g]);
+        t0 = _mm256_fmadd_ps(sv, a0, t0);
+        t1 = _mm256_fmadd_ps(sv, a1, t1);
+      }
+      y[m * N + n] = hsum(_mm256_add_ps(t0, t1));
+    }
+  }
+}
+
+void gemv_q4(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
+             const float* lut, const float* scale, const float* zero, int64_t G,
+             float* y, int64_t N, int64_t n0, int64_t n1) {
+  if (integer_lut(lut)) return gemv_q4_int(codes, x, M, K, gs, scale, zero, G, y, N, n0, n1);
+  const int64_t rb = K / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * rb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+        __m256 lo, hi;
+        folded_lut(lut, zero ? zero[n * G + g] : 0.f, scale[n * G + g], &lo, &hi);
+        const int64_t k1 = imin(K, k0 + gs);
+        for (int64_t k = k0; k < k1; k += kRun) {
+          __m256i c[4];
+          unpack_q4_i32(p + k / 2, c);
+          a0 = _mm256_fmadd_ps(lookup16(lo, hi, c[0]), _mm256_loadu_ps(xr + k), a0);
+          a1 = _mm256_fmadd_ps(lookup16(lo, hi, c[1]), _mm256_loadu_ps(xr + k + 8), a1);
+          a0 = _mm256_fmadd_ps(lookup16(lo, hi, c[2]), _mm256_loadu_ps(xr + k + 16), a0);
+          a1 = _mm256_fmadd_ps(lookup16(lo, hi, c[3]), _mm256_loadu_ps(xr + k + 24), a1);
+        }
+      }
+      y[m * N + n] = hsum(_mm256_add_ps(a0, a1));
+    }
+  }
+}
+
+inline __m256 u8x8_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+void gemv_u8(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
+             const float* scale, const float* zero, int64_t G,
+             float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+      for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+        // per group: acc = sum x * (code - zero), then total += scale * acc
+        const __m256 zv = _mm256_set1_ps(zero ? zero[n * G + g] : 0.f);
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        const int64_t k1 = imin(K, k0 + gs);
+        for (int64_t k = k0; k < k1; k += 16) {
+          a0 = _mm256_fmadd_ps(_mm256_sub_ps(u8x8_ps(p + k), zv), _mm256_loadu_ps(xr + k), a0);
+          a1 = _mm256_fmadd_ps(_mm256_sub_ps(u8x8_ps(p + k + 8), zv), _mm256_loadu_ps(xr + k + 8), a1);
+        }
+        const __m256 sv = _mm256_set1_ps(scale[n * G + g]);
+        t0 = _mm256_fmadd_ps(sv, a0, t0);
+        t1 = _mm256_fmadd_ps(sv, a1, t1);
+      }
+      y[m * N + n] = hsum(_mm256_add_ps(t0, t1));
+    }
+  }
+}
+
+void dequant_q4(const uint8_t* codes, int64_t K, int64_t gs, const float* lut, const float* scale,
+                const float* zero, int64_t G, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * (K / 2);
+    float* o = out + (n - n0) * K;
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+      __m256 lo, hi;
+      folded_lut(lut, zero ? zero[n * G + g] : 0.f, scale[n * G + g], &lo, &hi);
+      for (int64_t k = k0; k < imin(K, k0 + gs); k += kRun) {
+        __m256i c[4];
+        unpack_q4_i32(p + k / 2, c);
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + k + 8 * i, lookup16(lo, hi, c[i]));
+      }
+    }
+  }
+}
+
+void dequant_u8(const uint8_t* codes, int64_t K, int64_t gs, const float* scale, const float* zero,
+                int64_t G, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * K;
+    float* o = out + (n - n0) * K;
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+      const __m256 zv = _mm256_set1_ps(zero ? zero[n * G + g] : 0.f), sv = _mm256_set1_ps(scale[n * G + g]);
+      for (int64_t k = k0; k < imin(K, k0 + gs); k += 8)
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(u8x8_ps(p + k), zv), sv));
+    }
+  }
+}
+
+void quant_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* d, int32_t* qsum) {
+  const int64_t nb = K / kRun;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kRun;
+      __m256 v[4], mx = _mm256_setzero_ps(), poison = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absmask));
+        poison = _mm256_add_ps(poison, _mm256_mul_ps(v[i], _mm256_setzero_ps()));  // NaN iff NaN/inf
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float amax = _mm_cvtss_f32(m4);
+      const float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
+      const __m256 iv = _mm256_set1_ps(id);
+      __m256i q[4];  // cvtps rounds to nearest even (default MXCSR), as nearbyint does
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], iv));
+      // qsum from the int32 lanes (before packing)
+      const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+      // pack 32 x int32 -> 32 x int8; packs work per 128-bit lane, vpermd restores column order
+      const __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+      const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+      const __m256i ord = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * kRun), ord);
+      float pz[8];
+      _mm256_storeu_ps(pz, poison);
+      float pt = 0.f;
+      for (int i = 0; i < 8; ++i) pt += pz[i];
+      d[m * nb + b] = pt == 0.f ? db : __builtin_nanf("");
+      qsum[m * nb + b] = _mm_cvtsi128_si32(s);
+    }
+}
+
+// 16 packed bytes -> 32 u8 codes in column order (low nibbles = cols 0-15, high = 16-31)
+inline __m256i unpack_q4_u8(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b, m)),
+                                 _mm_and_si128(_mm_srli_epi16(b, 4), m), 1);
+}
+
+template <bool Q4>
+void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float* xs,
+             const int32_t* bgrp, int64_t M, int64_t K, const float* scale, const float* zero,
+             int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / kRun, rb = Q4 ? K / 2 : K;
+  const __m256i ones = _mm256_set1_epi16(1), bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  // the u8 path computes sum (c - 128) q, so its zero correction uses zero - 128
+  const float zoff = Q4 ? 0.f : 128.f;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * rb;
+    const float* s = scale + n * G;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* q = xq + m * K;
+      const float* dm = d + m * nb;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kRun));
+        __m256i p16;
+        if (Q4) {
+          p16 = _mm256_maddubs_epi16(unpack_q4_u8(p + b * 16), qv);
+        } else {
+          const __m256i c = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * kRun)), bias);
+          p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(qv, c));
+        }
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        const __m256 w = _mm256_set1_ps(dm[b] * s[bgrp[b]]);
+        if (b & 1) a1 = _mm256_fmadd_ps(f, w, a1);
+        else       a0 = _mm256_fmadd_ps(f, w, a0);
+      }
+      float acc = hsum(_mm256_add_ps(a0, a1));
+      for (int64_t g = 0; g < G; ++g)
+        acc -= s[g] * ((zero ? zero[n * G + g] : 0.f) - zoff) * xs[m * G + g];
+      y[m * N + n] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+const KernTable kern_avx2 = {"avx2", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
+                             gemv_q8<true>, gemv_q8<false>};
+
+}  // namespace lowbit

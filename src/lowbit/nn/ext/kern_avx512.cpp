@@ -1,0 +1,223 @@
+// AVX-512 kernels, compiled twice: -DLOWBIT_VNNI=1 (-mavx512vnni: vpdpbusd for the q8 dot
+// products) -> kern_avx512vnni, and without (vpmaddubsw + vpmaddwd, AVX512BW) -> kern_avx512.
+// Both need AVX512 F, BW, VL, DQ (Skylake-X and later, Zen 4).
+//
+// q4 fp32 GEMV: vpmovzxbd spreads 16 packed bytes over 16 int32 lanes; vpermps reads only the low
+// 4 bits of each index, so permuting the group's folded 16-entry table lg[c] = (lut[c]-zero)*scale
+// by the lanes looks up the low nibble directly and, after a 4-bit shift, the high one.
+// 6 zmm ops per 32 weights; values equal the reference's dequantized weights exactly.
+//
+// q8 integer paths: two 32-column blocks per zmm. For q4 the 32 packed bytes of blocks b, b+1
+//     [ run b: 16 B | run b+1: 16 B ]  --vshufi64x2-->  [ b | b | b+1 | b+1 ]  (128-bit lanes)
+//     --vpsrlvw by (0, 4, 0, 4) per lane, & 0x0F-->     [ b cols 0-15 | b 16-31 | b+1 0-15 | b+1 16-31 ]
+// lines the codes up with the 64 int8 activations. vpdpbusd (u8 x s8, 4 products into each
+// int32, exact) or vpmaddubsw+vpmaddwd gives 8 int32 per block; one FMA by
+// (d_b scale_g(b) | d_b+1 scale_g(b+1)) per pair. Without VNNI, 8-bit codes are biased to signed
+// as in kern_avx2.cpp (vpmaddubsw's int16 pair sums would saturate on u8 x s8).
+#include <immintrin.h>
+
+#include "lowbit_kern.h"
+
+#ifndef LOWBIT_VNNI
+#define LOWBIT_VNNI 0
+#endif
+
+namespace lowbit {
+namespace {
+
+constexpr int64_t kRun = 32;
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline __m512 folded_lut(const float* lut, float z, float s) {
+  return _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(lut), _mm512_set1_ps(z)), _mm512_set1_ps(s));
+}
+
+void gemv_q4(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
+             const float* lut, const float* scale, const float* zero, int64_t G,
+             float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t rb = K / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * rb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+        const __m512 lg = folded_lut(lut, zero ? zero[n * G + g] : 0.f, scale[n * G + g]);
+        const int64_t k1 = imin(K, k0 + gs);
+        for (int64_t k = k0; k < k1; k += kRun) {
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
+          a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, lg), _mm512_loadu_ps(xr + k), a0);
+          a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lg), _mm512_loadu_ps(xr + k + 16), a1);
+        }
+      }
+      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+  }
+}
+
+inline __m512 u8x16_ps(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+void gemv_u8(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
+             const float* scale, const float* zero, int64_t G,
+             float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+      for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+        const __m512 zv = _mm512_set1_ps(zero ? zero[n * G + g] : 0.f);
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        const int64_t k1 = imin(K, k0 + gs);
+        for (int64_t k = k0; k < k1; k += kRun) {
+          a0 = _mm512_fmadd_ps(_mm512_sub_ps(u8x16_ps(p + k), zv), _mm512_loadu_ps(xr + k), a0);
+          a1 = _mm512_fmadd_ps(_mm512_sub_ps(u8x16_ps(p + k + 16), zv), _mm512_loadu_ps(xr + k + 16), a1);
+        }
+        const __m512 sv = _mm512_set1_ps(scale[n * G + g]);
+        t0 = _mm512_fmadd_ps(sv, a0, t0);
+        t1 = _mm512_fmadd_ps(sv, a1, t1);
+      }
+      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
+    }
+  }
+}
+
+void dequant_q4(const uint8_t* codes, int64_t K, int64_t gs, const float* lut, const float* scale,
+                const float* zero, int64_t G, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * (K / 2);
+    float* o = out + (n - n0) * K;
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+      const __m512 lg = folded_lut(lut, zero ? zero[n * G + g] : 0.f, scale[n * G + g]);
+      for (int64_t k = k0; k < imin(K, k0 + gs); k += kRun) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
+        _mm512_storeu_ps(o + k, _mm512_permutexvar_ps(b, lg));
+        _mm512_storeu_ps(o + k + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lg));
+      }
+    }
+  }
+}
+
+void dequant_u8(const uint8_t* codes, int64_t K, int64_t gs, const float* scale, const float* zero,
+                int64_t G, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * K;
+    float* o = out + (n - n0) * K;
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+      const __m512 zv = _mm512_set1_ps(zero ? zero[n * G + g] : 0.f), sv = _mm512_set1_ps(scale[n * G + g]);
+      for (int64_t k = k0; k < imin(K, k0 + gs); k += 16)
+        _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_sub_ps(u8x16_ps(p + k), zv), sv));
+    }
+  }
+}
+
+void quant_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* d, int32_t* qsum) {
+  const int64_t nb = K / kRun;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kRun;
+      const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      // x * 0 is NaN exactly where x is NaN or inf
+      const float poison = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_mul_ps(v0, _mm512_setzero_ps()),
+                                                              _mm512_mul_ps(v1, _mm512_setzero_ps())));
+      const float db = amax / 127.f, id = db > 0.f ? 1.f / db : 0.f;
+      const __m512 iv = _mm512_set1_ps(id);
+      // cvtps rounds to nearest even (default MXCSR), as the portable nearbyint does
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, iv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, iv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + b * kRun), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + b * kRun + 16), _mm512_cvtsepi32_epi8(q1));
+      d[m * nb + b] = poison == 0.f ? db : __builtin_nanf("");
+      qsum[m * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
+inline __m512i dot_u8s8(__m512i c, __m512i q) {
+#if LOWBIT_VNNI
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q);
+#else
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(c, q), _mm512_set1_epi16(1));
+#endif
+}
+
+// 8-bit codes: sum c q exactly. VNNI takes u8 directly; otherwise (c - 128) is signed, multiplied
+// as |c - 128| x (q with c's sign), and the caller's correction adds back 128 * sum q.
+inline __m512i dot_codes_u8(__m512i c, __m512i q) {
+#if LOWBIT_VNNI
+  return dot_u8s8(c, q);
+#else
+  const __m512i cs = _mm512_xor_si512(c, _mm512_set1_epi8(static_cast<char>(0x80)));
+  const __mmask64 neg = _mm512_movepi8_mask(cs);
+  const __m512i qs = _mm512_mask_sub_epi8(q, neg, _mm512_setzero_si512(), q);
+  return dot_u8s8(_mm512_abs_epi8(cs), qs);
+#endif
+}
+
+inline __m512i unpack_q4_pair(const uint8_t* p) {
+  const __m512i r = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i dup = _mm512_shuffle_i64x2(r, r, 0x50);                 // lanes (0, 0, 1, 1)
+  const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 0x40004, 0x40004, 0x40004, 0x40004,
+                                       0, 0, 0, 0, 0x40004, 0x40004, 0x40004, 0x40004);
+  return _mm512_and_si512(_mm512_srlv_epi16(dup, sh), _mm512_set1_epi8(0x0F));
+}
+
+inline __m512i unpack_q4_one(const uint8_t* p) {  // one block, upper 256 bits zero
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m256i c = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b, m)),
+                                            _mm_and_si128(_mm_srli_epi16(b, 4), m), 1);
+  return _mm512_zextsi256_si512(c);
+}
+
+template <bool Q4>
+void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float* xs,
+             const int32_t* bgrp, int64_t M, int64_t K, const float* scale, const float* zero,
+             int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / kRun, rb = Q4 ? K / 2 : K;
+  const float zoff = (Q4 || LOWBIT_VNNI) ? 0.f : 128.f;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * rb;
+    const float* s = scale + n * G;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* q = xq + m * K;
+      const float* dm = d + m * nb;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int64_t b = 0;
+      for (; b + 2 <= nb; b += 2) {
+        const __m512i qv = _mm512_loadu_si512(q + b * kRun);
+        const __m512i pi = Q4 ? dot_u8s8(unpack_q4_pair(p + b * 16), qv)
+                              : dot_codes_u8(_mm512_loadu_si512(p + b * kRun), qv);
+        const __m512 w = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dm[b] * s[bgrp[b]]),
+                                              _mm512_set1_ps(dm[b + 1] * s[bgrp[b + 1]]));
+        if (b & 2) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), w, a1);
+        else       a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), w, a0);
+      }
+      if (b < nb) {  // odd block count: the last block alone, upper half zero
+        const __m512i qv = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kRun)));
+        const __m512i c = Q4 ? unpack_q4_one(p + b * 16)
+                             : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * kRun)));
+        const __m512i pi = Q4 ? dot_u8s8(c, qv) : dot_codes_u8(c, qv);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_set1_ps(dm[b] * s[bgrp[b]]), a0);
+      }
+      float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      if (zero || zoff != 0.f)
+        for (int64_t g = 0; g < G; ++g)
+          acc -= s[g] * ((zero ? zero[n * G + g] : 0.f) - zoff) * xs[m * G + g];
+      y[m * N + n] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+#if LOWBIT_VNNI
+const KernTable kern_avx512vnni = {"avx512vnni", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
+                                   gemv_q8<true>, gemv_q8<false>};
+#else
+const KernTable kern_avx512 = {"avx512", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
+                               gemv_q8<true>, gemv_q8<false>};
+#endif
+
+}  // namespace lowbit

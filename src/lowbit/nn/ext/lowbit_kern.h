@@ -1,0 +1,56 @@
+// The ISA-specific half of lowbit's CPU kernels: plain C++ on raw pointers, no torch headers.
+//
+// Each kern_*.cpp is compiled with its own target flags (-mavx512f ..., -mavx2 -mfma, none) and
+// exports one KernTable; lowbit_cpu.cpp (compiled for baseline x86-64 / the host's default ISA)
+// holds the torch ops, the threading and picks a table at run time from what the CPU reports
+// (__builtin_cpu_supports), so one library runs on any x86-64 and the variant can be forced.
+// No torch / STL templates are instantiated in the ISA files: an inline function compiled with
+// AVX-512 flags there could otherwise be the copy the linker keeps for the baseline file too.
+//
+// Layouts (see lowbit_cpu.cpp for the full picture):
+//   q4x32  codes row = K/2 bytes; each run of 32 columns is 16 bytes, byte j holds column j in
+//          its low nibble and column 16+j in its high nibble.
+//   u8     codes row = K bytes.
+//   q8     activations (the integer decode path): per row m and block b of 32 columns,
+//          x[m, 32b + j] ~= d[m, b] * xq[m, 32b + j], xq int8 in [-127, 127], d = max|x| / 127
+//          (ggml's Q8_0 rounding), qsum[m, b] = sum_j xq[m, 32b + j].
+#pragma once
+#include <cstdint>
+
+namespace lowbit {
+
+struct KernTable {
+  const char* name;
+  // y[m, n] for n in [n0, n1): fp32 activations x (M, K), K a multiple of 32.
+  void (*gemv_q4)(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
+                  const float* lut, const float* scale, const float* zero, int64_t G,
+                  float* y, int64_t N, int64_t n0, int64_t n1);
+  void (*gemv_u8)(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
+                  const float* scale, const float* zero, int64_t G,
+                  float* y, int64_t N, int64_t n0, int64_t n1);
+  // rows [n0, n1) of the float weight into out (n1 - n0, K) (the tile path before MKL)
+  void (*dequant_q4)(const uint8_t* codes, int64_t K, int64_t gs, const float* lut,
+                     const float* scale, const float* zero, int64_t G, int64_t n0, int64_t n1,
+                     float* out);
+  void (*dequant_u8)(const uint8_t* codes, int64_t K, int64_t gs, const float* scale,
+                     const float* zero, int64_t G, int64_t n0, int64_t n1, float* out);
+  // x (M, K) -> q8 blocks (xq, d, qsum), see above. d is NaN for a block holding NaN / inf.
+  void (*quant_q8)(const float* x, int64_t M, int64_t K, int8_t* xq, float* d, int32_t* qsum);
+  // integer dot products on q8 activations. q4: integer codes only (lut = 0..15), so
+  // W = scale * (code - zero). bgrp[b] = group of block b; xs[m, g] = sum_{b in g} d * qsum.
+  void (*gemv_q4q8)(const uint8_t* codes, const int8_t* xq, const float* d, const float* xs,
+                    const int32_t* bgrp, int64_t M, int64_t K, const float* scale,
+                    const float* zero, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1);
+  void (*gemv_u8q8)(const uint8_t* codes, const int8_t* xq, const float* d, const float* xs,
+                    const int32_t* bgrp, int64_t M, int64_t K, const float* scale,
+                    const float* zero, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1);
+};
+
+extern const KernTable kern_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const KernTable kern_avx2;
+extern const KernTable kern_avx512;
+extern const KernTable kern_avx512vnni;
+#endif
+
+}  // namespace lowbit
