@@ -265,13 +265,16 @@ def rewrite(d: Path, fn) -> None:
 
 
 def set_qcfg(d: Path, **kv) -> None:
-    cfg = json.loads((d / "config.json").read_text())
-    for k, v in kv.items():
-        if v is None:
-            cfg["quantization_config"].pop(k, None)
-        else:
-            cfg["quantization_config"][k] = v
-    (d / "config.json").write_text(json.dumps(cfg))
+    """Edit quantization_config in config.json and quantize_config.json alike (None removes a key)."""
+    for fname, sub in (("config.json", "quantization_config"), ("quantize_config.json", None)):
+        cfg = json.loads((d / fname).read_text())
+        q = cfg[sub] if sub else cfg
+        for k, v in kv.items():
+            if v is None:
+                q.pop(k, None)
+            else:
+                q[k] = v
+        (d / fname).write_text(json.dumps(cfg))
 
 
 Q = "model.layers.4.mlp.gate_proj"
@@ -341,6 +344,20 @@ def test_ambiguous_zero_convention(smollm2, rtn, tmp_path):
     rewrite(d3, lambda t: t[f"{Q}.qzeros"].__setitem__((0, 0), t[f"{Q}.qzeros"][0, 0] | 0xF))
     with pytest.raises(LowbitError, match=rf"tensor {Q}\.qzeros: a stored zero of 15.*ambiguous"):
         load_model(d3)
+
+
+def test_label_only_in_quantize_config_json(rtn, tmp_path):
+    # AutoGPTQ-era files: config.json's quantization_config without checkpoint_format, the label
+    # in quantize_config.json
+    lm, _, out = rtn
+    d = peer_copy(out, tmp_path / "l")
+    cfg = json.loads((d / "config.json").read_text())
+    for k in ("checkpoint_format", "format"):
+        cfg["quantization_config"].pop(k)
+    (d / "config.json").write_text(json.dumps(cfg))
+    back = load_model(d)
+    assert back.meta["checkpoint_format"] == {"gptq": 210} and not back.meta["notes"]
+    assert torch.equal(logits(lm.model), logits(back.model))
 
 
 # ---- CLI end to end -------------------------------------------------------------------------------

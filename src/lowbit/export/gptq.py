@@ -323,6 +323,12 @@ def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: s
     q, src = hq.quant_config(path, (EXTRA,))
     if q is None:
         raise LowbitError(f"{path}: no quantization_config in config.json and no {EXTRA}; not a GPTQ checkpoint")
+    if src.name == "config.json" and not ({"checkpoint_format", "format"} & set(q)) and (path / EXTRA).is_file():
+        try:                                     # AutoGPTQ / GPTQModel keep the label in quantize_config.json
+            side = hq.read_json(path / EXTRA, EXTRA)
+        except LowbitError:
+            side = {}
+        q = {**q, **{k: side[k] for k in ("checkpoint_format", "format") if k in side}}
     base = _global_params(q, src)
     manifest = hq.manifest_of(path, verify_files)
     model = empty_model(path, dtype)
