@@ -71,7 +71,7 @@ def unpack(words: torch.Tensor, bits: int, length: int, axis: int) -> torch.Tens
     if words.shape[axis] != packed_words(length, bits):
         raise LowbitError(f"{length} {bits}-bit values pack into {packed_words(length, bits)} int32 "
                           f"words along axis {axis}, got {words.shape[axis]}")
-    run_words = 1 if bits in (1, 2, 4, 8) else bits          # words per lowbit stream run
+    run_words = packing._stream_shape(bits, 32)[1]          # words per lowbit stream run (6-bit: 3)
     pad = (-words.shape[axis]) % run_words
     if pad:
         shape = list(words.shape)
