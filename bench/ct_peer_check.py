@@ -9,7 +9,8 @@ transformers), in llm-compressor's venv. Each subcommand prints one JSON object 
     $P bench/ct_peer_check.py ragged                      # dequantize of a 576-column row at g128
 
 dequant: compressed_tensors' CompressedTensorsDequantizer (each scheme's compressor class
-`decompress`, the path its convert entrypoint uses), every quantized `<module>.weight` in float32.
+`decompress`, the path its convert entrypoint uses), every quantized `<module>.weight` in float32;
+modules holding a float `weight` and no `weight_scale` are passed as `ignore` (see dequant()).
 logits: transformers' CompressedTensorsHfQuantizer load (dtype float32, CPU), then one forward.
 pack: IN holds int8 signed codes named `<any>.b<bits>.d<dim>`; OUT the same names packed by
 compressors/pack_quantized/helpers.py pack_to_int32(value, bits, packed_dim=dim).
@@ -50,7 +51,11 @@ def dequant(d: str, out: str) -> dict:
     for f in sorted(Path(d).glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     quantized = {k.rpartition(".")[0] for k in tensors if k.endswith(".weight_scale")}
-    deq = CompressedTensorsDequantizer(d, dtype=torch.float32).validate(tensors)
+    # The dequantizer matches modules by name only, so a "Linear" target also claims every other
+    # `<module>.weight` (the embedding) in the unpacked formats (int-/naive-/float-quantized) and
+    # then misses its weight_scale. Modules with a plain weight and no scale are passed as ignored.
+    plain = sorted({k.rpartition(".")[0] for k in tensors if k.endswith(".weight")} - quantized)
+    deq = CompressedTensorsDequantizer(d, ignore=plain, dtype=torch.float32).validate(tensors)
     res = {f"{m}.weight": deq[f"{m}.weight"].float().contiguous() for m in sorted(quantized)}
     save_file(res, out)
     return {"ok": True, "n_tensors": len(res), "out": out}
