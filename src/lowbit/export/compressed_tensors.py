@@ -364,8 +364,15 @@ def read_layer(files: TensorFiles, name: str, shape: tuple[int, int], scheme, fm
     zero = None
     if scheme.format == "int":
         zero = torch.full(qs, float(scheme.sym_zero))
-        if not scheme.symmetric:
-            z = files.get(f"{name}.weight_zero_point")
+        z = files.get(f"{name}.weight_zero_point", required=scheme.symmetric is False)
+        if z is not None and scheme.symmetric:
+            # older compressed-tensors kept an all-zero (signed) zero point for symmetric schemes
+            zs = L.unpack(z, bits, qs[0], axis=0).to(torch.int16) - (1 << (bits - 1)) \
+                if z.dtype == torch.int32 else z.to(torch.int16)
+            if zs.numel() != qs[0] * qs[1] or bool((zs != 0).any()):
+                raise LowbitError(f"{where}: tensor {name}.weight_zero_point: a symmetric scheme's zero "
+                                  f"point must be 0, got values in [{int(zs.min())}, {int(zs.max())}]")
+        elif z is not None:
             if fmt == L.PACK and scheme.granularity in L.PACKED_ZP:
                 zneed = (L.packed_words(qs[0], bits), qs[1])
                 if z.dtype != torch.int32 or tuple(z.shape) != zneed:
