@@ -276,6 +276,19 @@ def test_mutated_and_truncated_files(mixed, tmp_path):
         save_file(t, str(d / "model.safetensors"))
         with pytest.raises(LowbitError, match=r"model\.layers\.1\.self_attn\.o_proj\." + what):
             load_model(d)
+    # older compressed-tensors files keep an all-zero zero point for symmetric layers: accepted;
+    # a non-zero one contradicts the scheme and is refused
+    zkey = "model.layers.1.mlp.up_proj.weight_zero_point"
+    for name, value in (("symz0", 0), ("symz1", 1)):
+        d = _peer_like(out, tmp_path / name)
+        t = load_file(str(d / "model.safetensors"))
+        t[zkey] = torch.full((1536, 9), value, dtype=torch.int8)
+        save_file(t, str(d / "model.safetensors"))
+        if value == 0:
+            assert isinstance(load_model(d).model.model.layers[1].mlp.up_proj, QuantLinear)
+        else:
+            with pytest.raises(LowbitError, match=zkey.replace(".", r"\.") + ": a symmetric"):
+                load_model(d)
     d = _peer_like(out, tmp_path / "noscale")
     t = load_file(str(d / "model.safetensors"))
     del t["model.layers.0.mlp.gate_proj.weight_scale"]
