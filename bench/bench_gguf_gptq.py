@@ -47,6 +47,8 @@ def main(argv=None) -> None:
     ap.add_argument("--windows", type=int, default=40, help="512-token windows of wiki-evaluation scored")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="q4_k_m only, 8 calibration windows, 4 scored")
+    ap.add_argument("--kl-only", action="store_true", help="only add lowbit's KL / top-1 (vs the float model, "
+                    "8 x 512 tokens of wiki-evaluation) to an earlier run's results, from its kept files")
     a = ap.parse_args(argv)
     if a.quick:
         a.presets, a.calib, a.windows = "q4_k_m", 8, 4
@@ -61,6 +63,8 @@ def main(argv=None) -> None:
     from lowbit.models import load_model, resolve_source
     torch.set_num_threads(a.threads)
     WORK.mkdir(parents=True, exist_ok=True)
+    if a.kl_only:
+        return add_kl(a)
     lm = load_model(a.model)
     kind, src = resolve_source(a.model)
     source_gguf = src if kind == "gguf" else None
@@ -112,6 +116,25 @@ def main(argv=None) -> None:
         ratio = f"{r['loss_ratio']:.2f}" if r["loss_ratio"] is not None else "-"
         print(f"| {r['preset']} | {r['llamacpp_bytes'] / 2**20:.2f} | {r['llamacpp_ppl']:.4f} | {r['llamacpp_dppl']:+.4f} "
               f"| {r['lowbit_bytes'] / 2**20:.2f} | {r['lowbit_ppl']:.4f} | {r['lowbit_dppl']:+.4f} | {ratio} |")
+
+
+def add_kl(a) -> None:
+    """KL(P_float || Q) and top-1 of both files of every row, read back by lowbit's GGUF reader."""
+    from lowbit.eval import evaluate, reference_for
+    from lowbit.export.gguf.reader import load_gguf
+    from lowbit.models import load_model
+    res = json.loads((WORK / f"{a.model}.json").read_text())
+    lm = load_model(a.model)
+    opts = dict(text="wiki-evaluation", seq_len=512, max_tokens=4096, kl_max_tokens=4096, progress=False)
+    ref = reference_for(lm.model, lm.tokenizer, **opts)
+    for row in res["rows"]:
+        for who, f in (("llamacpp", f"{a.model}-{row['preset']}-llamacpp.gguf"), ("lowbit", f"{a.model}-{row['preset']}-gptq.gguf")):
+            model, _, _ = load_gguf(WORK / f)
+            rec = evaluate(model, lm.tokenizer, metrics="ppl,kl", reference=ref, **opts)
+            row[f"{who}_kl"], row[f"{who}_top1"] = rec["kl"]["mean"], rec["kl"]["top1_agreement"]
+            del model
+        print(json.dumps({k: row[k] for k in row if "kl" in k or "top1" in k or k == "preset"}), flush=True)
+    (WORK / f"{a.model}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

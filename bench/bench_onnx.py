@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,13 +34,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from lowbit.eval.report import _cpu_name
+    return _cpu_name() or "unknown"
 
 
 def kernel_calls(threads: int, calls: int = 300) -> int:
