@@ -188,7 +188,9 @@ def test_cli_export_and_imatrix(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Q8_0" in text and "0 fallback(s)" in text
     assert main(["verify", str(out)]) == 0
-    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    fields = gguf.GGUFReader(out).fields
+    assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert fields["quantize.imatrix.file"].contents() == str(im)   # llama-quantize's record of its imatrix
 
 
 # ---- llama.cpp itself (slow; needs the peer venv and bench/peers/llamacpp_ref.py) ----------------

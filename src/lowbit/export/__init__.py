@@ -104,7 +104,8 @@ class QuantizedModel:
                  for n in report.qweights}
         prov = {"source": {"model": str(lm.source), "sha256": lm.source_sha256 or _source_sha256(lm.path)},
                 "calibration": dict(report.calibration), "notes": list(report.notes),
-                "layers": {r["name"]: r for r in report.layers}, "metrics": dict(metrics or {})}
+                "layers": {r["name"]: r for r in report.layers}, "metrics": dict(metrics or {}),
+                "imatrix": dict(getattr(report, "imatrix", {}) or {})}
         return cls(lm.model, lm.tokenizer, Path(lm.path), dict(report.qweights), kinds, report.recipe, prov)
 
     @classmethod
