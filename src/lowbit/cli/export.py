@@ -68,7 +68,8 @@ def run(args) -> int:
     if args.refine:
         if not args.imatrix:
             raise LowbitError("--refine needs --imatrix")
-        recipe = _with_refine(recipe)
+        from lowbit.presets.gguf_mixes import with_refine
+        recipe = with_refine(recipe)
     lm = api.load(args.model)
     rep = api.quantize(lm.model, recipe, tokenizer=lm.tokenizer, imatrix=args.imatrix, progress=not args.quiet)
     if args.imatrix and rep.imatrix:
@@ -78,14 +79,6 @@ def run(args) -> int:
     for n in rep.notes:
         print(f"note: {n}", file=sys.stderr)
     return 0
-
-
-def _with_refine(recipe):
-    from lowbit.recipe import Recipe, Rule
-    return Recipe(recipe.name, [Rule(r.targets, r.scheme, r.method,
-                                     {**r.method_args, **({"refine": True} if r.method == "ggml" else {})})
-                                for r in recipe.rules], list(recipe.ignore), dict(recipe.calibration),
-                  recipe.description)
 
 
 def _summary(out, fmt: str, how: str) -> None:

@@ -122,6 +122,14 @@ for _m in MIXES:
 EMBED = r"embed_tokens$"
 
 
+def with_refine(recipe: Recipe) -> Recipe:
+    """The same recipe with lowbit's block refinement on every llama.cpp-encoder (ggml) rule."""
+    return Recipe(recipe.name, [Rule(r.targets, r.scheme, r.method,
+                                     {**r.method_args, **({"refine": True} if r.method == "ggml" else {})})
+                                for r in recipe.rules], list(recipe.ignore), dict(recipe.calibration),
+                  recipe.description)
+
+
 def is_ggml_recipe(recipe: Recipe) -> bool:
     from lowbit.numerics.scheme import GGUF_FORMATS
     return any(r.scheme is not None and (r.scheme.format in GGUF_FORMATS or r.method == "ggml")

@@ -449,11 +449,8 @@ def write_gguf(model, out: str | Path, recipe: Recipe | str = "q4_k_m", *, hf_di
     from lowbit import api
     from lowbit.export import QuantizedModel
     from lowbit.models.base import LoadedModel
-    r = get_recipe(recipe)
-    if refine:
-        r = Recipe(r.name, [type(x)(x.targets, x.scheme, x.method,
-                                    {**x.method_args, **({"refine": True} if x.method == "ggml" else {})})
-                            for x in r.rules], list(r.ignore), dict(r.calibration), r.description)
+    from lowbit.presets.gguf_mixes import with_refine
+    r = with_refine(get_recipe(recipe)) if refine else get_recipe(recipe)
     if hf_dir is None:
         raise LowbitError("GGUF export: need hf_dir (the model's config and tokenizer files)")
     m = copy.deepcopy(model)
