@@ -30,7 +30,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.export.common import (copy_model_files, float_tensors, output_dir, save_safetensors,
                                   set_tensor, source_config)
-from lowbit.export.manifest import FOREIGN, provenance, read_json, verify, write_manifest
+from lowbit.export.manifest import FOREIGN, provenance, read_if_present, read_json, write_manifest
 
 FLOAT_DTYPES = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -139,12 +139,7 @@ def quant_config(path: Path, extra_names: tuple[str, ...] = ()) -> tuple[dict | 
 
 def manifest_of(path: Path, verify_files: bool) -> dict:
     """Our manifest when the directory has one (checked against its sha256s), else {} (a peer's)."""
-    m = Path(path) / FOREIGN
-    if not m.is_file():
-        return {}
-    if verify_files:
-        verify(path)
-    return read_json(m, "lowbit manifest")
+    return read_if_present(path, verify_files)
 
 
 def quantized_modules(files) -> list[str]:

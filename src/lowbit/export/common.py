@@ -97,6 +97,15 @@ def source_config(qm) -> dict:
     return cfg
 
 
+def scale_for_file(scale: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Scales as a file stores them: float16 when every value is an fp16 number (lowbit's methods
+    round them so before use), else float32. -> (tensor, dtype name)."""
+    s16 = scale.to(torch.float16)
+    if torch.equal(s16.float(), scale.float()):
+        return s16.contiguous(), "float16"
+    return scale.float().contiguous(), "float32"
+
+
 def float_tensors(model: nn.Module, skip_modules: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of `model` outside `skip_modules`, by state_dict name, each storage once.
     -> (tensors, tied) where tied maps a name to the one it shares storage with."""

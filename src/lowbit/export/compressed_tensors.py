@@ -65,9 +65,9 @@ from lowbit.errors import LowbitError
 from lowbit.export import Format, register_format
 from lowbit.export import ct_layout as L
 from lowbit.export.common import (TensorFiles, copy_model_files, empty_model, finish, float_tensors,
-                                  output_dir, place_quantized, retie, save_safetensors, set_tensor,
+                                  output_dir, place_quantized, retie, save_safetensors, scale_for_file, set_tensor,
                                   source_config)
-from lowbit.export.manifest import FOREIGN, provenance, read_json, verify, write_manifest
+from lowbit.export.manifest import FOREIGN, provenance, read_if_present, read_json, write_manifest
 
 FORMAT = "compressed-tensors"
 CT_VERSION = "0.19.0"          # the compressed-tensors release whose layout this follows
@@ -122,10 +122,9 @@ def _check_writable(name: str, qw, kind: str) -> None:
 
 
 def _scale_tensor(scale: torch.Tensor, strategy: str) -> torch.Tensor:
-    """fp16 when every scale is an fp16 number (lowbit's methods round them so), else fp32."""
-    s16 = scale.to(torch.float16)
-    s = s16 if torch.equal(s16.float(), scale.float()) else scale.float()
-    return s.reshape(1) if strategy == "tensor" else s.contiguous()
+    """The file's scales (export.common.scale_for_file); one value for per-tensor."""
+    s, _ = scale_for_file(scale)
+    return s.reshape(1) if strategy == "tensor" else s
 
 
 def _layer_tensors(name: str, qw, wargs: dict, fmt: str, g_idx) -> dict[str, torch.Tensor]:
@@ -413,10 +412,7 @@ def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: s
     weights and run its activations unquantized (not the model its makers ran)."""
     path = Path(path)
     q = _qconfig(path)
-    manifest = {}
-    if (path / FOREIGN).is_file():
-        verify(path)
-        manifest = read_json(path / FOREIGN)
+    manifest = read_if_present(path)
     plan, ignore = _plan(q, path, activations)
     model = empty_model(path, dtype)
     files = TensorFiles(path)

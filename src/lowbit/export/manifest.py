@@ -129,3 +129,14 @@ def verify(path: str | os.PathLike) -> dict:
         if extra:
             raise LowbitError(f"{p}: weights file(s) {extra} are not listed in {mpath.name}")
     return {"manifest": str(mpath), "format": m.get("format"), "files": len(files)}
+
+
+def read_if_present(path: str | os.PathLike, verify_files: bool = True) -> dict:
+    """A directory's lowbit_manifest.json, checked against its sha256s, or {} when it has none
+    (a checkpoint another tool wrote)."""
+    m = Path(path) / FOREIGN
+    if not m.is_file():
+        return {}
+    if verify_files:
+        verify(path)
+    return read_json(m, "lowbit manifest")

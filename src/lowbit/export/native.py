@@ -64,7 +64,8 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.export import Format, register_format
 from lowbit.export.common import (TensorFiles, copy_model_files, empty_model, finish, float_tensors,
-                                  output_dir, place_quantized, retie, save_safetensors, set_tensor)
+                                  output_dir, place_quantized, retie, save_safetensors, scale_for_file,
+                                  set_tensor)
 from lowbit.export.manifest import provenance, verify, write_manifest
 
 FORMAT = "lowbit-native"
@@ -75,13 +76,6 @@ WEIGHTS = "model.safetensors"
 QUANT_TENSORS = {"weight_packed": "qdata", "weight_codes": "qdata", "weight_scale": "scale",
                  "weight_zero_point": "zero_point", "weight_g_idx": "g_idx"}
 PACKED_BITS = (2, 3, 4)     # code widths stored packed (numerics.packing.pack_bits_u8)
-
-
-def _scale_tensor(scale: torch.Tensor) -> tuple[torch.Tensor, str]:
-    s16 = scale.to(torch.float16)
-    if torch.equal(s16.float(), scale.float()):
-        return s16, "float16"
-    return scale.float().contiguous(), "float32"
 
 
 def _zero_tensor(zero: torch.Tensor, scheme) -> tuple[torch.Tensor, str]:
@@ -106,7 +100,7 @@ def _layer_tensors(name: str, qw) -> tuple[dict, dict]:
         tensors, layout = {f"{name}.weight_packed": pack_bits_u8(qw.qdata, bits, axis=1)}, "packed_u8"
     else:
         tensors, layout = {f"{name}.weight_codes": qw.qdata.to(torch.uint8).contiguous()}, "u8"
-    scale, sdt = _scale_tensor(qw.scale)
+    scale, sdt = scale_for_file(qw.scale)
     tensors[f"{name}.weight_scale"] = scale
     zdt = None
     if qw.zero_point is not None:

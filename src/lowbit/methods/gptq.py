@@ -133,6 +133,17 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
+def zero_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> int:
+    """Dead inputs (diag H == 0: no calibration signal, nothing to compensate): H_jj = 1 and the
+    weights zeroed, in place, as the reference does. -> how many."""
+    dead = H.diagonal() == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        H.diagonal()[dead] = 1.0
+        W[:, dead] = 0.0
+    return n_dead
+
+
 def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float, max_retries: int = 4
                              ) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor U of (H + damp I)^-1, in float64. -> (U, damp_percent used, retries).
@@ -174,12 +185,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
     W = weight.detach().float().clone()
     H = hessian.detach().double().clone()
 
-    # dead inputs: no calibration signal, nothing to compensate; the reference zeroes them
-    dead = H.diagonal() == 0
-    n_dead = int(dead.sum())
-    if n_dead:
-        H.diagonal()[dead] = 1.0
-        W[:, dead] = 0.0
+    n_dead = zero_dead_inputs(W, H)
 
     hdiag = H.diagonal().clone()         # input importance, for clip="mse" (original column order)
     grouped = scheme.granularity == "group"

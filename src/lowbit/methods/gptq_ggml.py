@@ -34,7 +34,7 @@ from lowbit.errors import LowbitError, check_float_tensor
 def gptq_ggml_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme, config, imatrix=None,
                        name: str = "weight"):
     from lowbit.methods.ggml import resolve_type
-    from lowbit.methods.gptq import _one_thread, hessian_inverse_cholesky
+    from lowbit.methods.gptq import _one_thread, hessian_inverse_cholesky, zero_dead_inputs
     from lowbit.numerics.ggml import quantize
     from lowbit.numerics.ggml.grid import affine, code_span, with_codes
     from lowbit.numerics.ggml.types import ggml_type
@@ -58,11 +58,7 @@ def gptq_ggml_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme, conf
     W = weight.detach().float().clone()
     H = hessian.detach().double().clone()
     H0 = hessian.detach().float()
-    dead = H.diagonal() == 0
-    n_dead = int(dead.sum())
-    if n_dead:
-        H.diagonal()[dead] = 1.0
-        W[:, dead] = 0.0
+    n_dead = zero_dead_inputs(W, H)
     imp = (np.asarray(imatrix, dtype=np.float32) if imatrix is not None
            else (H.diagonal() / max(1.0, float(H.diagonal().mean()))).float().numpy())
     with _one_thread():

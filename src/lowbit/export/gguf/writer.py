@@ -321,12 +321,8 @@ def write_quantized(qm, out: str | Path, *, source_gguf: str | Path | None = Non
         source_gguf = _source_gguf(qm)
     params = _logical_tensors(model, qm)
     emb, head = params.get("model.embed_tokens.weight"), params.get("lm_head.weight")
-    emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = getattr(head_mod, "weight", None) is not None and getattr(head_mod, "weight", None) is \
-        getattr(emb_mod, "weight", None) and "lm_head" not in qm.qweights
-    if tied or (head is not None and emb is not None and head.data_ptr() == emb.data_ptr()
-                and "lm_head" not in qm.qweights):
-        params.pop("lm_head.weight", None)
+    if "lm_head" not in qm.qweights and head is not None and emb is not None and head.data_ptr() == emb.data_ptr():
+        params.pop("lm_head.weight")     # tied: token_embd serves as the output, as llama.cpp stores it
     recipe = qm.recipe if qm.recipe is not None else Recipe("custom", [])
     report = GGUFReport(out, recipe)
     data: dict[str, np.ndarray] = {}
@@ -418,9 +414,6 @@ class _Shape:
 
     def __init__(self, shape):
         self.shape = tuple(shape)
-
-    def data_ptr(self) -> int:
-        return id(self)
 
 
 def _source_gguf(qm) -> Path | None:
