@@ -175,11 +175,9 @@ def fill_float_rest(model, files, dtype: torch.dtype, path: Path, tied: dict, qu
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise LowbitError(f"{path}: tensor {key} contains NaN/inf")
         set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, str(path))
+    from lowbit.export.common import tie_by_config
     retie(model, tied, quantized)
-    out_emb = model.get_output_embeddings()
-    if (out_emb is not None and getattr(out_emb, "weight", None) is not None and out_emb.weight.is_meta
-            and getattr(model.config, "tie_word_embeddings", False)):
-        out_emb.weight = model.get_input_embeddings().weight
+    tie_by_config(model)
 
 
 def dynamic_rule(dynamic: dict | None, name: str) -> dict | None:

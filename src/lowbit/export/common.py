@@ -291,6 +291,15 @@ def retie(model: nn.Module, tied: dict[str, str], quantized: set[str]) -> None:
         setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
 
 
+def tie_by_config(model: nn.Module) -> None:
+    """Peers store a tied output embedding once (transformers drops lm_head.weight): tie it to the
+    input embedding when config.json says tie_word_embeddings and nothing was read for it."""
+    out = model.get_output_embeddings()
+    if (out is not None and getattr(out, "weight", None) is not None and out.weight.is_meta
+            and getattr(model.config, "tie_word_embeddings", False)):
+        out.weight = model.get_input_embeddings().weight
+
+
 def finish(model: nn.Module, path: Path, manifest: dict, fmt: str, tokenizer_dir: Path | None = None,
            extra_meta: dict | None = None):
     """Check nothing is left on the meta device, then -> LoadedModel (eval, no grad)."""

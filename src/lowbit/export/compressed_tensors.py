@@ -65,8 +65,8 @@ from lowbit.errors import LowbitError
 from lowbit.export import Format, register_format
 from lowbit.export import ct_layout as L
 from lowbit.export.common import (TensorFiles, copy_model_files, empty_model, finish, float_tensors,
-                                  output_dir, place_quantized, retie, save_safetensors, scale_for_file, set_tensor,
-                                  source_config)
+                                  output_dir, place_quantized, retie, save_safetensors, scale_for_file,
+                                  set_tensor, source_config, tie_by_config)
 from lowbit.export.manifest import FOREIGN, provenance, read_if_present, read_json, write_manifest
 
 FORMAT = "compressed-tensors"
@@ -391,20 +391,6 @@ def read_layer(files: TensorFiles, name: str, shape: tuple[int, int], scheme, fm
     return QuantizedWeight(codes, scale, zero, scheme, g_idx), bias
 
 
-def _tied(model: nn.Module, manifest: dict) -> dict[str, str]:
-    """Tied tensors: our manifest's list, else the output embedding tied to the input one when
-    the config says tie_word_embeddings (peers store it once, as transformers does)."""
-    if manifest.get("tied"):
-        return dict(manifest["tied"])
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return {}
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    names = {id(m): n for n, m in model.named_modules()}
-    if inp is None or out is None or id(inp) not in names or id(out) not in names:
-        return {}
-    return {f"{names[id(out)]}.weight": f"{names[id(inp)]}.weight"}
-
-
 def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: str | None = None,
          activations: str = "refuse"):
     """A compressed-tensors checkpoint (ours or llm-compressor's) -> LoadedModel with QuantLinear
@@ -447,7 +433,8 @@ def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: s
                               "(activation / KV-cache scales, or a layer no config_group targets)")
         t = files.get(key)
         set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, str(path))
-    retie(model, {k: v for k, v in _tied(model, manifest).items() if k not in files.keys()}, quantized)
+    retie(model, {k: v for k, v in manifest.get("tied", {}).items() if k not in files.keys()}, quantized)
+    tie_by_config(model)
     return finish(model, path, manifest, FORMAT)
 
 
