@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from lowbit.arch import is_linear_like, linear_weight
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, check_context, check_float_tensor
 from lowbit.methods import get_method
 from lowbit.models import LoadedModel, load_model  # noqa: F401  (re-exported: lowbit.api.load_model)
 from lowbit.nn.qlinear import make_quant_module, set_submodule
@@ -89,8 +89,12 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
     with torch.no_grad():
         for name, mod, rule in it:
             spec = get_method(rule.method)
-            qw = spec.fn(linear_weight(mod) if is_linear_like(mod) else mod.weight, rule.scheme,
-                         spec.make_config(rule.method_args), extra.get(name))
+            w = linear_weight(mod) if is_linear_like(mod) else mod.weight
+            check_float_tensor(w, f"{name}.weight")
+            try:
+                qw = spec.fn(w, rule.scheme, spec.make_config(rule.method_args), extra.get(name))
+            except LowbitError as e:      # name the layer: the method only sees a tensor
+                raise LowbitError(f"{name}.weight: {e}") from None
             report.layers.append(layer_row(name, qw, rule.method))
             report.qweights[name] = qw
             if is_linear_like(mod):
@@ -156,6 +160,7 @@ def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, cali
         tokens = calibration_tokens(tokenizer, cfg)
     else:
         cfg.n_samples, cfg.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
+    check_context(model.config, cfg.seq_len, "calibration seq_len")
     # the recipe saved with the output records the calibration actually used
     recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
     t0 = time.perf_counter()

@@ -26,3 +26,14 @@ def check_float_tensor(x, name: str = "tensor", *, allow_empty: bool = False) ->
         raise LowbitError(f"{name}: contains {n_bad} NaN/inf value(s) of {x.numel()}; "
                           "refusing to quantize non-finite input")
     return x
+
+
+def check_context(config, seq_len: int, what: str = "seq_len") -> int:
+    """Refuse a window longer than the model's context (config.max_position_embeddings)."""
+    ctx = getattr(config, "max_position_embeddings", None)
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise LowbitError(f"{what}: expected an integer >= 1, got {seq_len!r}")
+    if isinstance(ctx, int) and ctx > 0 and seq_len > ctx:
+        raise LowbitError(f"{what} {seq_len}: longer than the model's context of {ctx} tokens "
+                          "(max_position_embeddings in config.json)")
+    return seq_len

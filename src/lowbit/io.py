@@ -2,7 +2,9 @@
 
 LOWBIT_CACHE overrides the location (default: $XDG_CACHE_HOME/lowbit or ~/.cache/lowbit).
 Every entry is written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written entry that a later run would trust.
+half-written entry that a later run would trust. Temporary siblings are named
+.NAME.tmp<pid>-<random>: the next write of NAME deletes those whose process is gone (a run killed
+mid-save leaves nothing behind for long).
 """
 from __future__ import annotations
 
@@ -21,12 +23,48 @@ def cache_dir() -> Path:
     return Path(base) / "lowbit"
 
 
+def tmp_prefix(final: Path) -> str:
+    return f".{Path(final).name}.tmp{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(final: Path) -> list[Path]:
+    """Delete the temporary siblings of `final` (.NAME.tmp<pid>-*, .NAME.old<pid>, .NAME.bad<pid>)
+    left by processes that no longer run. -> what was deleted."""
+    import re
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    pat = re.compile(re.escape(f".{final.name}.") + r"(?:tmp|old|bad)(\d+)(?:-.*)?")
+    gone = []
+    for p in final.parent.iterdir():
+        m = pat.fullmatch(p.name)
+        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            gone.append(p)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary directory next to `final`; rename it to `final` when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    clean_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), dir=final.parent))
     try:
         yield tmp
         if final.exists():  # another process won the race; theirs is as good as ours
@@ -43,7 +81,8 @@ def atomic_file(final: Path, mode: str = "wb"):
     """Yield a file handle on a temporary sibling of `final`; rename into place on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    clean_stale(final)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(final), dir=final.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -59,7 +98,8 @@ def atomic_path(final: str | Path):
     """Yield a temporary path next to `final`; on success rename it to `final`, else delete it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    clean_stale(final)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -146,6 +146,9 @@ def grammar_recipe(name: str) -> Recipe | None:
         return None
     bits = int(m["bits"])
     group = int(m["group"]) if m["group"] else None
+    if group == 0:
+        raise LowbitError(f"recipe {name!r}: group size 0 is not a scheme; write w{bits}-{m['method']} "
+                          f"for one scale per output channel, or w{bits}g128-{m['method']} for groups")
     sym = bool(m["sym"]) or (bits == 8 and group is None)
     args: dict = {}
     if m["actorder"]:

@@ -242,6 +242,10 @@ def compute_imatrix(loaded, text: str = "wiki-calibration", n_chunks: int = 64, 
     """Collect an imatrix for a LoadedModel on `n_chunks` windows of `seq_len` tokens of `text`
     (lowbit.data.calibration_batches: disjoint windows picked by a seeded permutation)."""
     from lowbit.data.text import calibration_batches
+    from lowbit.errors import check_context
+    check_context(loaded.model.config, seq_len, "imatrix seq_len")
+    if not isinstance(n_chunks, int) or n_chunks < 1:
+        raise LowbitError(f"imatrix chunks: expected an integer >= 1, got {n_chunks!r}")
     batches = calibration_batches(loaded.tokenizer, n_chunks, seq_len, seed, text)
     return collect_imatrix(loaded.model, batches, imatrix_targets(loaded.model), chunk_size=seq_len,
                            dataset=str(text), progress=progress)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from lowbit.cli.argtypes import positive_int
+
 
 def register(sub) -> None:
     from lowbit.eval import DEFAULT_KL_MAX_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, SCORE_MODES
@@ -28,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--text", default="wiki-evaluation",
                    help="named text (wiki-evaluation, wiki-calibration), a UTF-8 file or a directory "
                         "(default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length in tokens (default: %(default)s)")
+    p.add_argument("--seq-len", type=positive_int, default=DEFAULT_SEQ_LEN, help="window length in tokens (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="perplexity token budget: the first max_tokens // seq_len windows (default: %(default)s)")
     p.add_argument("--score", choices=SCORE_MODES, default="all",
@@ -42,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--speed-prompt-len", type=int, default=DEFAULT_SPEED["prompt_len"])
     p.add_argument("--speed-new-tokens", type=int, default=DEFAULT_SPEED["new_tokens"])
     p.add_argument("--speed-runs", type=int, default=DEFAULT_SPEED["runs"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-cache", action="store_true", help="recompute the reference log-probs, don't cache them")
     p.add_argument("--backend", default="auto", choices=("auto", "ext", "torch", "tiled", "reference"),
                    help="how quantized layers run: packed kernels (auto: the fastest available here; "
@@ -65,6 +67,9 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.json:
+        from lowbit.export.common import check_writable
+        check_writable(args.json, single_file=True)     # before the run, not after it
     have_ref = bool(args.ref or args.recipe)
     if args.metrics is None:
         metrics = [m for m in parse_metrics(None) if m != "kl" or have_ref]

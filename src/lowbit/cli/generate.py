@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from lowbit.cli.argtypes import nonneg_float, nonneg_int, positive_int
+
 
 def _common(p) -> None:
     p.add_argument("model", help="built-in name (smollm2-135m), .gguf file, Hugging Face directory or "
@@ -22,11 +24,11 @@ def _common(p) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "ext", "torch", "tiled", "reference"],
                    help="kernel for quantized linears (reference = dequantize then matmul)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="activation / float weight dtype")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=nonneg_int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 
 
 def register(sub) -> None:

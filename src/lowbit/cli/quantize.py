@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 import time
 
+from lowbit.cli.argtypes import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model by a recipe and save it (lowbit native format)",
@@ -26,17 +28,17 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an earlier lowbit output (never any other path)")
     g = p.add_argument_group("calibration (calibrated methods only)")
-    g.add_argument("--samples", type=int, help="number of token windows (default 128)")
-    g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
+    g.add_argument("--samples", type=positive_int, help="number of token windows (default 128)")
+    g.add_argument("--seq-len", type=positive_int, help="tokens per window (default 512)")
     g.add_argument("--seed", type=int, help="which windows are drawn (default 0)")
     g.add_argument("--calib-text", help="wiki-calibration (default), a .txt file or a directory")
-    g.add_argument("--batch-size", type=int, help="windows per forward pass (default 8)")
+    g.add_argument("--batch-size", type=positive_int, help="windows per forward pass (default 8)")
     g.add_argument("--no-true-sequential", action="store_true",
                    help="collect a block's statistics in one float pass")
     g.add_argument("--no-pause-forward", action="store_true",
                    help="re-run each block per linear group instead of pausing every batch's forward "
                         "(same result, ~2.5x the forward compute, less memory)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=run)
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from lowbit.errors import LowbitError
+from lowbit.io import clean_stale, tmp_prefix
 
 # files copied from the source model directory: config and tokenizer, nothing else (no pickles,
 # no dotfiles, no symlinks followed)
@@ -44,6 +45,7 @@ def check_output(out: str | os.PathLike, overwrite: bool = False, single_file: b
     """Refuse an existing `out` unless overwrite and it is a lowbit output (a directory with a
     manifest, or a file with its .lowbit.json sidecar): never delete an arbitrary path."""
     out = Path(out)
+    check_writable(out, single_file)
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
@@ -58,13 +60,33 @@ def check_output(out: str | os.PathLike, overwrite: bool = False, single_file: b
                           "); refusing to overwrite it")
 
 
+def check_writable(out: str | os.PathLike, single_file: bool = False) -> None:
+    """The nearest existing ancestor of `out` must be a directory we can create entries in (and a
+    single-file output must not be an existing directory): a read-only or mistyped output path
+    fails before any work, not after the run."""
+    out = Path(out)
+    if single_file and out.is_dir():
+        raise LowbitError(f"output {out}: is a directory; expected a file path")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LowbitError(f"output {out}: {parent} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe", dir=parent)
+        os.rmdir(probe)
+    except OSError as e:
+        raise LowbitError(f"output {out}: cannot write in {parent} ({e.strerror or e})") from None
+
+
 @contextlib.contextmanager
 def output_dir(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory; on success it replaces `out` atomically (rename)."""
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(out), dir=out.parent))
     try:
         yield tmp
         if out.exists():                   # overwrite: swap in the new directory, then drop the old
@@ -241,6 +263,9 @@ def set_tensor(model: nn.Module, key: str, value: torch.Tensor, where: str = "")
     cur = mod._parameters.get(leaf, mod._buffers.get(leaf))
     if leaf not in mod._parameters and leaf not in mod._buffers:
         raise LowbitError(f"{where}: tensor {key} does not belong to the model built from config.json")
+    if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+        raise LowbitError(f"{where}: tensor {key} contains {int((~torch.isfinite(value)).sum())} NaN/inf "
+                          "value(s); refusing to load a broken model")
     if cur is not None and tuple(cur.shape) != tuple(value.shape):
         raise LowbitError(f"{where}: tensor {key} has shape {tuple(value.shape)}, the model built from "
                           f"config.json expects {tuple(cur.shape)}")
@@ -315,6 +340,18 @@ def finish(model: nn.Module, path: Path, manifest: dict, fmt: str, tokenizer_dir
         tok = AutoTokenizer.from_pretrained(tokenizer_dir or path)
     except Exception as e:
         raise LowbitError(f"{tokenizer_dir or path}: tokenizer files unreadable ({type(e).__name__}: {e})") from None
+    check_vocab(model, tok, tokenizer_dir or path)
     return LoadedModel(model=model, tokenizer=tok, path=Path(path), source=str(path),
                        source_sha256=(manifest.get("source") or {}).get("sha256"),
                        meta={"manifest": manifest, "format": fmt, **(extra_meta or {})})
+
+
+def check_vocab(model: nn.Module, tok, where) -> None:
+    """Every id the tokenizer makes must index the model's embedding (a model may have more rows
+    than the tokenizer has tokens, never fewer)."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None) or getattr(getattr(emb, "weight", None), "shape", [None])[0]
+    n = len(tok)
+    if rows is not None and n > rows:
+        raise LowbitError(f"{where}: the tokenizer has {n} tokens but the model's embedding has {rows} rows "
+                          "(vocab_size); tokenizer and weights do not belong together")

@@ -29,7 +29,14 @@ def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float32:
         return scale
     tiny = torch.finfo(dtype).smallest_normal if dtype == torch.bfloat16 else 2.0 ** -24
-    return scale.to(dtype).float().clamp_min(tiny)
+    out = scale.to(dtype).float()
+    if not bool(torch.isfinite(out).all()):     # a finite weight range past what dtype holds
+        from lowbit.errors import LowbitError
+        big = float(scale[torch.isfinite(scale)].abs().max()) if bool(torch.isfinite(scale).any()) else float("nan")
+        raise LowbitError(f"a quantization scale of {big:.4g} exceeds the {str(dtype).split('.')[-1]} range "
+                          f"(max {torch.finfo(dtype).max:g}): the weight range is too wide for "
+                          "fp16 scales; use method option scale_dtype='float32' or clip the outlier")
+    return out.clamp_min(tiny)
 
 
 @dataclass

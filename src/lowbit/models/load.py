@@ -10,6 +10,8 @@
 
 A GGUF is dequantized once and cached as an ordinary safetensors directory under
 cache_dir()/models/<stem>-<sha256[:16]>, written atomically, so later loads take about a second.
+The entry records the sha256 of every file it holds (lowbit_cache.json); a later load checks
+them and dequantizes again when anything differs (a corrupted or edited cache is never trusted).
 """
 from __future__ import annotations
 
@@ -54,8 +56,13 @@ def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     """Dequantize a GGUF into a cached HF directory (once per file content). -> (dir, sha256)."""
     digest = sha256_file(gguf)
     out = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
-    if (out / "config.json").is_file():
-        return out, digest
+    if out.exists():
+        from lowbit.models.cache_check import cache_entry_ok, discard_entry
+        why = cache_entry_ok(out, digest)
+        if why is None:
+            return out, digest
+        log.warning("cached copy %s is not trusted (%s); dequantizing %s again", out, why, gguf)
+        discard_entry(out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     log.info("dequantizing %s to fp32 (once; cached at %s)", gguf, out)
     try:
@@ -77,6 +84,8 @@ def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "lowbit_source.txt").write_text(f"{gguf.name}\nsha256 {digest}\n")
+        from lowbit.models.cache_check import write_record
+        write_record(tmp, gguf.name, digest)
     return out, digest
 
 
@@ -122,4 +131,6 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
                           f"({type(e).__name__}: {e})") from e
     model.eval()
     model.requires_grad_(False)
+    from lowbit.export.common import check_vocab
+    check_vocab(model, tok, path)
     return LoadedModel(model=model, tokenizer=tok, path=Path(path), source=str(source), source_sha256=digest)

@@ -9,6 +9,7 @@ stopping criteria cost ~1 ms a token at this model size, which we measure withou
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,6 +38,9 @@ class GenerationResult:
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator | None) -> int:
+    if not bool(torch.isfinite(logits).all()):
+        raise LowbitError(f"generate: the model's logits contain {int((~torch.isfinite(logits)).sum())} "
+                          "NaN/inf value(s); the model's weights or activations are broken")
     if temperature <= 0:
         return int(torch.argmax(logits))
     logits = logits.float() / temperature
@@ -63,6 +67,14 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
         raise LowbitError(f"generate: expected input_ids of shape (1, P>0), got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise LowbitError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise LowbitError(f"generate: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise LowbitError(f"generate: top_k must be an integer >= 0 (0 = all), got {top_k!r}")
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) if hasattr(model, "get_input_embeddings") else None
+    if vocab is not None and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+        raise LowbitError(f"generate: token id {int(input_ids.max())} is outside the model's vocabulary "
+                          f"of {vocab} (tokenizer and model do not match)")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     res = GenerationResult(prompt_tokens=int(input_ids.shape[1]))

@@ -36,6 +36,11 @@ GGUF_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", 
 ALL_FORMATS = INT_FORMATS + CODEBOOK_FORMATS + FLOAT_FORMATS + GGUF_FORMATS
 
 
+# the largest group size a scheme takes: wider than any row of today's models (a group at least
+# a row long is per-channel quantization); past it, per-group scratch memory only grows
+MAX_GROUP_SIZE = 65536
+
+
 @dataclass(frozen=True)
 class Scheme:
     """How a tensor is quantized.
@@ -70,8 +75,10 @@ class Scheme:
         if self.granularity not in ("tensor", "channel", "group", "block"):
             raise LowbitError(
                 f"Scheme.granularity: expected tensor|channel|group|block, got {self.granularity!r}")
-        if self.granularity == "group" and not (isinstance(self.group_size, int) and self.group_size > 0):
-            raise LowbitError(f"Scheme.group_size: expected a positive integer, got {self.group_size!r}")
+        if self.granularity == "group" and not (isinstance(self.group_size, int)
+                                                and 0 < self.group_size <= MAX_GROUP_SIZE):
+            raise LowbitError(f"Scheme.group_size: expected an integer in 1..{MAX_GROUP_SIZE} (larger groups "
+                              f"span whole rows: use per-channel), got {self.group_size!r}")
         if self.granularity == "channel" and self.axis not in (0, 1, -1):
             raise LowbitError(f"Scheme.axis: expected 0 or 1 for per-channel, got {self.axis!r}")
         if self.granularity == "block" and (len(self.block_size) != 2 or min(self.block_size) <= 0):

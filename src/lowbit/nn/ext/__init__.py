@@ -120,7 +120,9 @@ def build(force: bool = False, verbose: bool = False) -> Path:
     from torch.utils import cpp_extension
     out = library_path()
     if out.is_file() and not force:
-        return out
+        if library_intact(out):
+            return out
+        log.warning("cached kernel library %s does not match its recorded sha256; rebuilding it", out)
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (looked for $CXX, g++, c++, clang++)")
@@ -145,8 +147,31 @@ def build(force: bool = False, verbose: bool = False) -> Path:
         tmp = os.path.join(tmpdir, out.name)
         _run([[cxx, "-shared", "-fopenmp", *objs, "-o", tmp, f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
                "-ltorch", f"-Wl,-rpath,{torch_lib}"]], verbose)
+        digest = _sha256(tmp)
         os.replace(tmp, out)
+        from lowbit.io import atomic_file
+        with atomic_file(_digest_path(out), "w") as fh:
+            fh.write(digest + "\n")
     return out
+
+
+def _sha256(path) -> str:
+    from lowbit.io import sha256_file
+    return sha256_file(path)
+
+
+def _digest_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def library_intact(lib: Path) -> bool:
+    """The cached library is loaded only when its bytes match the sha256 written beside it when it
+    was built (a truncated, edited or swapped .so is rebuilt, never loaded)."""
+    try:
+        want = _digest_path(lib).read_text().strip()
+    except OSError:
+        return False
+    return not lib.is_symlink() and _sha256(lib) == want
 
 
 def load() -> bool:
