@@ -58,7 +58,7 @@ def quantize_targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Mod
 
 def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, tokenizer=None,
              tokens: torch.Tensor | None = None, calibration: dict | None = None,
-             imatrix=None, log=None) -> QuantizeReport:
+             imatrix=None, log=None, checkpoint=None) -> QuantizeReport:
     """Quantize `model` in place by `recipe`.
 
     Data-free recipes (rtn, ggml) need nothing else. Calibrated methods (gptq, ...) run the
@@ -66,7 +66,8 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
     drawn from the recipe's calibration settings (overridden by `calibration`) with `tokenizer`.
     imatrix: an importance matrix (calibration.imatrix.Imatrix or a llama-imatrix file) for ggml
     types, as llama-quantize uses it. GGUF mixes (q4_k_m, ...) are bound to this model's layers.
-    Every option is validated before any work starts.
+    Every option is validated before any work starts. checkpoint: a calibration.resume.Checkpoint
+    (calibrated recipes): the state is saved after every block and a restart resumes from it.
     """
     from lowbit.presets.gguf_mixes import bind_to_model
     im, im_file = _imatrix(imatrix)
@@ -77,7 +78,8 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
     extra = _imatrix_stats(model, targets, im)
     calibrated = sorted({r.method for _, _, r in targets if get_method(r.method).needs})
     if calibrated:
-        rep = _quantize_calibrated(model, recipe, targets, tokenizer, tokens, calibration, log, extra)
+        rep = _quantize_calibrated(model, recipe, targets, tokenizer, tokens, calibration, log, extra,
+                                   checkpoint)
         rep.imatrix = _imatrix_meta(im, im_file)
         return rep
     report = QuantizeReport(recipe, imatrix=_imatrix_meta(im, im_file))
@@ -148,7 +150,7 @@ def _imatrix_stats(model, targets, im) -> dict:
 
 
 def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, calibration, log,
-                         extra: dict | None = None) -> QuantizeReport:
+                         extra: dict | None = None, checkpoint=None) -> QuantizeReport:
     from lowbit.arch import spec_for
     from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
     cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
@@ -164,7 +166,10 @@ def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, cali
     # the recipe saved with the output records the calibration actually used
     recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
     t0 = time.perf_counter()
-    res = quantize_calibrated(model, recipe, targets, tokens, cfg, log=log, extra_stats=extra)
+    if callable(checkpoint):     # a factory: the key needs the final recipe and the tokens
+        checkpoint = checkpoint(recipe, cfg.to_dict(), tokens)
+    res = quantize_calibrated(model, recipe, targets, tokens, cfg, log=log, extra_stats=extra,
+                              checkpoint=checkpoint)
     report = QuantizeReport(recipe, seconds=time.perf_counter() - t0, notes=list(res.notes),
                             calibration=cfg.to_dict(), timing=dict(res.timing),
                             activation_bytes=res.activation_bytes)

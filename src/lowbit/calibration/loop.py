@@ -96,10 +96,12 @@ def _log_nothing(_msg: str) -> None:
 
 def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[str, nn.Module, Rule]],
                         tokens: torch.Tensor, cfg: CalibrationConfig,
-                        log: Callable[[str], None] | None = None, extra_stats: dict | None = None) -> LoopResult:
+                        log: Callable[[str], None] | None = None, extra_stats: dict | None = None,
+                        checkpoint=None) -> LoopResult:
     """Quantize `triples` (name, module, rule) of `model` in place, block by block.
     extra_stats: name -> statistics given from outside (an imatrix file's means), merged into
-    what calibration collects for that module."""
+    what calibration collects for that module. checkpoint: a calibration.resume.Checkpoint that
+    saves the state after each block and resumes from it."""
     log = log or _log_nothing
     targets = make_targets(triples)
     for t in targets:
@@ -150,9 +152,16 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
         head_targets = [t for t in outside if t.calibrated]
         # blocks after the last targeted one only matter when lm_head needs their outputs
         last = len(blocks) - 1 if head_targets else max(per_block, default=-1)
+        start = 0
+        if checkpoint is not None:
+            start, acts = checkpoint.restore(model, acts, res, _swap)
+            if start:
+                log(f"resuming after block {start}/{last + 1} ({checkpoint.path})")
         for b, block in enumerate(blocks):
             if b > last:
                 break
+            if b < start:
+                continue
             tb = time.perf_counter()
             bt = per_block.get(b, {})
             plan = [[bt[rel] for rel in g if rel in bt] for g in groups]
@@ -173,6 +182,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
             for name, qw, method in done:
                 res.layers.append(_swap(model, f"{arch.blocks}.{b}.{name}", qw, method))
                 _note_numerics(f"{arch.blocks}.{b}.{name}", qw, res.notes, log)
+            if checkpoint is not None:
+                checkpoint.save(b, res, acts)
             trim_heap()                            # the block's temporaries and float weights
             loss = sum(qw.info.get("loss", 0.0) for _, qw, _ in done)
             log(f"block {b + 1}/{last + 1}: {len(done)} layer(s), {time.perf_counter() - tb:.1f} s"

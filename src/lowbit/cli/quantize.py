@@ -38,6 +38,11 @@ def register(sub) -> None:
     g.add_argument("--no-pause-forward", action="store_true",
                    help="re-run each block per linear group instead of pausing every batch's forward "
                         "(same result, ~2.5x the forward compute, less memory)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the resume state of an earlier killed run of this --out and start over")
+    p.add_argument("--no-resume", action="store_true",
+                   help="keep no resume state (calibrated recipes save one after every block, beside --out "
+                        "as .OUT.resume, so the same command restarted after a kill goes on from there)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=run)
 
@@ -80,9 +85,15 @@ def run(args) -> int:
     t0 = time.perf_counter()
     loaded = api.load_model(args.model)
     log(f"loaded {args.model} ({time.perf_counter() - t0:.1f} s); recipe {recipe.name}: {recipe.description}")
-    report = api.quantize(loaded.model, recipe, tokens=tokens, calibration=overrides, progress=False, log=log)
+    ckpt = None
+    if tokens is not None and not args.no_resume:
+        ckpt = _checkpoint(out, loaded, args.fresh, log)
+    report = api.quantize(loaded.model, recipe, tokens=tokens, calibration=overrides, progress=False, log=log,
+                          checkpoint=ckpt)
     opts = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
     path = api.export(loaded, report, out, fmt.name, overwrite=args.overwrite, **opts)
+    for ck in getattr(ckpt, "made", []):       # the output is in place: the state is not needed
+        ck.discard()
     n = len(report.layers)
     bpw = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in report.layers) / \
         max(1, sum(r["shape"][0] * r["shape"][1] for r in report.layers))
@@ -91,3 +102,24 @@ def run(args) -> int:
     for note in report.notes:
         print(f"note: {note}")
     return 0
+
+
+def _checkpoint(out, loaded, fresh: bool, log):
+    """A factory api.quantize calls with the final recipe, calibration and tokens: the resume state
+    beside `out` (.OUT.resume); --fresh drops an earlier one first."""
+    import shutil
+
+    from lowbit.calibration.resume import Checkpoint, run_key
+    from lowbit.export import _source_sha256
+    path = out.parent / f".{out.name}.resume"
+    if fresh and path.exists():
+        shutil.rmtree(path)
+        log(f"--fresh: dropped the resume state {path}")
+    source = loaded.source_sha256 or _source_sha256(loaded.path)
+
+    def make(recipe, calibration, tokens):
+        ck = Checkpoint(path, run_key(recipe, calibration, tokens, source))
+        make.made.append(ck)
+        return ck
+    make.made = []
+    return make

@@ -1,0 +1,106 @@
+"""Resume after a kill: the same command restarted goes on from the last finished block and gives
+the same bytes as a run never interrupted; a changed recipe, source or calibration set is refused
+with the reason. The real bundled model, GPTQ, few calibration windows."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lowbit import api
+from lowbit.calibration.resume import Checkpoint, run_key
+from lowbit.errors import LowbitError
+from lowbit.models import LoadedModel
+from lowbit.numerics.scheme import int_scheme
+from lowbit.recipe import Recipe, Rule
+
+pytestmark = pytest.mark.model
+CALIB = {"n_samples": 4, "seq_len": 64, "batch_size": 2}
+
+
+def four_blocks(damp: float = 0.01) -> Recipe:
+    return Recipe(name="gptq-b0-3", rules=[Rule(r"model\.layers\.[0-3]\.", int_scheme(4, 64), "gptq",
+                                                {"damp_percent": damp})])
+
+
+def tree_digest(d: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(d).iterdir())}
+
+
+class Killed(Exception):
+    pass
+
+
+def _run(smollm2, out, ckpt_dir=None, kill_at=None, recipe=None, source="src"):
+    model = copy.deepcopy(smollm2.model)
+
+    def log(msg):
+        if kill_at and msg.startswith(f"block {kill_at}/"):
+            raise Killed(msg)
+
+    def make(rec, cal, tokens):
+        return Checkpoint(ckpt_dir, run_key(rec, cal, tokens, source))
+    rep = api.quantize(model, recipe or four_blocks(), tokenizer=smollm2.tokenizer, calibration=CALIB,
+                       progress=False, log=log, checkpoint=make if ckpt_dir else None)
+    lm = LoadedModel(model, smollm2.tokenizer, smollm2.path, smollm2.source, smollm2.source_sha256)
+    return api.export(lm, rep, out, "native")
+
+
+def test_resume_after_interrupt_gives_same_bytes_and_refuses_changes(smollm2, tmp_path):
+    whole = _run(smollm2, tmp_path / "whole")
+    ck = tmp_path / "ck"
+    with pytest.raises(Killed):
+        _run(smollm2, tmp_path / "r", ck, kill_at=2)         # blocks 0 and 1 saved, then "killed"
+    assert (ck / "state.json").is_file() and len(list(ck.glob("block-*"))) == 2
+    with pytest.raises(LowbitError, match="the recipe changed"):
+        _run(smollm2, tmp_path / "r", ck, recipe=four_blocks(0.02))
+    with pytest.raises(LowbitError, match="the source model"):
+        _run(smollm2, tmp_path / "r", ck, source="other")
+    with pytest.raises(LowbitError, match="calibration"):
+        api.quantize(copy.deepcopy(smollm2.model), four_blocks(), tokenizer=smollm2.tokenizer,
+                     calibration={**CALIB, "seed": 1}, progress=False,
+                     checkpoint=lambda r, c, t: Checkpoint(ck, run_key(r, c, t, "src")))
+    resumed = _run(smollm2, tmp_path / "r", ck)
+    assert tree_digest(resumed) == tree_digest(whole)
+
+
+def _cli(out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "lowbit", "quantize", "smollm2-135m", "--recipe", "w4g128-gptq",
+            "--samples", "4", "--seq-len", "64", "--batch-size", "2", "--threads", "2", "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_random_points_then_same_bytes(tmp_path):
+    """The real CLI, SIGKILLed at three random moments (loading, mid-blocks, saving: wherever they
+    fall), restarted with the same command each time: the final directory is byte-identical."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    t0 = time.perf_counter()
+    subprocess.run(_cli(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=1800)
+    full = time.perf_counter() - t0
+    rng = random.Random(int(os.environ.get("LOWBIT_KILL_SEED", "23")))
+    out = tmp_path / "killed"
+    kills = []
+    for _ in range(3):
+        at = rng.uniform(0.15, 0.95) * full
+        p = subprocess.Popen(_cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            p.wait(timeout=at)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            kills.append(round(at, 1))
+        if out.exists():
+            break
+    r = subprocess.run(_cli(out), env=env, capture_output=True, text=True, timeout=1800) if not out.exists() else None
+    assert r is None or r.returncode == 0, r.stderr[-2000:]
+    assert kills, "no run was killed (each finished before its kill time)"
+    assert tree_digest(out) == tree_digest(tmp_path / "whole")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]   # state + temp dirs gone
