@@ -112,11 +112,18 @@ class Recipe:
         p = Path(path)
         try:
             d = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LowbitError(f"recipe file {p}: not readable JSON ({e})") from e
-        if "lowbit_recipe" in d:  # a manifest with the recipe embedded
+        if isinstance(d, dict) and "lowbit_recipe" in d:  # a manifest with the recipe embedded
             d = d["lowbit_recipe"]
-        return cls.from_dict(d)
+        if not isinstance(d, dict):
+            raise LowbitError(f"recipe file {p}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except LowbitError as e:
+            raise LowbitError(f"recipe file {p}: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, re.error) as e:
+            raise LowbitError(f"recipe file {p}: malformed recipe ({type(e).__name__}: {e})") from None
 
 
 # ---- presets ----------------------------------------------------------------------------------

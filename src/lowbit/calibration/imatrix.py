@@ -157,18 +157,29 @@ class Imatrix:
         (n_entries,) = take("<i")
         if n_entries < 1:
             raise LowbitError(f"imatrix {path}: neither GGUF nor a legacy imatrix (n_entries={n_entries})")
+        if n_entries * 12 > len(data):        # each entry takes at least 12 bytes
+            raise LowbitError(f"imatrix {path}: header says {n_entries} entries, the file has {len(data)} bytes")
         for _ in range(n_entries):
             (n,) = take("<i")
+            if n < 0 or off + n > len(data):
+                raise LowbitError(f"imatrix {path}: entry name of {n} bytes at byte {off} (file has {len(data)})")
             name = data[off:off + n].decode("utf-8", errors="replace")
             off += n
             ncall, nval = take("<ii")
-            vals = np.asarray(take(f"<{nval}f"), dtype=np.float64)
+            if nval < 0 or off + 4 * nval > len(data):   # checked against the file before allocating
+                raise LowbitError(f"imatrix {path}: entry {name!r} says {nval} values at byte {off}, "
+                                  f"the file has {len(data)} bytes")
+            vals = np.frombuffer(data, dtype="<f4", count=nval, offset=off).astype(np.float64)
+            off += 4 * nval
             # legacy stores mean * ncall; keep it as sums over `ncall` "tokens"
             im.sums[name], im.counts[name] = vals, max(int(ncall), 0)
         if off + 4 <= len(data):
             (im.chunk_count,) = take("<i")
             if off + 4 <= len(data):
                 (n,) = take("<i")
+                if n > len(data) - off:
+                    raise LowbitError(f"imatrix {path}: dataset name of {n} bytes at byte {off} "
+                                      f"(file has {len(data)})")
                 if n > 0:
                     im.datasets.append(data[off:off + n].decode("utf-8", errors="replace"))
         return im

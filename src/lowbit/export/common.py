@@ -149,39 +149,52 @@ def float_tensors(model: nn.Module, skip_modules: set[str]) -> tuple[dict[str, t
     return tensors, tied
 
 
+def shard_plan(sizes: dict[str, int], max_shard_size: int | str | None = None) -> list[list[str]]:
+    """Tensor names (sorted) split into shards of at most max_shard_size bytes (default 5 GB)."""
+    limit = parse_size(max_shard_size) or DEFAULT_MAX_SHARD
+    shards: list[list[str]] = [[]]
+    acc = 0
+    for k in sorted(sizes):
+        if shards[-1] and acc + sizes[k] > limit:
+            shards.append([])
+            acc = 0
+        shards[-1].append(k)
+        acc += sizes[k]
+    return shards
+
+
+def shard_name(i: int, n: int, stem: str = "model") -> str:
+    return f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_shard(tensors: dict[str, torch.Tensor], dst: Path, i: int, n: int, stem: str = "model") -> str:
+    # one metadata key only: safetensors keeps header metadata in a hash map, so with two keys
+    # their order (and the file's bytes) changed from one save to the next
+    from safetensors.torch import save_file
+    fname = shard_name(i, n, stem)
+    save_file(tensors, str(dst / fname), metadata={"format": "pt"})
+    return fname
+
+
+def write_index(dst: Path, shards: list[list[str]], sizes: dict[str, int], stem: str = "model") -> str:
+    weight_map = {k: shard_name(i, len(shards), stem) for i, keys in enumerate(shards) for k in keys}
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (dst / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return f"{stem}.safetensors.index.json"
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], dst: Path, max_shard_size: int | str | None = None,
                      stem: str = "model") -> list[str]:
     """Write `tensors` as model.safetensors, or as transformers' shards
     model-00001-of-0000N.safetensors + model.safetensors.index.json when they exceed
     max_shard_size (default 5 GB). Tensors keep their sorted-name order; shards split by size.
     -> the file names written."""
-    from safetensors.torch import save_file
-    limit = parse_size(max_shard_size) or DEFAULT_MAX_SHARD
-    names = sorted(tensors)
-    sizes = {k: tensors[k].numel() * tensors[k].element_size() for k in names}
-    shards: list[list[str]] = [[]]
-    acc = 0
-    for k in names:
-        if shards[-1] and acc + sizes[k] > limit:
-            shards.append([])
-            acc = 0
-        shards[-1].append(k)
-        acc += sizes[k]
-    # one metadata key only: safetensors keeps header metadata in a hash map, so with two keys
-    # their order (and the file's bytes) changed from one save to the next
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file({k: tensors[k] for k in shards[0]}, str(dst / f"{stem}.safetensors"), metadata=meta)
-        return [f"{stem}.safetensors"]
-    files, weight_map = [], {}
-    for i, keys in enumerate(shards):
-        fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k] for k in keys}, str(dst / fname), metadata=meta)
-        files.append(fname)
-        weight_map.update({k: fname for k in keys})
-    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-    (dst / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return files + [f"{stem}.safetensors.index.json"]
+    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    shards = shard_plan(sizes, max_shard_size)
+    files = [write_shard({k: tensors[k] for k in keys}, dst, i, len(shards), stem) for i, keys in enumerate(shards)]
+    if len(shards) > 1:
+        files.append(write_index(dst, shards, sizes, stem))
+    return files
 
 
 class TensorFiles:

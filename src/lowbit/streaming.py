@@ -1,0 +1,189 @@
+"""Streaming quantization: a checkpoint larger than memory, quantized tensor by tensor.
+
+    quantize_streaming("path/to/hf_dir", "w4g128-rtn", "out/dir")     # lowbit quantize --stream
+
+The float model never exists: its skeleton is built on the meta device (names, shapes, which
+modules the recipe targets), each source tensor is read on its own from the safetensors shards
+(models/shards.py: pread, no memory map), quantized by the recipe's data-free method exactly as
+api.quantize does, turned into the native format's tensors (export/native.py), and written as
+soon as its output shard is complete. Output names are written in sorted order (the order
+save_safetensors uses), which visits one decoder block after another, so peak memory is one
+output shard plus one layer's temporaries: set by max_shard_size (default 1GB here).
+
+The output is the native format, byte for byte what the in-memory path (load_model, quantize,
+export with the same max_shard_size) writes for the same source. Data-free recipes (rtn) only;
+calibrated methods (gptq) load the model (see README: what streaming covers).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from lowbit.errors import LowbitError, check_float_tensor
+
+STREAM_MAX_SHARD = "1GB"
+
+
+def _plan_layer(name: str, shape: tuple[int, int], scheme) -> dict[str, tuple[tuple, torch.dtype]]:
+    """The native tensors a quantized linear becomes, by shape and dtype, before any data."""
+    from lowbit.export.native import PACKED_BITS
+    rows, cols = shape
+    bits = scheme.code_bits
+    out = {}
+    if bits in PACKED_BITS:
+        out[f"{name}.weight_packed"] = ((rows, -(-cols * bits // 8)), torch.uint8)
+    else:
+        out[f"{name}.weight_codes"] = ((rows, cols), torch.uint8)
+    qshape = {"tensor": (1, 1), "channel": (rows, 1), "group": (rows, -(-cols // max(1, scheme.group_size)))}
+    if scheme.granularity not in qshape:
+        raise LowbitError(f"streaming: layer {name}: granularity {scheme.granularity!r} is not streamed")
+    out[f"{name}.weight_scale"] = (qshape[scheme.granularity], torch.float16)
+    if not scheme.symmetric:
+        out[f"{name}.weight_zero_point"] = (qshape[scheme.granularity], torch.uint8)
+    return out
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike, *,
+                       max_shard_size: str | int | None = STREAM_MAX_SHARD, overwrite: bool = False,
+                       dtype: torch.dtype = torch.float32, log=None) -> Path:
+    """Quantize the Hugging Face directory `source` by a data-free `recipe` into a native directory."""
+    import time
+
+    from lowbit.api import QuantizeReport, _note_ragged, layer_row, quantize_targets
+    from lowbit.export.common import (copy_model_files, empty_model, output_dir, shard_plan, tie_by_config,
+                                      write_index, write_shard)
+    from lowbit.export.manifest import provenance, write_manifest
+    from lowbit.export.native import FORMAT, FORMAT_VERSION, MANIFEST, _layer_tensors
+    from lowbit.methods import get_method
+    from lowbit.models import resolve_source
+    from lowbit.models.shards import SafetensorsSource
+    from lowbit.recipe import get_recipe
+
+    log = log or (lambda _m: None)
+    recipe = get_recipe(recipe)
+    kind, src = resolve_source(source)
+    if kind != "hf":
+        raise LowbitError(f"streaming: {source} is a GGUF; stream its fp32 copy (load_model caches it) "
+                          "or a Hugging Face safetensors directory")
+    from lowbit.export import detect_format
+    if detect_format(src) is not None:
+        raise LowbitError(f"streaming: {src} is already a quantized output")
+    from lowbit.export.common import check_output
+    check_output(out, overwrite)
+    files = SafetensorsSource(src)
+    skeleton = empty_model(src, dtype)
+    tie_by_config(skeleton)            # a tied lm_head is the embedding, as the loaded model has it
+    targets = quantize_targets(skeleton, recipe)
+    if not targets:
+        raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
+    for name, mod, rule in targets:
+        if get_method(rule.method).needs:
+            raise LowbitError(f"streaming: recipe {recipe.name!r} uses calibrated method {rule.method!r} "
+                              f"(layer {name}); streaming runs data-free methods (rtn) only")
+        if isinstance(mod, torch.nn.Embedding) or rule.scheme.format != "int" or not isinstance(mod, torch.nn.Linear):
+            raise LowbitError(f"streaming: layer {name}: only integer schemes on nn.Linear are streamed")
+    t_start = time.perf_counter()
+    qnames = {n for n, _, _ in targets}
+    rules = {n: r for n, _, r in targets}
+    # every output tensor by name: (shape, dtype, producer)
+    plan: dict[str, tuple] = {}
+    for name, mod, rule in targets:
+        for k, (shape, dt) in _plan_layer(name, (mod.out_features, mod.in_features), rule.scheme).items():
+            plan[k] = (shape, dt, name)
+        if mod.bias is not None:
+            plan[f"{name}.bias"] = (tuple(mod.bias.shape), dtype, name)
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for key, value in skeleton.state_dict(keep_vars=True).items():
+        owner = key.rpartition(".")[0]
+        if owner in qnames:
+            continue
+        if id(value) in seen:
+            tied[key] = seen[id(value)]
+            continue
+        seen[id(value)] = key
+        plan[key] = (tuple(value.shape), dtype if value.is_floating_point() else value.dtype, None)
+    names = sorted(plan)
+    sizes = {k: _nbytes(plan[k][0], plan[k][1]) for k in names}
+    report = QuantizeReport(recipe)
+    layers: dict[str, dict] = {}
+    ready: dict[str, torch.Tensor] = {}
+
+    def produce(key: str) -> None:
+        layer = plan[key][2]
+        if layer is None:
+            t = files.read(key) if key in files else None
+            if t is None:
+                raise LowbitError(f"{src}: tensor {key} is missing")
+            if tuple(t.shape) != plan[key][0]:
+                raise LowbitError(f"{src}: tensor {key} has shape {tuple(t.shape)}, config.json implies "
+                                  f"{plan[key][0]}")
+            t = t.to(plan[key][1]) if t.is_floating_point() else t
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LowbitError(f"tensor {key}: contains NaN/inf; refusing to write a broken model")
+            ready[key] = t.contiguous()
+            return
+        rule = rules[layer]
+        w = files.read(f"{layer}.weight").to(dtype)
+        check_float_tensor(w, f"{layer}.weight")
+        spec = get_method(rule.method)
+        try:
+            qw = spec.fn(w, rule.scheme, spec.make_config(rule.method_args), None)
+        except LowbitError as e:
+            raise LowbitError(f"{layer}.weight: {e}") from None
+        del w
+        t, row = _layer_tensors(layer, qw)
+        row["kind"] = "linear"
+        row["method"] = rule.method
+        if f"{layer}.bias" in plan:
+            t[f"{layer}.bias"] = files.read(f"{layer}.bias").to(dtype).contiguous()
+        for k, v in t.items():
+            if k not in plan or (tuple(v.shape), v.dtype) != plan[k][:2]:
+                raise LowbitError(f"streaming: {k} came out {v.dtype} {tuple(v.shape)}, planned "
+                                  f"{plan.get(k, (None, None))[1]} {plan.get(k, (None,))[0]} (scales not "
+                                  "fp16? stream with the in-memory path instead)")
+            ready[k] = v
+        layers[layer] = row
+        report.layers.append(layer_row(layer, qw, rule.method))
+
+    shards = shard_plan(sizes, max_shard_size)       # exactly as save_safetensors splits them
+    with output_dir(out, overwrite) as tmp:
+        for i, keys in enumerate(shards):
+            for k in keys:
+                if k not in ready:
+                    produce(k)
+            part = {k: ready.pop(k) for k in keys}
+            write_shard(part, tmp, i, len(shards))
+            log(f"shard {i + 1}/{len(shards)}: {len(keys)} tensors")
+            del part
+        if len(shards) > 1:
+            write_index(tmp, shards, sizes)
+        if ready:
+            raise LowbitError(f"streaming: tensors produced but not planned: {sorted(ready)[:5]}")
+        order = {n: i for i, (n, _, _) in enumerate(targets)}
+        report.layers.sort(key=lambda r: order[r["name"]])
+        _note_ragged(report)
+        qm = SimpleNamespace(recipe=recipe, qweights={}, provenance={
+            "source": {"model": str(source), "sha256": _source_sha(src)}, "calibration": {},
+            "notes": list(report.notes), "layers": {}, "metrics": {}})
+        rows = {n: layers[n] for n, _, _ in targets}
+        manifest = provenance(qm, FORMAT, rows, {"format_version": FORMAT_VERSION, "tied": tied})
+        copy_model_files(src, tmp)
+        write_manifest(tmp, manifest, MANIFEST)
+    log(f"streamed {len(targets)} layer(s) in {time.perf_counter() - t_start:.1f} s -> {out}")
+    return Path(out)
+
+
+def _source_sha(src: Path) -> str | None:
+    from lowbit.export import _source_sha256
+    return _source_sha256(src)
