@@ -137,14 +137,14 @@ def test_nonfinite_weight_error_names_the_tensor(smollm2):
         api.quantize(model, one_layer(), progress=False)
 
 
-@pytest.mark.parametrize("fmt", ["native", "gptq", "compressed-tensors", "gguf"])
+@pytest.mark.parametrize("fmt", ["native", "gptq", "compressed-tensors"])
 def test_nan_outside_quantized_layers_never_saved(smollm2, tmp_path, fmt):
     model = copy.deepcopy(smollm2.model)
     model.model.norm.weight.data[7] = float("inf")
-    rep = api.quantize(model, "q8_0" if fmt == "gguf" else one_layer(), progress=False)
+    rep = api.quantize(model, one_layer("rtn"), progress=False)
     lm = LoadedModel(model, smollm2.tokenizer, smollm2.path, smollm2.source, smollm2.source_sha256)
-    out = tmp_path / ("m.gguf" if fmt == "gguf" else "m")
-    with pytest.raises(LowbitError, match=r"norm\.weight|output_norm"):
+    out = tmp_path / "m"
+    with pytest.raises(LowbitError, match=r"model\.norm\.weight"):
         api.export(lm, rep, out, fmt)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

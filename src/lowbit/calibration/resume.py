@@ -75,8 +75,9 @@ class Checkpoint:
             diff = [k for k in sorted(set(key) | set(old)) if key.get(k) != old.get(k)]
             if diff:
                 k = diff[0]
-                raise LowbitError(f"resume state {self.path}: refusing to resume: {WHAT.get(k, k)} changed "
-                                  f"(saved {_short(old.get(k))}, now {_short(key.get(k))}); delete {self.path} "
+                raise LowbitError(f"resume state {self.path}: refusing to resume: "
+                                  f"{' and '.join(WHAT.get(d, d) for d in diff)} changed (e.g. {k}: saved "
+                                  f"{_short(old.get(k))}, now {_short(key.get(k))}); delete {self.path} "
                                   "(or pass --fresh) to start over")
             self.state = state
 

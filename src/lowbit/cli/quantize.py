@@ -38,6 +38,10 @@ def register(sub) -> None:
     g.add_argument("--no-pause-forward", action="store_true",
                    help="re-run each block per linear group instead of pausing every batch's forward "
                         "(same result, ~2.5x the forward compute, less memory)")
+    p.add_argument("--stream", action="store_true",
+                   help="data-free recipes from a safetensors directory: read, quantize and write one tensor "
+                        "at a time (the float model never in memory; native format; shards of "
+                        "--max-shard-size, default 1GB here)")
     p.add_argument("--fresh", action="store_true",
                    help="discard the resume state of an earlier killed run of this --out and start over")
     p.add_argument("--no-resume", action="store_true",
@@ -66,6 +70,8 @@ def run(args) -> int:
     out = Path(args.out)
     from lowbit.export.common import check_output
     check_output(out, args.overwrite, single_file=bool(fmt.suffix))
+    if args.stream:
+        return _run_streaming(args, recipe, fmt, out)
     overrides = {k: v for k, v in {"n_samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
                                    "text": args.calib_text, "batch_size": args.batch_size}.items()
                  if v is not None}
@@ -123,3 +129,16 @@ def _checkpoint(out, loaded, fresh: bool, log):
         return ck
     make.made = []
     return make
+
+
+def _run_streaming(args, recipe, fmt, out) -> int:
+    from lowbit.errors import LowbitError
+    from lowbit.streaming import STREAM_MAX_SHARD, quantize_streaming
+    if fmt.name != "native":
+        raise LowbitError(f"--stream writes the native format; got --format {fmt.name} (convert the result "
+                          "with `lowbit export`)")
+    path = quantize_streaming(args.model, recipe, out, max_shard_size=args.max_shard_size or STREAM_MAX_SHARD,
+                              overwrite=args.overwrite,
+                              log=lambda m: print(f"[lowbit quantize] {m}", file=sys.stderr, flush=True))
+    print(f"quantized {args.model} with {recipe.name}, streamed -> {path}")
+    return 0

@@ -1,0 +1,83 @@
+"""Write a checkpoint with Llama-2-7B's shapes and random fp16 weights (no download) as
+safetensors shards + index + config.json, for the streaming benchmark (BENCHMARKS.md).
+
+    python bench/make_7b_checkpoint.py /work/big/llama2-7b-shaped      (~13.5 GB; ~2 GB shards)
+
+Weights are N(0, 0.02) values (norms 1): a pool of 2^25 values drawn once from a seeded generator,
+each tensor a different window of it (drawing 6.7e9 normals takes too long on a shared 2-core box;
+the quantizer sees random, distinct rows either way). RAM: the pool, one shard being written.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+          "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+          "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+          "hidden_act": "silu", "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 2}
+
+
+def tensors(cfg: dict):
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    yield "model.embed_tokens.weight", (v, h)
+    for b in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{b}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            yield p + f"self_attn.{n}.weight", (h, h)
+        yield p + "mlp.gate_proj.weight", (i, h)
+        yield p + "mlp.up_proj.weight", (i, h)
+        yield p + "mlp.down_proj.weight", (h, i)
+        yield p + "input_layernorm.weight", (h,)
+        yield p + "post_attention_layernorm.weight", (h,)
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (v, h)
+
+
+POOL = 2**25
+
+
+def _fill(pool: torch.Tensor, shape: tuple, start: int) -> torch.Tensor:
+    """A (rows, cols) fp16 tensor whose rows are consecutive windows of the pool from `start`."""
+    n = shape[0] * shape[1]
+    reps = -(-n // POOL)
+    flat = torch.cat([pool[start + r:start + r + POOL] for r in range(reps)])[:n]
+    return flat.reshape(shape).clone()
+
+
+def main(out: Path, shard_bytes: int = 2 * 10**9) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+    gen = torch.Generator().manual_seed(7)
+    pool = (torch.randn(POOL + 2**20, generator=gen) * 0.02).half()
+    starts = torch.randint(0, 2**20, (10_000,), generator=gen).tolist()
+    shard, size, n, wmap, total = {}, 0, 0, {}, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            wmap.update({k: name for k in shard})
+            shard, size = {}, 0
+    for k, (name, shape) in enumerate(tensors(CONFIG)):
+        t = torch.ones(shape, dtype=torch.float16) if len(shape) == 1 else _fill(pool, shape, starts[k])
+        if size + t.numel() * 2 > shard_bytes:
+            flush()
+        shard[name] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+    flush()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out}: {total / 1e9:.2f} GB in {n} shards")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
