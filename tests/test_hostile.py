@@ -133,7 +133,7 @@ def test_rtn_fp16_scale_overflow_refused_naming_the_tensor(smollm2):
 def test_nonfinite_weight_error_names_the_tensor(smollm2):
     model = copy.deepcopy(smollm2.model)
     model.get_submodule(ONE).weight.data[0, 0] = float("nan")
-    with pytest.raises(LowbitError, match=rf"^{ONE}\.weight: contains 1 NaN/inf"):
+    with pytest.raises(LowbitError, match=rf"^{ONE}\.weight: .*contains 1 NaN/inf"):
         api.quantize(model, one_layer(), progress=False)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from lowbit.arch import is_linear_like, linear_weight
-from lowbit.errors import LowbitError, check_context, check_float_tensor
+from lowbit.errors import LowbitError, check_context
 from lowbit.methods import get_method
 from lowbit.models import LoadedModel, load_model  # noqa: F401  (re-exported: lowbit.api.load_model)
 from lowbit.nn.qlinear import make_quant_module, set_submodule
@@ -92,7 +92,6 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
         for name, mod, rule in it:
             spec = get_method(rule.method)
             w = linear_weight(mod) if is_linear_like(mod) else mod.weight
-            check_float_tensor(w, f"{name}.weight")
             try:
                 qw = spec.fn(w, rule.scheme, spec.make_config(rule.method_args), extra.get(name))
             except LowbitError as e:      # name the layer: the method only sees a tensor

@@ -6,24 +6,22 @@ import argparse
 import math
 
 
-def positive_int(s: str) -> int:
+def _int_at_least(s: str, lo: int) -> int:
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
     return v
+
+
+def positive_int(s: str) -> int:
+    return _int_at_least(s, 1)
 
 
 def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+    return _int_at_least(s, 0)
 
 
 def nonneg_float(s: str) -> float:
