@@ -161,7 +161,7 @@ def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, cali
         tokens = calibration_tokens(tokenizer, cfg)
     else:
         cfg.n_samples, cfg.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
-    check_context(model.config, cfg.seq_len, "calibration seq_len")
+    check_context(getattr(model, "config", None), cfg.seq_len, "calibration seq_len")
     # the recipe saved with the output records the calibration actually used
     recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
     t0 = time.perf_counter()

@@ -83,6 +83,8 @@ def run(args) -> int:
                   kl_max_tokens=args.kl_tokens, score=args.score)
     kind, src = resolve_source(args.model)   # clear error for a missing model before any work
     lm = load_model(args.model)
+    from lowbit.errors import check_context
+    check_context(lm.model.config, args.seq_len, "--seq-len")      # windows past the context are garbage
     ref = None
     if "kl" in metrics and args.ref:
         ref_lm = load_model(args.ref)
