@@ -60,6 +60,7 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
     import time
 
     from lowbit.api import QuantizeReport, _note_ragged, layer_row, quantize_targets
+    from lowbit.calibration.paused import trim_heap
     from lowbit.export.common import (copy_model_files, empty_model, output_dir, shard_plan, tie_by_config,
                                       write_index, write_shard)
     from lowbit.export.manifest import provenance, write_manifest
@@ -165,6 +166,7 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
             write_shard(part, tmp, i, len(shards))
             log(f"shard {i + 1}/{len(shards)}: {len(keys)} tensors")
             del part
+            trim_heap()        # hand freed pages back (glibc keeps them otherwise: RSS creeps up)
         if len(shards) > 1:
             write_index(tmp, shards, sizes)
         if ready:
