@@ -1,0 +1,155 @@
+"""`lowbit report`: the HTML page built from real runs of the bundled model (two uniform RTN presets
+and one budget-chosen mix), checked for structure (always) and rendered by headless Chromium
+(when installed): a screenshot whose pixels show the charts."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import struct
+import subprocess
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.model
+
+
+def _run(smollm2, recipe, out: Path, ref) -> Path:
+    """Quantize a copy of the bundled model, write it (native), evaluate it beside it."""
+    from lowbit import api
+    from lowbit.eval import evaluate
+    from lowbit.eval.kl import KLAccumulator
+    from lowbit.eval.report_html import kl_histogram
+    from lowbit.models.base import LoadedModel
+    lm = LoadedModel(copy.deepcopy(smollm2.model), smollm2.tokenizer, smollm2.path, smollm2.source,
+                     smollm2.source_sha256)
+    rep = api.quantize(lm.model, recipe, progress=False)
+    metrics = {"budget_plan": recipe.plan} if hasattr(recipe, "plan") else None
+    api.export(lm, rep, out, "native", metrics=metrics)
+    acc = KLAccumulator(ref)
+    rec = evaluate(lm.model, lm.tokenizer, reference=ref, metrics=["ppl", "kl", "size"], seq_len=128,
+                   max_tokens=256, kl_max_tokens=256, path=out, label=out.name, progress=False, consumers=[acc])
+    rec["kl_histogram"] = kl_histogram(torch.cat(acc.kl), bins=12)
+    (out.parent / f"{out.name}.json").write_text(json.dumps(rec, default=str))
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(smollm2, tmp_path_factory):
+    from lowbit.budget import parse_budget, solve
+    from lowbit.budget.sensitivity import sensitivity
+    from lowbit.eval import evaluate_reference
+    from lowbit.eval.report_html import write_report
+    from lowbit.recipe import get_recipe
+    root = tmp_path_factory.mktemp("report")
+    base, ref = evaluate_reference(smollm2.model, smollm2.tokenizer, metrics=["ppl"], seq_len=128, max_tokens=256,
+                                   kl_max_tokens=256, progress=False)
+    (root / "fp32.json").write_text(json.dumps(base, default=str))
+    # a real (small) sensitivity table: data-free candidates, 2 windows of 64 tokens
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
+    toks = calibration_tokens(smollm2.tokenizer, CalibrationConfig(n_samples=2, seq_len=64))
+    sens = sensitivity(smollm2.model, toks, candidates=["w3g64-rtn", "w4g64-rtn", "w8-rtn"], fisher_samples=1)
+    plan = solve(sens, parse_budget("4.6bpw"))
+    mix = plan.recipe()
+    mix.plan = plan.to_dict()
+    runs = [_run(smollm2, get_recipe(r), root / r, ref) for r in ("w4g64-rtn", "w8-rtn")]
+    runs.append(_run(smollm2, mix, root / "budget-4.6bpw", ref))
+    html = write_report(runs, root / "report.html", baseline=root / "fp32.json")
+    return {"html": html, "runs": runs, "plan": plan}
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_report_structure(report):
+    text = report["html"].read_text()
+    p = _Tags()
+    p.feed(text)
+    charts = [a for t, a in p.tags if t == "svg" and "chart" in a.get("class", "")]
+    # 2 Pareto charts; per run a loss heatmap and a KL histogram; the mix also its bits heatmap
+    assert len(charts) == 2 + 3 * 2 + 1
+    assert sum("heatmap" in a["class"] for a in charts) == 4
+    assert sum("histogram" in a["class"] for a in charts) == 3
+    points = [a for t, a in p.tags if t == "circle" and a.get("class") == "point"]
+    assert len(points) >= 2 * 3           # each run in each Pareto chart (front points drawn again)
+    cells = [a for t, a in p.tags if t == "rect" and a.get("class") == "cell"]
+    assert len(cells) == 4 * 30 * 7       # 30 blocks x 7 linears per heatmap
+    # self-contained: no script, no stylesheet or image fetched, no URL but the SVG namespace
+    assert not any(t in ("script", "link", "img", "iframe") for t, _ in p.tags)
+    assert text.replace('xmlns="http://www.w3.org/2000/svg"', "").count("http") == 0
+    assert "budget-4.6bpw" in text and "w4g64-rtn" in text and "lowbit_recipe_version" in text
+
+
+def _png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
+    """Decode an 8-bit RGB/RGBA non-interlaced PNG (what Chromium writes) -> (w, h, rows)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, w = 8, b"", None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert depth == 8 and ctype in (2, 6) and interlace == 0
+            bpp = 3 if ctype == 2 else 4
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    stride = w * bpp
+    rows, prev = [], bytearray(stride)
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b = prev[i]
+            c = prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line) if bpp == 3 else bytes(v for j, v in enumerate(line) if j % 4 != 3))
+        prev = line
+    return w, h, rows
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    from lowbit.eval.svg import PALETTE
+    shot = tmp_path / "report.png"
+    # no network at all: every host name resolves to nothing
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--host-resolver-rules=MAP * ~NOTFOUND", f"--screenshot={shot}", "--window-size=1400,1400",
+           report["html"].as_uri()]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    w, h, rows = _png_pixels(shot)
+    assert (w, h) == (1400, 1400)
+    seen = {bytes.fromhex(c[1:]): 0 for c in PALETTE[:2]}
+    for row in rows:
+        for col in seen:
+            seen[col] += row.count(col)      # approximate: colour triples at any offset
+    # both Pareto series' markers are on screen (a 5 px circle is ~60 pixels of its colour)
+    assert all(n >= 30 for n in seen.values()), seen
+    dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          "--host-resolver-rules=MAP * ~NOTFOUND", report["html"].as_uri()],
+                         check=True, capture_output=True, timeout=120, text=True).stdout
+    assert dom.count('class="chart') == 9
