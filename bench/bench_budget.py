@@ -133,6 +133,78 @@ def step_run(a) -> None:
         del lm, ref_lm, reference_logprobs
 
 
+RTN_CANDIDATES = ["w2g32-rtn", "w2g64-rtn", "w3-rtn", "w3g128-rtn", "w3g64-rtn", "w3g32-rtn", "w4-rtn",
+                  "w4g128-rtn", "w4g64-rtn", "w4g32-rtn", "w8-rtn"]
+RTN_PRESETS = ["w3-rtn", "w3g128-rtn", "w3g64-rtn", "w3g32-rtn", "w4-rtn", "w4g128-rtn", "w4g64-rtn", "w4g32-rtn"]
+
+
+def step_rtn(a) -> None:
+    """Data-free candidates only (quantizing takes seconds): the budget mix vs every uniform RTN
+    preset, at 3.0/3.5/4.0/4.5 bpw and at each preset's own size, in one process."""
+    import copy
+
+    import torch
+
+    from lowbit import api
+    from lowbit.budget import load_or_compute, parse_budget, solve
+    from lowbit.budget.sizing import file_payload_bytes
+    from lowbit.eval import evaluate, evaluate_reference
+    from lowbit.eval.kl import KLAccumulator
+    from lowbit.eval.report_html import kl_histogram
+    from lowbit.models.base import LoadedModel
+    from lowbit.recipe import get_recipe
+    lm = _load()
+    toks = _tokens(lm, a.calib)
+    t0 = time.perf_counter()
+    sens = load_or_compute(lm.model, toks, candidates=RTN_CANDIDATES, fisher_samples=a.fisher,
+                           source_dir=lm.path, log=print)
+    t_sens = time.perf_counter() - t0
+    sens.save(a.work / "sens-rtn.json")
+    ev = dict(max_tokens=512 * a.eval_windows, kl_max_tokens=512 * a.kl_windows)
+    res_path = a.work / "rtn-results.json"
+    results = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    base, ref = evaluate_reference(lm.model, lm.tokenizer, metrics=["ppl", "size"], progress=False, **ev)
+    results["fp32"] = {"ppl": base["ppl"]["ppl"], "sens_s": t_sens}
+    _write(a.work / "fp32.json", base)
+    configs = list(a.names) or ([f"budget:{b}bpw" for b in ("3.0", "3.5", "4.0", "4.5")] + RTN_PRESETS)
+    for name in configs:
+        if name in results and not a.redo:
+            continue
+        if name.startswith("budget:@"):        # the mix at a preset's own size
+            spec = results[name[8:]]["bpw"]
+            plan = solve(sens, parse_budget(f"{spec:.6f}bpw"))
+        elif name.startswith("budget:"):
+            plan = solve(sens, parse_budget(name[7:]))
+        else:
+            plan = None
+        recipe = plan.recipe() if plan else get_recipe(name)
+        m = LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.path, lm.source, lm.source_sha256)
+        rep = api.quantize(m.model, recipe, progress=False)
+        out = a.work / "rtn" / name.replace(":", "-").replace("@", "at-")
+        api.export(m, rep, out, "native", overwrite=True,
+                   metrics={"budget_plan": plan.to_dict()} if plan else None)
+        f = file_payload_bytes(out)
+        acc = KLAccumulator(ref)
+        rec = evaluate(m.model, m.tokenizer, reference=ref, metrics=["ppl", "kl", "size"], label=out.name,
+                       path=out, progress=False, consumers=[acc], **ev)
+        rec["kl_histogram"] = kl_histogram(torch.cat(acc.kl))
+        rec["file"] = f
+        _write(out.parent / f"{out.name}.json", rec)
+        lin = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in rep.layers)
+        n = sum(r["shape"][0] * r["shape"][1] for r in rep.layers)
+        row = {"ppl": rec["ppl"]["ppl"], "kl": rec["kl"]["mean"], "top1": rec["kl"]["top1_agreement"],
+               "file_bytes": f["total_bytes"], "payload_bytes": f["payload_bytes"], "storage_bpw": lin / n}
+        # bits per weight as the budget counts them: the quantized linears' bytes in the file * 8 / weights
+        row["bpw"] = (f["payload_bytes"] - sens.fixed["tensor_bytes"]) * 8 / sens.weights()
+        if plan:
+            row.update(predicted_kl=plan.predicted_kl, predicted_payload=plan.linear_bytes + sens.fixed["tensor_bytes"],
+                       predicted_total=plan.total_bytes, plan_bpw=plan.bits_per_weight, used=plan.candidates_used)
+        results[name] = row
+        _write(res_path, results)
+        print(name, json.dumps(row))
+        del m, rep
+
+
 def step_table(a) -> None:
     rows = []
     base = None
@@ -153,7 +225,7 @@ def step_table(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("sens", "measure", "run", "table"))
+    ap.add_argument("step", choices=("sens", "measure", "run", "rtn", "table"))
     ap.add_argument("names", nargs="*")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "budget")
     ap.add_argument("--calib", type=int, default=32, help="calibration windows of 512 tokens")
@@ -166,7 +238,7 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    {"sens": step_sens, "measure": step_measure, "run": step_run, "table": step_table}[a.step](a)
+    {"sens": step_sens, "measure": step_measure, "run": step_run, "rtn": step_rtn, "table": step_table}[a.step](a)
 
 
 if __name__ == "__main__":

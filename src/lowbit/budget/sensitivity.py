@@ -20,9 +20,14 @@ Two passes, both on the calibration windows:
   1. gradients: fisher_samples windows forward + backward (no weight gradients: only the output
      gradients of every linear are read, by tensor hooks), labels sampled from the model;
   2. block by block (calibration/capture.py, one block's activations held): each shared-input
-     group's A from a float forward; every candidate quantized with it (GPTQ candidates solve the
-     group's linears as one row-stacked matrix, as the calibration loop does), its per-row error
-     dW_j A dW_j^T, its bytes in the output format (sizing.py).
+     group's A from a float forward; every candidate's per-row error dW_j A dW_j^T and its bytes in
+     the output format (sizing.py). RTN candidates are quantized; of the GPTQ candidates one anchor
+     is solved for real (the group's linears as one row-stacked matrix, as the calibration loop
+     does) and the others are estimated from the anchor (gptq_estimate.py), so the pass costs one
+     GPTQ sweep per group whatever the number of candidates; the first `exact_blocks` blocks solve
+     every candidate and fix a per-candidate correction of the estimate (real / estimated, geometric
+     mean). exact_gptq=True solves every candidate everywhere (for validation: ~candidates x the
+     solve time of one GPTQ run).
 
 The result is cached per (model weights, calibration tokens, candidates, format, settings) under
 cache_dir()/sensitivity/, written atomically.
@@ -385,7 +390,7 @@ def load_or_compute(model: nn.Module, tokens: torch.Tensor, *, candidates=DEFAUL
     from lowbit.eval.kl import model_fingerprint
     from lowbit.io import cache_dir
     fp = model_fingerprint(model)
-    key = cache_key(fp, tokens, candidates, fmt, fisher_samples, exact_gptq, anchor)
+    key = cache_key(fp, tokens, candidates, fmt, fisher_samples, exact_gptq, anchor) + f"-x{kw.get('exact_blocks', 1)}"
     path = Path(cache_root or cache_dir()) / "sensitivity" / f"{key[:32]}.json"
     if cache and path.is_file():
         s = Sensitivity.load(path)

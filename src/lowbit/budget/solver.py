@@ -69,6 +69,7 @@ class Plan:
     candidates_used: dict[str, int] = field(default_factory=dict)
     tie: bool = False
     calibration: dict = field(default_factory=dict)
+    module_kl: dict[str, float] = field(default_factory=dict)    # predicted KL of each module's choice
 
     @property
     def bits_per_weight(self) -> float:
@@ -83,7 +84,7 @@ class Plan:
                 "predicted_kl": self.predicted_kl, "linear_bytes": self.linear_bytes, "weights": self.weights,
                 "bits_per_weight": self.bits_per_weight, "predicted_total_bytes": self.total_bytes,
                 "fixed": dict(self.fixed), "tie_shared_inputs": self.tie, "candidates_used": dict(self.candidates_used),
-                "choice": dict(self.choice)}
+                "choice": dict(self.choice), "predicted_kl_per_module": dict(self.module_kl)}
 
     def recipe(self, name: str | None = None):
         """A plain Recipe: one rule per (candidate, module suffix), naming the blocks it covers."""
@@ -201,4 +202,7 @@ def solve(sens, budget: Budget, *, tie: bool = False, candidates: list[str] | No
     order = {m["name"]: i for i, m in enumerate(sens.modules)}
     choice = dict(sorted(choice.items(), key=lambda kv: order[kv[0]]))
     kl = sum(o[1] for o in chosen)
-    return Plan(budget, choice, float(kl), int(used), weights, dict(sens.fixed), counts, tie, dict(calibration or {}))
+    index = {c: i for i, c in enumerate(sens.candidates)}
+    module_kl = {n: sens.cost[order[n]][index[c]] for n, c in choice.items()}
+    return Plan(budget, choice, float(kl), int(used), weights, dict(sens.fixed), counts, tie,
+                dict(calibration or {}), module_kl)

@@ -9,8 +9,9 @@ The page holds, all inline (SVG drawn by eval/svg.py, CSS in a <style>; no scrip
     KL / top-1 to the original, speed and memory where recorded;
   * Pareto charts: file size vs KL and vs dPPL (or perplexity), budget mixes and uniform presets as
     two series, each with the line through its non-dominated points;
-  * per run, a heatmap of the per-layer error (rows: the linear's place in the block; columns: the
-    block) and, for mixes, of the bits per weight chosen;
+  * per run, heatmaps (rows: the linear's place in the block; columns: the block) of the per-layer
+    error: GPTQ's loss where the method records one, and for budget mixes the predicted KL of each
+    module's choice and the bits per weight chosen;
   * per run, the histogram of per-token KL when the record has one ("kl_histogram": log10 edges);
   * per run, the recipe and the manifest as JSON.
 """
@@ -102,7 +103,7 @@ def _pareto_chart(runs: list[dict], y_of, y_label: str, title: str, log_y: bool)
                if _is_mix(r) == sel and _file_bytes(r) and y_of(r) is not None]
         if pts:
             series.append({"name": name, "points": pts, "line": False})
-            series.append({"name": f"{name}: Pareto front", "points": pareto(pts), "line": True})
+            series.append({"name": f"{name}: Pareto front", "points": pareto(pts), "line": True, "markers": False})
     return svg.scatter(series, "file size (MB)", y_label, title, log_y=log_y)
 
 
@@ -151,8 +152,16 @@ def _summary_table(runs: list[dict], baseline_ppl: float | None) -> str:
 def _run_section(r: dict) -> str:
     layers = r["manifest"].get("layers") or {}
     parts = [f'<section class="run"><h2>{escape(r["name"])}</h2><p>{escape(r["dir"])}</p><div class="charts">']
-    vals, rows, cols = layer_grid(layers, lambda row: _get(row, "info", "loss"))
-    parts.append(svg.heatmap(vals, rows, cols, f"{r['name']}: per-layer error (solver loss, log scale)"))
+    if any(_get(row, "info", "loss") for row in layers.values()):
+        vals, rows, cols = layer_grid(layers, lambda row: _get(row, "info", "loss"))
+        parts.append(svg.heatmap(vals, rows, cols, f"{r['name']}: per-layer error (GPTQ loss, log scale)"))
+    plan = _get(r["manifest"], "metrics", "budget_plan") or {}
+    if plan.get("predicted_kl_per_module"):
+        pk = plan["predicted_kl_per_module"]
+        vals, rows, cols = layer_grid({n: {"v": pk[n]} for n in layers if n in pk}, lambda row: row["v"])
+        parts.append(svg.heatmap(vals, rows, cols, f"{r['name']}: predicted KL per module (nats/token, log scale)"))
+    if not any(_get(row, "info", "loss") for row in layers.values()) and not plan:
+        parts.append('<p class="empty">no per-layer error recorded (data-free method, no budget plan)</p>')
     if _is_mix(r):
         vals, rows, cols = layer_grid(layers, lambda row: row.get("bits_per_weight"))
         parts.append(svg.heatmap(vals, rows, cols, f"{r['name']}: bits per weight chosen", log=False, unit=" bpw"))

@@ -49,7 +49,7 @@ def _log(v: float) -> float:
 
 def scatter(series: list[dict], x_label: str, y_label: str, title: str, *, log_y: bool = False,
             width: int = W, height: int = H) -> str:
-    """series: [{"name", "points": [(x, y, label)], "line": bool}] -> <svg>."""
+    """series: [{"name", "points": [(x, y, label)], "line": bool, "markers": bool}] -> <svg>."""
     pts = [(x, y) for s in series for x, y, _ in s["points"] if y is not None and x is not None]
     if not pts:
         return f'<p class="empty">{escape(title)}: no data</p>'
@@ -89,12 +89,12 @@ def scatter(series: list[dict], x_label: str, y_label: str, title: str, *, log_y
         if s.get("line") and len(p) > 1:
             d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, _ in p)
             out.append(f'<polyline points="{d}" fill="none" stroke="{col}" stroke-width="2"/>')
-        for x, y, lab in p:
+        for x, y, lab in (p if s.get("markers", True) else []):
             out.append(f'<circle class="point" cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{col}">'
                        f'<title>{escape(str(lab))}: {_fmt(x)}, {_fmt(y)}</title></circle>')
         ly = PAD_T + 14 + 16 * k
-        out.append(f'<rect x="{PAD_L + pw - 170}" y="{ly - 9}" width="10" height="10" fill="{col}"/>'
-                   f'<text x="{PAD_L + pw - 155}" y="{ly}" font-size="11">{escape(s["name"])}</text>')
+        out.append(f'<line x1="{PAD_L + pw - 175}" y1="{ly - 4}" x2="{PAD_L + pw - 160}" y2="{ly - 4}" '
+                   f'stroke="{col}" stroke-width="2"/><text x="{PAD_L + pw - 155}" y="{ly}" font-size="11">{escape(s["name"])}</text>')
     out.append("</svg>")
     return "".join(out)
 
