@@ -51,6 +51,7 @@ def test_gptq_bytes_and_estimate(smollm2):
 
 
 @pytest.mark.model
+@pytest.mark.slow
 def test_sensitivity_ranks_like_measured_kl_and_caches(smollm2, tmp_path):
     from lowbit.budget import Sensitivity, load_or_compute, parse_budget, solve
     from lowbit.budget.measure import measure_pairs
@@ -61,7 +62,6 @@ def test_sensitivity_ranks_like_measured_kl_and_caches(smollm2, tmp_path):
     sens = load_or_compute(smollm2.model, toks, candidates=cands, fisher_samples=2, cache_root=tmp_path,
                            source_dir=smollm2.path)
     assert all(torch.equal(v, smollm2.model.state_dict()[k]) for k, v in before.items())   # untouched
-    assert all(p.requires_grad for p in smollm2.model.parameters()) or True
     assert len(sens.modules) == 30 * 7 and sens.candidates == cands
     for c, b in zip(sens.cost, sens.nbytes):
         assert c[0] > c[1] > c[2] > 0 and b[0] < b[1] < b[2]     # fewer bits: more loss, fewer bytes
