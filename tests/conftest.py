@@ -21,6 +21,8 @@ def pytest_configure(config):
     # Keep the suite on the CI box's two cores and off any hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # CLI commands record runs in the user's registry (lowbit.runs); not from the test suite
+    os.environ.setdefault("LOWBIT_NO_RUNS", "1")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -210,6 +210,22 @@ def evaluate(loaded: LoadedModel, reference=None, **options) -> dict:
     return _evaluate(loaded.model, loaded.tokenizer, reference=reference, **options)
 
 
+def plan_budget(model: nn.Module, budget, *, tokens: torch.Tensor, fmt: str = "native", candidates=None,
+                tie: bool | None = None, source_dir=None, calibration: dict | None = None, cache: bool = True,
+                log=None):
+    """Choose one scheme per linear of `model` (float) under `budget` ("3.5bpw", "90MB" or a
+    lowbit.budget.Budget) by measured-loss proxies on `tokens` (lowbit.budget). -> (Plan, Sensitivity);
+    plan.recipe() is a plain Recipe for `quantize`. tie: one scheme per shared-input group
+    (default: when `fmt` fuses them)."""
+    from lowbit.budget import DEFAULT_CANDIDATES, load_or_compute, parse_budget, solve
+    from lowbit.budget.solver import TIED_FORMATS
+    b = parse_budget(budget) if isinstance(budget, str) else budget
+    sens = load_or_compute(model, tokens, candidates=list(candidates or DEFAULT_CANDIDATES), fmt=fmt,
+                           cache=cache, source_dir=source_dir, log=log)
+    plan = solve(sens, b, tie=fmt in TIED_FORMATS if tie is None else tie, calibration=calibration)
+    return plan, sens
+
+
 def layer_row(name: str, qw, method: str) -> dict:
     scheme = getattr(qw, "type", None) or qw.scheme.short_name()     # a ggml type, or our scheme
     return {"name": name, "shape": list(qw.shape), "scheme": scheme, "method": method,

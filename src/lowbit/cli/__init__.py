@@ -21,6 +21,8 @@ SUBCOMMANDS = [
     "lowbit.cli.imatrix",
     "lowbit.cli.quantize",
     "lowbit.cli.verify",
+    "lowbit.cli.report",
+    "lowbit.cli.runs",
 ]
 
 

@@ -105,7 +105,11 @@ def run(args) -> int:
         from lowbit.nn.qlinear import QuantLinear
         if any(isinstance(m, QuantLinear) for m in lm.model.modules()):
             prepare_for_inference(lm.model, args.backend)
-    rec = evaluate(lm.model, lm.tokenizer, metrics=metrics, reference=ref, label=label,
+    kl_acc = None
+    if ref is not None:   # per-token KL for the histogram in `lowbit report`
+        from lowbit.eval.kl import KLAccumulator
+        kl_acc = KLAccumulator(ref)
+    rec = evaluate(lm.model, lm.tokenizer, metrics=metrics, reference=ref, label=label, consumers=[kl_acc] if kl_acc else (),
                    path=None if args.recipe else lm.path, source_path=src if kind == "gguf" else None,
                    speed={"prompt_len": args.speed_prompt_len, "new_tokens": args.speed_new_tokens,
                           "runs": args.speed_runs},
@@ -114,6 +118,14 @@ def run(args) -> int:
     if args.recipe:
         rec["recipe"] = rep.recipe.to_dict()
         rec["quantize_notes"] = rep.notes
+    if kl_acc is not None and kl_acc.kl:
+        from lowbit.eval.report_html import kl_histogram
+        rec["kl_histogram"] = kl_histogram(torch.cat(kl_acc.kl))
+    from lowbit.runs import record_run
+    record_run("eval", model=args.model, source_sha256=lm.source_sha256,
+               recipe=rec.get("recipe") or (lm.meta.get("manifest") or {}).get("lowbit_recipe"),
+               metrics={k: rec[k] for k in ("ppl", "kl", "size", "speed", "memory") if k in rec},
+               output=args.json)
     print(format_table([rec], [label]))
     print("method:")
     print(format_methods(rec))

@@ -48,6 +48,16 @@ def register(sub) -> None:
                    help="keep no resume state (calibrated recipes save one after every block, beside --out "
                         "as .OUT.resume, so the same command restarted after a kill goes on from there)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    b = p.add_argument_group("budget (lowbit.budget: the schemes chosen for you)")
+    b.add_argument("--budget", help="choose one scheme per linear by measured-loss proxies under this budget: "
+                                    "bits per weight of the quantized linears' file bytes (3.5bpw) or the whole "
+                                    "output's size (90MB, 85MiB); replaces --recipe")
+    b.add_argument("--candidates", help="comma-separated preset-grammar schemes to choose from "
+                                        "(default: lowbit.budget.DEFAULT_CANDIDATES)")
+    b.add_argument("--tie-shared-inputs", action="store_true",
+                   help="one scheme per shared-input group (q/k/v, gate/up), as fused kernels need")
+    b.add_argument("--save-recipe", help="also write the chosen recipe as JSON here (readable, editable)")
+    b.add_argument("--no-sensitivity-cache", action="store_true", help="recompute the sensitivity table")
     p.set_defaults(func=run)
 
 
@@ -84,12 +94,31 @@ def run(args) -> int:
         print(f"[lowbit quantize] {msg}", file=sys.stderr, flush=True)
 
     tokens = None
-    if any(get_method(r.method).needs for r in recipe.rules if r.scheme is not None):
+    if args.budget:
+        from lowbit.budget import parse_budget
+        from lowbit.budget.sizing import check_format
+        parse_budget(args.budget)
+        check_format(fmt.name)
+        cfg = CalibrationConfig.from_dict(overrides)
+        tokens = calibration_tokens(load_tokenizer(args.model), cfg)
+    elif any(get_method(r.method).needs for r in recipe.rules if r.scheme is not None):
         # draw the calibration windows first: too short a text fails before the model is loaded
         cfg = CalibrationConfig.from_dict({**recipe.calibration, **overrides})
         tokens = calibration_tokens(load_tokenizer(args.model), cfg)
     t0 = time.perf_counter()
     loaded = api.load_model(args.model)
+    plan = None
+    if args.budget:
+        t1 = time.perf_counter()
+        cands = args.candidates.split(",") if args.candidates else None
+        plan, _ = api.plan_budget(loaded.model, args.budget, tokens=tokens, fmt=fmt.name, candidates=cands,
+                                  tie=True if args.tie_shared_inputs else None, source_dir=loaded.path,
+                                  calibration=cfg.to_dict(), cache=not args.no_sensitivity_cache, log=log)
+        recipe = plan.recipe()
+        log(f"budget {args.budget}: plan in {time.perf_counter() - t1:.1f} s; {recipe.description}")
+        if args.save_recipe:
+            recipe.save(args.save_recipe)
+            log(f"recipe written to {args.save_recipe}")
     log(f"loaded {args.model} ({time.perf_counter() - t0:.1f} s); recipe {recipe.name}: {recipe.description}")
     ckpt = None
     if tokens is not None and not args.no_resume:
@@ -97,7 +126,8 @@ def run(args) -> int:
     report = api.quantize(loaded.model, recipe, tokens=tokens, calibration=overrides, progress=False, log=log,
                           checkpoint=ckpt)
     opts = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
-    path = api.export(loaded, report, out, fmt.name, overwrite=args.overwrite, **opts)
+    metrics = {"budget_plan": plan.to_dict()} if plan is not None else None
+    path = api.export(loaded, report, out, fmt.name, overwrite=args.overwrite, metrics=metrics, **opts)
     for ck in getattr(ckpt, "made", []):       # the output is in place: the state is not needed
         ck.discard()
     n = len(report.layers)
@@ -107,6 +137,17 @@ def run(args) -> int:
           f"({bpw:.3f} bits per weight in quantized layers) -> {path}")
     for note in report.notes:
         print(f"note: {note}")
+    run_metrics = {"bits_per_weight": bpw, "seconds": report.seconds}
+    if plan is not None:
+        from lowbit.budget.sizing import file_payload_bytes
+        real = file_payload_bytes(path)
+        run_metrics.update(plan={k: v for k, v in plan.to_dict().items() if k != "choice"}, file=real)
+        print(f"budget {args.budget}: predicted {plan.total_bytes:,} bytes ({plan.linear_bytes:,} in quantized "
+              f"linears, {plan.bits_per_weight:.3f} bpw), predicted KL {plan.predicted_kl:.4f}; written "
+              f"{real['total_bytes']:,} bytes ({real['payload_bytes']:,} tensor data)")
+    from lowbit.runs import record_run
+    record_run("quantize", model=args.model, source_sha256=loaded.source_sha256, recipe=report.recipe,
+               calibration=report.calibration, tokens=tokens, metrics=run_metrics, output=path)
     return 0
 
 

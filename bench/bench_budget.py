@@ -1,0 +1,245 @@
+"""Budget-chosen mixes vs uniform presets on the bundled model (issue 22), and the sensitivity
+pass's wall time against one GPTQ run.
+
+    .venv/bin/python bench/bench_budget.py sens            # sensitivity + one GPTQ run, timed back to back
+    .venv/bin/python bench/bench_budget.py measure --pairs 24   # measured single-module KL vs the proxies
+    .venv/bin/python bench/bench_budget.py run NAME...     # quantize + write + evaluate configs:
+                                                           #   a preset name, or budget:<B> (e.g. budget:3.5bpw)
+    .venv/bin/python bench/bench_budget.py table           # the markdown table of every finished run
+
+Every step shares the calibration windows (--calib windows of 512 tokens of wiki-calibration,
+seed 0) and keeps its results under --work (default bench/_work/budget): sens.json (the
+sensitivity table, also in the lowbit cache), timing.json, measure.json, and per config a lowbit
+native directory <work>/<name>/ with eval.json beside it (perplexity on the first --eval-windows
+512-token windows of wiki-evaluation, KL / top-1 against the fp32 model on the first --kl-windows).
+Those directories are what `lowbit report` reads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def _tokens(lm, n: int):
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
+    return calibration_tokens(lm.tokenizer, CalibrationConfig(n_samples=n, seq_len=512))
+
+
+def _load():
+    from lowbit.models import load_model
+    return load_model("smollm2-135m")
+
+
+def _write(path: Path, obj) -> None:
+    from lowbit.eval.report import write_json
+    write_json(obj, path)
+
+
+def step_sens(a) -> None:
+    from lowbit import api
+    from lowbit.budget import load_or_compute
+    lm = _load()
+    toks = _tokens(lm, a.calib)
+    t0 = time.perf_counter()
+    sens = load_or_compute(lm.model, toks, cache=False, fisher_samples=a.fisher, batch_size=8,
+                           source_dir=lm.path, log=print)
+    t_sens = time.perf_counter() - t0
+    sens.save(a.work / "sens.json")
+    t0 = time.perf_counter()
+    api.quantize(lm.model, a.gptq, tokens=toks, progress=False)
+    t_gptq = time.perf_counter() - t0
+    rec = {"sensitivity_s": t_sens, "gptq_s": t_gptq, "ratio": t_sens / t_gptq, "gptq_recipe": a.gptq,
+           "calib_windows": a.calib, "fisher_windows": a.fisher, "phases": sens.meta.get("timing"),
+           "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    _write(a.work / "timing.json", rec)
+    print(json.dumps(rec, indent=2))
+
+
+def step_measure(a) -> None:
+    from lowbit.budget import Sensitivity
+    from lowbit.budget.measure import measure_pairs, rank_correlation, sample_pairs
+    sens = Sensitivity.load(a.work / "sens.json")
+    lm = _load()
+    toks = _tokens(lm, a.calib)
+    pairs = sample_pairs(sens, a.pairs, seed=0)
+    t0 = time.perf_counter()
+    rows = measure_pairs(lm.model, toks, pairs, kl_windows=a.kl_calib, sens=sens, log=print)
+    out = {"rows": rows, "seconds": time.perf_counter() - t0,
+           "spearman_predicted_kl": rank_correlation(rows, "predicted_kl"),
+           "spearman_output_error": rank_correlation(rows, "output_error"),
+           "kl_windows": a.kl_calib, "pairs": len(rows)}
+    _write(a.work / "measure.json", out)
+    print({k: v for k, v in out.items() if k != "rows"})
+
+
+def _recipe_for(name: str, a, lm, toks):
+    from lowbit.budget import Sensitivity, parse_budget, solve
+    from lowbit.recipe import get_recipe
+    if not name.startswith("budget:"):
+        return get_recipe(name), None
+    sens = Sensitivity.load(a.work / "sens.json")
+    plan = solve(sens, parse_budget(name.split(":", 1)[1]))
+    return plan.recipe(), plan
+
+
+def step_run(a) -> None:
+    from lowbit import api
+    from lowbit.budget.sizing import file_payload_bytes
+    from lowbit.eval import evaluate
+    from lowbit.eval.kl import reference_logprobs
+    for name in a.names:
+        out = a.work / name.replace(":", "-")
+        if (out / "eval.json").is_file() and not a.redo:
+            print(f"{name}: done already")
+            continue
+        lm = _load()
+        if name == "fp32":
+            from lowbit.eval import evaluate as ev
+            rec = ev(lm.model, lm.tokenizer, metrics=["ppl", "size"], max_tokens=512 * a.eval_windows,
+                     label=name, progress=False)
+            _write(a.work / "fp32.json", rec)
+            print(name, rec["ppl"]["ppl"])
+            continue
+        toks = _tokens(lm, a.calib)
+        recipe, plan = _recipe_for(name, a, lm, toks)
+        t0 = time.perf_counter()
+        rep = api.quantize(lm.model, recipe, tokens=toks, progress=False)
+        t_q = time.perf_counter() - t0
+        metrics = {"budget_plan": plan.to_dict()} if plan is not None else None
+        api.export(lm, rep, out, "native", metrics=metrics, overwrite=True)
+        ref_lm = _load()
+        from lowbit.eval import perplexity as _p  # noqa: F401  (windows come from evaluate's text)
+        rec = evaluate(lm.model, lm.tokenizer, reference=ref_lm.model, metrics=["ppl", "kl", "size"],
+                       max_tokens=512 * a.eval_windows, kl_max_tokens=512 * a.kl_windows, path=out,
+                       label=name, progress=False)
+        rec["quantize_s"] = t_q
+        rec["file"] = file_payload_bytes(out)
+        if plan is not None:
+            rec["plan"] = {k: v for k, v in plan.to_dict().items() if k != "choice"}
+        _write(a.work / (name.replace(":", "-") + ".eval.json"), rec)
+        _write(out.parent / (out.name + ".json"), rec)
+        (out / "eval.json").parent.mkdir(exist_ok=True)
+        _write(out / "eval.json", rec)
+        print(name, rec["ppl"]["ppl"], rec["kl"]["mean"], rec["file"])
+        del lm, ref_lm, reference_logprobs
+
+
+RTN_CANDIDATES = ["w2g32-rtn", "w2g64-rtn", "w3-rtn", "w3g128-rtn", "w3g64-rtn", "w3g32-rtn", "w4-rtn",
+                  "w4g128-rtn", "w4g64-rtn", "w4g32-rtn", "w8-rtn"]
+RTN_PRESETS = ["w3-rtn", "w3g128-rtn", "w3g64-rtn", "w3g32-rtn", "w4-rtn", "w4g128-rtn", "w4g64-rtn", "w4g32-rtn"]
+
+
+def step_rtn(a) -> None:
+    """Data-free candidates only (quantizing takes seconds): the budget mix vs every uniform RTN
+    preset, at 3.0/3.5/4.0/4.5 bpw and at each preset's own size, in one process."""
+    import copy
+
+    import torch
+
+    from lowbit import api
+    from lowbit.budget import load_or_compute, parse_budget, solve
+    from lowbit.budget.sizing import file_payload_bytes
+    from lowbit.eval import evaluate, evaluate_reference
+    from lowbit.eval.kl import KLAccumulator
+    from lowbit.eval.report_html import kl_histogram
+    from lowbit.models.base import LoadedModel
+    from lowbit.recipe import get_recipe
+    lm = _load()
+    toks = _tokens(lm, a.calib)
+    t0 = time.perf_counter()
+    sens = load_or_compute(lm.model, toks, candidates=RTN_CANDIDATES, fisher_samples=a.fisher,
+                           source_dir=lm.path, log=print)
+    t_sens = time.perf_counter() - t0
+    sens.save(a.work / "sens-rtn.json")
+    ev = dict(max_tokens=512 * a.eval_windows, kl_max_tokens=512 * a.kl_windows)
+    res_path = a.work / "rtn-results.json"
+    results = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    base, ref = evaluate_reference(lm.model, lm.tokenizer, metrics=["ppl", "size"], progress=False, **ev)
+    results["fp32"] = {"ppl": base["ppl"]["ppl"], "sens_s": t_sens}
+    _write(a.work / "fp32.json", base)
+    configs = list(a.names) or ([f"budget:{b}bpw" for b in ("3.0", "3.5", "4.0", "4.5")] + RTN_PRESETS)
+    for name in configs:
+        if name in results and not a.redo:
+            continue
+        if name.startswith("budget:@"):        # the mix at a preset's own size
+            spec = results[name[8:]]["bpw"]
+            plan = solve(sens, parse_budget(f"{spec:.6f}bpw"))
+        elif name.startswith("budget:"):
+            plan = solve(sens, parse_budget(name[7:]))
+        else:
+            plan = None
+        recipe = plan.recipe() if plan else get_recipe(name)
+        m = LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.path, lm.source, lm.source_sha256)
+        rep = api.quantize(m.model, recipe, progress=False)
+        out = a.work / "rtn" / name.replace(":", "-").replace("@", "at-")
+        api.export(m, rep, out, "native", overwrite=True,
+                   metrics={"budget_plan": plan.to_dict()} if plan else None)
+        f = file_payload_bytes(out)
+        acc = KLAccumulator(ref)
+        rec = evaluate(m.model, m.tokenizer, reference=ref, metrics=["ppl", "kl", "size"], label=out.name,
+                       path=out, progress=False, consumers=[acc], **ev)
+        rec["kl_histogram"] = kl_histogram(torch.cat(acc.kl))
+        rec["file"] = f
+        _write(out.parent / f"{out.name}.json", rec)
+        lin = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in rep.layers)
+        n = sum(r["shape"][0] * r["shape"][1] for r in rep.layers)
+        row = {"ppl": rec["ppl"]["ppl"], "kl": rec["kl"]["mean"], "top1": rec["kl"]["top1_agreement"],
+               "file_bytes": f["total_bytes"], "payload_bytes": f["payload_bytes"], "storage_bpw": lin / n}
+        # bits per weight as the budget counts them: the quantized linears' bytes in the file * 8 / weights
+        row["bpw"] = (f["payload_bytes"] - sens.fixed["tensor_bytes"]) * 8 / sens.weights()
+        if plan:
+            row.update(predicted_kl=plan.predicted_kl, predicted_payload=plan.linear_bytes + sens.fixed["tensor_bytes"],
+                       predicted_total=plan.total_bytes, plan_bpw=plan.bits_per_weight, used=plan.candidates_used)
+        results[name] = row
+        _write(res_path, results)
+        print(name, json.dumps(row))
+        del m, rep
+
+
+def step_table(a) -> None:
+    rows = []
+    base = None
+    for f in sorted(a.work.glob("*/eval.json")):
+        r = json.loads(f.read_text())
+        rows.append(r)
+    ref = json.loads((a.work / "fp32.json").read_text())["ppl"]["ppl"] if (a.work / "fp32.json").is_file() else None
+    print("| config | linear bpw (file) | file MB | ppl | dPPL | KL | top-1 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r["size"]["linear_bits_per_weight"]):
+        plan = r.get("plan") or {}
+        bpw = plan.get("bits_per_weight") or r["size"]["linear_bits_per_weight"]
+        d = f"{r['ppl']['ppl'] - ref:+.3f}" if ref else "-"
+        print(f"| {r['label']} | {bpw:.3f} | {r['file']['total_bytes'] / 1e6:.2f} | {r['ppl']['ppl']:.3f} | {d} | "
+              f"{r['kl']['mean']:.4f} | {100 * r['kl']['top1_agreement']:.1f}% |")
+    del base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", choices=("sens", "measure", "run", "rtn", "table"))
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "budget")
+    ap.add_argument("--calib", type=int, default=32, help="calibration windows of 512 tokens")
+    ap.add_argument("--fisher", type=int, default=8, help="windows for the output-gradient pass")
+    ap.add_argument("--gptq", default="w4g128-gptq-actorder-mse", help="the GPTQ run the pass is timed against")
+    ap.add_argument("--pairs", type=int, default=24)
+    ap.add_argument("--kl-calib", type=int, default=2, help="calibration windows for measured single-module KL")
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--kl-windows", type=int, default=8)
+    ap.add_argument("--redo", action="store_true")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    {"sens": step_sens, "measure": step_measure, "run": step_run, "rtn": step_rtn, "table": step_table}[a.step](a)
+
+
+if __name__ == "__main__":
+    main()
