@@ -69,7 +69,9 @@ make_venv() {
 }
 
 setup_llamacpp() {
-    local venv="$root/bench/.venv-llamacpp"
+    # LLAMACPP_VENV: another venv for a second build, e.g. AVX2 only for the AVX2 comparison:
+    #   LLAMACPP_VENV=bench/.venv-llamacpp-avx2 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON ..."
+    local venv="$root/${LLAMACPP_VENV:-bench/.venv-llamacpp}"
     local pins="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION gguf==$GGUF_VERSION $NUMPY_SPEC cmake=[$LLAMA_CMAKE_ARGS]"
     if done_already "$venv" "$pins"; then
         say "llamacpp: up to date in $venv ($(sed -n 2p "$venv/.peers-stamp"))"; return
