@@ -103,7 +103,7 @@ class FusedRows:
             self.op, self.args = kmod._q4_linear, (codes, k0.lut, scale, zero, k0.group_size, kmod.GEMV_MAX_M, q8)
         else:
             self.op, self.args = kmod._u8_linear, (codes, scale, zero, k0.group_size, kmod.GEMV_MAX_M, q8)
-        self.kerns = kerns
+        self.kerns, self.act = kerns, k0.act
         self.kind = "ext"
 
     def _fuse_float(self, mods) -> None:
@@ -122,7 +122,7 @@ class FusedRows:
         if self.kind == "ext":
             return all(_ext_kernel(m) is k for m, k in zip(self.mods, self.kerns)) and all(
                 k.codes.untyped_storage().data_ptr() == self.args[0].untyped_storage().data_ptr()
-                for k in self.kerns)
+                and k.act == self.act for k in self.kerns)   # set_decode_activations changes act
         if self.kind == "float":
             return all(_is_float_linear(m) and m.weight.untyped_storage().data_ptr()
                        == self.weight.untyped_storage().data_ptr() for m in self.mods)
@@ -211,6 +211,7 @@ class StepModel:
         self.blocks = [_Block(layer) for layer in inner.layers]
         self.dtype = self.embed.weight.dtype
         self._rope_len = 0
+        self.use_ops = True   # nn/ext/step_ops.cpp for fp32 models (False: plain torch, for tests)
 
     def valid(self) -> bool:
         """False once the model's modules or tensors changed (quantized, .to(), new kernels)."""
@@ -248,7 +249,10 @@ class StepModel:
         causal = m > 1 and pos == 0
         if m > 1 and pos > 0:   # a chunk after earlier tokens: row i sees columns <= pos + i
             mask = torch.arange(end)[None] <= (pos + torch.arange(m))[:, None]
-        x = self.embed.weight[ids.reshape(-1)]                  # (M, D)
+        x = self.embed.weight[ids.reshape(-1)]                  # (M, D), a new tensor we own
+        ops = self._fused_ops()
+        if ops is not None:
+            return self._step_fused_ops(ops, x, pos, end, cos, sin, mask, causal, cache)
         for li, b in enumerate(self.blocks):
             h = _rms(x, b.ln1, b.eps1)
             qkv = b.qkv(h)
@@ -258,15 +262,41 @@ class StepModel:
             kc, vc = cache.k[li], cache.v[li]                                  # (G, T, hd)
             kc[:, pos:end] = qk[H:]
             vc[:, pos:end] = qkv[:, (H + G) * hd:].view(m, G, hd).transpose(0, 1)
-            att = F.scaled_dot_product_attention(qk[None, :H], kc[None, :, :end], vc[None, :, :end],
-                                                 attn_mask=mask, is_causal=causal, scale=self.scaling,
-                                                 enable_gqa=G != H)
-            x = x + b.o(att[0].transpose(0, 1).reshape(m, H * hd))
+            x = x + b.o(self._attend(qk[:H], kc, vc, end, mask, causal))
             gu = b.gate_up(_rms(x, b.ln2, b.eps2))
             inter = gu.shape[-1] // 2
             x = x + b.down(F.silu(gu[:, :inter]) * gu[:, inter:])
         cache.pos = end
         return self.lm_head(_rms(x[-1:], self.norm_w, self.norm_eps))[0]
+
+    def _attend(self, q, kc, vc, end, mask, causal) -> torch.Tensor:
+        """q (H, M, hd) against the cache's first `end` positions -> (M, H * hd)."""
+        att = F.scaled_dot_product_attention(q[None], kc[None, :, :end], vc[None, :, :end],
+                                             attn_mask=mask, is_causal=causal, scale=self.scaling,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return att[0].transpose(0, 1).reshape(q.shape[1], self.heads * self.head_dim)
+
+    def _fused_ops(self):
+        """torch.ops.lowbit_cpu when its block ops can run this model (fp32, extension loaded)."""
+        if self.dtype != torch.float32 or not self.use_ops:
+            return None
+        from lowbit.nn import ext
+        return torch.ops.lowbit_cpu if ext.load() and hasattr(torch.ops.lowbit_cpu, "rope_kv") else None
+
+    def _step_fused_ops(self, ops, x, pos, end, cos, sin, mask, causal, cache) -> torch.Tensor:
+        # the same block with nn/ext/step_ops.cpp: residual add + norm, rope + cache write, silu * up
+        H, G = self.heads, self.kv_heads
+        nb = len(self.blocks)
+        h = ops.add_rms_norm(x, None, self.blocks[0].ln1, self.blocks[0].eps1)
+        for li, b in enumerate(self.blocks):
+            kc, vc = cache.k[li], cache.v[li]
+            q = ops.rope_kv(b.qkv(h), cos, sin, kc, vc, pos, H, G)
+            h = ops.add_rms_norm(x, b.o(self._attend(q, kc, vc, end, mask, causal)), b.ln2, b.eps2)
+            nxt = self.blocks[li + 1] if li + 1 < nb else None
+            w, eps = (nxt.ln1, nxt.eps1) if nxt is not None else (self.norm_w, self.norm_eps)
+            h = ops.add_rms_norm(x, b.down(ops.silu_mul(b.gate_up(h))), w, eps)
+        cache.pos = end
+        return self.lm_head(h[-1:])[0]
 
 
 class KVCache:
