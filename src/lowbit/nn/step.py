@@ -1,10 +1,11 @@
 """Our own forward step for Llama-family decoders: fewer calls per token than the HF forward.
 
-Per block it makes one kernel call for the linears that read the same input (q/k/v, gate/up:
-their rows are concatenated once, and the original modules keep views of the fused buffers, so
-memory does not grow), writes K/V into a preallocated cache (no torch.cat per token), and runs
-~25 tensor ops instead of the HF block's ~60 ops plus its Python (cache classes, masks, kwargs
-plumbing). The arithmetic is the HF block's, op for op (rms norm in fp32, rotary embedding,
+Per block it makes one kernel call for the packed linears that read the same input (q/k/v,
+gate/up: their codes and scales are concatenated along the rows once, and the original modules
+keep views of the fused buffers, so memory does not grow), writes K/V into a preallocated cache
+(no torch.cat per token), and at decode runs 3 small C++ ops (nn/ext/step_ops.cpp: residual add
++ rms norm, rope + cache write, silu * up) where the HF block runs ~60 ATen ops plus its Python
+(cache classes, masks, kwargs plumbing). The arithmetic is the HF block's, op for op (rms norm in fp32, rotary embedding,
 scaled-dot-product attention, silu(gate) * up), so logits agree with the HF forward to fp32
 summation order (tests/test_step.py); the fused call gives the unfused calls' outputs exactly,
 because every kernel computes each output row on its own.
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 from lowbit.errors import LowbitError
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+# tokens per step up to which the block's small ops run in nn/ext/step_ops.cpp (single-threaded,
+# scalar exp: right for decode; a 128-token prefill is faster in torch's vectorised ops)
+OPS_MAX_M = 4
 
 
 def _ext_kernel(mod: nn.Module):
@@ -41,18 +45,14 @@ def _ext_kernel(mod: nn.Module):
     return None
 
 
-def _is_float_linear(mod: nn.Module) -> bool:
-    from lowbit.nn.qlinear import QuantLinear
-    return type(mod) is nn.Linear and not isinstance(mod, QuantLinear)
-
-
 class FusedRows:
     """Linears sharing one input, called once: x (M, K) -> (M, sum of out_features).
 
     ext kernels with the same container / group size / table / activation mode: their codes,
     scales and zeros are concatenated along the rows and each kernel is pointed at its slice.
-    float nn.Linear of one dtype: the weights are concatenated the same way. Anything else
-    (torch / tiled kernels, overrides, mixed kinds) is called one by one and concatenated.
+    Anything else (float nn.Linear, torch / tiled kernels, overrides, mixed kinds) is called one
+    by one and concatenated: float weights stay separate tensors, because views of one storage
+    would be counted once by storage-keyed accounting (eval.size) and refused by safetensors.
     """
 
     def __init__(self, mods: list[nn.Module]):
@@ -63,16 +63,9 @@ class FusedRows:
         kerns = [_ext_kernel(m) for m in mods]
         if all(k is not None for k in kerns) and self._ext_compatible(kerns):
             self._fuse_ext(kerns)
-        elif all(_is_float_linear(m) for m in mods) and len({m.weight.dtype for m in mods}) == 1:
-            self._fuse_float(mods)
-        if self.kind != "separate" and any(getattr(m, "bias", None) is not None for m in mods):
-            dt = torch.float32 if self.kind == "ext" else mods[0].weight.dtype
-            b = torch.cat([m.bias.detach().to(dt) if m.bias is not None else torch.zeros(n, dtype=dt)
-                           for m, n in zip(mods, self.sizes)])   # + 0.0 where a linear has none
-            if self.kind == "ext":
-                self.bias = b
-            else:
-                self._float_bias = b
+            if any(m.bias is not None for m in mods):   # + 0.0 where a linear has none
+                self.bias = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(n)
+                                       for m, n in zip(mods, self.sizes)])
 
     @staticmethod
     def _ext_compatible(kerns) -> bool:
@@ -106,26 +99,12 @@ class FusedRows:
         self.kerns, self.act = kerns, k0.act
         self.kind = "ext"
 
-    def _fuse_float(self, mods) -> None:
-        if len(mods) > 1:
-            w = torch.cat([m.weight.detach() for m in mods])
-            r0 = 0
-            for m, n in zip(mods, self.sizes):
-                m.weight.data = w[r0:r0 + n]
-                r0 += n
-        self.weight = mods[0].weight.detach() if len(mods) == 1 else w
-        self._float_bias = None
-        self.kind = "float"
-
     def valid(self) -> bool:
         """False once a module was changed under us (e.g. model.to(), a new kernel)."""
         if self.kind == "ext":
             return all(_ext_kernel(m) is k for m, k in zip(self.mods, self.kerns)) and all(
                 k.codes.untyped_storage().data_ptr() == self.args[0].untyped_storage().data_ptr()
                 and k.act == self.act for k in self.kerns)   # set_decode_activations changes act
-        if self.kind == "float":
-            return all(_is_float_linear(m) and m.weight.untyped_storage().data_ptr()
-                       == self.weight.untyped_storage().data_ptr() for m in self.mods)
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +114,6 @@ class FusedRows:
             if self.bias is not None:
                 y = y + self.bias
             return y if x.dtype == torch.float32 else y.to(x.dtype)
-        if self.kind == "float":
-            return F.linear(x, self.weight, self._float_bias)
         ys = [m(x) for m in self.mods]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
@@ -217,7 +194,7 @@ class StepModel:
         """False once the model's modules or tensors changed (quantized, .to(), new kernels)."""
         inner = self.model.model
         if (self.model.lm_head is not self.lm_head or inner.embed_tokens is not self.embed
-                or len(inner.layers) != len(self.blocks)):
+                or self.embed.weight.dtype != self.dtype or len(inner.layers) != len(self.blocks)):
             return False
         return all(b.layer is layer and all(x is y for x, y in zip(b.mods, _linears(layer)))
                    and all(f.valid() for f in b.fused) for b, layer in zip(self.blocks, inner.layers))
@@ -250,7 +227,7 @@ class StepModel:
         if m > 1 and pos > 0:   # a chunk after earlier tokens: row i sees columns <= pos + i
             mask = torch.arange(end)[None] <= (pos + torch.arange(m))[:, None]
         x = self.embed.weight[ids.reshape(-1)]                  # (M, D), a new tensor we own
-        ops = self._fused_ops()
+        ops = self._fused_ops() if m <= OPS_MAX_M else None
         if ops is not None:
             return self._step_fused_ops(ops, x, pos, end, cos, sin, mask, causal, cache)
         for li, b in enumerate(self.blocks):
