@@ -214,6 +214,7 @@ def profile(name: str, threads: int, tg: int) -> None:
 
 
 def main() -> None:
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -234,7 +235,6 @@ def main() -> None:
     ap.add_argument("--bandwidth-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ["LOWBIT_BENCH_MODEL"] = args.model     # children read it
-    global MODEL
     MODEL = args.model
     if args.bandwidth_worker:
         print(json.dumps(bandwidth_worker(args.threads)))
