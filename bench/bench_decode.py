@@ -16,6 +16,8 @@ Our variants all use lowbit.nn.decode.generate (one loop: HF forward + DynamicCa
     int4-act-fp32      int4 with fp32 decode activations in every kernel (lowbit.nn.kernels)
     int4-act-int8      int4 with int8 decode activations in every kernel, lm_head too
                        (plain int4 runs the default, "auto": int8 for the 4-bit layers, fp32 lm_head)
+    <name>-hf          the same model through the Hugging Face forward + DynamicCache (generate(step=False));
+                       without -hf, Llama-family models run lowbit.nn.step (fused q/k/v, gate/up, static KV cache)
 LOWBIT_ISA=avx2 (or avx512vnni, avx512, portable) in the environment runs every variant on that
 ISA variant of our kernels; the table header says which one ran.
 llama.cpp (llama-cpp-python from bench/.venv-llamacpp, bench/peers/llamacpp_ref.py speed): same
@@ -38,9 +40,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["fp32", "bf16", "int8", "int4", "int4-fp32-head", "int4-bf16", "int4-act-fp32", "int4-act-int8"]
-# `make peers` builds it; LOWBIT_LLAMACPP_PY points elsewhere (e.g. a venv shared by worktrees)
+VARIANTS = ["fp32", "bf16", "int8", "int4", "int4-fp32-head", "int4-bf16", "int4-act-fp32", "int4-act-int8",
+            "fp32-hf", "int4-hf"]
+# `make peers` builds it; LOWBIT_LLAMACPP_PY (or --llama-py) points elsewhere (e.g. a venv shared by
+# worktrees, or an AVX2-only build: LLAMACPP_VENV=bench/.venv-llamacpp-avx2 in bench/setup_peers.sh)
 LLAMA_PY = Path(os.environ.get("LOWBIT_LLAMACPP_PY", ROOT / "bench" / ".venv-llamacpp" / "bin" / "python"))
+MODEL = os.environ.get("LOWBIT_BENCH_MODEL", "smollm2-135m")   # or --model
 
 
 def build_variant(name: str):
@@ -54,7 +59,7 @@ def build_variant(name: str):
     from lowbit.recipe import Recipe, Rule, get_recipe
 
     dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
-    lm = load_model("smollm2-135m", dtype=dtype)
+    lm = load_model(MODEL, dtype=dtype)
     model = lm.model
     recipe = None
     if name == "int8":
@@ -79,7 +84,7 @@ def prompt_ids(tok, n: int):
     import torch
 
     from lowbit.data.text import load_text
-    ids = tok(load_text("wiki-evaluation")[:20000], return_tensors="pt").input_ids[0]
+    ids = tok(load_text("wiki-evaluation")[:40000], return_tensors="pt").input_ids[0]
     return torch.as_tensor(ids[:n])[None]
 
 
@@ -90,26 +95,59 @@ def worker(name: str, threads: int, pp: int, tg: int, runs: int) -> dict:
     from lowbit.nn.decode import generate
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model, tok = build_variant(name)
+    step = False if name.endswith("-hf") else None
+    model, tok = build_variant(name.removesuffix("-hf"))
     setup_s = time.perf_counter() - t0
     rss = psutil.Process().memory_info().rss
     long_ids, short_ids = prompt_ids(tok, pp), prompt_ids(tok, 16)
     with torch.inference_mode():
-        generate(model, short_ids, 4)                       # warm-up
+        generate(model, short_ids, 4, step=step)            # warm-up
+        generate(model, long_ids, 1, step=step)
         pps, tgs, toks = [], [], None
         for _ in range(runs):
-            t1 = time.perf_counter()
-            model(input_ids=long_ids, use_cache=True, logits_to_keep=1)
-            pps.append(pp / (time.perf_counter() - t1))
-            r = generate(model, short_ids, tg + 1, min_new_tokens=tg + 1)
+            # prefill: pp tokens into an empty cache, last-position logits
+            pps.append(pp / generate(model, long_ids, 1, step=step).prefill_seconds)
+            r = generate(model, short_ids, tg + 1, min_new_tokens=tg + 1, step=step)
             tgs.append(r.decode_tokens_per_s)
             toks = r.tokens[:8]
     rss_serving = psutil.Process().memory_info().rss   # every weight page touched by now
+    wbytes = weight_bytes_per_token(model)
     from lowbit.nn import ext
     return {"isa": ext.isa() if ext.load() else ext.status(), "variant": name, "threads": threads, "pp_tok_per_s": statistics.median(pps),
             "tg_tok_per_s": statistics.median(tgs), "rss_mb": rss_serving / 2**20,
             "rss_after_setup_mb": rss / 2**20, "setup_s": setup_s,
-            "first_tokens": toks, "loadavg_1m": os.getloadavg()[0]}
+            "first_tokens": toks, "loadavg_1m": os.getloadavg()[0], "weight_bytes_per_token": wbytes}
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes a decode step must read: every linear's packed codes + qparams (or float weight) and
+    the norms; the embedding contributes one row."""
+    import torch
+
+    from lowbit.nn.prepare import PackedLinear
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            n += mod.packed.nbytes()
+        elif type(mod) is torch.nn.Linear or "RMSNorm" in type(mod).__name__:
+            n += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
+    return n
+
+
+def bandwidth_worker(threads: int, mib: int = 1024, reps: int = 5) -> dict:
+    """Read bandwidth: torch.sum over a `mib` MiB fp32 tensor with `threads` threads, best of reps."""
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = min(_timed(lambda: x.sum()) for _ in range(reps))
+    return {"read_gib_per_s": mib / 1024 / best, "mib": mib, "threads": threads}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def load_worker(kind: str, path: str, threads: int, tg: int) -> dict:
@@ -176,6 +214,7 @@ def profile(name: str, threads: int, tg: int) -> None:
 
 
 def main() -> None:
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -186,12 +225,20 @@ def main() -> None:
     ap.add_argument("--gguf", action="append", default=[], metavar="LABEL=PATH",
                     help="a GGUF for llama.cpp to run beside ours (repeatable)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--llama-py", default=str(LLAMA_PY), help="python of the llama-cpp-python venv for --gguf")
+    ap.add_argument("--model", default=MODEL, help="lowbit model name or path (default %(default)s)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, metavar="VARIANT")
     ap.add_argument("--load-native", default=None, metavar="DIR",
                     help="instead: peak RSS of load_model(fp32) vs load_model(DIR, backend='auto'), a lowbit native dir")
     ap.add_argument("--load-worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--bandwidth-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["LOWBIT_BENCH_MODEL"] = args.model     # children read it
+    MODEL = args.model
+    if args.bandwidth_worker:
+        print(json.dumps(bandwidth_worker(args.threads)))
+        return
     if args.load_worker:
         print(json.dumps(load_worker(args.load_worker[0], args.load_worker[1], args.threads, args.tg)))
         return
@@ -213,7 +260,7 @@ def main() -> None:
                  "--tg", str(args.tg), "--runs", str(args.runs)]) for v in args.variants.split(",") if v]
     for spec in args.gguf:
         label, _, path = spec.partition("=")
-        jobs.append((f"llama.cpp {label}", [str(LLAMA_PY), str(ROOT / "bench/peers/llamacpp_ref.py"), "speed",
+        jobs.append((f"llama.cpp {label}", [args.llama_py, str(ROOT / "bench/peers/llamacpp_ref.py"), "speed",
                                            path, "--threads", str(args.threads), "--tg", str(args.tg),
                                            "--pp", str(args.pp), "--runs", str(args.runs)]))
     results: dict[str, list] = {name: [] for name, _ in jobs}
@@ -233,6 +280,7 @@ def main() -> None:
         if "rss_mb" in rs[0]:
             med[name]["rss_mb"] = statistics.median(r["rss_mb"] for r in rs)
         med[name]["tg_runs"] = [round(r["tg_tok_per_s"], 1) for r in rs]
+    bw, _ = run_child([sys.executable, __file__, "--bandwidth-worker", "--threads", str(args.threads)])
     base = med.get("fp32")
     isa = next((r[0].get("isa") for r in results.values() if r and r[0].get("isa")), "-")
     print(f"\nthreads {args.threads}, {args.repeats} repeats x {args.runs} runs, pp {args.pp}, tg {args.tg}, "
@@ -245,9 +293,19 @@ def main() -> None:
         rss = f"{m['rss_mb']:.0f}" if "rss_mb" in m else "-"
         print(f"| {name} | {m['tg_tok_per_s']:.1f} | {rel_tg} | {m['pp_tok_per_s']:.1f} | {rel_pp} | {rss} | "
               f"{m['peak_rss_mb']:.0f} | {m['tg_runs']} |")
+    gbs = bw["read_gib_per_s"] * 2**30
+    print(f"\nread bandwidth ({args.threads} threads, torch.sum over 1 GiB): {bw['read_gib_per_s']:.1f} GiB/s")
+    for name, rs in results.items():
+        wb = rs[0].get("weight_bytes_per_token")
+        if wb:
+            ceil = gbs / wb
+            print(f"  {name}: {wb / 1e6:.1f} MB read per token -> ceiling {ceil:.0f} tok/s; "
+                  f"measured {med[name]['tg_tok_per_s']:.1f} = {100 * med[name]['tg_tok_per_s'] / ceil:.0f}% of it")
+        elif "system_info" in rs[0]:
+            print(f"  {name}: {rs[0]['system_info'][:160]}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "median": med, "runs": results}, fh, indent=1)
+            json.dump({"args": vars(args), "median": med, "runs": results, "bandwidth": bw}, fh, indent=1)
 
 
 if __name__ == "__main__":

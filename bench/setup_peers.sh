@@ -48,7 +48,11 @@ OPTIMUM_VERSION=2.3.0
 # matmul, which segfaults here (ggml_backend_amx_mul_mat, seen 2026-12-01 on every quantized model);
 # so the x86 ISA levels are named one by one, AMX off. A CPU without AVX-512 falls back to AVX2 at
 # run time only if GGML_CPU_ALL_VARIANTS is used; set LLAMA_CMAKE_ARGS to override.
-LLAMA_CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF}"
+# Each level is ON only where /proc/cpuinfo lists it: AMD Zen 4 has AVX-512 VNNI but not the
+# VEX-encoded AVX-VNNI, and a build with GGML_AVX_VNNI=ON dies there with SIGILL (seen 2026-12-02).
+cpu_has() { grep -m1 -E '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | grep -qx "$1" && echo ON || echo OFF; }
+LLAMA_CPU_FLAGS="-DGGML_AVX=$(cpu_has avx) -DGGML_AVX2=$(cpu_has avx2) -DGGML_FMA=$(cpu_has fma) -DGGML_F16C=$(cpu_has f16c) -DGGML_BMI2=$(cpu_has bmi2) -DGGML_AVX_VNNI=$(cpu_has avx_vnni) -DGGML_AVX512=$(cpu_has avx512f) -DGGML_AVX512_VBMI=$(cpu_has avx512vbmi) -DGGML_AVX512_VNNI=$(cpu_has avx512_vnni) -DGGML_AVX512_BF16=$(cpu_has avx512_bf16)"
+LLAMA_CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF $LLAMA_CPU_FLAGS -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF}"
 
 say() { echo "[setup_peers] $*"; }
 
@@ -69,7 +73,9 @@ make_venv() {
 }
 
 setup_llamacpp() {
-    local venv="$root/bench/.venv-llamacpp"
+    # LLAMACPP_VENV: another venv for a second build, e.g. AVX2 only for the AVX2 comparison:
+    #   LLAMACPP_VENV=bench/.venv-llamacpp-avx2 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON ..."
+    local venv="$root/${LLAMACPP_VENV:-bench/.venv-llamacpp}"
     local pins="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION gguf==$GGUF_VERSION $NUMPY_SPEC cmake=[$LLAMA_CMAKE_ARGS]"
     if done_already "$venv" "$pins"; then
         say "llamacpp: up to date in $venv ($(sed -n 2p "$venv/.peers-stamp"))"; return

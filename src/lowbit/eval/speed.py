@@ -1,6 +1,7 @@
 """Speed: prompt processing and decode tokens/s at batch 1, greedy, with a KV cache.
 
-One run = greedy_generate(prompt, new_tokens):
+One run = greedy_generate(prompt, new_tokens) (through lowbit.nn.step for Llama-family models:
+fused q/k/v and gate/up calls, a preallocated KV cache; the HF forward otherwise):
 
     prefill   one forward over the prompt_len prompt tokens (fresh KV cache, logits of the last
               position only)                               -> prompt tokens/s = prompt_len / t_prefill
@@ -76,6 +77,10 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: torch.Tensor, new_tokens
                           f"{tuple(prompt_ids.shape)}")
     if new_tokens < 1:
         raise LowbitError(f"new_tokens: expected >= 1, got {new_tokens}")
+    from lowbit.nn.step import step_model
+    sm = step_model(model)
+    if sm is not None:   # Llama-family: lowbit.nn.step (fused calls, preallocated KV cache)
+        return _greedy_step(sm, prompt_ids, new_tokens, eos_token_id)
     kw = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
     t0 = time.perf_counter()
     out = model(input_ids=prompt_ids.view(1, -1), use_cache=True, **kw)
@@ -94,6 +99,21 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: torch.Tensor, new_tokens
         steps += 1
     t2 = time.perf_counter()
     return Generation(toks, t1 - t0, t2 - t1, steps)
+
+
+def _greedy_step(sm, prompt_ids: torch.Tensor, new_tokens: int, eos_token_id: int | None) -> Generation:
+    cache = sm.new_cache(prompt_ids.numel() + new_tokens)
+    t0 = time.perf_counter()
+    nxt = sm.step(prompt_ids, 0, cache).argmax()
+    t1 = time.perf_counter()
+    toks, steps = [int(nxt)], 0
+    for _ in range(new_tokens - 1):
+        if eos_token_id is not None and toks[-1] == eos_token_id:
+            break
+        nxt = sm.step(nxt.view(1), cache.pos, cache).argmax()
+        toks.append(int(nxt))
+        steps += 1
+    return Generation(toks, t1 - t0, time.perf_counter() - t1, steps)
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Token generation with a KV cache, timed: prefill (prompt tokens/s) and decode (tokens/s).
 
 One loop for every model (float, QuantLinear reference, PackedLinear kernels), so speed
-comparisons differ only in the linear layers. It calls the Hugging Face model's forward with a
-DynamicCache directly instead of `model.generate`, whose per-step logits processors and
-stopping criteria cost ~1 ms a token at this model size, which we measure without.
+comparisons differ only in the linear layers. Llama-family models run lowbit.nn.step (fused
+q/k/v and gate/up calls, a preallocated KV cache, fewer ops per block); others call the Hugging
+Face model's forward with a DynamicCache directly instead of `model.generate`, whose per-step
+logits processors and stopping criteria cost ~1 ms a token at this model size.
 
     prompt (1, P) --prefill--> logits[-1] --argmax/sample--> t1 --step--> t2 ... (KV cache grows)
 """
@@ -50,17 +51,36 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Gener
     return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
 
 
+def _forward_fn(model: torch.nn.Module, length: int, step: bool | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids (1, M) -> logits of the last position, keeping a KV cache of up to `length` positions
+    (lowbit.nn.step when it runs the model, else the HF forward with a DynamicCache)."""
+    from lowbit.nn.step import step_model
+    sm = step_model(model, step)
+    if sm is not None:
+        cache = sm.new_cache(length)
+        return lambda ids: sm.step(ids, cache.pos, cache)
+    from transformers import DynamicCache
+    state = {"past": DynamicCache()}
+
+    def hf(ids: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids, past_key_values=state["past"], use_cache=True, logits_to_keep=1)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1]
+    return hf
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64, *,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0,
              eos_token_id: int | list[int] | None = None, min_new_tokens: int = 0,
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+             on_token: Callable[[int], None] | None = None, step: bool | None = None) -> GenerationResult:
     """Greedy (temperature 0) or sampled generation of up to `max_new_tokens` after `input_ids` (1, P).
 
     on_token(id) is called as each token is chosen (streaming). EOS stops generation once
     `min_new_tokens` are out (benchmarks set min_new_tokens = max_new_tokens for a fixed count).
+    step: None = lowbit.nn.step where it supports the model, else the HF forward; False = always
+    the HF forward; True = the step path or LowbitError.
     """
-    from transformers import DynamicCache
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
@@ -78,23 +98,21 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     res = GenerationResult(prompt_tokens=int(input_ids.shape[1]))
-    cache = DynamicCache()
+    forward = _forward_fn(model, int(input_ids.shape[1]) + max_new_tokens, step)
     t0 = time.perf_counter()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    tok = _pick(out.logits[0, -1], temperature, top_k, gen)
+    tok = _pick(forward(input_ids), temperature, top_k, gen)
     res.prefill_seconds = time.perf_counter() - t0
     res.tokens.append(tok)
     if on_token:
         on_token(tok)
-    step = torch.empty((1, 1), dtype=torch.long)
+    ids = torch.empty((1, 1), dtype=torch.long)
     t1 = time.perf_counter()
     while len(res.tokens) < max_new_tokens:
         if tok in eos and len(res.tokens) >= min_new_tokens:
             res.stopped_by = "eos"
             break
-        step[0, 0] = tok
-        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-        tok = _pick(out.logits[0, -1], temperature, top_k, gen)
+        ids[0, 0] = tok
+        tok = _pick(forward(ids), temperature, top_k, gen)
         res.tokens.append(tok)
         if on_token:
             on_token(tok)

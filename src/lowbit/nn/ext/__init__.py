@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCE = HERE / "lowbit_cpu.cpp"
 HEADER = HERE / "lowbit_kern.h"
+# further torch-facing files, built like SOURCE (baseline ISA, torch headers): step_ops.cpp holds
+# nn/step.py's fused block ops (add_rms_norm, rope_kv, silu_mul)
+TORCH_SOURCES = [SOURCE, HERE / "step_ops.cpp"]
 ISAS = ("avx512vnni", "avx512", "avx2", "portable")   # best first
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 _AVX512 = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
@@ -81,7 +84,7 @@ def library_path() -> Path:
     the library is built for baseline x86-64 and picks its variant at run time)."""
     from lowbit.io import cache_dir
     h = hashlib.sha256()
-    for f in [SOURCE, HEADER] + sorted({HERE / src for _, src, _ in KERNEL_UNITS}):
+    for f in TORCH_SOURCES + [HEADER] + sorted({HERE / src for _, src, _ in KERNEL_UNITS}):
         h.update(f.read_bytes())
     h.update(repr((_CFLAGS, KERNEL_UNITS)).encode())
     h.update(torch.__version__.encode())
@@ -135,10 +138,11 @@ def build(force: bool = False, verbose: bool = False) -> Path:
         objs, cmds = [], []
         # the torch-facing file: baseline ISA, OpenMP (at::parallel_for is inline OpenMP;
         # libgomp.so.1 resolves to the copy torch has loaded, so one pool, torch.set_num_threads)
-        main_o = os.path.join(tmpdir, "lowbit_cpu.o")
-        cmds.append([cxx, *_CFLAGS, "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
-                     "-c", str(SOURCE), "-o", main_o])
-        objs.append(main_o)
+        for src in TORCH_SOURCES:
+            o = os.path.join(tmpdir, src.stem + ".o")
+            cmds.append([cxx, *_CFLAGS, "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
+                         "-c", str(src), "-o", o])
+            objs.append(o)
         for name, src, flags in KERNEL_UNITS:
             o = os.path.join(tmpdir, name + ".o")
             cmds.append([cxx, *_CFLAGS, *flags, "-c", str(HERE / src), "-o", o])

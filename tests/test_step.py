@@ -1,0 +1,141 @@
+"""lowbit.nn.step (our Llama-family forward step: fused q/k/v and gate/up calls, preallocated KV
+cache) against the Hugging Face forward, on the real bundled model.
+
+Tolerance, from the arithmetic: both paths compute the same fp32 operations, differing only in
+the order of fp32 sums (a fused GEMM over concatenated rows may block K differently, sdpa with
+enable_gqa vs repeated heads, is_causal vs an explicit mask). A length-K fp32 dot product in any
+order is within K * u (u = 2^-24) relative of the exact sum of |terms|; RMS norms keep every
+block's gain near 1, so over L blocks the logits differ by at most L * K_max * u relative to the
+largest logit: 30 * 1536 * 2^-24 = 2.7e-3. The fused kernel call itself is exact at decode:
+every GEMV computes each output row on its own, so concatenating rows changes nothing.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lowbit import api
+from lowbit.nn import ext
+from lowbit.nn.decode import generate
+from lowbit.nn.kernels import set_decode_activations
+from lowbit.nn.prepare import prepare_for_inference
+from lowbit.nn.step import FusedRows, step_model, why_unsupported
+from lowbit.numerics.scheme import int_scheme
+from lowbit.recipe import Recipe, Rule
+
+pytestmark = pytest.mark.model
+PROMPT = "The history of the Roman Empire"
+REL = 30 * 1536 * 2.0 ** -24
+
+
+@pytest.fixture(scope="module")
+def int4(smollm2):
+    """w4 g128 blocks + w8 per-channel lm_head (bench_decode's int4), packed, fp32 activations."""
+    m = copy.deepcopy(smollm2.model)
+    api.quantize(m, Recipe("w4g128+head-w8c", [Rule(r"lm_head", int_scheme(8, None, symmetric=True)),
+                                                Rule(r".*", int_scheme(4, 128))], ignore=[]), progress=False)
+    prepare_for_inference(m)
+    set_decode_activations(m, "fp32")
+    return m
+
+
+@torch.inference_mode()
+def hf_logits(model, seq: torch.Tensor, p: int) -> torch.Tensor:
+    """Last-position logits of a p-token prefill, then of each cached single-token step (HF)."""
+    from transformers import DynamicCache
+    out = model(input_ids=seq[:, :p], past_key_values=DynamicCache(), use_cache=True)
+    rows = [out.logits[0, -1]]
+    for t in range(p, seq.shape[1]):
+        out = model(input_ids=seq[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        rows.append(out.logits[0, -1])
+    return torch.stack(rows).float()
+
+
+def step_logits(model, seq: torch.Tensor, p: int) -> torch.Tensor:
+    sm = step_model(model, True)
+    cache = sm.new_cache(seq.shape[1])
+    rows = [sm.step(seq[0, :p], 0, cache)]
+    for t in range(p, seq.shape[1]):
+        rows.append(sm.step(seq[0, t:t + 1], cache.pos, cache))
+    return torch.stack(rows).float()
+
+
+def _seq(smollm2, model, n: int = 8):
+    ids = smollm2.tokenizer(PROMPT, return_tensors="pt").input_ids
+    cont = generate(model, ids, n, min_new_tokens=n, step=False).tokens
+    return torch.cat([ids, torch.tensor([cont])], dim=1), ids.shape[1]
+
+
+@pytest.mark.parametrize("which", ["fp32", "int4"])
+def test_step_path_logits_match_hf_forward(smollm2, int4, which):
+    """Both block implementations (plain torch ops; nn/ext/step_ops.cpp where it loads) against
+    the HF forward: prefill, 8 cached steps, and a multi-token chunk after cached tokens."""
+    model = copy.deepcopy(smollm2.model) if which == "fp32" else int4
+    assert why_unsupported(model) is None
+    seq, p = _seq(smollm2, model)
+    ref = hf_logits(model, seq, p)
+    bound = REL * float(ref.abs().max())
+    sm = step_model(model, True)
+    for use_ops in (False, True):
+        sm.use_ops = use_ops
+        if use_ops and sm._fused_ops() is None:
+            continue   # extension unavailable: the plain path is what runs
+        got = step_logits(model, seq, p)
+        assert bool(got.isfinite().all())
+        assert float((got - ref).abs().max()) <= bound, use_ops
+        cache = sm.new_cache(seq.shape[1])
+        sm.step(seq[0, :p], 0, cache)
+        last = sm.step(seq[0, p:], p, cache)           # explicit causal mask
+        assert float((last.float() - ref[-1]).abs().max()) <= bound, use_ops
+    sm.use_ops = True
+    # greedy generation through generate() picks the HF path's tokens
+    ids = seq[:, :p]
+    assert generate(model, ids, 8, min_new_tokens=8).tokens == seq[0, p:].tolist()
+
+
+@pytest.mark.parametrize("isa", ext.ISAS)
+@pytest.mark.parametrize("act", ["fp32", "int8"])
+def test_fused_rows_equal_separate_calls(int4, isa, act):
+    if not ext.load():
+        pytest.skip(f"C++ extension unavailable: {ext.status()}")
+    why = ext.isa_status()[isa]
+    if why != "ready":
+        pytest.skip(f"ISA variant {isa}: {why}")
+    blk = int4.model.layers[3]
+    set_decode_activations(int4, act)
+    try:
+        with ext.use_isa(isa):
+            mods = [blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj]
+            x = torch.randn(1, 576)
+            before = torch.cat([m(x) for m in mods], dim=-1)
+            fused = FusedRows(mods)
+            assert fused.kind == "ext"
+            assert torch.equal(fused(x), before)                       # GEMV: exact
+            assert torch.equal(torch.cat([m(x) for m in mods], dim=-1), before)  # modules on views
+            # the modules now hold slices of one buffer: no extra memory
+            ptrs = {m.packed.codes.untyped_storage().data_ptr() for m in mods}
+            assert ptrs == {fused.args[0].untyped_storage().data_ptr()}
+            xm = torch.randn(16, 576)                                   # tile path (M > GEMV_MAX_M)
+            sep = torch.cat([m(xm) for m in mods], dim=-1)
+            bound = 576 * 2.0 ** -24 * (xm.abs() @ torch.cat([m.dequantize_weight().abs() for m in mods]).t())
+            assert bool(((fused(xm) - sep).abs() <= bound + 1e-30).all())
+    finally:
+        set_decode_activations(int4, "fp32")
+
+
+def test_step_path_refuses_what_it_does_not_run(smollm2):
+    m = copy.deepcopy(smollm2.model)
+    m.config.hidden_act = "gelu"
+    assert "silu" in why_unsupported(m)
+    assert step_model(m) is None
+    with pytest.raises(Exception, match="unsupported model"):
+        step_model(m, True)
+    assert step_model(m, False) is None
+    # and a model changed after the step path was built gets a new one (model.to rebuilt tensors)
+    f = copy.deepcopy(smollm2.model)
+    s1 = step_model(f)
+    f.to(torch.bfloat16)
+    s2 = step_model(f)
+    assert s2 is not s1 and s2.dtype == torch.bfloat16
