@@ -32,9 +32,9 @@ if not LLMC_PY.is_file():
     LLMC_PY = Path("/work/main/bench/.venv-llmc/bin/python")
 
 PARTS = {
-    "w8a8": ["w8a8", "w8a8-static-minmax", "w8a8-static-percentile", "w8a8-static-mse", "w8a8-static-kl",
-             "w8a8-smooth", "w8a8-smooth-static-minmax", "w8a8-fp8", "w8a8-fp8-static", "w4a8", "w8a16",
-             "torch-quantize-dynamic"],
+    "w8a8": ["w8a8", "torch-quantize-dynamic", "w8a8-smooth", "w8a8-static-minmax", "w8a8-static-kl",
+             "llm-int8", "w8a8-static-percentile", "w8a8-static-mse", "w8a8-smooth-static-minmax", "w8a8-fp8",
+             "w8a16", "w4a8", "w8a8-fp8-static"],
     "awq": ["w4g128-rtn", "w4g128-awq", "w4g128-gptq", "w4g128-awq-gptq",
             "w3g128-rtn", "w3g128-awq", "w3g128-gptq", "w3g128-awq-gptq"],
     "int8": ["w8a8", "llm-int8"],
@@ -57,6 +57,14 @@ def decode_speed(model, batch: int, prompt_len: int = 16, steps: int = 16, runs:
             if k:
                 times.append(time.perf_counter() - t0)
     return batch * steps / statistics.median(times)
+
+
+def record(rec: dict) -> dict:
+    """The figures of a lowbit.eval record: perplexity, mean KL to fp32, top-1 agreement."""
+    kl = rec.get("kl", {})
+    return {"ppl": rec["ppl"]["ppl"], "kl": kl.get("mean", 0.0), "kl_stderr": kl.get("mean_stderr", 0.0),
+            "top1": kl.get("top1_agreement", 1.0), "eval_tokens": rec["ppl"].get("tokens"),
+            "kl_tokens": kl.get("tokens")}
 
 
 def torch_dynamic(model):
@@ -100,8 +108,8 @@ def main() -> int:
     done = allres.setdefault(key, {})
     settings = {"max_tokens": args.eval_windows * 512, "kl_max_tokens": args.kl_windows * 512, "seq_len": 512,
                 "progress": False}
-    rec, ref = evaluate_reference(lm.model, lm.tokenizer, metrics=["ppl"], **settings)
-    fp = {"ppl": rec["ppl"]["value"] if isinstance(rec.get("ppl"), dict) else rec.get("ppl")}
+    rec, ref = evaluate_reference(lm.model, lm.tokenizer, metrics=["ppl", "kl"], **settings)
+    fp = record(rec)
     if args.speed:
         fp["tok_s_b1"], fp["tok_s_b32"] = decode_speed(lm.model, 1), decode_speed(lm.model, 32)
     done["fp32"] = {**done.get("fp32", {}), **fp}
@@ -154,7 +162,7 @@ def main() -> int:
                 row["outlier_columns"] = oc
         row["quantize_s"] = time.perf_counter() - t0
         r = evaluate(m, lm.tokenizer, metrics=["ppl", "kl"], reference=ref, **settings)
-        row["eval"] = {k: r[k] for k in ("ppl", "kl") if k in r}
+        row.update(record(r))
         if args.speed:
             row["tok_s_b1"], row["tok_s_b32"] = decode_speed(m, 1), decode_speed(m, 32)
             if not name.startswith(("torch", "llmc")) and prepare_w8a8(m):   # the int8 GEMM path

@@ -101,6 +101,7 @@ def test_bad_transform_options_fail_before_work():
         make_transforms([{"name": "awq", "grid": 3}])
 
 
+@pytest.mark.slow
 def test_awq_presets_through_the_block_loop(smollm2):
     """w4g128-awq and -awq-gptq on blocks 0-1: the recipe's transform runs per block before its
     groups, and AWQ lowers the blocks' output error against RTN / GPTQ on held-out text."""
