@@ -206,11 +206,11 @@ def kernel_bench(args) -> int:
                     for _ in range(20):
                         fn()
                     ts = []
-                    for _ in range(7):
+                    for _ in range(5):
                         t0 = time.perf_counter()
-                        for _ in range(200):
+                        for _ in range(50):
                             fn()
-                        ts.append((time.perf_counter() - t0) / 200)
+                        ts.append((time.perf_counter() - t0) / 50)
                     t[name] = statistics.median(ts) * 1e6
             rows.append({"shape": f"{k}->{n}", "M": m, **{f"{kk}_us": round(v, 1) for kk, v in t.items()}})
             print(json.dumps(rows[-1]), flush=True)

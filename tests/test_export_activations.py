@@ -50,6 +50,7 @@ def test_llm_int8_has_no_compressed_tensors_form(smollm2, tmp_path):
         api.export(lm, rep, tmp_path / "x", format="compressed-tensors")
 
 
+@pytest.mark.slow
 def test_awq_result_round_trips_as_awq_gemm(smollm2, tmp_path):
     lm, rep = _quantized(smollm2, _slice("w4g64-awq"))
     out = api.export(lm, rep, tmp_path / "awq", "awq")

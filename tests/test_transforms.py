@@ -35,8 +35,9 @@ def _transform_all_blocks(model, tokens, transforms):
     return rows
 
 
-@pytest.mark.parametrize("transforms", [[{"name": "smoothquant", "alpha": 0.5}],
-                                        [{"name": "awq", "clip": False, "n_grid": 4}]])
+@pytest.mark.parametrize("transforms", [
+    [{"name": "smoothquant", "alpha": 0.5}],
+    pytest.param([{"name": "awq", "clip": False, "n_grid": 4}], marks=pytest.mark.slow)])
 def test_folded_scales_leave_the_float_model_unchanged(smollm2, transforms):
     """All 4 pairs of all 30 blocks (norm -> qkv, v -> o through 9 query / 3 kv heads, norm ->
     gate/up, up -> down). The tolerance is the model's own fp32 rounding: the transformed fp32
