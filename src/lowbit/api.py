@@ -35,6 +35,7 @@ class QuantizeReport:
     activation_bytes: int = 0                         # calibration activations held at once
     qweights: dict = field(default_factory=dict, repr=False)  # name -> QuantizedWeight (for export)
     imatrix: dict = field(default_factory=dict)       # the importance matrix used (ggml types): file, dataset
+    activations: dict = field(default_factory=dict)   # name -> input-activation scheme, scale, outliers
 
     @property
     def ragged(self) -> list[dict]:
@@ -77,11 +78,11 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
         raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
     extra = _imatrix_stats(model, targets, im)
     calibrated = sorted({r.method for _, _, r in targets if get_method(r.method).needs})
-    if calibrated:
+    if calibrated or recipe.transforms:       # transforms (AWQ, SmoothQuant) calibrate too
         rep = _quantize_calibrated(model, recipe, targets, tokenizer, tokens, calibration, log, extra,
                                    checkpoint)
         rep.imatrix = _imatrix_meta(im, im_file)
-        return rep
+        return _with_activations(model, rep, tokenizer, tokens, calibration)
     report = QuantizeReport(recipe, imatrix=_imatrix_meta(im, im_file))
     t0 = time.perf_counter()
     it = targets
@@ -104,6 +105,27 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
                 mod.weight.data = qw.dequantize(mod.weight.dtype)
     report.seconds = time.perf_counter() - t0
     _note_ragged(report)
+    return _with_activations(model, report, tokenizer, tokens, calibration)
+
+
+def _with_activations(model, report: QuantizeReport, tokenizer, tokens, calibration) -> QuantizeReport:
+    """Input-activation quantization of the rules that ask for it (calibration/activations.py)."""
+    if not any(r.input_activations for r in report.recipe.rules):
+        return report
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
+    from lowbit.calibration.activations import quantize_activations
+    cfg = CalibrationConfig.from_dict({**report.recipe.calibration, **(calibration or {})})
+
+    def tokens_fn():
+        if tokens is not None:
+            return tokens
+        if tokenizer is None:
+            raise LowbitError(f"recipe {report.recipe.name!r}: static input activations need calibration "
+                              "data: pass tokenizer= or tokens=")
+        return calibration_tokens(tokenizer, cfg)
+    report.activations = quantize_activations(model, report.recipe, tokens_fn, cfg.batch_size)
+    for row in report.layers:
+        row.update({k: v for k, v in report.activations.get(row["name"], {}).items() if k != "input_scheme"})
     return report
 
 

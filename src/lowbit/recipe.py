@@ -43,16 +43,25 @@ class Rule:
     scheme: Scheme | None
     method: str = "rtn"
     method_args: dict = field(default_factory=dict)
+    # input-activation quantization of the matched linears (numerics/activation.py ActScheme
+    # fields: format, dynamic, granularity, calibrator, outlier_threshold); None: float inputs
+    input_activations: dict | None = None
 
     def __post_init__(self) -> None:
         try:
             re.compile(self.targets)
         except re.error as e:
             raise LowbitError(f"Rule.targets: {self.targets!r} is not a valid regex ({e})") from None
+        if self.input_activations is not None:
+            from lowbit.numerics.activation import ActScheme
+            ActScheme.from_dict(self.input_activations)       # validated up front
 
     def to_dict(self) -> dict:
-        return {"targets": self.targets, "scheme": None if self.scheme is None else self.scheme.to_dict(),
-                "method": self.method, "method_args": dict(self.method_args)}
+        d = {"targets": self.targets, "scheme": None if self.scheme is None else self.scheme.to_dict(),
+             "method": self.method, "method_args": dict(self.method_args)}
+        if self.input_activations is not None:
+            d["input_activations"] = dict(self.input_activations)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":
@@ -60,7 +69,9 @@ class Rule:
         if missing:
             raise LowbitError(f"Rule: missing keys {sorted(missing)} in {d!r}")
         scheme = None if d["scheme"] is None else Scheme.from_dict(d["scheme"])
-        return cls(d["targets"], scheme, d.get("method", "rtn"), dict(d.get("method_args", {})))
+        act = d.get("input_activations")
+        return cls(d["targets"], scheme, d.get("method", "rtn"), dict(d.get("method_args", {})),
+                   None if act is None else dict(act))
 
 
 @dataclass
@@ -70,6 +81,9 @@ class Recipe:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: dict = field(default_factory=dict)   # n_samples, seq_len, seed, text
     description: str = ""
+    # equivalent rewrites applied to each float block before it is quantized (lowbit.transforms):
+    # [{"name": "awq" | "smoothquant", **options}], in order
+    transforms: list[dict] = field(default_factory=list)
 
     def rule_for(self, module_name: str) -> Rule | None:
         """The rule that decides `module_name`, or None to keep it in float."""
@@ -86,9 +100,12 @@ class Recipe:
 
     # ---- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"lowbit_recipe_version": RECIPE_VERSION, "name": self.name, "description": self.description,
-                "rules": [r.to_dict() for r in self.rules], "ignore": list(self.ignore),
-                "calibration": dict(self.calibration)}
+        d = {"lowbit_recipe_version": RECIPE_VERSION, "name": self.name, "description": self.description,
+             "rules": [r.to_dict() for r in self.rules], "ignore": list(self.ignore),
+             "calibration": dict(self.calibration)}
+        if self.transforms:
+            d["transforms"] = [dict(t) for t in self.transforms]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -97,7 +114,8 @@ class Recipe:
             raise LowbitError(f"recipe: expected lowbit_recipe_version {RECIPE_VERSION}, got {v!r}")
         return cls(name=d.get("name", "custom"), rules=[Rule.from_dict(r) for r in d.get("rules", [])],
                    ignore=list(d.get("ignore", [])), calibration=dict(d.get("calibration", {})),
-                   description=d.get("description", ""))
+                   description=d.get("description", ""),
+                   transforms=[dict(t) for t in d.get("transforms", [])])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -131,7 +149,10 @@ _PRESETS: dict[str, tuple[Callable[[], Recipe], str]] = {}
 _GRAMMAR = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym)?-(?P<method>[a-z0-9_]+)"
                       r"(?P<actorder>-actorder(?P<static>-static)?)?(?P<mse>-mse)?$")
 # modules that register more presets when imported (kept lazy: importing lowbit stays cheap)
-PRESET_MODULES: list[str] = ["lowbit.presets.gguf_mixes"]
+PRESET_MODULES: list[str] = ["lowbit.presets.gguf_mixes", "lowbit.presets.activations"]
+# name -> Recipe | None parsers for preset families with a grammar of their own (AWQ, W8A8, ...),
+# tried after the named presets and before the weight-only grammar
+PRESET_RESOLVERS: list[Callable[[str], "Recipe | None"]] = []
 
 
 def register_preset(name: str, description: str = "") -> Callable:
@@ -181,6 +202,10 @@ def get_recipe(spec: str | Path | Recipe) -> Recipe:
     _load_preset_modules()
     if s in _PRESETS:
         return _PRESETS[s][0]()
+    for resolve in PRESET_RESOLVERS:
+        r = resolve(s)
+        if r is not None:
+            return r
     r = grammar_recipe(s)
     if r is not None:
         return r

@@ -42,6 +42,10 @@ class ArchSpec:
     embeddings: tuple[str, ...] = ()
     model_types: tuple[str, ...] = field(default=(), compare=False)
     discovered: bool = False  # True for the generic fallback (groups found by probing)
+    # smoothing pairs (transforms/: SmoothQuant, AWQ): (producer, consumers). The producer is a
+    # norm or a linear whose output feeds the consumers' inputs channel for channel, so a scale s
+    # per input channel folds as producer / s, consumers * s (float outputs unchanged)
+    smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -54,6 +58,15 @@ class ArchSpec:
                 "discovered": self.discovered}
 
 
+# norm -> q/k/v, v -> o (with GQA: v's channels repeated for the query heads sharing them),
+# norm -> gate/up, up -> down (silu(gate) * up is linear in up)
+_LLAMA_PAIRS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("self_attn.v_proj", ("self_attn.o_proj",)),
+                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+                ("mlp.up_proj", ("mlp.down_proj",)))
+# Norms whose weight enters as (offset + weight) (Gemma's RMSNorm: x * (1 + w)), by model_type
+NORM_WEIGHT_OFFSET: dict[str, float] = {"gemma": 1.0, "gemma2": 1.0, "gemma3_text": 1.0}
+
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                  ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"),
@@ -63,20 +76,26 @@ SPECS: tuple[ArchSpec, ...] = (
     # Llama and the families that kept its module names (Qwen3 adds q_norm / k_norm, which are
     # not linears; Gemma 2/3 add pre/post feed-forward norms, also not linears).
     ArchSpec("llama", "model.layers", _LLAMA_GROUPS, head=("model.norm",),
-             embeddings=("model.embed_tokens",),
+             embeddings=("model.embed_tokens",), smooth_pairs=_LLAMA_PAIRS,
              model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                           "olmo", "olmo2", "granite", "smollm3", "cohere", "helium")),
     # Phi-3 fuses q/k/v and gate/up into single linears.
     ArchSpec("phi3", "model.layers",
              (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
-             head=("model.norm",), embeddings=("model.embed_tokens",), model_types=("phi3",)),
+             head=("model.norm",), embeddings=("model.embed_tokens",), model_types=("phi3",),
+             smooth_pairs=(("input_layernorm", ("self_attn.qkv_proj",)),
+                           ("post_attention_layernorm", ("mlp.gate_up_proj",)))),
     # OPT (the GPTQ paper's main family): pre-LayerNorm blocks under model.decoder.
     ArchSpec("opt", "model.decoder.layers",
              (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
               ("fc1",), ("fc2",)),
              head=("model.decoder.final_layer_norm", "model.decoder.project_out"),
              embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
-             model_types=("opt",)),
+             model_types=("opt",),
+             # fc1 -> ReLU -> fc2: relu(x / s) = relu(x) / s for s > 0
+             smooth_pairs=(("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                           ("self_attn.v_proj", ("self_attn.out_proj",)),
+                           ("final_layer_norm", ("fc1",)), ("fc1", ("fc2",)))),
     # GPT-2: transformers' Conv1D modules (weight stored (in, out)); c_attn is a fused q/k/v.
     ArchSpec("gpt2", "transformer.h",
              (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),

@@ -68,6 +68,7 @@ class LoopResult:
     timing: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     activation_bytes: int = 0
+    transforms: list[dict] = field(default_factory=list)   # one row per (transform, smoothing pair)
 
 
 def make_targets(triples: list[tuple[str, nn.Module, Rule]]) -> list[Target]:
@@ -128,6 +129,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
                               f"not its known lm_head with a head path; method {t.rule.method!r} needs "
                               "calibration inputs there. Use a data-free method for it or extend the ArchSpec.")
 
+    transforms = _make_transforms(recipe)
     res = LoopResult()
     t_all = time.perf_counter()
     with torch.no_grad():
@@ -167,6 +169,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
             plan = [[bt[rel] for rel in g if rel in bt] for g in groups]
             plan = [p for p in plan if p]
             done: list[tuple[str, QuantizedWeight, str]] = []
+            if transforms and bt:                  # equivalent rewrites of the float block first
+                res.transforms += _transform_block(model, arch, block, bt, acts, transforms)
             if cfg.true_sequential and cfg.pause_forward:
                 acts = _quantize_paused(block, plan, acts, res.timing, done)
             else:
@@ -199,7 +203,23 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
                 _note_numerics(t.name, qw, res.notes, log)
             log(f"{arch.lm_head}: quantized")
     res.timing["total_s"] = time.perf_counter() - t_all
+    if res.transforms:
+        from lowbit.transforms.block import summarize
+        res.notes += summarize(res.transforms)
     return res
+
+
+def _make_transforms(recipe: Recipe) -> list:
+    if not getattr(recipe, "transforms", None):
+        return []
+    from lowbit.transforms.block import make_transforms
+    return make_transforms(recipe.transforms)
+
+
+def _transform_block(model, arch, block, bt: dict[str, Target], acts, transforms) -> list[dict]:
+    from lowbit.transforms.block import transform_model_block
+    return transform_model_block(model, arch, block, {rel: t.rule.scheme for rel, t in bt.items()},
+                                 acts, transforms)
 
 
 def _note_numerics(name: str, qw: QuantizedWeight, notes: list[str], log: Callable[[str], None]) -> None:
@@ -214,11 +234,15 @@ def _note_numerics(name: str, qw: QuantizedWeight, notes: list[str], log: Callab
         log(notes[-1])
 
 
+def _label(group: list[Target]) -> str:
+    return ", ".join(t.name for t in group)
+
+
 def _stats_from(group: list[Target], acts: list[BlockInput]) -> dict | None:
     needs = set().union(*(t.method.needs for t in group))
     if not needs:
         return None
-    ss = StatSet(needs, linear_weight(group[0].module).shape[1])
+    ss = StatSet(needs, linear_weight(group[0].module).shape[1], label=_label(group))
     for a in acts:
         ss.update(a.hidden)
     return ss.results()
@@ -236,7 +260,7 @@ def _quantize_paused(block: nn.Module, plan: list[list[Target]], acts: list[Bloc
             for t, qw in zip(group, _solve(group, None)):
                 _write_dequantized(t.module, qw)
                 done.append((t.rel, qw, t.rule.method))
-    sets = [StatSet(set().union(*(t.method.needs for t in g)), linear_weight(g[0].module).shape[1])
+    sets = [StatSet(set().union(*(t.method.needs for t in g)), linear_weight(g[0].module).shape[1], label=_label(g))
             for g in calibrated]
     t_stats = [0.0]
     t_solve = [0.0]
@@ -275,7 +299,7 @@ def _quantize_groups(block: nn.Module, plan: list[list[Target]], acts: list[Bloc
     wanted = set()
     for k, group in enumerate(plan):
         needs = set().union(*(t.method.needs for t in group))
-        sets.append(StatSet(needs, linear_weight(group[0].module).shape[1]) if needs else None)
+        sets.append(StatSet(needs, linear_weight(group[0].module).shape[1], label=_label(group)) if needs else None)
         if not needs:
             continue
         wanted.add(k)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, check_float_tensor
 
 
 class Stat:
@@ -130,11 +130,14 @@ class ActAbsMax(Stat):
 class StatSet:
     """The statistics of one shared input: {stat name: Stat}, fed together."""
 
-    def __init__(self, names: tuple[str, ...] | set[str], in_features: int):
+    def __init__(self, names: tuple[str, ...] | set[str], in_features: int, label: str = ""):
         self.stats = {n: make_stat(n, in_features) for n in sorted(names)}
+        self.label = label                   # the layer(s) reading this input, for errors
 
     def update(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        # NaN/inf activations never pass into statistics silently: name the layer that met them
+        check_float_tensor(x2, f"calibration input of {self.label or 'a linear'}")
         for s in self.stats.values():
             s.update(x2)
 

@@ -178,9 +178,11 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
     QuantizationArgs dict (e.g. {"num_bits": 8, "type": "int", "strategy": "token",
     "dynamic": True}) recorded for every group (W8A8; weights then int-/float-quantized);
     default: the recipe's activation settings if it carries any, else weight-only."""
+    from lowbit.export.ct_activations import recipe_activation_args
+    act_scales: dict = {}
     if input_activations is None:
-        input_activations = getattr(qm.recipe, "input_activations", None)
-    aargs = L.activation_args(input_activations)
+        input_activations, act_scales = recipe_activation_args(qm)
+    aargs = L.activation_args(input_activations, static_ok=bool(act_scales))
     by_args: dict[str, tuple[dict, str, list[str]]] = {}
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
@@ -200,6 +202,7 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
                         "shape": list(qw.shape), "ct_format": fmt, "ct_bits": wargs["num_bits"],
                         "bits_per_weight": round(qw.bits_per_weight, 6), "has_g_idx": g_idx is not None,
                         "info": {k: v for k, v in sorted(qw.info.items()) if isinstance(v, (bool, int, float, str))}}
+    tensors.update(act_scales)                   # static W8A8: one calibrated input_scale per layer
     floats, tied = float_tensors(qm.model, set(layers))
     clash = sorted(set(floats) & set(tensors))
     if clash:

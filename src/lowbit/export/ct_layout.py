@@ -103,9 +103,10 @@ def weight_args(scheme, actorder: str | None = None) -> dict:
             "dynamic": False, "actorder": actorder, "observer": None, "observer_kwargs": {}}
 
 
-def activation_args(spec: dict | None) -> dict | None:
+def activation_args(spec: dict | None, static_ok: bool = False) -> dict | None:
     """Validate an `input_activations` QuantizationArgs dict (W8A8 recipes): int8 or fp8, dynamic
-    per token, or per tensor. None = weight-only (A16)."""
+    per token, or per tensor. None = weight-only (A16). static_ok: the writer has calibrated
+    input_scale tensors for a static per-tensor scheme (export/ct_activations.py)."""
     if spec is None:
         return None
     if not isinstance(spec, dict):
@@ -124,7 +125,7 @@ def activation_args(spec: dict | None) -> dict | None:
     if a["strategy"] == "token" and a["dynamic"] is not True:
         raise LowbitError("input_activations: per-token activation scales must be dynamic "
                           "(compressed-tensors refuses static token quantization)")
-    if a["dynamic"] is not True:
+    if a["dynamic"] is not True and not static_ok:
         raise LowbitError("input_activations: static activation scales need calibrated input_scale "
                           "tensors, which lowbit does not produce; use dynamic: true")
     if a["type"] == "float" and not a["symmetric"]:

@@ -32,6 +32,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero_point", qweight.zero_point)
         self.register_buffer("g_idx", qweight.g_idx)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.act_quant = None  # input-activation quantization (nn/actquant.py), None: float inputs
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, qweight: QuantizedWeight) -> "QuantLinear":
@@ -48,6 +49,8 @@ class QuantLinear(nn.Module):
         self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None and not getattr(self.kernel, "quantizes_input", False):
+            x = self.act_quant(x)
         if self.kernel is not None:
             return self.kernel(x, self)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -55,8 +58,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         ragged = f", ragged_last_group={self.info['ragged_last_group']}" if "ragged_last_group" in self.info else ""
+        act = "" if getattr(self, "act_quant", None) is None else f", input={self.act_quant.scheme.short_name()}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scheme={self.scheme.short_name()}, bias={self.bias is not None}{ragged}")
+                f"scheme={self.scheme.short_name()}, bias={self.bias is not None}{ragged}{act}")
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

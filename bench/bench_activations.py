@@ -1,0 +1,221 @@
+"""Activation quantization, SmoothQuant, AWQ and LLM.int8() on the bundled model (issue 19).
+
+    .venv/bin/python bench/bench_activations.py --part w8a8        # W8A8 rows + torch quantize_dynamic
+    .venv/bin/python bench/bench_activations.py --part awq         # AWQ / RTN / GPTQ at W4 and W3 g128
+    .venv/bin/python bench/bench_activations.py --part llmc-awq    # llm-compressor's AWQModifier, same tokens
+    .venv/bin/python bench/bench_activations.py --part int8        # LLM.int8() vs plain int8 W8A8
+    .venv/bin/python bench/bench_activations.py --part kernel      # int8 GEMV/GEMM vs fp32 (one linear)
+
+Every row: the same calibration windows (wiki-calibration, seeded: --samples x --seq-len, saved to
+<work>/calib.pt for the peer), the same evaluation (lowbit.eval: perplexity on the first
+--eval-windows 512-token windows of wiki-evaluation, KL and top-1 agreement to the fp32 model on
+the first --kl-windows of them). Speed (--speed): greedy decode steps with the KV cache at batch
+1 and batch 32 (a 16-token prompt, 16 steps, median of 3 runs), fp32 timed in the same process.
+Results are kept per row in <work>/results.json (a finished row is not redone).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LLMC_PY = Path(os.environ.get("LOWBIT_LLMC_PYTHON", ROOT / "bench" / ".venv-llmc" / "bin" / "python"))
+if not LLMC_PY.is_file():
+    LLMC_PY = Path("/work/main/bench/.venv-llmc/bin/python")
+
+PARTS = {
+    "w8a8": ["w8a8", "torch-quantize-dynamic", "w8a8-smooth", "w8a8-static-minmax", "w8a8-static-kl",
+             "llm-int8", "w8a8-static-percentile", "w8a8-static-mse", "w8a8-smooth-static-minmax", "w8a8-fp8",
+             "w8a16", "w4a8", "w8a8-fp8-static"],
+    "awq": ["w4g128-rtn", "w4g128-awq", "w4g128-gptq", "w4g128-awq-gptq",
+            "w3g128-rtn", "w3g128-awq", "w3g128-gptq", "w3g128-awq-gptq"],
+    "int8": ["w8a8", "llm-int8"],
+}
+
+
+def decode_speed(model, batch: int, prompt_len: int = 16, steps: int = 16, runs: int = 3) -> float:
+    """Decode tokens/s (batch x steps / seconds) with the model's KV cache."""
+    import torch
+    ids = torch.randint(100, 20000, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for k in range(runs + 1):
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            if k:
+                times.append(time.perf_counter() - t0)
+    return batch * steps / statistics.median(times)
+
+
+def record(rec: dict) -> dict:
+    """The figures of a lowbit.eval record: perplexity, mean KL to fp32, top-1 agreement."""
+    kl = rec.get("kl", {})
+    return {"ppl": rec["ppl"]["ppl"], "kl": kl.get("mean", 0.0), "kl_stderr": kl.get("mean_stderr", 0.0),
+            "top1": kl.get("top1_agreement", 1.0), "eval_tokens": rec["ppl"].get("tokens"),
+            "kl_tokens": kl.get("tokens")}
+
+
+def torch_dynamic(model):
+    """torch.ao's own dynamic int8 (qint8 weights per tensor, fbgemm/x86), on the blocks' linears only."""
+    import torch
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    names = {n: default_dynamic_qconfig for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    return quantize_dynamic(model, names, dtype=torch.qint8, inplace=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", required=True, choices=[*PARTS, "llmc-awq", "kernel"])
+    ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "activations"))
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--kl-windows", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--configs", default="", help="comma list: only these rows of the part")
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    if args.part == "kernel":
+        return kernel_bench(args)
+    from lowbit import api
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
+    from lowbit.eval import evaluate, evaluate_reference
+    from lowbit.models import load_model
+    from lowbit.nn.w8a8 import prepare_w8a8
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    lm = load_model("smollm2-135m")
+    tokens = calibration_tokens(lm.tokenizer, CalibrationConfig(n_samples=args.samples, seq_len=args.seq_len))
+    torch.save(tokens, work / "calib.pt")
+    key = f"calib {args.samples}x{args.seq_len}, eval {args.eval_windows}x512, kl {args.kl_windows}x512"
+    res_file = work / "results.json"
+    allres = json.loads(res_file.read_text()) if res_file.is_file() else {}
+    done = allres.setdefault(key, {})
+    settings = {"max_tokens": args.eval_windows * 512, "kl_max_tokens": args.kl_windows * 512, "seq_len": 512,
+                "progress": False}
+    rec, ref = evaluate_reference(lm.model, lm.tokenizer, metrics=["ppl", "kl"], **settings)
+    fp = record(rec)
+    if args.speed:
+        fp["tok_s_b1"], fp["tok_s_b32"] = decode_speed(lm.model, 1), decode_speed(lm.model, 32)
+    done["fp32"] = {**done.get("fp32", {}), **fp}
+
+    def save():
+        tmp = res_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(allres, indent=1))
+        os.replace(tmp, res_file)
+
+    save()
+    names = PARTS.get(args.part, [])
+    if args.configs:
+        names = [n for n in names if n in args.configs.split(",")]
+    if args.part == "llmc-awq":
+        names = ["llmc-awq-w4g128", "llmc-awq-w3g128"]
+    for name in names:
+        if name in done and (not args.speed or "tok_s_b1" in done[name]):
+            continue
+        print(f"== {name}", file=sys.stderr, flush=True)
+        m = copy.deepcopy(lm.model)
+        row = {}
+        t0 = time.perf_counter()
+        if name == "torch-quantize-dynamic":
+            torch_dynamic(m)
+        elif name.startswith("llmc-awq"):
+            bits = 4 if "w4" in name else 3
+            dump = work / f"{name}.pt"
+            if not dump.is_file():
+                from lowbit.models.load import gguf_to_hf_dir, resolve_source
+                model_dir, _ = gguf_to_hf_dir(resolve_source("smollm2-135m")[1])
+                out = subprocess.run([str(LLMC_PY), str(HERE / "peers" / "llmc_awq.py"), "--model-dir",
+                                      str(model_dir), "--tokens", str(work / "calib.pt"), "--bits", str(bits),
+                                      "--group-size", "128", "--threads", str(args.threads), "--dump", str(dump)],
+                                     capture_output=True, text=True)
+                line = (out.stdout.strip().splitlines() or ["{}"])[-1]
+                row["peer"] = json.loads(line) if line.startswith("{") else {"error": out.stderr[-2000:]}
+                if not dump.is_file():
+                    done[name] = row
+                    save()
+                    continue
+            sd = torch.load(dump)
+            m.load_state_dict(sd, strict=False)
+            row["n_loaded"] = len(sd)
+        else:
+            rep = api.quantize(m, name, tokenizer=lm.tokenizer, tokens=tokens, progress=False,
+                               calibration={"batch_size": 8})
+            row["notes"] = rep.notes[-3:]
+            oc = {r["name"]: r["outlier_columns"] for r in rep.layers if "outlier_columns" in r}
+            if oc:
+                row["outlier_columns"] = oc
+        row["quantize_s"] = time.perf_counter() - t0
+        r = evaluate(m, lm.tokenizer, metrics=["ppl", "kl"], reference=ref, **settings)
+        row.update(record(r))
+        if args.speed:
+            row["tok_s_b1"], row["tok_s_b32"] = decode_speed(m, 1), decode_speed(m, 32)
+            if not name.startswith(("torch", "llmc")) and prepare_w8a8(m):   # the int8 GEMM path
+                row["kernel_tok_s_b1"], row["kernel_tok_s_b32"] = decode_speed(m, 1), decode_speed(m, 32)
+            row["fp32_tok_s_b1"], row["fp32_tok_s_b32"] = decode_speed(lm.model, 1), decode_speed(lm.model, 32)
+        done[name] = row
+        save()
+        print(f"   {name}: {json.dumps(row)[:400]}", file=sys.stderr, flush=True)
+        del m
+    return 0
+
+
+def kernel_bench(args) -> int:
+    """One linear, down_proj-shaped (1536 -> 576) and gate-shaped (576 -> 1536): fp32 F.linear vs
+    lowbit's W8A8 kernel (torch._int_mm) vs torch.ao's dynamic quantized Linear, M = 1 and 32."""
+    import torch
+    import torch.nn as nn
+    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+    from lowbit.methods.rtn import RTNConfig, rtn
+    from lowbit.nn.actquant import ActQuant
+    from lowbit.nn.qlinear import QuantLinear
+    from lowbit.nn.w8a8 import W8A8Kernel
+    from lowbit.numerics import int_scheme
+    from lowbit.numerics.activation import ActScheme
+    torch.manual_seed(0)
+    rows = []
+    for k, n in ((1536, 576), (576, 1536)):
+        lin = nn.Linear(k, n, bias=False)
+        ql = QuantLinear(rtn(lin.weight.detach(), int_scheme(8, None, True), RTNConfig()))
+        ql.act_quant = ActQuant(ActScheme())
+        kern = W8A8Kernel(ql)
+        dyn = DynLinear(k, n, bias_=False, dtype=torch.qint8)
+        dyn.set_weight_bias(torch.quantize_per_tensor(lin.weight.detach(), float(lin.weight.abs().max()) / 127, 0,
+                                                      torch.qint8), None)
+        for m in (1, 32):
+            x = torch.randn(m, k)
+            fns = {"fp32": lambda: lin(x), "lowbit-w8a8": lambda: kern(x, ql), "torch-dynamic": lambda: dyn(x)}
+            t = {}
+            with torch.no_grad():
+                for name, fn in fns.items():
+                    for _ in range(20):
+                        fn()
+                    ts = []
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        for _ in range(50):
+                            fn()
+                        ts.append((time.perf_counter() - t0) / 50)
+                    t[name] = statistics.median(ts) * 1e6
+            rows.append({"shape": f"{k}->{n}", "M": m, **{f"{kk}_us": round(v, 1) for kk, v in t.items()}})
+            print(json.dumps(rows[-1]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

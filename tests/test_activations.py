@@ -1,0 +1,147 @@
+"""Activation quantization: the number formats (bounds from their grids), LLM.int8()'s
+decomposition, static calibration and the W8A8 integer kernel on the real bundled model (a
+2-block slice), NaN/inf refused with the layer named."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lowbit import api
+from lowbit.calibration.activations import calibrate
+from lowbit.errors import LowbitError
+from lowbit.nn.qlinear import QuantLinear
+from lowbit.nn.w8a8 import W8A8Kernel, eligible, has_int_mm, prepare_w8a8
+from lowbit.numerics.activation import ActScheme, act_scale, fake_quant_act, llm_int8_act
+from lowbit.recipe import Recipe, Rule, get_recipe
+
+
+def test_int8_per_token_error_is_within_half_a_step():
+    x = torch.randn(16, 300) * torch.logspace(-2, 2, 16)[:, None]        # rows of very different size
+    s = ActScheme()
+    err = (fake_quant_act(x, s) - x).abs()
+    step = act_scale(x, s)                                              # absmax / 127 per row
+    assert step.shape == (16, 1)
+    assert bool((err <= step / 2 * (1 + 1e-6)).all())
+
+
+def test_fp8_dynamic_relative_error_is_e4m3s():
+    x = torch.randn(8, 256)
+    s = ActScheme(format="fp8_e4m3")
+    y = fake_quant_act(x, s)
+    scale = act_scale(x, s)
+    normal = (x / scale).abs() >= 2.0 ** -6                             # e4m3's smallest normal
+    rel = ((y - x).abs() / x.abs())[normal]
+    assert float(rel.max()) <= 2.0 ** -4 * (1 + 1e-6)                   # 3 mantissa bits: half ulp
+
+
+def test_llm_int8_keeps_outlier_columns_in_fp16():
+    x = torch.randn(4, 64)
+    x[2, 5] = 40.0
+    x[0, 17] = -7.5
+    s = ActScheme(outlier_threshold=6.0)
+    y, cols = llm_int8_act(x, s)
+    assert cols.nonzero().flatten().tolist() == [5, 17]
+    assert torch.equal(y[:, cols], x[:, cols].half().float())
+    inl = x.clone()
+    inl[:, cols] = 0
+    assert torch.equal(y[:, ~cols], fake_quant_act(inl, ActScheme())[:, ~cols])
+    # without the decomposition the 40.0 stretches row 2's scale: that row's inliers lose
+    plain = fake_quant_act(x, ActScheme())
+    assert float((plain[2, ~cols] - x[2, ~cols]).abs().max()) > float((y[2, ~cols] - x[2, ~cols]).abs().max())
+
+
+def test_bad_activation_schemes_are_refused():
+    with pytest.raises(LowbitError, match="static"):
+        ActScheme(dynamic=False, granularity="token")
+    with pytest.raises(LowbitError, match="calibrator"):
+        ActScheme(dynamic=False, granularity="tensor", calibrator="median")
+    with pytest.raises(LowbitError, match="format"):
+        ActScheme(format="int4")
+    with pytest.raises(LowbitError, match="LLM.int8"):
+        ActScheme(format="fp8_e4m3", outlier_threshold=6.0)
+    with pytest.raises(LowbitError, match="unknown keys"):
+        Rule(".*", None, input_activations={"bits": 8})
+
+
+def _slice(name: str) -> Recipe:
+    """The preset restricted to blocks 0-1 (the loop and calibration stop there)."""
+    base = get_recipe(name)
+    return Recipe(name, [Rule(r"model\.layers\.[01]\.", r.scheme, r.method, r.method_args, r.input_activations)
+                         for r in base.rules], transforms=base.transforms, calibration=base.calibration)
+
+
+CALIB = {"n_samples": 4, "seq_len": 128, "batch_size": 2}
+pytestmark_model = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def static_slice(smollm2):
+    m = copy.deepcopy(smollm2.model)
+    rep = api.quantize(m, _slice("w8a8-static-percentile"), tokenizer=smollm2.tokenizer, calibration=CALIB,
+                       progress=False)
+    return m, rep
+
+
+@pytest.mark.model
+def test_static_scales_calibrated_per_layer(static_slice, smollm2):
+    m, rep = static_slice
+    assert len(rep.activations) == 14
+    q = m.model.layers[1].mlp.down_proj
+    assert isinstance(q, QuantLinear) and q.act_quant.scale is not None and float(q.act_quant.scale) > 0
+    row = next(r for r in rep.layers if r["name"] == "model.layers.1.mlp.down_proj")
+    assert row["input_activations"] == "a8-static-percentile" and row["input_scale"] == float(q.act_quant.scale)
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = m(ids).logits
+    assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.model
+def test_nan_activations_in_calibration_name_the_layer(static_slice, smollm2):
+    m, _ = static_slice
+    layers = {n: mod for n, mod in m.named_modules() if isinstance(mod, QuantLinear)}
+    norm = m.model.layers[1].post_attention_layernorm
+    h = norm.register_forward_hook(lambda _m, _a, out: out.masked_fill(torch.zeros_like(out, dtype=torch.bool)
+                                                                        .index_fill_(-1, torch.tensor([3]), True),
+                                                                        float("nan")))
+    tokens = torch.randint(0, 1000, (2, 16))
+    try:
+        with pytest.raises(LowbitError, match=r"model\.layers\.1\.mlp\.gate_proj.*NaN"):
+            calibrate(m, layers, tokens, 2)
+    finally:
+        h.remove()
+
+
+@pytest.mark.model
+def test_nan_in_transform_statistics_names_the_layer(smollm2):
+    m = copy.deepcopy(smollm2.model)
+    norm = m.model.layers[0].input_layernorm
+    norm.register_forward_hook(lambda _m, _a, out: out * float("inf"))
+    with pytest.raises(LowbitError, match=r"input_layernorm -> self_attn.q_proj.*NaN/inf"):
+        api.quantize(m, _slice("w8a8-smooth"), tokens=torch.randint(0, 1000, (2, 16)), progress=False)
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not has_int_mm(), reason="torch._int_mm (int8 GEMM) not available on this CPU build")
+def test_w8a8_integer_kernel_matches_the_reference_path(smollm2):
+    m = copy.deepcopy(smollm2.model)
+    api.quantize(m, _slice("w8a8"), progress=False)
+    q = m.model.layers[0].mlp.down_proj
+    assert eligible(q)
+    x = torch.randn(2, 7, q.in_features) * 3
+    with torch.no_grad():
+        ref = q(x)                                   # fake-quantized input, dequantized weight
+        got = W8A8Kernel(q)(x, q)
+    # the int32 sum is exact; the reference's fp32 sum of the same integer products is exact
+    # below 2^24 and within K ulps beyond: bound |diff| by K * eps32 * sum |s_x s_w x_q w_q|
+    xs = q.act_quant.scheme
+    s_x = act_scale(x, xs)
+    xq = torch.round(x / s_x)
+    wq = q.qdata.float() - 128
+    bound = q.in_features * 2.0 ** -24 * ((xq.abs() * s_x) @ (wq.abs() * q.scale).t())
+    assert bool(((got - ref).abs() <= bound + 1e-6).all())
+    assert prepare_w8a8(m) == 14
+    with torch.no_grad():
+        assert bool(torch.isfinite(m(torch.randint(0, 1000, (1, 8))).logits).all())
