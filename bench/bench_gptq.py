@@ -60,6 +60,15 @@ CONFIGS["gptq-w4g64-aos-mse"] = ("w4g64-gptq-actorder-static-mse", {})
 # memory: re-run the block per linear group instead of pausing every batch's forward
 CONFIGS["gptq-w4g128-nopause"] = ("w4g128-gptq", {})
 CONFIGS["gptq-w4g128-b2"] = ("w4g128-gptq", {})          # forward batches of 2 windows instead of 8
+# issue 20: symmetric 4/3/2-bit g64 beside AutoRound (bench/bench_low20.py runs these in its own --work)
+SR_ITERS = int(os.environ.get("LOWBIT_SR_ITERS", "10"))
+for _b in (4, 3, 2):
+    _p = f"w{_b}g64-sym"
+    CONFIGS[f"rtn-{_p}"] = (f"{_p}-rtn", {})
+    CONFIGS[f"gptq-{_p}-ao-mse"] = (f"{_p}-gptq-actorder-mse", {})
+    CONFIGS[f"rotgptq-{_p}-ao-mse"] = (f"{_p}-rot-gptq-actorder-mse", {})
+    CONFIGS[f"sr-{_p}"] = (f"{_p}-signround-mse", {"iters": SR_ITERS, "init": "gptq", "act_order": True})
+    CONFIGS[f"rotsr-{_p}"] = (f"{_p}-rot-signround-mse", {"iters": SR_ITERS, "init": "gptq", "act_order": True})
 # calibration-loop overrides per config (lowbit.calibration.CalibrationConfig fields)
 CALIBRATION = {"gptq-w4g128-nopause": {"pause_forward": False}, "gptq-w4g128-b2": {"batch_size": 2}}
 # llm-compressor runs: name -> runner arguments (bench/peers/llmc_gptq.py)

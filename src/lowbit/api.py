@@ -73,17 +73,21 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
     from lowbit.presets.gguf_mixes import bind_to_model
     im, im_file = _imatrix(imatrix)
     recipe = bind_to_model(get_recipe(recipe), model, im is not None)
+    transformed = _transform(model, recipe)
     targets = quantize_targets(model, recipe)
     if not targets:
         raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
     extra = _imatrix_stats(model, targets, im)
     calibrated = sorted({r.method for _, _, r in targets if get_method(r.method).needs})
-    if calibrated or recipe.transforms:       # transforms (AWQ, SmoothQuant) calibrate too
+    from lowbit.transforms import block_level_names
+    if calibrated or any(t.get("name") in block_level_names() for t in recipe.transforms):
+        # block-level transforms (AWQ, SmoothQuant) calibrate too
         rep = _quantize_calibrated(model, recipe, targets, tokenizer, tokens, calibration, log, extra,
                                    checkpoint)
         rep.imatrix = _imatrix_meta(im, im_file)
+        rep.notes[:0] = transformed
         return _with_activations(model, rep, tokenizer, tokens, calibration)
-    report = QuantizeReport(recipe, imatrix=_imatrix_meta(im, im_file))
+    report = QuantizeReport(recipe, imatrix=_imatrix_meta(im, im_file), notes=list(transformed))
     t0 = time.perf_counter()
     it = targets
     if progress:
@@ -127,6 +131,16 @@ def _with_activations(model, report: QuantizeReport, tokenizer, tokens, calibrat
     for row in report.layers:
         row.update({k: v for k, v in report.activations.get(row["name"], {}).items() if k != "input_scheme"})
     return report
+
+
+def _transform(model: nn.Module, recipe: Recipe) -> list[str]:
+    """The recipe's float rewrites (lowbit.transforms), before any weight is quantized."""
+    if not recipe.transforms:
+        return []
+    from lowbit.transforms import apply_transforms
+    with torch.no_grad():
+        return [f"transform {d['transform']}: " + ", ".join(f"{k}={v}" for k, v in d.items() if k != "transform")
+                for d in apply_transforms(model, recipe.transforms)]
 
 
 def _note_ragged(report: QuantizeReport) -> None:
@@ -212,7 +226,12 @@ def export(loaded: LoadedModel, report: QuantizeReport | None, out, format: str 
     """Write the quantized model in `format` (lowbit.export registry: native, gguf, gptq, awq,
     compressed-tensors, onnx). report=None re-exports a model read back from a quantized output."""
     from lowbit.export import QuantizedModel, get_format
+    from lowbit.transforms.rotate import ONLINE_ATTR
     fmt = get_format(format)
+    if getattr(loaded.model, ONLINE_ATTR, None):
+        raise LowbitError(f"export {format}: the model rotates down_proj inputs online "
+                          f"({getattr(loaded.model, ONLINE_ATTR)}), which no file format holds; "
+                          "quantize with transforms [{'name': 'rotate', 'online_down': false}] to export")
     qm = (QuantizedModel.from_report(loaded, report, metrics) if report is not None
           else QuantizedModel.from_loaded(loaded))
     if metrics and report is None:

@@ -13,10 +13,12 @@ with scheme=None also keeps its modules in float.
 Named presets (`get_recipe("w4g128-gptq")`) follow a small grammar, so every combination a user
 may want has a name without a table of them:
 
-    w{bits}[g{group}][-sym]-{method}[-actorder[-static]][-mse]
-        e.g. w8-rtn (per channel), w3g128-gptq, w2g64-gptq-actorder, w4g128-sym-rtn,
+    w{bits}[g{group}][-sym][-rot]-{method}[-actorder[-static]][-mse]
+        e.g. w3g64-rot-gptq, w4g64-signround, w2g64-rot-signround, w8-rtn (per channel), w3g128-gptq, w2g64-gptq-actorder, w4g128-sym-rtn,
         w4g128-gptq-actorder-mse (GPTQ, act-order, MSE range search per group: the best 4-bit
         g128 point measured on the bundled model, BENCHMARKS.md), w4g128-gptq-actorder-static
+  -rot       the float model is Hadamard-rotated first (transforms/rotate.py: residual stream and
+             v/o heads, folded; float outputs unchanged), transforms=[{"name": "rotate", "seed": 0}]
   -actorder  gptq: columns by descending Hessian diagonal (g_idx stored with groups)
   -static    gptq with -actorder: group qparams fixed up front on the original columns (no g_idx)
   -mse       rtn / gptq: each group's range shrunk to the ratio that minimises its (Hessian-
@@ -81,8 +83,9 @@ class Recipe:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: dict = field(default_factory=dict)   # n_samples, seq_len, seed, text
     description: str = ""
-    # equivalent rewrites applied to each float block before it is quantized (lowbit.transforms):
-    # [{"name": "awq" | "smoothquant", **options}], in order
+    # equivalent rewrites (lowbit.transforms), in order: model-level ones applied to the float model
+    # before any rule (e.g. {"name": "rotate", "seed": 0}); block-level ones applied to each float
+    # block before it is quantized ({"name": "awq" | "smoothquant", **options})
     transforms: list[dict] = field(default_factory=list)
 
     def rule_for(self, module_name: str) -> Rule | None:
@@ -103,7 +106,7 @@ class Recipe:
         d = {"lowbit_recipe_version": RECIPE_VERSION, "name": self.name, "description": self.description,
              "rules": [r.to_dict() for r in self.rules], "ignore": list(self.ignore),
              "calibration": dict(self.calibration)}
-        if self.transforms:
+        if self.transforms:       # absent when empty: recipes without transforms keep their bytes
             d["transforms"] = [dict(t) for t in self.transforms]
         return d
 
@@ -146,7 +149,7 @@ class Recipe:
 
 # ---- presets ----------------------------------------------------------------------------------
 _PRESETS: dict[str, tuple[Callable[[], Recipe], str]] = {}
-_GRAMMAR = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym)?-(?P<method>[a-z0-9_]+)"
+_GRAMMAR = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym)?(?P<rot>-rot)?-(?P<method>[a-z0-9_]+)"
                       r"(?P<actorder>-actorder(?P<static>-static)?)?(?P<mse>-mse)?$")
 # modules that register more presets when imported (kept lazy: importing lowbit stays cheap)
 PRESET_MODULES: list[str] = ["lowbit.presets.gguf_mixes", "lowbit.presets.activations"]
@@ -190,8 +193,11 @@ def grammar_recipe(name: str) -> Recipe | None:
     desc = (f"{bits}-bit {'symmetric' if sym else 'asymmetric'} "
             f"{'group ' + str(group) if group else 'per output channel'}, {m['method']}"
             f"{' with ' + ', '.join(extras) if extras else ''}; lm_head and embeddings stay in float")
+    transforms = [{"name": "rotate", "seed": 0}] if m["rot"] else []
+    if transforms:
+        desc = "Hadamard-rotated (lowbit.transforms.rotate), " + desc
     return Recipe(name=name, rules=[Rule(r".*", int_scheme(bits, group, sym), m["method"], args)],
-                  description=desc)
+                  description=desc, transforms=transforms)
 
 
 def get_recipe(spec: str | Path | Recipe) -> Recipe:
@@ -213,7 +219,7 @@ def get_recipe(spec: str | Path | Recipe) -> Recipe:
         return Recipe.load(s)
     raise LowbitError(f"recipe {s!r}: not a preset, preset grammar match or file. Presets: "
                       f"{', '.join(sorted(_PRESETS)) or '(none registered)'}; grammar: "
-                      "w{bits}[g{group}][-sym]-{method}[-actorder[-static]][-mse], e.g. w4g128-gptq, "
+                      "w{bits}[g{group}][-sym][-rot]-{method}[-actorder[-static]][-mse], e.g. w4g128-gptq, "
                       "w4g128-gptq-actorder-mse, w8-rtn")
 
 
@@ -221,6 +227,7 @@ def list_presets() -> dict[str, str]:
     _load_preset_modules()
     out = {k: d for k, (_, d) in _PRESETS.items()}
     for ex in ("w8-rtn", "w4g128-rtn", "w4g128-gptq", "w3g128-gptq", "w2g64-gptq-actorder",
-               "w4g128-gptq-actorder-mse", "w4g128-gptq-actorder-static"):
+               "w4g128-gptq-actorder-mse", "w4g128-gptq-actorder-static", "w4g64-signround",
+               "w3g64-rot-gptq", "w3g64-rot-signround", "w2g64-rot-signround"):
         out.setdefault(ex, grammar_recipe(ex).description)
     return out

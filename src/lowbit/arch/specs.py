@@ -104,3 +104,46 @@ SPECS: tuple[ArchSpec, ...] = (
 )
 
 BY_MODEL_TYPE: dict[str, ArchSpec] = {t: s for s in SPECS for t in s.model_types}
+
+
+# ---- rotations (lowbit.transforms.rotate) -----------------------------------------------------
+@dataclass(frozen=True)
+class RotationSpec:
+    """Where a residual-stream rotation Q must be folded so the float outputs are unchanged
+    (QuaRot arXiv:2404.00456, sec. 4): every norm that feeds linears must be a plain RMSNorm
+    (x / rms(x) * weight, which commutes with Q once its weight is folded into its readers).
+
+    norms       (norm path, linears reading its output), relative to a block; the norm's weight
+                is multiplied into those linears' input columns, then set to 1
+    writers     linears whose outputs are added to the residual stream (rows rotated by Q^T)
+    v_o         (value projection, attention output projection): a head-wise rotation of width
+                head_dim folded into both (attention mixes tokens, not a head's dimensions)
+    down        the MLP output projection whose input (after the gate nonlinearity) can only be
+                rotated online (x -> x Q before the matmul; optional)
+    final_norm  the norm before lm_head (folded into lm_head)
+    """
+    norms: tuple[tuple[str, tuple[str, ...]], ...]
+    writers: tuple[str, ...]
+    v_o: tuple[str, str] | None
+    down: str | None
+    final_norm: str
+    embeddings: tuple[str, ...]
+    lm_head: str = "lm_head"
+
+
+_LLAMA_ROTATION = RotationSpec(
+    norms=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+           ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    writers=("self_attn.o_proj", "mlp.down_proj"), v_o=("self_attn.v_proj", "self_attn.o_proj"),
+    down="mlp.down_proj", final_norm="model.norm", embeddings=("model.embed_tokens",))
+
+# model_type -> RotationSpec. Absent on purpose (rotate refuses them with the reason):
+#   gemma*      RMSNorm computes x * (1 + weight) and the embeddings are scaled by sqrt(hidden)
+#   olmo2, gemma2/3, cohere   norms on the sublayer outputs / LayerNorm with a mean: do not commute
+#   opt, gpt2   LayerNorm (mean subtraction and bias) in front of every linear group
+ROTATIONS: dict[str, RotationSpec] = {t: _LLAMA_ROTATION for t in
+                                      ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")}
+ROTATIONS["phi3"] = RotationSpec(
+    norms=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+    writers=("self_attn.o_proj", "mlp.down_proj"), v_o=None, down="mlp.down_proj",
+    final_norm="model.norm", embeddings=("model.embed_tokens",))

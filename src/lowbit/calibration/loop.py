@@ -154,6 +154,12 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
         head_targets = [t for t in outside if t.calibrated]
         # blocks after the last targeted one only matter when lm_head needs their outputs
         last = len(blocks) - 1 if head_targets else max(per_block, default=-1)
+        fp_acts = acts if any(getattr(t.method.fn, "block_level", False) for t in targets) else None
+        if fp_acts is not None and checkpoint is not None:
+            # the resume state holds the quantized path's block inputs only, not the float path's
+            log("no resume state: block-level methods (signround) also need the float model's block "
+                "inputs, which the state does not keep")
+            checkpoint = None
         start = 0
         if checkpoint is not None:
             start, acts = checkpoint.restore(model, acts, res, _swap)
@@ -171,6 +177,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
             done: list[tuple[str, QuantizedWeight, str]] = []
             if transforms and bt:                  # equivalent rewrites of the float block first
                 res.transforms += _transform_block(model, arch, block, bt, acts, transforms)
+            if fp_acts is not None:            # block-level methods: float targets, float inputs kept
+                refine = _BlockRefine(block, bt, acts, fp_acts, res.timing)
             if cfg.true_sequential and cfg.pause_forward:
                 acts = _quantize_paused(block, plan, acts, res.timing, done)
             else:
@@ -183,6 +191,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
                 for i, a in enumerate(acts):       # replace batch by batch: one block of activations
                     acts[i] = run_block(block, a)
                 res.timing["forward_s"] += time.perf_counter() - t0
+            if fp_acts is not None:
+                acts, fp_acts = refine.finish(done, acts, log)
             for name, qw, method in done:
                 res.layers.append(_swap(model, f"{arch.blocks}.{b}.{name}", qw, method))
                 _note_numerics(f"{arch.blocks}.{b}.{name}", qw, res.notes, log)
@@ -220,6 +230,39 @@ def _transform_block(model, arch, block, bt: dict[str, Target], acts, transforms
     from lowbit.transforms.block import transform_model_block
     return transform_model_block(model, arch, block, {rel: t.rule.scheme for rel, t in bt.items()},
                                  acts, transforms)
+class _BlockRefine:
+    """The block-level hook (calibration/blockwise.py, methods marked `block_level` such as
+    signround): before a block is quantized, its float outputs on the float model's inputs (the
+    target) and its targets' float weights are kept; once the loop has quantized its groups
+    (the starting point), the block's rounding is tuned and its outputs recomputed."""
+
+    def __init__(self, block: nn.Module, bt: dict[str, Target], acts: list[BlockInput],
+                 fp_acts: list[BlockInput], timing: dict):
+        t0 = time.perf_counter()
+        self.block, self.timing, self.inputs = block, timing, list(acts)
+        self.targets = {rel: t for rel, t in bt.items() if getattr(t.method.fn, "block_level", False)}
+        self.floats = {rel: linear_weight(t.module).detach().clone() for rel, t in self.targets.items()}
+        self.fp_out = [run_block(block, a) for a in fp_acts]
+        timing["forward_s"] = timing.get("forward_s", 0.0) + time.perf_counter() - t0
+
+    def finish(self, done: list, acts: list[BlockInput], log) -> tuple[list[BlockInput], list[BlockInput]]:
+        from lowbit.calibration.blockwise import refine_block
+        idx = [i for i, (rel, _, _) in enumerate(done) if rel in self.targets]
+        if not idx:
+            return acts, self.fp_out
+        t0 = time.perf_counter()
+        tuned = [(done[i][0], self.floats[done[i][0]], done[i][1], self.targets[done[i][0]].config) for i in idx]
+        qws, info = refine_block(self.block, tuned, self.inputs, [y.hidden for y in self.fp_out])
+        for i, qw in zip(idx, qws):
+            _write_dequantized(self.targets[done[i][0]].module, qw)
+            done[i] = (done[i][0], qw, done[i][2])
+        self.timing["refine_s"] = self.timing.get("refine_s", 0.0) + time.perf_counter() - t0
+        log(f"signround: block loss {info['signround_loss_init']:.4g} -> {info['signround_loss_best']:.4g} "
+            f"({info['signround_s']:.1f} s)")
+        t0 = time.perf_counter()
+        acts = [run_block(self.block, a) for a in self.inputs]
+        self.timing["forward_s"] += time.perf_counter() - t0
+        return acts, self.fp_out
 
 
 def _note_numerics(name: str, qw: QuantizedWeight, notes: list[str], log: Callable[[str], None]) -> None:

@@ -116,6 +116,10 @@ def copy_model_files(src: Path, dst: Path, config: dict | None = None) -> None:
 def source_config(qm) -> dict:
     cfg = json.loads((Path(qm.source_dir) / "config.json").read_text())
     cfg.pop("quantization_config", None)
+    # a transform may untie lm_head from the embedding (transforms/rotate.py): the file says so
+    tied = getattr(getattr(qm.model, "config", None), "tie_word_embeddings", None)
+    if tied is False and cfg.get("tie_word_embeddings", True):
+        cfg["tie_word_embeddings"] = False
     return cfg
 
 

@@ -63,7 +63,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.export import Format, register_format
-from lowbit.export.common import (TensorFiles, copy_model_files, empty_model, finish, float_tensors,
+from lowbit.export.common import (TensorFiles, copy_model_files, source_config, empty_model, finish, float_tensors,
                                   output_dir, place_quantized, retie, save_safetensors, scale_for_file,
                                   set_tensor)
 from lowbit.export.manifest import provenance, verify, write_manifest
@@ -138,7 +138,7 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
     manifest = provenance(qm, FORMAT, layers, {"format_version": FORMAT_VERSION, "tied": tied})
     with output_dir(out, overwrite) as tmp:
         save_safetensors(tensors, tmp, max_shard_size)
-        copy_model_files(qm.source_dir, tmp)
+        copy_model_files(qm.source_dir, tmp, source_config(qm))
         write_manifest(tmp, manifest, MANIFEST)
     return Path(out)
 

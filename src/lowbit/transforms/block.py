@@ -47,13 +47,17 @@ class Pair:
 
 
 def make_transforms(specs: list[dict]) -> list[tuple[str, object]]:
-    """Validate recipe.transforms ([{"name": "awq", **options}, ...]) before any work."""
+    """Validate recipe.transforms' block-level entries ([{"name": "awq", **options}, ...]) before any work."""
+    from lowbit.transforms import _registry, unknown_transform
+    model_level = set(_registry())
     out = []
     for spec in specs:
         spec = dict(spec)
         name = spec.pop("name", None)
+        if name in model_level:               # applied to the whole model by api.quantize
+            continue
         if name not in TRANSFORMS:
-            raise LowbitError(f"recipe transform {name!r}: unknown; available: {sorted(TRANSFORMS)}")
+            raise unknown_transform(name)
         cls = TRANSFORMS[name][0]
         known = set(cls.__dataclass_fields__)
         if set(spec) - known:

@@ -1,0 +1,75 @@
+"""Block-level refinement for methods marked `block_level` (methods/signround.py): after the
+sequential loop has given every linear of a block its starting point, train their rounding on
+the block's output error, one block in memory.
+
+    inputs   X_q  (the quantized model's inputs of this block, as the loop holds them)
+    target   Y_fp = block_float(X_fp)   (X_fp: the float model's inputs, carried beside X_q)
+    step t   W_hat = fake_quant(W; V, a, dz) for every tuned linear (torch.func.functional_call,
+             the module's own weights untouched), loss = mean((block_{W_hat}(X_q[b]) - Y_fp[b])^2)
+             on batch b = t mod n_batches, backward, signed step; the lowest-loss step is kept
+
+Only the rounding parameters get gradients (the block's other weights, norms, and the inputs
+are constants), so memory is one batch's activations and their autograd graph.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from lowbit.calibration.capture import BlockInput
+from lowbit.methods.signround import RoundingParams
+from lowbit.numerics.qweight import QuantizedWeight
+
+
+def _out(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+def _batches(inputs: list[BlockInput], targets: list[torch.Tensor], size: int):
+    """(input, target) pairs of `size` windows (0: the loop's batches as they are)."""
+    if size <= 0:
+        return list(zip(inputs, targets))
+    out = []
+    for a, y in zip(inputs, targets):
+        n = a.hidden.shape[0]
+        for i in range(0, n, size):
+            kw = {k: (v[i:i + size] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n and n > 1
+                      else v) for k, v in a.kwargs.items()}
+            out.append((BlockInput(a.hidden[i:i + size], kw), y[i:i + size]))
+    return out
+
+
+def refine_block(block: nn.Module, tuned: list[tuple[str, torch.Tensor, QuantizedWeight, object]],
+                 inputs: list[BlockInput], targets: list[torch.Tensor]) -> tuple[list[QuantizedWeight], dict]:
+    """tuned: (name relative to the block, float weight (out, in), starting QuantizedWeight,
+    SignRoundConfig) per linear. Returns the tuned QuantizedWeights (same order) and figures."""
+    cfg = tuned[0][3]
+    params = {name: RoundingParams(w, qw, c) for name, w, qw, c in tuned}
+    pairs = _batches(inputs, targets, cfg.batch_size)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        first = [float(torch.mean((_out(block(a.hidden, **a.kwargs)) - y) ** 2)) for a, y in pairs]
+    best, losses = float("inf"), []
+    lr0 = cfg.step_lr
+    with torch.enable_grad():
+        for t in range(cfg.iters):
+            a, y = pairs[t % len(pairs)]
+            weights = {f"{n}.weight": p.fake_quant() for n, p in params.items()}
+            loss = torch.mean((_out(functional_call(block, weights, (a.hidden,), a.kwargs)) - y) ** 2)
+            loss.backward()
+            lv = float(loss.detach())
+            losses.append(lv)
+            if lv < best:            # the parameters that gave this loss, before the step
+                best = lv
+                for p in params.values():
+                    p.keep()
+            lr = lr0 * (1 - t / cfg.iters)
+            for p in params.values():
+                p.step(lr)
+    info = {"signround_iters": cfg.iters, "signround_loss_init": sum(first) / len(first),
+            "signround_loss_best": best if losses else sum(first) / len(first),
+            "signround_s": time.perf_counter() - t0}
+    return [params[n].result(qw.info | info) for n, _, qw, _ in tuned], info
