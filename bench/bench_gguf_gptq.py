@@ -46,6 +46,9 @@ def main(argv=None) -> None:
     ap.add_argument("--calib", type=int, default=64, help="512-token windows of wiki-calibration (imatrix and GPTQ)")
     ap.add_argument("--windows", type=int, default=40, help="512-token windows of wiki-evaluation scored")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", default="gptq", choices=("gptq", "gptqk"),
+                    help="lowbit's recipe: <preset>-gptq (GPTQ on every decoder linear) or <preset>-gptqk "
+                         "(GPTQ on the k-quant tensors; llama.cpp's encoder on legacy fallback types)")
     ap.add_argument("--quick", action="store_true", help="q4_k_m only, 8 calibration windows, 4 scored")
     ap.add_argument("--kl-only", action="store_true", help="only add lowbit's KL / top-1 (vs the float model, "
                     "8 x 512 tokens of wiki-evaluation) to an earlier run's results, from its kept files")
@@ -87,10 +90,10 @@ def main(argv=None) -> None:
         peer("quantize", str(f32), str(theirs), "--ftype", preset.upper(), "--imatrix", str(im_path),
              "--threads", str(a.threads))
         t_theirs = time.perf_counter() - t0
-        ours = WORK / f"{tag}-{preset}-gptq.gguf"
+        ours = WORK / f"{tag}-{preset}-{a.variant}.gguf"
         model = copy.deepcopy(lm.model)
         t0 = time.perf_counter()
-        rep = api.quantize(model, f"{preset}-gptq", tokens=tokens, imatrix=im, progress=False)
+        rep = api.quantize(model, f"{preset}-{a.variant}", tokens=tokens, imatrix=im, progress=False)
         rep.imatrix["file"] = str(im_path)
         from lowbit.models import LoadedModel
         qlm = LoadedModel(model, lm.tokenizer, lm.path, lm.source, lm.source_sha256)
@@ -98,7 +101,7 @@ def main(argv=None) -> None:
         t_ours = time.perf_counter() - t0
         del model, qlm
         pt, po = ppl(theirs), ppl(ours)
-        row = {"preset": preset, "llamacpp_bytes": theirs.stat().st_size, "lowbit_bytes": ours.stat().st_size,
+        row = {"preset": preset, "variant": a.variant, "llamacpp_bytes": theirs.stat().st_size, "lowbit_bytes": ours.stat().st_size,
                "llamacpp_ppl": pt["ppl"], "lowbit_ppl": po["ppl"],
                "llamacpp_dppl": pt["ppl"] - base["ppl"], "lowbit_dppl": po["ppl"] - base["ppl"],
                "llamacpp_s": round(t_theirs, 1), "lowbit_s": round(t_ours, 1),
@@ -106,10 +109,10 @@ def main(argv=None) -> None:
         row["loss_ratio"] = row["lowbit_dppl"] / row["llamacpp_dppl"] if row["llamacpp_dppl"] > 0 else None
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
-        (WORK / f"{tag}.json").write_text(json.dumps(res, indent=1))
+        (WORK / f"{tag}{'' if a.variant == 'gptq' else '-' + a.variant}.json").write_text(json.dumps(res, indent=1))
     print(f"\n{a.model}: llama.cpp perplexity, {a.windows} x 512 tokens of wiki-evaluation; F32 {base['ppl']:.4f}; "
           f"imatrix and GPTQ on {a.calib} x 512 tokens of wiki-calibration\n")
-    print("| preset | llama-quantize + imatrix: MiB | ppl | dPPL | lowbit -gptq + imatrix: MiB | ppl | dPPL | "
+    print(f"| preset | llama-quantize + imatrix: MiB | ppl | dPPL | lowbit -{a.variant} + imatrix: MiB | ppl | dPPL | "
           "loss ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in res["rows"]:
@@ -123,18 +126,19 @@ def add_kl(a) -> None:
     from lowbit.eval import evaluate, reference_for
     from lowbit.export.gguf.reader import load_gguf
     from lowbit.models import load_model
-    res = json.loads((WORK / f"{a.model}.json").read_text())
+    tag = a.model + ("" if a.variant == "gptq" else "-" + a.variant)
+    res = json.loads((WORK / f"{tag}.json").read_text())
     lm = load_model(a.model)
     opts = dict(text="wiki-evaluation", seq_len=512, max_tokens=4096, kl_max_tokens=4096, progress=False)
     ref = reference_for(lm.model, lm.tokenizer, **opts)
     for row in res["rows"]:
-        for who, f in (("llamacpp", f"{a.model}-{row['preset']}-llamacpp.gguf"), ("lowbit", f"{a.model}-{row['preset']}-gptq.gguf")):
+        for who, f in (("llamacpp", f"{a.model}-{row['preset']}-llamacpp.gguf"), ("lowbit", f"{a.model}-{row['preset']}-{a.variant}.gguf")):
             model, _, _ = load_gguf(WORK / f)
             rec = evaluate(model, lm.tokenizer, metrics="ppl,kl", reference=ref, **opts)
             row[f"{who}_kl"], row[f"{who}_top1"] = rec["kl"]["mean"], rec["kl"]["top1_agreement"]
             del model
         print(json.dumps({k: row[k] for k in row if "kl" in k or "top1" in k or k == "preset"}), flush=True)
-    (WORK / f"{a.model}.json").write_text(json.dumps(res, indent=1))
+    (WORK / f"{tag}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -118,6 +118,31 @@ def test_gptq_with_ggml_encoder_lowers_output_error(real_weight, down_proj_input
     assert e_gptq <= ratio * e_plain * (1 + 1e-5), (t, e_gptq, e_plain)
 
 
+def test_gptqk_leaves_fallback_types_to_the_encoder(real_weight, down_proj_inputs):
+    """ggml_fallback='encoder' (<mix>-gptqk): a Q2_K row of 576 values falls back to Q4_0 and keeps
+    llama.cpp's bytes exactly; on 1536-value rows (a real Q2_K) GPTQ still chooses the codes."""
+    from lowbit.methods.gptq import GPTQConfig
+    from lowbit.methods.gptq_ggml import gptq_ggml_quantize
+    from lowbit.presets.gguf_mixes import ggml_scheme
+    from lowbit.recipe import get_recipe
+    X = down_proj_inputs
+    H = 2 * X.t().double() @ X.double() / X.shape[0]
+    imp = (X.double() ** 2).mean(0).float().numpy()
+    cfg = GPTQConfig(ggml_fallback="encoder")
+    W576 = real_weight.t().contiguous()                      # (1536, 576): rows of 576 values
+    H576 = 2 * torch.eye(576, dtype=torch.float64)
+    imp576 = np.ones(576, dtype=np.float32)
+    fb = gptq_ggml_quantize(W576, H576.float(), ggml_scheme("q2_k"), cfg, imatrix=imp576)
+    assert fb.type == "Q4_0" and fb.wanted == "Q2_K"
+    assert np.array_equal(fb.data.numpy(), quantize(W576.numpy(), "Q4_0", imatrix=imp576))
+    k = gptq_ggml_quantize(real_weight, H.float(), ggml_scheme("q2_k"), cfg, imatrix=imp)
+    assert k.type == "Q2_K" and "loss_encoder_only" in k.info
+    rule_args = [r.method_args for r in get_recipe("q2_k-gptqk").rules if r.method == "gptq"]
+    assert rule_args and all(a.get("ggml_fallback") == "encoder" for a in rule_args)
+    with pytest.raises(LowbitError, match="ggml_fallback"):
+        GPTQConfig(ggml_fallback="nope")
+
+
 # ---- the whole path on the bundled model -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def q4km_gptq(smollm2, tmp_path_factory):

@@ -80,8 +80,13 @@ class GPTQConfig:
     clip: str = "minmax"
     clip_grid: int = 20
     clip_min_ratio: float = 0.75
+    # ggml schemes only: "encoder" leaves llama.cpp's own encoding on tensors whose wanted k-quant was
+    # swapped for a legacy fallback type (rows not a multiple of 256: Q4_K -> Q5_0, ...); see gptq_ggml.py
+    ggml_fallback: str = "gptq"
 
     def __post_init__(self) -> None:
+        if self.ggml_fallback not in ("gptq", "encoder"):
+            raise LowbitError(f"gptq ggml_fallback: expected 'gptq' or 'encoder', got {self.ggml_fallback!r}")
         if self.clip not in ("minmax", "mse"):
             raise LowbitError(f"gptq clip: expected 'minmax' or 'mse', got {self.clip!r}")
         if not (isinstance(self.clip_grid, int) and self.clip_grid >= 1 and 0.0 < self.clip_min_ratio <= 1.0):

@@ -22,6 +22,11 @@ never worse than the encoder alone on the calibration statistics. (It matters wh
 weights already lie on a ggml grid, as SmolLM2's lie on Q4_1's: Q4_K re-encodes those nearly
 exactly and GPTQ's updates would move them off it.)
 Column order is the storage order (act-order would need a permutation GGUF cannot hold).
+
+`ggml_fallback="encoder"` (presets `<mix>-gptqk`) runs GPTQ only where the mix's k-quant is really
+used and leaves llama.cpp's encoding on the legacy types a k-quant falls back to (rows that are not
+a multiple of 256). Measured on SmolLM2 (BENCHMARKS.md "GGUF fed by GPTQ"): GPTQ on its Q4_0
+fallbacks raised perplexity without lowering KL, while GPTQ on its Q3_K tensors lowered both.
 """
 from __future__ import annotations
 
@@ -50,6 +55,11 @@ def gptq_ggml_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme, conf
                           "(no g_idx); drop -actorder")
     wanted, used = resolve_type(scheme, cols, name)
     t = ggml_type(used)
+    if used != wanted and config.ggml_fallback == "encoder":
+        from lowbit.methods.ggml import GGMLConfig, ggml
+        qw = ggml(weight, scheme, GGMLConfig(), {"imatrix": imatrix} if imatrix is not None else None)
+        qw.info["gptq"] = "skipped: fallback type (ggml_fallback='encoder')"
+        return qw
     if used in ("F16", "F32", "BF16"):      # no ggml block fits these rows: stays float
         return GGMLWeight(torch.from_numpy(quantize(weight.float().numpy(), used)), used, (rows, cols), wanted,
                           {"ggml_type": used, "ggml_wanted": wanted})

@@ -102,14 +102,21 @@ def mix_recipe(name: str) -> Recipe:
                               "bound to the model at export")
 
 
-def mix_gptq_recipe(name: str) -> Recipe:
+def mix_gptq_recipe(name: str, kquants_only: bool = False) -> Recipe:
     """`<mix>-gptq`: the same per-tensor types, with GPTQ's error feedback choosing the codes of
-    every decoder linear (methods/gptq_ggml.py); lm_head / embeddings keep llama.cpp's encoder."""
+    every decoder linear (methods/gptq_ggml.py); lm_head / embeddings keep llama.cpp's encoder.
+    `<mix>-gptqk` (kquants_only): GPTQ only on the tensors that really get a k-quant; llama.cpp's
+    encoder on those that fall back to a legacy type (rows not a multiple of 256)."""
     r = mix_recipe(name)
-    rules = [Rule(x.targets, x.scheme, "ggml" if x.targets == HEAD else "gptq", dict(x.method_args))
+    extra = {"ggml_fallback": "encoder"} if kquants_only else {}
+    rules = [Rule(x.targets, x.scheme, "ggml" if x.targets == HEAD else "gptq",
+                  dict(x.method_args) if x.targets == HEAD else {**x.method_args, **extra})
              for x in r.rules]
-    return Recipe(name=f"{r.name}-gptq", rules=rules, ignore=list(r.ignore),
-                  description=f"{r.description}; codes by GPTQ with ggml's block encoders as the quantizer")
+    suffix = "-gptqk" if kquants_only else "-gptq"
+    what = "on the k-quant tensors (fallback types keep llama.cpp's encoding)" if kquants_only else ""
+    return Recipe(name=f"{r.name}{suffix}", rules=rules, ignore=list(r.ignore),
+                  description=f"{r.description}; codes by GPTQ with ggml's block encoders as the quantizer"
+                              + (f" {what}" if what else ""))
 
 
 for _m in MIXES:
@@ -118,6 +125,8 @@ for _m in MIXES:
     if _m not in ("f16", "f32", "tq1_0", "tq2_0"):
         register_preset(f"{_m}-gptq", f"GGUF {_m.upper()} types, codes chosen by GPTQ (ggml encoders as quantizer)")(
             lambda _n=_m: mix_gptq_recipe(_n))
+        register_preset(f"{_m}-gptqk", f"GGUF {_m.upper()} types, GPTQ codes on the k-quant tensors only")(
+            lambda _n=_m: mix_gptq_recipe(_n, kquants_only=True))
 
 EMBED = r"embed_tokens$"
 

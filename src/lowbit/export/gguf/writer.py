@@ -144,7 +144,7 @@ def _file_type(recipe: Recipe) -> int:
     """general.file_type: the mix's LlamaFileType; GUESSED for a custom recipe (as llama.cpp marks
     files whose tensor types it did not choose)."""
     import gguf
-    m = MIXES.get(recipe.name.removesuffix("-gptq"))
+    m = MIXES.get(recipe.name.removesuffix("-gptqk").removesuffix("-gptq"))
     if m is not None:
         return int(getattr(gguf.LlamaFileType, m.ftype))
     return int(gguf.LlamaFileType.GUESSED)
