@@ -139,3 +139,23 @@ def test_step_path_refuses_what_it_does_not_run(smollm2):
     f.to(torch.bfloat16)
     s2 = step_model(f)
     assert s2 is not s1 and s2.dtype == torch.bfloat16
+
+
+def test_fused_rows_with_bias_as_qwen2_has(smollm2):
+    """q/k/v with biases (Qwen2): the fused call adds the concatenated biases (0 where a linear has
+    none) and equals the separate calls exactly at decode."""
+    if not ext.load():
+        pytest.skip(f"C++ extension unavailable: {ext.status()}")
+    from lowbit.nn.prepare import PackedLinear
+    from lowbit.numerics.qweight import quantize_weight
+    attn = smollm2.model.model.layers[0].self_attn
+    sch = int_scheme(4, 128)
+    mods = []
+    for i, lin in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        bias = None if i == 1 else torch.randn(lin.out_features)
+        mods.append(PackedLinear(quantize_weight(lin.weight.detach(), sch), bias, backend="ext"))
+    x = torch.randn(1, 576)
+    before = torch.cat([m(x) for m in mods], dim=-1)
+    fused = FusedRows(mods)
+    assert fused.kind == "ext" and fused.bias is not None
+    assert torch.equal(fused(x), before)
