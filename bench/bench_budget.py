@@ -205,6 +205,21 @@ def step_rtn(a) -> None:
         del m, rep
 
 
+def step_rtntable(a) -> None:
+    """Markdown rows of rtn-results.json: each budget mix next to the uniform presets at or below
+    its size (and the nearest above)."""
+    res = json.loads((a.work / "rtn-results.json").read_text())
+    base = res["fp32"]["ppl"]
+    rows = sorted(((k, v) for k, v in res.items() if k != "fp32"), key=lambda kv: kv[1]["bpw"])
+    print("| config | bits/weight (file) | file bytes | ppl | dPPL | KL | top-1 | predicted KL | payload = predicted |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k, v in rows:
+        pk = f"{v['predicted_kl']:.4f}" if "predicted_kl" in v else "-"
+        eq = ("yes" if v["payload_bytes"] == v["predicted_payload"] else "NO") if "predicted_payload" in v else "-"
+        print(f"| {'**' + k + '**' if k.startswith('budget') else k} | {v['bpw']:.3f} | {v['file_bytes']:,} | "
+              f"{v['ppl']:.2f} | {v['ppl'] - base:+.2f} | {v['kl']:.4f} | {100 * v['top1']:.1f}% | {pk} | {eq} |")
+
+
 def step_table(a) -> None:
     rows = []
     base = None
@@ -225,7 +240,7 @@ def step_table(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("sens", "measure", "run", "rtn", "table"))
+    ap.add_argument("step", choices=("sens", "measure", "run", "rtn", "rtntable", "table"))
     ap.add_argument("names", nargs="*")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "budget")
     ap.add_argument("--calib", type=int, default=32, help="calibration windows of 512 tokens")
@@ -238,7 +253,7 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    {"sens": step_sens, "measure": step_measure, "run": step_run, "rtn": step_rtn, "table": step_table}[a.step](a)
+    {"sens": step_sens, "measure": step_measure, "run": step_run, "rtn": step_rtn, "rtntable": step_rtntable, "table": step_table}[a.step](a)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
 
 
 def _summary_table(runs: list[dict], baseline_ppl: float | None) -> str:
-    head = ["run", "recipe", "bits/weight (linears)", "file MB", "perplexity", "dPPL", "KL mean",
+    head = ["run", "recipe", "bits/weight (linears, storage)", "file MB", "perplexity", "dPPL", "KL mean",
             "top-1", "decode tok/s", "peak RSS MiB"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in runs:
