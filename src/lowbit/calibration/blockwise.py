@@ -69,7 +69,12 @@ def refine_block(block: nn.Module, tuned: list[tuple[str, torch.Tensor, Quantize
             lr = lr0 * (1 - t / cfg.iters)
             for p in params.values():
                 p.step(lr)
-    info = {"signround_iters": cfg.iters, "signround_loss_init": sum(first) / len(first),
-            "signround_loss_best": best if losses else sum(first) / len(first),
+    init = sum(first) / len(first)
+    improved = bool(losses) and best < min(first)
+    info = {"signround_iters": cfg.iters, "signround_loss_init": init,
+            "signround_loss_best": best if improved else init, "signround_kept_init": not improved,
             "signround_s": time.perf_counter() - t0}
+    if not improved:         # never worse than the starting point on the calibration batches
+        return [QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.scheme, qw.g_idx, qw.info | info)
+                for _, _, qw, _ in tuned], info
     return [params[n].result(qw.info | info) for n, _, qw, _ in tuned], info

@@ -15,9 +15,10 @@ lr decaying linearly to 0 over `iters` steps (the paper's schedule, lr = 1 / ite
 parameters of the step with the lowest loss are kept.
 
 Initialisation (`init`): "rtn" starts at V = 0 on round-to-nearest qparams (the paper); "gptq"
-starts from this package's GPTQ solution (its scales, zeros, act-order g_idx, and V set so that
-round() reproduces GPTQ's codes wherever |GPTQ code - W / s - z| <= 0.5), so the tuning improves
-on GPTQ instead of on RTN.
+starts from this package's GPTQ solution (its scales, zeros, act-order g_idx, and a constant
+integer shift D = GPTQ code - round(W / s + z) inside the rounding, so V = 0 is GPTQ exactly), so
+the tuning improves on GPTQ instead of on RTN. If no step beats the starting point's loss on the
+calibration batches, the starting point is kept.
 
 This file is the per-weight math (parameters, fake-quantization, the signed step, the final
 QuantizedWeight); calibration/blockwise.py runs the block forward and backward.
@@ -38,7 +39,7 @@ from lowbit.numerics.scheme import Scheme
 @dataclass
 class SignRoundConfig:
     iters: int = 50               # signed-gradient steps per block
-    lr: float = 0.0               # 0: 1 / iters (the paper's default)
+    lr: float = 0.0               # 0: 1 / iters (the paper's default), at most 0.05
     batch_size: int = 0           # calibration windows per step; 0: the calibration loop's batch
     init: str = "rtn"             # rtn | gptq
     clip: str = "minmax"          # the init's range choice (rtn / gptq option of the same name)
@@ -64,7 +65,9 @@ class SignRoundConfig:
 
     @property
     def step_lr(self) -> float:
-        return self.lr or 1.0 / max(self.iters, 1)
+        # 1 / iters is AutoRound's default for its 200 steps (0.005); with the few steps a CPU
+        # affords, 1 / 6 moved every offset so far that no step beat the start (2-bit, block 0)
+        return self.lr or min(1.0 / max(self.iters, 1), 0.05)
 
 
 def _init_method(config: SignRoundConfig):
@@ -102,10 +105,11 @@ class RoundingParams:
                    else torch.full_like(self.s0, float(sc.sym_zero)))
         self.a = torch.ones_like(self.s0, requires_grad=True)
         self.dz = torch.zeros_like(self.s0, requires_grad=not sc.symmetric)
-        # V reproduces the init's codes where it can (GPTQ moves some weights further than 0.5)
+        # D (integer, constant): the init's codes minus round-to-nearest's, so that V = 0 starts
+        # exactly at the init (GPTQ moves some weights by more than half a step)
         x = self.W / self._full(self.s0) + self._full(self.z0)
-        v0 = (qw.qdata.float() - x).clamp(-0.5, 0.5)
-        self.V = v0.requires_grad_(True)
+        self.D = qw.qdata.float() - torch.round(x)
+        self.V = torch.zeros_like(self.W, requires_grad=True)
         self.best: tuple | None = None
 
     def _full(self, p: torch.Tensor) -> torch.Tensor:
@@ -123,7 +127,7 @@ class RoundingParams:
         """W_hat, differentiable in V, a, dz (straight-through rounding)."""
         s, z = self.qparams()
         s, z = self._full(s), self._full(z)
-        x = self.W / s + z + self.V
+        x = self.W / s + z + self.V + self.D
         code = x + (torch.round(x) - x).detach()
         code = code.clamp(self.scheme.qmin, self.scheme.qmax)
         return (code - z) * s
@@ -154,7 +158,7 @@ class RoundingParams:
         s, z = self.qparams()
         s = round_scale(s.detach(), SCALE_DTYPES[self.config.scale_dtype])
         z = z.detach().clamp(0, self.scheme.qmax)
-        code = torch.round(self.W / self._full(s) + self._full(z) + self.V)
+        code = torch.round(self.W / self._full(s) + self._full(z) + self.V + self.D)
         code = code.clamp(self.scheme.qmin, self.scheme.qmax).to(torch.uint8)
         zero = z if not self.scheme.symmetric else self.z0
         return QuantizedWeight(code, s, zero, self.scheme,
