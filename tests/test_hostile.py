@@ -137,7 +137,8 @@ def test_nonfinite_weight_error_names_the_tensor(smollm2):
         api.quantize(model, one_layer(), progress=False)
 
 
-@pytest.mark.parametrize("fmt", ["native", "gptq", "compressed-tensors"])
+@pytest.mark.parametrize("fmt", ["native", pytest.param("gptq", marks=pytest.mark.slow),
+                                 pytest.param("compressed-tensors", marks=pytest.mark.slow)])
 def test_nan_outside_quantized_layers_never_saved(smollm2, tmp_path, fmt):
     model = copy.deepcopy(smollm2.model)
     model.model.norm.weight.data[7] = float("inf")
@@ -149,7 +150,8 @@ def test_nan_outside_quantized_layers_never_saved(smollm2, tmp_path, fmt):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_nan_model_on_disk_refused_at_load_and_generate_fails(native_out, tmp_path):
+def _nan_copy(native_out, tmp_path) -> Path:
+    """The native output with one NaN in model.norm.weight, re-hashed: consistent but broken."""
     from safetensors.torch import load_file, save_file
 
     from lowbit.export.manifest import write_manifest
@@ -160,8 +162,17 @@ def test_nan_model_on_disk_refused_at_load_and_generate_fails(native_out, tmp_pa
     save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
     m = json.loads((bad / "lowbit.json").read_text())      # re-hashed: a consistent but broken model
     write_manifest(bad, m, "lowbit.json")
+    return bad
+
+
+def test_nan_model_on_disk_refused_at_load(native_out, tmp_path):
     with pytest.raises(LowbitError, match=r"model\.norm\.weight contains 1 NaN/inf"):
-        api.load(bad)
+        api.load(_nan_copy(native_out, tmp_path))
+
+
+@pytest.mark.slow
+def test_generate_cli_on_nan_model_exits_nonzero(native_out, tmp_path):
+    bad = _nan_copy(native_out, tmp_path)
     r = subprocess.run([sys.executable, "-m", "lowbit", "generate", str(bad), "--prompt", "Hi",
                         "--max-new-tokens", "2"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

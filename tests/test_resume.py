@@ -119,20 +119,23 @@ def test_sigkill_at_three_random_points_then_same_bytes(tmp_path):
     full = time.perf_counter() - t0
     rng = random.Random(int(os.environ.get("LOWBIT_KILL_SEED", "23")))
     out = tmp_path / "killed"
+    # three distinct points of progress: after block b's log line, a random extra delay (so the kill
+    # lands inside a block, inside the state write, or in the next block), then SIGKILL
+    points = sorted(rng.sample(range(2, 29, 3), 3))        # 3 blocks apart at least
     kills = []
-    for _ in range(3):
-        at = rng.uniform(0.15, 0.95) * full
-        p = subprocess.Popen(_cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            p.wait(timeout=at)
-        except subprocess.TimeoutExpired:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-            kills.append(round(at, 1))
-        if out.exists():
-            break
-    r = subprocess.run(_cli(out), env=env, capture_output=True, text=True, timeout=1800) if not out.exists() else None
-    assert r is None or r.returncode == 0, r.stderr[-2000:]
-    assert kills, "no run was killed (each finished before its kill time)"
+    for b in points:
+        p = subprocess.Popen(_cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in p.stderr:
+            if f"block {b}/" in line:
+                time.sleep(rng.uniform(0.0, 2.0))
+                os.kill(p.pid, signal.SIGKILL)
+                kills.append(b)
+                break
+        p.wait()
+        assert not out.exists(), f"the run meant to die after block {b} finished"
+    r = subprocess.run(_cli(out), env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    print(f"uninterrupted {full:.0f} s; SIGKILL after blocks {kills} (+0-2 s)")
     assert tree_digest(out) == tree_digest(tmp_path / "whole")
+    assert kills == points
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]   # state + temp dirs gone
