@@ -158,17 +158,19 @@ class Imatrix:
         if n_entries < 1:
             raise LowbitError(f"imatrix {path}: neither GGUF nor a legacy imatrix (n_entries={n_entries})")
         if n_entries * 12 > len(data):        # each entry takes at least 12 bytes
-            raise LowbitError(f"imatrix {path}: header says {n_entries} entries, the file has {len(data)} bytes")
+            raise LowbitError(f"imatrix {path}: truncated or corrupt: header says {n_entries} entries, "
+                              f"the file has {len(data)} bytes")
         for _ in range(n_entries):
             (n,) = take("<i")
             if n < 0 or off + n > len(data):
-                raise LowbitError(f"imatrix {path}: entry name of {n} bytes at byte {off} (file has {len(data)})")
+                raise LowbitError(f"imatrix {path}: truncated or corrupt: entry name of {n} bytes at byte {off} "
+                                  f"(file has {len(data)})")
             name = data[off:off + n].decode("utf-8", errors="replace")
             off += n
             ncall, nval = take("<ii")
             if nval < 0 or off + 4 * nval > len(data):   # checked against the file before allocating
-                raise LowbitError(f"imatrix {path}: entry {name!r} says {nval} values at byte {off}, "
-                                  f"the file has {len(data)} bytes")
+                raise LowbitError(f"imatrix {path}: truncated or corrupt: entry {name!r} says {nval} values at "
+                                  f"byte {off}, the file has {len(data)} bytes")
             vals = np.frombuffer(data, dtype="<f4", count=nval, offset=off).astype(np.float64)
             off += 4 * nval
             # legacy stores mean * ncall; keep it as sums over `ncall` "tokens"
