@@ -30,14 +30,9 @@ def sample_pairs(sens, n: int, seed: int = 0) -> list[tuple[str, str]]:
 def _hessians(model: nn.Module, tokens: torch.Tensor, names: list[str], batch_size: int) -> dict:
     from lowbit.calibration.stats import StatSet
     sets = {n: StatSet({"hessian"}, linear_weight(model.get_submodule(n)).shape[1]) for n in names}
+    from lowbit.calibration.capture import forward_batches
     hs = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, _s=sets[n]: _s.update(a[0])) for n in names]
-    try:
-        with torch.no_grad():
-            for b0 in range(0, tokens.shape[0], batch_size):
-                model(input_ids=tokens[b0:b0 + batch_size], use_cache=False)
-    finally:
-        for h in hs:
-            h.remove()
+    forward_batches(model, tokens, batch_size, hs)
     return {n: s.results()["hessian"].float() for n, s in sets.items()}
 
 

@@ -68,13 +68,10 @@ def calibrate(model: nn.Module, layers: dict[str, QuantLinear], tokens: torch.Te
     root = model.base_model if hasattr(model, "base_model") else model
     if any(n.endswith("lm_head") for n in layers):
         root = model
+    from lowbit.calibration.capture import forward_batches
     try:
-        with torch.no_grad():
-            for b0 in range(0, tokens.shape[0], batch_size):
-                root(input_ids=tokens[b0:b0 + batch_size], use_cache=False)
+        forward_batches(root, tokens, batch_size, handles)
     finally:
-        for h in handles:
-            h.remove()
         for mod in layers.values():
             mod.act_quant.enabled = True
     info = {}

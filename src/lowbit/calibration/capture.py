@@ -114,6 +114,18 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, tokens: torch
     return captured
 
 
+def forward_batches(model: nn.Module, tokens: torch.Tensor, batch_size: int, hooks=()) -> None:
+    """Run `model` over `tokens` in batches without gradients, for the statistics its forward hooks
+    collect; `hooks` (handles) are removed afterwards, whatever happens."""
+    try:
+        with torch.no_grad():
+            for b0 in range(0, tokens.shape[0], batch_size):
+                model(input_ids=tokens[b0:b0 + batch_size], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def run_block(block: nn.Module, x: BlockInput) -> BlockInput:
     """The block's output for one batch, as the next block's input (kwargs carried over)."""
     out = block(x.hidden, **x.kwargs)
