@@ -27,9 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# llm-compressor's venv (bash bench/setup_peers.sh llmc); LOWBIT_LLMC_PYTHON points at another one
 LLMC_PY = Path(os.environ.get("LOWBIT_LLMC_PYTHON", ROOT / "bench" / ".venv-llmc" / "bin" / "python"))
-if not LLMC_PY.is_file():
-    LLMC_PY = Path("/work/main/bench/.venv-llmc/bin/python")
 
 PARTS = {
     "w8a8": ["w8a8", "torch-quantize-dynamic", "w8a8-smooth", "w8a8-static-minmax", "w8a8-static-kl",

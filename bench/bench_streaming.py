@@ -1,7 +1,9 @@
 """Peak RSS and time of `lowbit quantize --stream` (or any lowbit command) as a subprocess.
 
-    python bench/bench_streaming.py OUT.json -- quantize /work/big/llama2-7b-shaped --recipe w4g128-rtn \
-        --stream --out /work/big/q-rtn
+    python bench/bench_streaming.py OUT.json -- quantize BIG/llama2-7b-shaped --recipe w4g128-rtn \
+        --stream --out BIG/q-rtn
+
+(BIG: any directory outside the repo with ~20 GB free)
 
 Peak RSS is the kernel's (getrusage RUSAGE_CHILDREN ru_maxrss of the finished child), the number
 BENCHMARKS.md states; `uptime` load is recorded with it (the box is shared).

@@ -1,7 +1,9 @@
 """Write a checkpoint with Llama-2-7B's shapes and random fp16 weights (no download) as
 safetensors shards + index + config.json, for the streaming benchmark (BENCHMARKS.md).
 
-    python bench/make_7b_checkpoint.py /work/big/llama2-7b-shaped      (~13.5 GB; ~2 GB shards)
+    python bench/make_7b_checkpoint.py BIG/llama2-7b-shaped      (~13.5 GB; ~2 GB shards)
+
+(BIG: any directory outside the repo with ~20 GB free)
 
 Weights are N(0, 0.02) values (norms 1): a pool of 2^25 values drawn once from a seeded generator,
 each tensor a different window of it (drawing 6.7e9 normals takes too long on a shared 2-core box;

@@ -46,7 +46,9 @@ def test_corpus_replay(name, bases, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_corpus_replay_gguf_loader(bases, tmp_path, monkeypatch):
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    for f in _inputs("gguf"):
+    files = _inputs("gguf")
+    assert files, f"no corpus for gguf in {CORPUS / 'gguf'}"
+    for f in files:                     # raises (fails the test) on anything but LowbitError
         targets.run_target("gguf", f.read_bytes(), bases, tmp_path / "w")
 
 

@@ -170,7 +170,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def _render(html: Path, tmp_path: Path, colours: list[str], n_charts: int) -> None:
+def _render(html: Path, tmp_path: Path, colours: list[str], n_charts: int) -> str:
     from lowbit.eval.svg import PALETTE
     shot = tmp_path / "report.png"
     # no network at all: every host name resolves to nothing
@@ -191,6 +191,7 @@ def _render(html: Path, tmp_path: Path, colours: list[str], n_charts: int) -> No
                           "--host-resolver-rules=MAP * ~NOTFOUND", html.as_uri()],
                          check=True, capture_output=True, timeout=120, text=True).stdout
     assert dom.count('<svg class="chart') == n_charts
+    return dom
 
 
 NO_CHROMIUM = "headless Chromium not installed (apt-get install chromium)"
@@ -198,13 +199,15 @@ NO_CHROMIUM = "headless Chromium not installed (apt-get install chromium)"
 
 @pytest.mark.skipif(_chromium() is None, reason=NO_CHROMIUM)
 def test_one_run_renders_in_headless_chromium(uniform, tmp_path):
-    _render(uniform["html"], tmp_path, [0], 3)          # the uniform series is the first one here
+    dom = _render(uniform["html"], tmp_path, [0], 3)    # the uniform series is the first one here
+    assert "<title>" in dom and dom.count('<svg class="chart') == 3
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason=NO_CHROMIUM)
 def test_report_renders_in_headless_chromium(report, tmp_path):
-    _render(report["html"], tmp_path, [0, 2], 6)        # mixes, then uniform presets
+    dom = _render(report["html"], tmp_path, [0, 2], 6)  # mixes, then uniform presets
+    assert dom.count('<svg class="chart') == 6
 
 
 @pytest.mark.slow
