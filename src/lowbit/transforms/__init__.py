@@ -40,13 +40,19 @@ def make_transforms(specs: list[dict]) -> list[tuple[str, object, object]]:
         if name not in reg:
             raise unknown_transform(name)
         cls, fn = reg[name]
-        args = {k: v for k, v in spec.items() if k != "name"}
-        unknown = set(args) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise LowbitError(f"recipe transform {name!r}: unknown option(s) {sorted(unknown)}; expected "
-                              f"some of {sorted(f.name for f in dataclasses.fields(cls))}")
-        out.append((name, fn, cls(**args)))
+        out.append((name, fn, transform_config(spec, cls)))
     return out
+
+
+def transform_config(spec: dict, cls: type):
+    """The config dataclass `cls` from a recipe entry {"name": ..., **options}, options checked."""
+    name = spec.get("name")
+    args = {k: v for k, v in spec.items() if k != "name"}
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise LowbitError(f"recipe transform {name!r}: unknown option(s) {unknown}; expected some of {known}")
+    return cls(**args)
 
 
 def apply_transforms(model, specs: list[dict]) -> list[dict]:

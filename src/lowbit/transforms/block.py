@@ -48,22 +48,16 @@ class Pair:
 
 def make_transforms(specs: list[dict]) -> list[tuple[str, object]]:
     """Validate recipe.transforms' block-level entries ([{"name": "awq", **options}, ...]) before any work."""
-    from lowbit.transforms import _registry, unknown_transform
+    from lowbit.transforms import _registry, transform_config, unknown_transform
     model_level = set(_registry())
     out = []
     for spec in specs:
-        spec = dict(spec)
-        name = spec.pop("name", None)
+        name = spec.get("name")
         if name in model_level:               # applied to the whole model by api.quantize
             continue
         if name not in TRANSFORMS:
             raise unknown_transform(name)
-        cls = TRANSFORMS[name][0]
-        known = set(cls.__dataclass_fields__)
-        if set(spec) - known:
-            raise LowbitError(f"transform {name!r}: unknown option(s) {sorted(set(spec) - known)}; "
-                              f"expected some of {sorted(known)}")
-        out.append((name, cls(**spec)))
+        out.append((name, transform_config(spec, TRANSFORMS[name][0])))
     return out
 
 
