@@ -53,11 +53,80 @@ def test_stream_whole_model_same_bytes_cli(smollm2, tmp_path):
 
 
 @pytest.mark.model
-def test_stream_refuses_calibrated_and_gguf(smollm2, tmp_path):
+def test_stream_refuses_gguf_and_whole_model_transforms(smollm2, tmp_path):
     with pytest.raises(LowbitError, match="GGUF"):
         quantize_streaming("smollm2-135m", "w4g128-rtn", tmp_path / "o")
-    with pytest.raises(LowbitError, match="calibrated method 'gptq'"):
-        quantize_streaming(smollm2.path, "w4g128-gptq", tmp_path / "o")
+    with pytest.raises(LowbitError, match="model-level transforms"):
+        quantize_streaming(smollm2.path, "w3g64-rot-gptq", tmp_path / "o")
+    with pytest.raises(LowbitError, match="block-level method 'signround'"):
+        quantize_streaming(smollm2.path, "w4g64-signround", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def _gptq_blocks(blocks: str):
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Recipe, Rule
+    return Recipe(name="gptq-" + blocks, rules=[Rule(rf"model\.layers\.[{blocks}]\.", int_scheme(4, 128), "gptq")],
+                  calibration={"n_samples": 2, "seq_len": 64, "batch_size": 1})
+
+
+def _in_memory(src, recipe, out, shard, **calib):
+    lm = load_model(src)
+    rep = api.quantize(lm.model, recipe, tokenizer=lm.tokenizer, progress=False, calibration=calib or None)
+    return api.export(lm, rep, out, "native", max_shard_size=shard)
+
+
+@pytest.mark.model
+def test_stream_gptq_same_bytes_as_in_memory_and_resumes(smollm2, tmp_path):
+    """GPTQ streamed one decoder block at a time (streaming_calibrated.py) writes the in-memory
+    path's bytes, in several shards; a run that dies after its first block, restarted with the
+    same arguments, resumes from the state (the second block only) and writes the same bytes."""
+    r = _gptq_blocks("01")
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", "60MB")
+    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", max_shard_size="60MB")
+    assert digests(s) == digests(mem)
+    assert len(list(Path(s).glob("model-*.safetensors"))) > 1
+    assert not (tmp_path / ".stream.resume").exists()          # the state is dropped at the end
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first(msg):
+        if msg.startswith("block 1/"):
+            raise Killed
+    with pytest.raises(Killed):
+        quantize_streaming(smollm2.path, r, tmp_path / "again", max_shard_size="60MB", log=die_after_first)
+    assert json.loads((tmp_path / ".again.resume" / "state.json").read_text())["blocks_done"] == 1
+    logs = []
+    again = quantize_streaming(smollm2.path, r, tmp_path / "again", max_shard_size="60MB", log=logs.append)
+    assert any(m.startswith("resuming after block 1/2") for m in logs)
+    assert not any(m.startswith("block 1/") for m in logs) and any(m.startswith("block 2/2") for m in logs)
+    assert digests(again) == digests(mem)
+
+
+@pytest.mark.model
+def test_stream_gptq_resume_refuses_changed_calibration(smollm2, tmp_path):
+    r = _gptq_blocks("0")
+
+    def die(msg):
+        if msg.startswith("block 1/"):
+            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        quantize_streaming(smollm2.path, r, tmp_path / "o", log=die)
+    with pytest.raises(LowbitError, match="calibration token windows"):
+        quantize_streaming(smollm2.path, r, tmp_path / "o", calibration={"seed": 1})
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_stream_gptq_whole_model_cli_same_bytes(smollm2, tmp_path):
+    """The issue's setting: w4g128-gptq, 16 windows of 512 tokens, every block, through the CLI."""
+    from lowbit.cli import main
+    assert main(["quantize", str(smollm2.path), "--recipe", "w4g128-gptq", "--stream", "--samples", "16",
+                 "--seq-len", "512", "--out", str(tmp_path / "cli")]) == 0
+    mem = _in_memory(smollm2.path, "w4g128-gptq", tmp_path / "mem", "1GB", n_samples=16, seq_len=512)
+    assert digests(tmp_path / "cli") == digests(mem)
 
 
 def _st(tmp_path, header: dict, data: bytes = b"") -> Path:

@@ -11,8 +11,8 @@ save_safetensors uses), which visits one decoder block after another, so peak me
 output shard plus one layer's temporaries: set by max_shard_size (default 1GB here).
 
 The output is the native format, byte for byte what the in-memory path (load_model, quantize,
-export with the same max_shard_size) writes for the same source. Data-free recipes (rtn) only;
-calibrated methods (gptq) load the model (see README: what streaming covers).
+export with the same max_shard_size) writes for the same source. Calibrated recipes (gptq, awq)
+are streamed one decoder block at a time by streaming_calibrated.py.
 """
 from __future__ import annotations
 
@@ -55,8 +55,12 @@ def _nbytes(shape, dtype) -> int:
 
 def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike, *,
                        max_shard_size: str | int | None = STREAM_MAX_SHARD, overwrite: bool = False,
-                       dtype: torch.dtype = torch.float32, log=None) -> Path:
-    """Quantize the Hugging Face directory `source` by a data-free `recipe` into a native directory."""
+                       dtype: torch.dtype = torch.float32, log=None, tokens: torch.Tensor | None = None,
+                       calibration: dict | None = None, state_dir=None, keep_state: bool = False) -> Path:
+    """Quantize the Hugging Face directory `source` by `recipe` into a native directory.
+    Calibrated recipes go block by block (streaming_calibrated.py): tokens / calibration as in
+    api.quantize; state_dir holds the finished blocks and is the resume state (default
+    .OUT.resume beside `out`), deleted at the end unless keep_state."""
     import time
 
     from lowbit.api import QuantizeReport, _note_ragged, layer_row, quantize_targets
@@ -87,10 +91,17 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
     targets = quantize_targets(skeleton, recipe)
     if not targets:
         raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
+    from lowbit.transforms import block_level_names
+    if any(get_method(r.method).needs for _, _, r in targets) or any(
+            t.get("name") in block_level_names() for t in recipe.transforms):
+        from lowbit.streaming_calibrated import quantize_streaming_calibrated
+        return quantize_streaming_calibrated(src, source, recipe, out, tokens=tokens, calibration=calibration,
+                                             max_shard_size=max_shard_size, overwrite=overwrite, dtype=dtype,
+                                             log=log, state_dir=state_dir, keep_state=keep_state)
+    if recipe.transforms:
+        raise LowbitError(f"streaming: recipe {recipe.name!r} has model-level transforms "
+                          f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
     for name, mod, rule in targets:
-        if get_method(rule.method).needs:
-            raise LowbitError(f"streaming: recipe {recipe.name!r} uses calibrated method {rule.method!r} "
-                              f"(layer {name}); streaming runs data-free methods (rtn) only")
         if isinstance(mod, torch.nn.Embedding) or rule.scheme.format != "int" or not isinstance(mod, torch.nn.Linear):
             raise LowbitError(f"streaming: layer {name}: only integer schemes on nn.Linear are streamed")
     t_start = time.perf_counter()

@@ -98,11 +98,14 @@ def _log_nothing(_msg: str) -> None:
 def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[str, nn.Module, Rule]],
                         tokens: torch.Tensor, cfg: CalibrationConfig,
                         log: Callable[[str], None] | None = None, extra_stats: dict | None = None,
-                        checkpoint=None) -> LoopResult:
+                        checkpoint=None, blocks_io=None) -> LoopResult:
     """Quantize `triples` (name, module, rule) of `model` in place, block by block.
     extra_stats: name -> statistics given from outside (an imatrix file's means), merged into
     what calibration collects for that module. checkpoint: a calibration.resume.Checkpoint that
-    saves the state after each block and resumes from it."""
+    saves the state after each block and resumes from it. blocks_io (streaming.calibrated): an
+    object whose load(b, block) fills block b's weights just before it is worked on and whose
+    release(b, block) drops them once it is done (after the checkpoint), so that only one block
+    of the model is ever in memory."""
     log = log or _log_nothing
     targets = make_targets(triples)
     for t in targets:
@@ -143,6 +146,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
         res.activation_bytes = sum(a.nbytes for a in acts)
         groups = arch.groups
         if arch.discovered or any(rel not in arch.linears for bt in per_block.values() for rel in bt):
+            if blocks_io is not None:
+                blocks_io.load(0, blocks[0])
             groups = probe_groups(blocks[0], lambda: run_block(blocks[0], acts[0]))
             res.notes.append(f"linear groups discovered by probing block 0: {[list(g) for g in groups]}")
         covered = {rel for g in groups for rel in g}
@@ -171,6 +176,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
             if b < start:
                 continue
             tb = time.perf_counter()
+            if blocks_io is not None:
+                blocks_io.load(b, block)
             bt = per_block.get(b, {})
             plan = [[bt[rel] for rel in g if rel in bt] for g in groups]
             plan = [p for p in plan if p]
@@ -198,6 +205,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
                 _note_numerics(f"{arch.blocks}.{b}.{name}", qw, res.notes, log)
             if checkpoint is not None:
                 checkpoint.save(b, res, acts)
+            if blocks_io is not None:
+                blocks_io.release(b, block)
             trim_heap()                            # the block's temporaries and float weights
             loss = sum(qw.info.get("loss", 0.0) for _, qw, _ in done)
             log(f"block {b + 1}/{last + 1}: {len(done)} layer(s), {time.perf_counter() - tb:.1f} s"

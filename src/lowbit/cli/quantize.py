@@ -39,9 +39,9 @@ def register(sub) -> None:
                    help="re-run each block per linear group instead of pausing every batch's forward "
                         "(same result, ~2.5x the forward compute, less memory)")
     p.add_argument("--stream", action="store_true",
-                   help="data-free recipes from a safetensors directory: read, quantize and write one tensor "
-                        "at a time (the float model never in memory; native format; shards of "
-                        "--max-shard-size, default 1GB here)")
+                   help="from a safetensors directory: data-free recipes read, quantize and write one tensor "
+                        "at a time, calibrated ones (gptq) one decoder block at a time (the float model is "
+                        "never in memory; native format; shards of --max-shard-size, default 1GB here)")
     p.add_argument("--fresh", action="store_true",
                    help="discard the resume state of an earlier killed run of this --out and start over")
     p.add_argument("--no-resume", action="store_true",
@@ -80,8 +80,6 @@ def run(args) -> int:
     out = Path(args.out)
     from lowbit.export.common import check_output
     check_output(out, args.overwrite, single_file=bool(fmt.suffix))
-    if args.stream:
-        return _run_streaming(args, recipe, fmt, out)
     overrides = {k: v for k, v in {"n_samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
                                    "text": args.calib_text, "batch_size": args.batch_size}.items()
                  if v is not None}
@@ -89,6 +87,8 @@ def run(args) -> int:
         overrides["true_sequential"] = False
     if args.no_pause_forward:
         overrides["pause_forward"] = False
+    if args.stream:
+        return _run_streaming(args, recipe, fmt, out, overrides)
 
     def log(msg: str) -> None:
         print(f"[lowbit quantize] {msg}", file=sys.stderr, flush=True)
@@ -172,14 +172,26 @@ def _checkpoint(out, loaded, fresh: bool, log):
     return make
 
 
-def _run_streaming(args, recipe, fmt, out) -> int:
+def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
+    import shutil
+
     from lowbit.errors import LowbitError
     from lowbit.streaming import STREAM_MAX_SHARD, quantize_streaming
     if fmt.name != "native":
         raise LowbitError(f"--stream writes the native format; got --format {fmt.name} (convert the result "
                           "with `lowbit export`)")
+    if args.budget:
+        raise LowbitError("--stream with --budget: the budget's sensitivity pass needs the whole model")
+
+    def log(m):
+        print(f"[lowbit quantize] {m}", file=sys.stderr, flush=True)
+    state = out.parent / f".{out.name}.resume"
+    if (args.fresh or args.no_resume) and state.exists():
+        # the streamed run always keeps its finished blocks there (they are its spool): these two
+        # options only drop an earlier run's
+        shutil.rmtree(state)
+        log(f"dropped the resume state {state}")
     path = quantize_streaming(args.model, recipe, out, max_shard_size=args.max_shard_size or STREAM_MAX_SHARD,
-                              overwrite=args.overwrite,
-                              log=lambda m: print(f"[lowbit quantize] {m}", file=sys.stderr, flush=True))
+                              overwrite=args.overwrite, calibration=overrides, state_dir=state, log=log)
     print(f"quantized {args.model} with {recipe.name}, streamed -> {path}")
     return 0

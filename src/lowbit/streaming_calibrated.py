@@ -1,0 +1,312 @@
+"""Streaming a calibrated recipe (GPTQ, AWQ, ...): one decoder block of the float model at a time.
+
+    quantize_streaming("path/to/hf_dir", "w4g128-gptq", "out/dir")    # lowbit quantize --stream
+
+The model is a skeleton on the meta device (export.common.empty_model). Only the embedding (and
+the final norm; lm_head too when a rule quantizes it) is read into it. The calibration windows run
+through the embedding front end, and then the calibration block loop (calibration/loop.py) runs
+unchanged, except for two hooks (`blocks_io`). Just before block b is worked on, its float
+weights are read from the safetensors shards (models/shards.py: pread). When block b is done, its
+QuantizedWeights, its other tensors (norms: block-level transforms rewrite them) and the hidden
+states entering block b+1 are written to a state directory (calibration/resume.py's layout).
+Then the block is moved to the meta device. Once every block is done, the native format's shards
+are written in their sorted-name order, each tensor read back from the state directory (one
+block's worth cached) or from the source (embedding, final norm, lm_head). The output is byte for
+byte what load_model + api.quantize + export write. The state directory is also the resume state:
+a killed run restarted with the same arguments goes on after the last finished block (same key
+checks as calibration/resume.py). It is deleted once the output is in place.
+
+Peak memory, roughly:
+    one float block (fp32: 4 x its parameters) + its GPTQ temporaries (Hessian of the widest
+    input, d_in^2 x 8 bytes) + the calibration activations (n x seq x hidden x 4 bytes, twice
+    while a block runs, plus the paused batches' intermediates) + the embedding (fp32) + one
+    output shard (max_shard_size) while writing.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from lowbit.calibration.resume import Checkpoint, _read_block, run_key
+from lowbit.errors import LowbitError
+
+
+class _Stream(Checkpoint):
+    """The resume state, the spool of finished blocks, and the loop's blocks_io hooks in one."""
+
+    def __init__(self, path, key, model, files, src, prefix: str, dtype):
+        super().__init__(path, key)
+        self.model, self.files, self.src, self.prefix, self.dtype = model, files, Path(src), prefix, dtype
+        self.records: dict[str, tuple] = {}     # layer -> (row for the report, native tensor plan, block)
+
+    # blocks_io
+    def load(self, b: int, block) -> None:
+        from lowbit.export.common import set_tensor
+        base = f"{self.prefix}.{b}"
+        for key, t in block.state_dict(keep_vars=True).items():
+            if not t.is_meta:
+                continue
+            full = f"{base}.{key}"
+            if full not in self.files:
+                raise LowbitError(f"{self.src}: tensor {full} is missing")
+            v = self.files.read(full)
+            set_tensor(self.model, full, v.to(self.dtype) if v.is_floating_point() else v, str(self.src))
+
+    def release(self, b: int, block) -> None:
+        block.to("meta")
+
+    # the state: every finished block's layers are recorded and dropped from memory
+    def _record(self, name: str, qw, method: str, block: int) -> None:
+        from lowbit.api import layer_row
+        from lowbit.export.native import _layer_tensors
+        from lowbit.numerics.qweight import QuantizedWeight
+        if not isinstance(qw, QuantizedWeight):
+            raise LowbitError(f"streaming: layer {name} is a {type(qw).__name__}; the native format "
+                              "streams integer/float schemes only")
+        t, row = _layer_tensors(name, qw)
+        self.records[name] = (layer_row(name, qw, method), {k: (tuple(v.shape), v.dtype) for k, v in t.items()},
+                              block, row)
+
+    def restore(self, model, acts, res, swap):
+        if self.state is None:
+            return 0, acts
+        from safetensors.torch import load_file
+        for b, fname in enumerate(self.state["files"]):
+            for name, qw, method in _read_block(self.path / fname):
+                self._record(name, qw, method, b)
+                res.layers.append((name, None, method))
+        res.notes[:] = list(self.state["notes"])
+        saved = load_file(str(self.path / self.state["acts"]))
+        if len(saved) != len(acts):
+            raise LowbitError(f"resume state {self.path}: {len(saved)} saved batches, this run has {len(acts)}")
+        for i, a in enumerate(acts):
+            h = saved[f"batch.{i}"]
+            if h.shape != a.hidden.shape:
+                raise LowbitError(f"resume state {self.path}: batch {i} has shape {tuple(h.shape)}, "
+                                  f"expected {tuple(a.hidden.shape)}")
+            a.hidden = h
+        self.saved_layers = len(res.layers)
+        return self.blocks_done, acts
+
+    def save(self, block: int, res, acts) -> None:
+        from lowbit.io import atomic_path
+        from safetensors.torch import save_file
+        self.path.mkdir(parents=True, exist_ok=True)
+        blk = self.model.get_submodule(f"{self.prefix}.{block}")
+        quant = {n for n, _, _ in res.layers[self.saved_layers:]}
+        floats = {}
+        for key, t in blk.state_dict().items():
+            full = f"{self.prefix}.{block}.{key}"
+            owner, _, leaf = full.rpartition(".")
+            if t.is_floating_point() and (owner not in quant or leaf == "bias"):
+                floats[full] = t.detach().contiguous()
+        with atomic_path(self.path / f"floats-{block:04d}.safetensors") as tmp:
+            save_file(floats, str(tmp))
+        new = list(range(self.saved_layers, len(res.layers)))
+        super().save(block, res, acts)           # state.json last: the block is finished
+        for i in new:
+            name, qw, method = res.layers[i]
+            self._record(name, qw, method, block)
+            res.layers[i] = (name, None, method)
+
+
+def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None, calibration=None,
+                                  max_shard_size=None, overwrite=False, dtype=torch.float32, log=None,
+                                  state_dir=None, keep_state=False) -> Path:
+    """Quantize the Hugging Face directory `src` by a calibrated `recipe`, block by block, into a
+    native directory `out`. tokens: (n, seq) calibration windows (default: drawn by the recipe's
+    calibration settings, overridden by `calibration`, with the source's tokenizer)."""
+    from lowbit.api import QuantizeReport, _note_ragged, quantize_targets
+    from lowbit.arch import get_blocks, spec_for
+    from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
+    from lowbit.calibration.paused import trim_heap
+    from lowbit.errors import check_context
+    from lowbit.export import _source_sha256
+    from lowbit.export.common import (copy_model_files, empty_model, output_dir, set_tensor, shard_plan,
+                                      tie_by_config, write_index, write_shard)
+    from lowbit.export.manifest import provenance, write_manifest
+    from lowbit.export.native import FORMAT, FORMAT_VERSION, MANIFEST
+    from lowbit.methods import get_method
+    from lowbit.models.shards import SafetensorsSource
+    from lowbit.recipe import Recipe
+    from lowbit.transforms import block_level_names
+
+    log = log or (lambda _m: None)
+    out = Path(out)
+    if any(t.get("name") not in block_level_names() for t in recipe.transforms):
+        raise LowbitError(f"streaming: recipe {recipe.name!r} has model-level transforms "
+                          f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
+    if any(r.input_activations for r in recipe.rules):
+        raise LowbitError(f"streaming: recipe {recipe.name!r} quantizes input activations; not streamed")
+    files = SafetensorsSource(src)
+    model = empty_model(src, dtype)
+    tie_by_config(model)
+    arch = spec_for(model)
+    blocks = get_blocks(model, arch)
+    targets = quantize_targets(model, recipe)
+    if not targets:
+        raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
+    prefix = arch.blocks
+    outside = []
+    for name, mod, rule in targets:
+        if isinstance(mod, torch.nn.Embedding) or not isinstance(mod, torch.nn.Linear):
+            raise LowbitError(f"streaming: layer {name}: only nn.Linear modules are streamed")
+        if getattr(get_method(rule.method).fn, "block_level", False):
+            raise LowbitError(f"streaming: recipe {recipe.name!r} uses block-level method {rule.method!r} "
+                              f"(layer {name}), which keeps the float model's block inputs; not streamed")
+        if not name.startswith(prefix + "."):
+            outside.append(name)
+    # the parameters outside the blocks: the embedding feeds the calibration; lm_head only if quantized
+    sd = model.state_dict(keep_vars=True)
+    for key, t in sd.items():
+        if key.startswith(prefix + ".") or not t.is_meta:
+            continue
+        if key.rpartition(".")[0] == arch.lm_head and arch.lm_head not in outside:
+            continue
+        if key not in files:
+            raise LowbitError(f"{src}: tensor {key} is missing")
+        v = files.read(key)
+        set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
+    tie_by_config(model)
+
+    cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
+    if tokens is None:
+        from lowbit.models import load_tokenizer
+        tokens = calibration_tokens(load_tokenizer(src), cfg)
+    else:
+        cfg.n_samples, cfg.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
+    check_context(model.config, cfg.seq_len, "calibration seq_len")
+    recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
+    sha = _source_sha256(src)
+    log(f"{src}: {len(blocks)} blocks; embedding read, source sha256 {str(sha)[:12]}; "
+        f"{cfg.n_samples} x {cfg.seq_len} calibration tokens")
+    state = Path(state_dir) if state_dir else out.parent / f".{out.name}.resume"
+    stream = _Stream(state, run_key(recipe, cfg.to_dict(), tokens, sha), model, files, src, prefix, dtype)
+    if stream.blocks_done:
+        log(f"resume state {state}: {stream.blocks_done} block(s) done")
+    t0 = time.perf_counter()
+    res = quantize_calibrated(model, recipe, targets, tokens, cfg, log=log, checkpoint=stream, blocks_io=stream)
+    for name, qw, method in res.layers:             # layers quantized outside the blocks (lm_head)
+        if qw is not None:
+            stream._record(name, qw, method, None)
+    report = QuantizeReport(recipe, seconds=time.perf_counter() - t0, notes=list(res.notes),
+                            calibration=cfg.to_dict())
+    order = {n: i for i, (n, _, _) in enumerate(targets)}
+    report.layers = [stream.records[n][0] for n in sorted(stream.records, key=lambda n: order[n])]
+    _note_ragged(report)
+    heads = {n: qw for n, qw, _ in res.layers if qw is not None}
+    del res
+    model_float = {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}
+    del sd
+    trim_heap()
+
+    # the output's tensors: (shape, dtype, where from)
+    qnames = set(stream.records)
+    plan: dict[str, tuple] = {}
+    for name, (_, tplan, b, _) in stream.records.items():
+        for k, (shape, dt) in tplan.items():
+            plan[k] = (shape, dt, ("layer", name))
+        mod_bias = f"{name}.bias"
+        if mod_bias in model_float:
+            plan[mod_bias] = (model_float[mod_bias][0], dtype,
+                              ("floats", b) if b is not None else ("source", None))
+    seen, tied = {}, {}
+    skel = empty_model(src, dtype)
+    tie_by_config(skel)
+    for key, value in skel.state_dict(keep_vars=True).items():
+        if key.rpartition(".")[0] in qnames:
+            continue
+        if id(value) in seen:
+            tied[key] = seen[id(value)]
+            continue
+        seen[id(value)] = key
+        dt = dtype if value.is_floating_point() else value.dtype
+        b = _block_index(key, prefix)
+        spooled = b is not None and (stream.path / f"floats-{b:04d}.safetensors").is_file()
+        plan[key] = (tuple(value.shape), dt, ("floats", b) if spooled else ("source", None))
+    del skel
+    names = sorted(plan)
+    from lowbit.streaming import _nbytes
+    sizes = {k: _nbytes(plan[k][0], plan[k][1]) for k in names}
+    cache = {"block": None, "layers": {}, "floats": {}}
+
+    def block_file(kind: str, b: int) -> dict:
+        if cache["block"] != b:
+            cache["block"], cache["layers"], cache["floats"] = b, {}, {}
+            trim_heap()
+            fname = f"block-{b:04d}.safetensors"
+            cache["layers"] = {n: qw for n, qw, _ in _read_block(stream.path / fname)}
+            from safetensors.torch import load_file
+            cache["floats"] = load_file(str(stream.path / f"floats-{b:04d}.safetensors"))
+        return cache[kind]
+
+    def produce(key: str, ready: dict) -> None:
+        from lowbit.export.native import _layer_tensors
+        shape, dt, (kind, arg) = plan[key]
+        if kind == "layer":
+            b = stream.records[arg][2]
+            qw = heads[arg] if b is None else block_file("layers", b)[arg]
+            t, _ = _layer_tensors(arg, qw)
+            for k, v in t.items():
+                if (tuple(v.shape), v.dtype) != plan[k][:2]:
+                    raise LowbitError(f"streaming: {k} read back as {v.dtype} {tuple(v.shape)}, planned "
+                                      f"{plan[k][1]} {plan[k][0]}")
+                ready[k] = v
+            return
+        if kind == "floats":
+            t = block_file("floats", arg).get(key)
+            if t is None:
+                raise LowbitError(f"streaming: state {stream.path}: tensor {key} is missing; delete it to start over")
+        else:
+            if key not in files:
+                raise LowbitError(f"{src}: tensor {key} is missing")
+            t = files.read(key)
+            t = t.to(dt) if t.is_floating_point() else t
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LowbitError(f"{src}: tensor {key} contains NaN/inf; refusing to write a broken model")
+        if tuple(t.shape) != shape:
+            raise LowbitError(f"{src}: tensor {key} has shape {tuple(t.shape)}, config.json implies {shape}")
+        ready[key] = t.contiguous()
+
+    shards = shard_plan(sizes, max_shard_size)
+    with output_dir(out, overwrite) as tmp:
+        ready: dict[str, torch.Tensor] = {}
+        for i, keys in enumerate(shards):
+            for k in keys:
+                if k not in ready:
+                    produce(k, ready)
+            part = {k: ready.pop(k) for k in keys}
+            write_shard(part, tmp, i, len(shards))
+            log(f"shard {i + 1}/{len(shards)}: {len(keys)} tensors")
+            del part
+            trim_heap()
+        if len(shards) > 1:
+            write_index(tmp, shards, sizes)
+        if ready:
+            raise LowbitError(f"streaming: tensors produced but not planned: {sorted(ready)[:5]}")
+        rows = {}
+        for name in sorted(stream.records, key=lambda n: order[n]):
+            row = dict(stream.records[name][3])
+            row["kind"], row["method"] = "linear", stream.records[name][0]["method"]
+            rows[name] = row
+        qm = SimpleNamespace(recipe=recipe, qweights={}, provenance={
+            "source": {"model": str(source), "sha256": sha}, "calibration": cfg.to_dict(),
+            "notes": list(report.notes), "layers": {}, "metrics": {}})
+        manifest = provenance(qm, FORMAT, rows, {"format_version": FORMAT_VERSION, "tied": tied})
+        copy_model_files(src, tmp)
+        write_manifest(tmp, manifest, MANIFEST)
+    if not keep_state:
+        stream.discard()
+    log(f"streamed {len(stream.records)} layer(s) in {time.perf_counter() - t0:.1f} s -> {out}")
+    return out
+
+
+def _block_index(key: str, prefix: str) -> int | None:
+    if not key.startswith(prefix + "."):
+        return None
+    idx = key[len(prefix) + 1:].partition(".")[0]
+    return int(idx) if idx.isdigit() else None
+
