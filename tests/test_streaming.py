@@ -70,20 +70,28 @@ def _gptq_blocks(blocks: str):
                   calibration={"n_samples": 2, "seq_len": 64, "batch_size": 1})
 
 
-def _in_memory(src, recipe, out, shard, **calib):
+def _in_memory(src, recipe, out, shard, tokens=None, **calib):
     lm = load_model(src)
-    rep = api.quantize(lm.model, recipe, tokenizer=lm.tokenizer, progress=False, calibration=calib or None)
+    rep = api.quantize(lm.model, recipe, tokenizer=lm.tokenizer, tokens=tokens, progress=False,
+                       calibration=calib or None)
     return api.export(lm, rep, out, "native", max_shard_size=shard)
 
 
+@pytest.fixture(scope="module")
+def windows(smollm2):
+    """The recipe's calibration windows, drawn once (tokenizing the text is most of a small run)."""
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
+    return calibration_tokens(smollm2.tokenizer, CalibrationConfig.from_dict(_gptq_blocks("0").calibration))
+
+
 @pytest.mark.model
-def test_stream_gptq_same_bytes_as_in_memory_and_resumes(smollm2, tmp_path):
+def test_stream_gptq_same_bytes_as_in_memory_and_resumes(smollm2, windows, tmp_path):
     """GPTQ streamed one decoder block at a time (streaming_calibrated.py) writes the in-memory
     path's bytes, in several shards; a run that dies after its first block, restarted with the
     same arguments, resumes from the state (the second block only) and writes the same bytes."""
     r = _gptq_blocks("01")
-    mem = _in_memory(smollm2.path, r, tmp_path / "mem", "60MB")
-    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", max_shard_size="60MB")
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", "60MB", windows)
+    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", max_shard_size="60MB", tokens=windows)
     assert digests(s) == digests(mem)
     assert len(list(Path(s).glob("model-*.safetensors"))) > 1
     assert not (tmp_path / ".stream.resume").exists()          # the state is dropped at the end
@@ -95,10 +103,12 @@ def test_stream_gptq_same_bytes_as_in_memory_and_resumes(smollm2, tmp_path):
         if msg.startswith("block 1/"):
             raise Killed
     with pytest.raises(Killed):
-        quantize_streaming(smollm2.path, r, tmp_path / "again", max_shard_size="60MB", log=die_after_first)
+        quantize_streaming(smollm2.path, r, tmp_path / "again", max_shard_size="60MB", tokens=windows,
+                           log=die_after_first)
     assert json.loads((tmp_path / ".again.resume" / "state.json").read_text())["blocks_done"] == 1
     logs = []
-    again = quantize_streaming(smollm2.path, r, tmp_path / "again", max_shard_size="60MB", log=logs.append)
+    again = quantize_streaming(smollm2.path, r, tmp_path / "again", max_shard_size="60MB", tokens=windows,
+                               log=logs.append)
     assert any(m.startswith("resuming after block 1/2") for m in logs)
     assert not any(m.startswith("block 1/") for m in logs) and any(m.startswith("block 2/2") for m in logs)
     assert digests(again) == digests(mem)
