@@ -93,10 +93,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--optimizers", default="fp32,8bit-dynamic")
-    ap.add_argument("--work", default=str(ROOT / "bench" / ".work-optim8bit"))
+    ap.add_argument("--work", default=str(ROOT / "bench" / "_work" / "optim8bit"))
     ap.add_argument("--svg", default=str(HERE / "figures" / "optim8bit_loss.svg"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.quick:
         a.steps, a.seq, a.batch, a.seeds, a.heldout = 3, 32, 2, 1, 2
     work = Path(a.work)

@@ -61,9 +61,9 @@ def register(sub) -> None:
     q = p.add_argument_group("quantization-aware training (lowbit.train.qat), after the recipe's PTQ")
     q.add_argument("--qat-steps", type=positive_int, help="train this many steps on wiki-calibration windows "
                                                          "(fake quantization, STE), then write the result")
-    q.add_argument("--qat-lr", type=float, default=1e-4, help="latent-weight learning rate (default 1e-4)")
-    q.add_argument("--qat-scale-lr", type=float, default=1e-5,
-                   help="LSQ scale learning rate (default 1e-5; 0 keeps the PTQ scales)")
+    q.add_argument("--qat-lr", type=float, default=1e-3, help="latent-weight learning rate (default 1e-3)")
+    q.add_argument("--qat-scale-lr", type=float, default=1e-4,
+                   help="LSQ scale learning rate (default 1e-4; 0 keeps the PTQ scales)")
     q.add_argument("--qat-loss", choices=("kd", "ce"), default="kd",
                    help="kd: KL to the float model's logits (default); ce: next-token loss")
     q.add_argument("--qat-batch", type=positive_int, default=4, help="windows per step (default 4)")
