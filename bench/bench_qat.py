@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "bench" / "_work" / "qat"))
     ap.add_argument("--svg", default=str(HERE / "figures" / "qat_loss.svg"))
     ap.add_argument("--tag", default="", help="suffix for the result keys (variants of one recipe)")
+    ap.add_argument("--merge", default="", help="comma-separated work dirs whose results.json to merge into "
+                                                "--work and report (no model is run)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     if a.quick:
@@ -66,6 +68,13 @@ def main() -> None:
     res_path = work / "results.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else {}
     env = env_info()
+    if a.merge:
+        for d in a.merge.split(","):
+            results.update(json.loads((Path(d) / "results.json").read_text()))
+        res_path.write_text(json.dumps(results, indent=1))
+        rows = [r for k, r in results.items() if "env" in r]
+        _write(results, a, work, rows[-1]["env"] if rows else env)
+        return
     from lowbit.train.qat import QATConfig, run_qat
 
     teacher = api.load("smollm2-135m")
@@ -104,7 +113,7 @@ def main() -> None:
                         "recovered": (d_ptq - d_qat) / d_ptq if d_ptq > 0 else None,
                         "codes_changed": qr.freeze["codes_changed"], "qat_seconds": qr.seconds,
                         "peak_rss_mib": (qr.train.peak_rss_bytes or 0) / 2 ** 20, "losses": qr.train.losses,
-                        "env": env}
+                        "env": env, "command": _command()}
         print(f"{recipe}: QAT PPL {ppl_qat:.3f}; recovered {results[key]['recovered']:.3f} of ΔPPL; "
               f"{qr.freeze['codes_changed'] * 100:.2f} % codes changed; {qr.seconds:.0f} s", flush=True)
         res_path.write_text(json.dumps(results, indent=1))
@@ -113,11 +122,16 @@ def main() -> None:
     _write(results, a, work, env)
 
 
+def _command() -> str:
+    return "nice -n 10 .venv/bin/python bench/bench_qat.py " + " ".join(sys.argv[1:])
+
+
 def _write(results: dict, a, work: Path, env: dict) -> None:
     from lowbit.eval.svg import scatter
     rows = [r for k, r in results.items() if not k.startswith("fp32") and k.endswith(f"@{a.eval_tokens}")]
-    cmd = "nice -n 10 .venv/bin/python bench/bench_qat.py " + " ".join(sys.argv[1:])
-    lines = [f"Command: `{cmd}`; machine: {env['machine']}, {env['cpu_count']} CPUs, torch {env['torch']}, "
+    cmds = sorted({r.get("command", _command()) for r in rows}) or [_command()]
+    lines = [f"Command{'s' if len(cmds) > 1 else ''}: " + "; ".join(f"`{c}`" for c in cmds) +
+             f"; machine: {env['machine']}, {env['cpu_count']} CPUs, torch {env['torch']}, "
              f"{env['threads']} threads, load average {env['load_average']}; date {env['date']}.", "",
              "| PTQ start | QAT loss | scales | steps x batch x seq | lr (w / s) | PPL fp32 | PPL PTQ | PPL QAT | "
              "ΔPPL PTQ | ΔPPL QAT | recovered | codes changed | QAT s | peak RSS MiB |",

@@ -150,9 +150,7 @@ def freeze_qat(model: nn.Module, report, note: str = "qat") -> dict:
 
 def kd_loss(teacher: nn.Module, temperature: float = 1.0):
     """loss_fn(model, ids) for lowbit.train.loop.train: mean per-token KL(P_teacher || P_student)."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.eval()           # its forward runs under no_grad: nothing of it is trained or kept
 
     def fn(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -187,6 +185,7 @@ def run_qat(model: nn.Module, report, tokenizer, cfg: QATConfig | None = None, *
     if windows is None:
         windows = text_windows(tokenizer, cfg.text, cfg.seq_len, seed=cfg.seed, max_windows=cfg.max_windows)
     t0 = time.perf_counter()
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     prepare_qat(model, report, learn_scales=cfg.scale_lr is not None)
     weights = [m.weight for m in model.modules() if isinstance(m, QATLinear)]
     groups = [{"params": weights, "lr": cfg.lr}]
@@ -199,6 +198,8 @@ def run_qat(model: nn.Module, report, tokenizer, cfg: QATConfig | None = None, *
         res = train(model, windows, cfg.train_config(), optimizer=opt, loss_fn=loss_fn, log=log)
     finally:
         stats = freeze_qat(model, report, note=f"qat ({cfg.loss}, {cfg.steps} steps on {cfg.text})")
+        for n, p in model.named_parameters():     # the float parameters left as they were
+            p.requires_grad_(trainable.get(n, False))
     return QATResult(res, stats, asdict(cfg), time.perf_counter() - t0)
 
 
