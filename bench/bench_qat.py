@@ -57,6 +57,10 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix for the result keys (variants of one recipe)")
     ap.add_argument("--merge", default="", help="comma-separated work dirs whose results.json to merge into "
                                                 "--work and report (no model is run)")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
+    ap.add_argument("--ptq-ppl", type=float, default=None,
+                    help="the PTQ model's PPL measured by an earlier run of the same recipe and --eval-tokens "
+                         "(RTN is deterministic): skips re-scoring it")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     if a.quick:
@@ -89,7 +93,7 @@ def main() -> None:
 
     for recipe in [c for c in a.configs.split(",") if c]:
         scales = "fixed" if a.fixed_scales else "lsq"
-        key = f"{recipe}|{a.loss}|{scales}|s{a.steps}|b{a.batch}x{a.seq}|lr{a.lr:g}|slr{a.scale_lr:g}{a.tag}@{a.eval_tokens}"
+        key = f"{recipe}|{a.loss}|{scales}|s{a.steps}|b{a.batch}x{a.seq}|lr{a.lr:g}|slr{a.scale_lr:g}{'|' + a.optimizer if a.optimizer != 'adamw' else ''}{a.tag}@{a.eval_tokens}"
         if key in results:
             print(f"{key}: done before", flush=True)
             continue
@@ -97,10 +101,10 @@ def main() -> None:
         t0 = time.perf_counter()
         report = api.quantize(lm.model, recipe, tokenizer=lm.tokenizer, progress=False)
         t_ptq = time.perf_counter() - t0
-        ppl_ptq = _ppl(lm.model, lm.tokenizer, a.eval_tokens)
+        ppl_ptq = a.ptq_ppl if a.ptq_ppl is not None else _ppl(lm.model, lm.tokenizer, a.eval_tokens)
         print(f"{recipe}: PTQ PPL {ppl_ptq:.3f} ({t_ptq:.0f} s)", flush=True)
         cfg = QATConfig(steps=a.steps, lr=a.lr, scale_lr=None if a.fixed_scales else a.scale_lr,
-                        batch_size=a.batch, seq_len=a.seq, loss=a.loss, seed=0)
+                        batch_size=a.batch, seq_len=a.seq, loss=a.loss, seed=0, optimizer=a.optimizer)
         qr = run_qat(lm.model, report, lm.tokenizer, cfg, teacher=teacher.model if a.loss == "kd" else None,
                      log=lambda m: print(f"  {recipe} {m}", flush=True))
         out = api.export(lm, report, work / f"{recipe}-qat{a.tag}", overwrite=True)
@@ -113,6 +117,7 @@ def main() -> None:
                         "recovered": (d_ptq - d_qat) / d_ptq if d_ptq > 0 else None,
                         "codes_changed": qr.freeze["codes_changed"], "qat_seconds": qr.seconds,
                         "peak_rss_mib": (qr.train.peak_rss_bytes or 0) / 2 ** 20, "losses": qr.train.losses,
+                        "optimizer": a.optimizer, "ptq_ppl_given": a.ptq_ppl is not None,
                         "env": env, "command": _command()}
         print(f"{recipe}: QAT PPL {ppl_qat:.3f}; recovered {results[key]['recovered']:.3f} of ΔPPL; "
               f"{qr.freeze['codes_changed'] * 100:.2f} % codes changed; {qr.seconds:.0f} s", flush=True)

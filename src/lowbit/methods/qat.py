@@ -74,14 +74,17 @@ class _FakeQuantLSQ(torch.autograd.Function):
         u = w / s
         lo, hi = unit_range(scheme, z)
         inside = (u >= lo) & (u <= hi)
-        ctx.save_for_backward(inside, v, u)
+        # kept for backward: the mask (1 byte per weight) and, only when the scale trains, one
+        # fp32 factor per weight; W_hat itself is returned, not kept
+        factor = torch.where(inside, v - u, v) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(inside, factor)
         return v * s
 
     @staticmethod
     def backward(ctx, grad):
-        inside, v, u = ctx.saved_tensors
+        inside, factor = ctx.saved_tensors
         gw = grad * inside
-        gs = grad * torch.where(inside, v - u, v) if ctx.needs_input_grad[1] else None
+        gs = grad * factor if factor is not None else None
         return gw, gs, None, None
 
 

@@ -31,6 +31,7 @@ from lowbit.nn.qlinear import QuantLinear, set_submodule
 from lowbit.train.loop import TrainConfig, TrainResult, causal_lm_loss, text_windows, train
 
 LOSSES = ("kd", "ce")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass
@@ -48,8 +49,11 @@ class QATConfig:
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
     grad_checkpointing: bool = False
+    optimizer: str = "adamw"          # or "adamw8bit" (lowbit.train.optim8bit): a quarter of the state memory
 
     def check(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise LowbitError(f"QATConfig.optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.loss not in LOSSES:
             raise LowbitError(f"QATConfig.loss: expected one of {LOSSES}, got {self.loss!r}")
         if self.text == "wiki-evaluation":
@@ -192,7 +196,11 @@ def run_qat(model: nn.Module, report, tokenizer, cfg: QATConfig | None = None, *
     if cfg.scale_lr is not None:
         groups.append({"params": [m.scale for m in model.modules() if isinstance(m, QATLinear)],
                        "lr": cfg.scale_lr, "lr_ratio": cfg.scale_lr / cfg.lr})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    if cfg.optimizer == "adamw8bit":
+        from lowbit.train.optim8bit import AdamW8bit
+        opt = AdamW8bit(groups, lr=cfg.lr, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     loss_fn = kd_loss(teacher, cfg.temperature) if cfg.loss == "kd" else causal_lm_loss
     try:
         res = train(model, windows, cfg.train_config(), optimizer=opt, loss_fn=loss_fn, log=log)
