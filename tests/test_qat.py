@@ -126,6 +126,8 @@ def test_config_refuses_eval_text_and_bad_options():
         QATConfig(scale_lr=-1.0).check()
     with pytest.raises(LowbitError, match="TrainConfig.steps"):
         QATConfig(steps=0).check()
+    with pytest.raises(LowbitError, match="QATConfig.optimizer"):
+        QATConfig(optimizer="sgd").check()
 
 
 def test_qat_on_bundled_model_trains_freezes_and_exports(tmp_path):
