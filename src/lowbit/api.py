@@ -216,6 +216,17 @@ def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, cali
     return report
 
 
+def qat(loaded: LoadedModel, report: QuantizeReport, *, teacher: nn.Module | None = None, config=None,
+        log=None, **options):
+    """Quantization-aware training of `loaded.model` from its PTQ result (`report` of `quantize`),
+    then frozen back into `report.qweights` so `export` writes it like any quantized model
+    (lowbit.train.qat). teacher: the float model for the default distillation loss. options:
+    QATConfig fields (steps, lr, scale_lr, loss, ...). -> QATResult (loss curve, codes changed)."""
+    from lowbit.train.qat import QATConfig, run_qat
+    cfg = config or QATConfig(**options)
+    return run_qat(loaded.model, report, loaded.tokenizer, cfg, teacher=teacher, log=log)
+
+
 def load(source, dtype: torch.dtype = torch.float32, backend: str | None = None) -> LoadedModel:
     """A built-in name, .gguf, HF directory or any quantized output lowbit reads (lowbit.export)."""
     return load_model(source, dtype=dtype, backend=backend)

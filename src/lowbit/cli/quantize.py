@@ -58,6 +58,16 @@ def register(sub) -> None:
                    help="one scheme per shared-input group (q/k/v, gate/up), as fused kernels need")
     b.add_argument("--save-recipe", help="also write the chosen recipe as JSON here (readable, editable)")
     b.add_argument("--no-sensitivity-cache", action="store_true", help="recompute the sensitivity table")
+    q = p.add_argument_group("quantization-aware training (lowbit.train.qat), after the recipe's PTQ")
+    q.add_argument("--qat-steps", type=positive_int, help="train this many steps on wiki-calibration windows "
+                                                         "(fake quantization, STE), then write the result")
+    q.add_argument("--qat-lr", type=float, default=1e-3, help="latent-weight learning rate (default 1e-3)")
+    q.add_argument("--qat-scale-lr", type=float, default=1e-4,
+                   help="LSQ scale learning rate (default 1e-4; 0 keeps the PTQ scales)")
+    q.add_argument("--qat-loss", choices=("kd", "ce"), default="kd",
+                   help="kd: KL to the float model's logits (default); ce: next-token loss")
+    q.add_argument("--qat-batch", type=positive_int, default=4, help="windows per step (default 4)")
+    q.add_argument("--qat-seq", type=positive_int, default=256, help="tokens per window (default 256)")
     p.set_defaults(func=run)
 
 
@@ -125,6 +135,15 @@ def run(args) -> int:
         ckpt = _checkpoint(out, loaded, args.fresh, log)
     report = api.quantize(loaded.model, recipe, tokens=tokens, calibration=overrides, progress=False, log=log,
                           checkpoint=ckpt)
+    if args.qat_steps:
+        from lowbit.train.qat import QATConfig
+        teacher = api.load_model(args.model).model if args.qat_loss == "kd" else None
+        cfg = QATConfig(steps=args.qat_steps, lr=args.qat_lr, scale_lr=args.qat_scale_lr or None,
+                        loss=args.qat_loss, batch_size=args.qat_batch, seq_len=args.qat_seq)
+        res = api.qat(loaded, report, teacher=teacher, config=cfg, log=log)
+        del teacher
+        log(f"qat: {args.qat_steps} steps in {res.seconds:.0f} s, loss {res.train.losses[0]:.4f} -> "
+            f"{res.train.losses[-1]:.4f}, {res.freeze['codes_changed'] * 100:.2f} % of codes changed")
     opts = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
     metrics = {"budget_plan": plan.to_dict()} if plan is not None else None
     path = api.export(loaded, report, out, fmt.name, overwrite=args.overwrite, metrics=metrics, **opts)

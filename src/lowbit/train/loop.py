@@ -143,8 +143,8 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, *, optimize
         for step in range(cfg.steps):
             idx = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % n
             lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            for g in optimizer.param_groups:   # a group's "lr_ratio" keeps it at a fixed fraction
+                g["lr"] = lr * g.get("lr_ratio", 1.0)
             loss = loss_fn(model, windows[idx])
             if not torch.isfinite(loss):
                 raise LowbitError(f"train: loss is {float(loss)} at step {step}; lower the learning rate "
