@@ -139,6 +139,21 @@ def test_freeze_forward_equals_bitlinear_forward(bundled, swapped):
     assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
 
 
+def test_ternary_tensors_encode_to_gguf_blocks_bit_exactly(bundled, swapped):
+    from lowbit.export.gguf.writer import ggml_from_ternary
+    from lowbit.numerics.ggml import dequantize
+    m = copy.deepcopy(swapped[0])
+    rep = freeze_bitlinear(m)
+    for name, want_tq in (("model.layers.0.mlp.down_proj", True), ("model.layers.0.self_attn.k_proj", False)):
+        qw = rep.qweights[name]
+        w = qw.dequantize().numpy()
+        for tq in ("TQ2_0", "TQ1_0"):
+            used, blocks, err = ggml_from_ternary(qw, tq)
+            assert used == (tq if want_tq else "Q8_0") and err == 0.0, (name, used, err)
+            assert np.array_equal(dequantize(blocks, used, w.shape), w)
+
+
+@pytest.mark.slow
 def test_gguf_tq_round_trip_is_bit_exact(bundled, swapped, tmp_path):
     from lowbit import api
     from lowbit.export.gguf.reader import load_gguf
