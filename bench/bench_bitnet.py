@@ -164,12 +164,9 @@ def _llamacpp_ppl(gguf: Path, tok, args, work: Path) -> dict | None:
     import numpy as np
 
     from lowbit.data.text import load_text, token_windows, tokenize_text
-    py = None
-    for cand in (ROOT / "bench" / ".venv-llamacpp" / "bin" / "python",
-                 Path(os.environ.get("LOWBIT_LLAMACPP_PY", "/nonexistent"))):
-        if cand.exists():
-            py = cand
-    if py is None:
+    env = os.environ.get("LOWBIT_LLAMACPP_PY")      # a venv elsewhere (shared by worktrees)
+    py = Path(env) if env else ROOT / "bench" / ".venv-llamacpp" / "bin" / "python"
+    if not py.exists():
         print("llama.cpp: bench/.venv-llamacpp not built (LOWBIT_LLAMACPP_PY unset); skipped", flush=True)
         return None
     w = token_windows(tokenize_text(tok, load_text("wiki-evaluation")), 512, args.eval_tokens // 512)
@@ -180,6 +177,44 @@ def _llamacpp_ppl(gguf: Path, tok, args, work: Path) -> dict | None:
         print(f"llama.cpp failed on {gguf}: {r.stderr[-2000:]}", flush=True)
         return {"error": r.stderr[-500:]}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+class BlockInt8Act:
+    """llama.cpp's activation rounding for a ggml dot product, emulated: int8 absmax per block of
+    `block` columns (Q8_0's 32 with an fp16 scale for Q8_0 weights; Q8_K's 256 with an fp32 scale
+    for TQ1_0 / TQ2_0 weights; ggml-cpu quantize_row_q8_0 / quantize_row_q8_K)."""
+
+    def __init__(self, block: int, fp16_scale: bool):
+        self.block, self.fp16_scale = block, fp16_scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // self.block, self.block)
+        d = xb.abs().amax(-1, keepdim=True) / 127.0
+        if self.fp16_scale:
+            d = d.half().float()
+        q = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1.0)).clamp(-127, 127), 0.0)
+        return (q * d).reshape(x.shape).to(x.dtype)
+
+
+def part_acts(args, work: Path) -> dict:
+    """The trained ternary model under three activation roundings (lowbit harness, same windows):
+    BitNet's int8 per token (as trained), llama.cpp's int8 per block (emulated, per GGUF type of
+    each tensor), and float activations."""
+    lm = load_model()
+    model, rep, _ = _frozen(lm, torch.load(work / STATE))
+    out = {}
+    per_token = {n: model.get_submodule(n).act_quant for n in rep.qweights}
+    for key, label in (("per_block", "llama.cpp-style int8 per block (Q8_0: 32, Q8_K: 256)"),
+                       ("float", "float activations")):
+        for n in rep.qweights:
+            k = model.get_submodule(n).in_features
+            model.get_submodule(n).act_quant = (None if key == "float" else
+                                                BlockInt8Act(256, False) if k % 256 == 0 else BlockInt8Act(32, True))
+        out[key] = _ppl(model, lm.tokenizer, args, f"trained ternary, {label}", f"trained_{key}")
+    for n, aq in per_token.items():
+        model.get_submodule(n).act_quant = aq
+    (work / "bitnet_acts.json").write_text(json.dumps(out, indent=1))
+    return out
 
 
 def part_eval(args, work: Path) -> dict:
@@ -207,7 +242,8 @@ def part_eval(args, work: Path) -> dict:
     res["trained"] = _ppl(trained, tok, args, "ternary continued-trained")
     gg = work / "smollm2-bitnet-tq2_0.gguf"
     res["gguf"] = _export_gguf(lm, trained, rep, gg, "TQ2_0")
-    res["gguf_tq1_0"] = _export_gguf(lm, trained, rep, work / "smollm2-bitnet-tq1_0.gguf", "TQ1_0")
+    if args.tq1_0:
+        res["gguf_tq1_0"] = _export_gguf(lm, trained, rep, work / "smollm2-bitnet-tq1_0.gguf", "TQ1_0")
     print(f"gguf: {res['gguf']}", flush=True)
     res["llamacpp"] = _llamacpp_ppl(gg, tok, args, work)
     # decode speed on our packed kernels: fp32, trained ternary (int8 per-token activations), w4g64-rtn
@@ -244,13 +280,22 @@ def _markdown(res: dict, args) -> str:
         v = sp.get(s) if s else None
         lines.append(f"| {name} | {w} | {a} | {p['ppl']:.2f} | {p['nll_mean']:.3f} +- {p['nll_stderr']:.3f} | "
                      + (f"{v:.1f} | {v / sp['fp32']:.2f}x |" if v else "- | - |"))
+    lines += ["", f"Decode ternary / w4g64-rtn: {sp['ternary'] / sp['w4g64-rtn']:.2f}x (same process, same prompt). "
+              f"Freeze: max |BitLinear logits - frozen logits| = {res['freeze_max_abs_logit_diff']:.3g}. "
+              f"GGUF ({res['gguf']['bytes'] / 2**20:.1f} MiB): tensor types {res['gguf']['types']}, every linear "
+              f"read back bit-exact: {res['gguf']['linears_bit_exact']}."]
+    lc = res.get("llamacpp")
+    if lc and "ppl" in lc:
+        lines.append(f"llama.cpp (llama-cpp-python) perplexity of that GGUF on the same windows: {lc['ppl']:.2f}.")
+    else:
+        lines.append(f"llama.cpp: not run ({'no bench/.venv-llamacpp' if lc is None else lc.get('error', '')[:120]}).")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, type=Path)
-    ap.add_argument("--part", choices=("train", "base", "eval", "all"), default="all")
+    ap.add_argument("--part", choices=("train", "base", "eval", "acts", "all"), default="all")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2)
@@ -262,6 +307,7 @@ def main() -> None:
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tq1_0", action="store_true", help="also write (and check) the TQ1_0 file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -269,6 +315,8 @@ def main() -> None:
         part_train(args, args.work)
     if args.part in ("base", "eval", "all"):
         part_eval(args, args.work)
+    if args.part in ("acts", "all"):
+        part_acts(args, args.work)
 
 
 if __name__ == "__main__":
