@@ -217,6 +217,34 @@ def part_acts(args, work: Path) -> dict:
     return out
 
 
+def part_speed(args, work: Path) -> dict:
+    """Decode tok/s on our kernels (fp32, trained ternary with int8 per-token activations, w4g64-rtn)
+    in one process, and the packed step path's last-position logits vs the model's own forward."""
+    from lowbit import api
+    from lowbit.data.text import load_text, tokenize_text
+    from lowbit.nn.prepare import prepare_for_inference
+    from lowbit.nn.step import step_model
+    lm = load_model()
+    tok = lm.tokenizer
+    trained, _, _ = _frozen(lm, torch.load(work / STATE))
+    prepare_for_inference(trained)
+    ids = tokenize_text(tok, load_text("wiki-evaluation"))[:16]
+    with torch.no_grad():
+        ref = trained(input_ids=ids.view(1, -1)).logits[0, -1]
+        sm = step_model(trained, True)
+        got = sm.step(ids, 0, sm.new_cache(32))
+    res = {"step_vs_forward_max_abs_logit_diff": float((got - ref).abs().max()), "logit_absmax": float(ref.abs().max())}
+    q4 = copy.deepcopy(lm.model)
+    api.quantize(q4, "w4g64-rtn", progress=False)
+    prepare_for_inference(q4)
+    res["decode_tokens_per_s"] = {"fp32": _decode_speed(lm.model, tok, args),
+                                  "ternary": _decode_speed(trained, tok, args),
+                                  "w4g64-rtn": _decode_speed(q4, tok, args)}
+    print(json.dumps(res), flush=True)
+    (work / "bitnet_speed.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def part_eval(args, work: Path) -> dict:
     from lowbit import api
     from lowbit.nn.prepare import prepare_for_inference
@@ -295,7 +323,7 @@ def _markdown(res: dict, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, type=Path)
-    ap.add_argument("--part", choices=("train", "base", "eval", "acts", "all"), default="all")
+    ap.add_argument("--part", choices=("train", "base", "eval", "acts", "speed", "all"), default="all")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2)
@@ -317,6 +345,8 @@ def main() -> None:
         part_eval(args, args.work)
     if args.part in ("acts", "all"):
         part_acts(args, args.work)
+    if args.part == "speed":
+        part_speed(args, args.work)
 
 
 if __name__ == "__main__":

@@ -176,3 +176,28 @@ def test_gguf_tq_round_trip_is_bit_exact(bundled, swapped, tmp_path):
     with pytest.raises(LowbitError, match="ternary_type"):
         api.export(LoadedModel(m, bundled.tokenizer, bundled.path, bundled.source), rep, tmp_path / "x.gguf",
                    format="gguf", ternary_type="q4_0")
+
+
+def test_frozen_model_runs_on_packed_kernels_with_its_activation_rounding(bundled, swapped):
+    from lowbit.nn import ext
+    from lowbit.nn.prepare import PackedLinear, prepare_for_inference
+    from lowbit.nn.step import step_model
+    from lowbit.train.loop import text_windows
+    m = copy.deepcopy(swapped[0])
+    freeze_bitlinear(m)
+    ids = text_windows(bundled.tokenizer, "wiki-evaluation", 16, seed=None, max_windows=1)
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits[0, -1]
+        info = prepare_for_inference(m)
+        q = m.model.layers[0].self_attn.q_proj
+        assert isinstance(q, PackedLinear) and q.act_quant is not None           # kept by prepare
+        packed = m(input_ids=ids).logits[0, -1]
+        if not ext.load():
+            pytest.skip(f"C++ kernels unavailable ({ext.status()}); packed forward checked on {info['backends']}")
+        sm = step_model(m, True)
+        stepped = sm.step(ids[0], 0, sm.new_cache(32))
+    # same codes and int8 activations; fp32 GEMV vs MKL only reorders sums (~K * 2^-24 relative a
+    # layer). An ulp can still flip one int8 activation rounding, a few e-3 of a logit at most here
+    tol = 1e-3 * float(ref.abs().max())
+    assert float((packed - ref).abs().max()) <= tol
+    assert float((stepped - ref).abs().max()) <= tol
