@@ -201,3 +201,20 @@ def test_frozen_model_runs_on_packed_kernels_with_its_activation_rounding(bundle
     tol = 1e-3 * float(ref.abs().max())
     assert float((packed - ref).abs().max()) <= tol
     assert float((stepped - ref).abs().max()) <= tol
+
+
+def test_native_round_trip_keeps_the_int8_activations(bundled, swapped, tmp_path):
+    from lowbit import api
+    from lowbit.models.base import LoadedModel
+    from lowbit.train.loop import text_windows
+    m = copy.deepcopy(swapped[0])
+    rep = freeze_bitlinear(m)
+    out = tmp_path / "bitnet-native"
+    api.export(LoadedModel(m, bundled.tokenizer, bundled.path, bundled.source), rep, out, format="native")
+    back = api.load(out)
+    q = back.model.get_submodule("model.layers.3.mlp.down_proj")
+    assert q.act_quant is not None and q.act_quant.scheme.granularity == "token"
+    assert torch.equal(q.qweight.dequantize(), rep.qweights["model.layers.3.mlp.down_proj"].dequantize())
+    ids = text_windows(bundled.tokenizer, "wiki-evaluation", 16, seed=None, max_windows=1)
+    with torch.no_grad():
+        assert torch.equal(back.model(input_ids=ids).logits, m(input_ids=ids).logits)   # same ops, same values
