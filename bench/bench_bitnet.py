@@ -2,10 +2,11 @@
 ternary decode speed on our kernels vs our 4-bit, in one script (BENCHMARKS.md "BitNet b1.58").
 
     nice -n 10 .venv/bin/python bench/bench_bitnet.py --work WORKDIR --steps 48 --seq-len 128 \
-        --batch 2 --lr 1e-3 --lam-warmup 12 [--part train|eval|all] [--md BENCHMARKS-row.md]
+        --batch 2 --lr 1e-3 --lam-warmup 12 [--part train|base|eval|acts|speed|all] [--md ROWS.md]
 
-Parts (both in one run by default; --part train caches the trained latent weights in WORKDIR, so
-a later --part eval scores them without training again):
+Parts (train, eval and acts in one run by default; --part train caches the trained latent weights
+in WORKDIR, so a later --part eval scores them without training again; --part base scores the
+models that do not need training while it runs; --part speed re-measures decode alone):
   train  swap every block linear of SmolLM2-135M for BitLinear (lowbit.nn.bitlinear), then
          lowbit.train.loop.train on wiki-calibration windows, loss = KL(teacher || student) on the
          logits with the fp32 model as teacher (knowledge distillation), the BitLinear weight
