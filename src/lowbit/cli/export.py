@@ -33,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--reencode", default=None, metavar="GGML_TYPE",
                    help="GGUF from an int-quantized model: the ggml type for weights that are not exactly "
                         "one (default by bit width: 4-bit -> Q4_K, with llama.cpp's fallbacks)")
+    p.add_argument("--ternary-type", default="tq2_0", choices=("tq2_0", "tq1_0"),
+                   help="GGUF from a ternary (BitNet) model: TQ2_0 (default) or TQ1_0 for rows that are "
+                        "multiples of 256; other rows go to Q8_0, exactly")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier lowbit output")
     p.add_argument("--quiet", action="store_true")
@@ -53,7 +56,8 @@ def run(args) -> int:
     src_fmt = detect_format(path) if kind == "hf" else None
     opts = {}
     if fmt.name == "gguf":
-        opts = {"tokenizer_pre": args.tokenizer_pre, "reencode": args.reencode, "progress": not args.quiet}
+        opts = {"tokenizer_pre": args.tokenizer_pre, "reencode": args.reencode, "progress": not args.quiet,
+                "ternary_type": args.ternary_type}
     elif args.reencode or args.tokenizer_pre:
         raise LowbitError("--reencode / --tokenizer-pre apply to --format gguf only")
     if src_fmt is not None:

@@ -238,7 +238,28 @@ def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: s
         t = files.get(key)
         set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, str(path))
     retie(model, m.get("tied", {}), set(m["layers"]))
+    _attach_dynamic_activations(model, m)
     return finish(model, path, m, FORMAT, extra_meta={"qweights": qweights})
+
+
+def _attach_dynamic_activations(model, manifest: dict) -> None:
+    """Dynamic input-activation quantization (int8 / fp8 per token, e.g. BitNet's W1.58A8) needs no
+    tensor, only its scheme: the recipe's rule for each linear says it. (Static scales are not held
+    by this format; compressed-tensors holds them.)"""
+    rd = manifest.get("lowbit_recipe")
+    if not rd:
+        return
+    from lowbit.nn.actquant import ActQuant
+    from lowbit.numerics.activation import ActScheme
+    from lowbit.recipe import Recipe
+    recipe = Recipe.from_dict(rd)
+    for name, row in manifest["layers"].items():
+        rule = recipe.rule_for(name) if row.get("kind", "linear") == "linear" else None
+        ia = getattr(rule, "input_activations", None)
+        if ia:
+            scheme = ActScheme.from_dict(ia)
+            if scheme.dynamic:
+                model.get_submodule(name).act_quant = ActQuant(scheme)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True):

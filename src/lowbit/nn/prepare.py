@@ -47,6 +47,9 @@ class PackedLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         override = self.__dict__.get("_override")
+        aq = self.__dict__.get("act_quant")       # input activations (BitNet's int8 per token, ...)
+        if aq is not None and not getattr(override, "quantizes_input", False):
+            x = aq(x)
         if override is not None:
             return override(x, self)
         return self._modules["packed"].forward(x)  # skips nn.Module.__call__ hooks: ~2 us a call
@@ -99,6 +102,7 @@ def prepare_for_inference(model: nn.Module, backend: str = "auto", release_check
     with torch.no_grad():
         for name, mod in targets:
             packed = PackedLinear(mod.qweight, mod.bias, backend, name)
+            packed.act_quant = mod.act_quant     # input-activation quantization stays as it was
             set_submodule(model, name, packed)
             counts[packed.backend] += 1
             nbytes += packed.packed.nbytes()

@@ -61,7 +61,14 @@ class FusedRows:
         self.kind = "separate"
         self.bias = None
         kerns = [_ext_kernel(m) for m in mods]
-        if all(k is not None for k in kerns) and self._ext_compatible(kerns):
+        # input-activation quantization (BitNet's int8 per token, ...): one dynamic scheme shared
+        # by every linear of the group is applied once to the shared input; anything else (static
+        # per-layer scales, LLM.int8(), a mix) keeps the linears separate, each its own forward
+        acts = [m.__dict__.get("act_quant") for m in mods]
+        self.in_act = acts[0] if all(a is not None and a.scheme.dynamic and a.scheme.outlier_threshold is None
+                                  and a.scheme == acts[0].scheme for a in acts) else None
+        shared = self.in_act is not None or all(a is None for a in acts)
+        if shared and all(k is not None for k in kerns) and self._ext_compatible(kerns):
             self._fuse_ext(kerns)
             if any(m.bias is not None for m in mods):   # + 0.0 where a linear has none
                 self.bias = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(n)
@@ -109,6 +116,8 @@ class FusedRows:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "ext":
+            if self.in_act is not None:
+                x = self.in_act(x)
             xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
             y = self.op(xf, *self.args)
             if self.bias is not None:

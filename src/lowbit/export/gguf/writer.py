@@ -6,6 +6,8 @@
 
 The writer never quantizes. Each quantized module's tensor comes from its weight:
   GGMLWeight (methods ggml / gptq on ggml types)  the blocks, unchanged (q/k rows permuted);
+  QuantizedWeight ternary (BitNet b1.58)           TQ2_0 / TQ1_0 (ternary_type) where the row is a
+      multiple of 256, else Q8_0, else F16: the first that decodes back exactly (ggml_from_ternary);
   QuantizedWeight on an int grid                   written unchanged where its scheme *is* a ggml
       type (int4/int5/int8 symmetric group 32 = Q4_0/Q5_0/Q8_0; asymmetric = Q4_1/Q5_1 when every
       minimum -zero*scale is an fp16 number), proven by decoding the blocks back to exactly our
@@ -271,11 +273,55 @@ def ggml_from_int(qw) -> tuple[str, np.ndarray] | None:
     return t, blocks
 
 
-def _weight_bytes(qw, hf_name: str, reencode: str | None, report: GGUFReport) -> tuple[str, str, np.ndarray]:
+TERNARY_TYPES = ("TQ2_0", "TQ1_0")
+
+
+def ternary_candidates(ternary_type: str, cols: int) -> list[str]:
+    """ggml types that may hold a ternary weight exactly, best first: the TQ type when the row is a
+    multiple of 256 (llama.cpp's rule), then Q8_0 (32-blocks; exact when scale / 127 is an fp16
+    number, nn/bitlinear.gguf_scale), then F16 (exact for any fp16 scale)."""
+    t = ternary_type.upper()
+    if t not in TERNARY_TYPES:
+        raise LowbitError(f"GGUF export: ternary_type {ternary_type!r}: expected one of {', '.join(TERNARY_TYPES)}")
+    return [x for x in (t, "Q8_0") if ggml_type(x).fits(cols)] + ["F16"]
+
+
+def ggml_from_ternary(qw, ternary_type: str = "TQ2_0") -> tuple[str, np.ndarray, float]:
+    """(ggml type, blocks (rows, row_bytes), relative RMS error) for a ternary QuantizedWeight: the
+    first of ternary_candidates() that decodes back to exactly qw.dequantize() (error 0.0), else the
+    first candidate re-encoded, with its error (never silently: the report lists it)."""
+    from lowbit.numerics.ggml import dequantize
+    w = np.ascontiguousarray(qw.dequantize().numpy(), dtype=np.float32)
+    cands = ternary_candidates(ternary_type, w.shape[1])
+    for t in cands:
+        if t == "F16":
+            blocks = w.astype(np.float16)
+            back = blocks.astype(np.float32)
+        else:
+            blocks = quantize(w, t)
+            back = dequantize(blocks, t, w.shape)
+        if np.array_equal(back, w):
+            return t, blocks, 0.0
+    t = cands[0]
+    blocks = quantize(w, t)
+    err = float(np.sqrt(np.mean((dequantize(blocks, t, w.shape) - w) ** 2)) / max(1e-30, np.sqrt(np.mean(w ** 2))))
+    return t, blocks, err
+
+
+def _weight_bytes(qw, hf_name: str, reencode: str | None, report: GGUFReport,
+                  ternary_type: str = "TQ2_0") -> tuple[str, str, np.ndarray]:
     """(wanted, used, blocks in HF row order) for one quantized module's weight."""
     from lowbit.numerics.ggml.weight import GGMLWeight
     if isinstance(qw, GGMLWeight):
         return qw.wanted, qw.type, qw.data.numpy()
+    if qw.scheme.format == "ternary":
+        used, blocks, err = ggml_from_ternary(qw, ternary_type)
+        if err == 0.0:
+            report.exact.append(hf_name)
+        else:
+            report.reencoded.append({"name": hf_name, "scheme": qw.scheme.short_name(), "type": used,
+                                     "rel_rms_error": err})
+        return ternary_type.upper(), used, blocks
     exact = ggml_from_int(qw)
     if exact is not None:
         report.exact.append(hf_name)
@@ -296,12 +342,14 @@ def _weight_bytes(qw, hf_name: str, reencode: str | None, report: GGUFReport) ->
 
 def write_quantized(qm, out: str | Path, *, source_gguf: str | Path | None = None,
                     tokenizer_pre: str | None = None, reencode: str | None = None, overwrite: bool = False,
-                    progress: bool = False, max_shard_size=None) -> GGUFReport:
+                    progress: bool = False, max_shard_size=None, ternary_type: str = "TQ2_0") -> GGUFReport:
     """Write a QuantizedModel as GGUF v3 (module docstring: what each tensor becomes).
 
     source_gguf: the GGUF the model came from (its general.* and tokenizer.* keys are copied;
     default: the provenance's source when it is a GGUF). reencode: the ggml type for int weights
-    that are not exactly one (default by bit width, REENCODE)."""
+    that are not exactly one (default by bit width, REENCODE). ternary_type: TQ2_0 or TQ1_0 for
+    ternary weights (ggml_from_ternary: rows not a multiple of 256 take Q8_0 or F16, exactly)."""
+    ternary_candidates(ternary_type, 256)                 # a bad option fails before any work
     import gguf
 
     from lowbit.export.common import check_output
@@ -331,7 +379,7 @@ def write_quantized(qm, out: str | Path, *, source_gguf: str | Path | None = Non
         shape = tuple(p.shape)
         gname = names.to_gguf(hf_name)
         if module in qm.qweights and hf_name.endswith(".weight"):
-            wanted, used, blob = _weight_bytes(qm.qweights[module], hf_name, reencode, report)
+            wanted, used, blob = _weight_bytes(qm.qweights[module], hf_name, reencode, report, ternary_type)
             im = bool(qm.qweights[module].info.get("imatrix", False)) if hasattr(qm.qweights[module], "info") else False
         else:
             a = p.detach().float().cpu().numpy()
