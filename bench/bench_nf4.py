@@ -50,6 +50,19 @@ def linear_bits(model) -> float:
     return b * 8 / n
 
 
+def same_weights(a, b) -> bool:
+    """Every bitsandbytes-style layer of a and b holds the same tensors (codes and constants)."""
+    from lowbit.nn.bnb4 import bnb_modules
+    ma, mb = bnb_modules(a), bnb_modules(b)
+    if set(ma) != set(mb):
+        return False
+    for n in ma:
+        ba, bb = dict(ma[n].named_buffers()), dict(mb[n].named_buffers())
+        if set(ba) != set(bb) or not all(torch.equal(ba[k], bb[k]) for k in ba):
+            return False
+    return True
+
+
 def ppl(model, tok, max_tokens: int) -> float:
     from lowbit.eval.perplexity import perplexity
     return float(perplexity(model, tok, text="wiki-evaluation", seq_len=512, max_tokens=max_tokens,
@@ -69,7 +82,7 @@ def loading(args, out: Path) -> list[dict]:
     print(rows[-1], flush=True)
     src = base.path
     del base
-    for q, dq in VARIANTS:
+    for q, dq in [v for v in VARIANTS if f"{v[0]}{'-dq' if v[1] else ''}" in args.variants.split(",")]:
         tag = f"{q}{'-dq' if dq else ''}"
         t0 = time.perf_counter()
         lm = api.load("smollm2-135m", quantization=q, double_quant=dq)
@@ -92,9 +105,14 @@ def loading(args, out: Path) -> list[dict]:
             continue
         res = json.loads(r.stdout.strip().splitlines()[-1])
         lm = api.load(theirs)
+        mine = api.load(out / f"ours-{tag}")
+        same = same_weights(lm.model, mine.model)
+        del mine
         rows.append({"who": "bitsandbytes", "quant": q, "dq": dq, "bits": linear_bits(lm.model),
                      "footprint": res["footprint"], "quant_state": res["quant_state_bytes"],
-                     "disk": disk_bytes(theirs), "ppl": ppl(lm.model, lm.tokenizer, args.max_tokens),
+                     "disk": disk_bytes(theirs), "same_weights_as_ours": same,
+                     # identical tensors give identical logits (tests/test_bnb4.py): no second pass
+                     "ppl": rows[-1]["ppl"] if same else ppl(lm.model, lm.tokenizer, args.max_tokens),
                      "versions": {k: res[k] for k in ("bitsandbytes", "transformers", "torch")},
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(rows[-1], flush=True)
@@ -126,7 +144,7 @@ def finetune(mode: str, base_dir: str, steps: int, batch: int, seq: int, lr: flo
                       grad_checkpointing=True, seed=0)
     res = train(lm.model, tr, cfg)
     after = heldout_loss(lm.model, ho)
-    out = {"mode": mode, "trainable": trainable_parameters(lm.model), "heldout_before": before,
+    out = {"mode": mode, "base": Path(base_dir).name if mode == "qlora" else "fp32", "trainable": trainable_parameters(lm.model), "heldout_before": before,
            "heldout_after": after, "losses": res.losses, "seconds": res.seconds, "peak_rss": res.peak_rss_bytes,
            "rss_after_load": rss_loaded, "train_tokens": int(tr.numel()), "heldout_tokens": int(ho.numel()),
            "task_sha256": {"train": text_sha256("train"), "heldout": text_sha256("heldout")},
@@ -156,7 +174,8 @@ def table(rows: list[dict], runs: list[dict]) -> str:
     for r in rows:
         fp = mib(r["footprint"]) + (f" + {mib(r['quant_state'])} quant_state" if r.get("quant_state") else "")
         q = r["quant"] + (" + double quant" if r["dq"] else "")
-        lines.append(f"| {r['who']} | {q} | {r['bits']:.3f} | {fp} | {mib(r['disk'])} | {r['ppl']:.3f} | "
+        eq = " (= ours: same tensors)" if r.get("same_weights_as_ours") else ""
+        lines.append(f"| {r['who']} | {q} | {r['bits']:.3f} | {fp} | {mib(r['disk'])} | {r['ppl']:.3f}{eq} | "
                      f"{r['dppl']:+.3f} |")
     if runs:
         lines += ["", "| run | trainable params | held-out loss before | after | peak RSS MiB | RSS after load MiB | s |",
@@ -177,15 +196,18 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-4, help="QLoRA learning rate")
     ap.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
     ap.add_argument("--out", default=str(ROOT / "bench/out/nf4"))
-    ap.add_argument("--skip-loading", action="store_true")
+    ap.add_argument("--skip-loading", action="store_true", help="reuse OUT/loading.json")
+    ap.add_argument("--reuse", action="store_true", help="reuse OUT/finetune-*.json from an earlier run")
+    ap.add_argument("--variants", default="nf4-dq,nf4,fp4-dq,fp4,int8", help="comma list of nf4[-dq], fp4[-dq], int8")
     ap.add_argument("--finetune", choices=["qlora", "full"], help=argparse.SUPPRESS)
+    ap.add_argument("--qlora-base", default="ours-nf4-dq", help="the bnb directory under OUT the QLoRA run loads")
     a = ap.parse_args()
     if a.quick:
         a.max_tokens, a.steps = 4096, 20
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.finetune:
-        res = finetune(a.finetune, str(out / "ours-nf4-dq"), a.steps, a.batch, a.seq, a.lr)
+        res = finetune(a.finetune, str(out / a.qlora_base), a.steps, a.batch, a.seq, a.lr)
         (out / f"finetune-{a.finetune}.json").write_text(json.dumps(res, indent=1) + "\n")
         return 0
     from lowbit.eval.report import env_info
@@ -193,6 +215,10 @@ def main() -> int:
     (out / "loading.json").write_text(json.dumps(rows, indent=1) + "\n")
     runs = []
     for mode in ("qlora", "full"):
+        done = out / f"finetune-{mode}.json"
+        if a.reuse and done.is_file():
+            runs.append(json.loads(done.read_text()))
+            continue
         cmd = [sys.executable, __file__, "--finetune", mode, "--out", str(out), "--steps", str(a.steps),
                "--batch", str(a.batch), "--seq", str(a.seq), "--lr", str(a.lr if mode == "qlora" else a.full_lr)]
         r = subprocess.run(cmd, capture_output=True, text=True)

@@ -258,8 +258,9 @@ def export(loaded: LoadedModel, report: QuantizeReport | None, out, format: str 
         raise LowbitError(f"export {format}: the model holds bitsandbytes-style 4/8-bit layers "
                           "(api.load(quantization=...)), which only --format bnb writes; quantize the float "
                           "model with a recipe for other formats")
-    if fmt.name == "bnb" and report is not None:
-        raise LowbitError("export bnb: writes a model loaded with api.load(..., quantization=...); pass report=None")
+    if fmt.name == "bnb" and (report is not None or not bnb_modules(loaded.model)):
+        raise LowbitError("export bnb: writes a model loaded with api.load(..., quantization='nf4' | 'fp4' | "
+                          "'int8') (it has no 4-bit / 8-bit bitsandbytes-style layer otherwise); pass report=None")
     if getattr(loaded.model, ONLINE_ATTR, None):
         raise LowbitError(f"export {format}: the model rotates down_proj inputs online "
                           f"({getattr(loaded.model, ONLINE_ATTR)}), which no file format holds; "
