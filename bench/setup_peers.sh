@@ -7,8 +7,10 @@
 #   bench/.venv-ort       onnxruntime (CPU) + onnx + numpy           -> bench/peers/ort_run.py
 #   bench/.venv-gptq      GPTQModel (torch/CPU kernels) on the local CPU torch wheel, so that
 #                         transformers loads quant_method gptq/awq checkpoints -> bench/peers/load_check.py
+#   bench/.venv-bnb       bitsandbytes (CPU backend) + transformers + accelerate + peft on the local CPU
+#                         torch wheel: load_in_4bit / 8-bit loading and PEFT adapters -> bench/peers/bnb_peer.py
 #
-# usage: bash bench/setup_peers.sh [llamacpp|llmc|ort|gptq|all] [REPO_ROOT]
+# usage: bash bench/setup_peers.sh [llamacpp|llmc|ort|gptq|bnb|all] [REPO_ROOT]
 #   REPO_ROOT defaults to the git top level of the current directory, so running this script from
 #   another worktree with cwd=<main checkout> installs into <main checkout>/bench.
 # Idempotent: a venv whose stamp file records the same pins is skipped. Re-run with
@@ -16,8 +18,8 @@
 set -euo pipefail
 
 what="${1:-all}"
-case "$what" in llamacpp|llmc|ort|gptq|all) ;; *)
-    echo "usage: $0 [llamacpp|llmc|ort|gptq|all] [REPO_ROOT]" >&2; exit 2;;
+case "$what" in llamacpp|llmc|ort|gptq|bnb|all) ;; *)
+    echo "usage: $0 [llamacpp|llmc|ort|gptq|bnb|all] [REPO_ROOT]" >&2; exit 2;;
 esac
 root="${2:-$(git rev-parse --show-toplevel)}"
 root="$(cd "$root" && pwd)"
@@ -43,6 +45,9 @@ GPTQ_NUMPY_SPEC="numpy==2.2.6"   # gptqmodel 7.6.0 pins numpy==2.2.6 on python<3
 # transformers' GptqHfQuantizer (quant_method gptq) refuses to load without optimum (optimum.gptq
 # converts the model's Linears to gptqmodel's QuantLinear); gptqmodel's own `hf` extra is optimum.
 OPTIMUM_VERSION=2.3.0
+# bitsandbytes >= 0.48 has a CPU backend for 4-bit (nf4/fp4) and 8-bit (LLM.int8) layers.
+BNB_VERSION=0.50.2
+PEFT_SPEC="peft"
 # CPU-only, lean: no CUDA/BLAS, no mtmd/llava, server, tools, tests or examples.
 # Not GGML_NATIVE: on CPUs with AMX (Sapphire Rapids and later) -march=native turns on ggml's AMX
 # matmul, which segfaults here (ggml_backend_amx_mul_mat, seen 2026-12-01 on every quantized model);
@@ -167,6 +172,37 @@ EOF
     say "gptq: done in ${secs}s -> $venv (pip freeze in $venv/.peers-freeze.txt)"
 }
 
+setup_bnb() {
+    local venv="$root/bench/.venv-bnb"
+    local pins="$TORCH_SPEC bitsandbytes==$BNB_VERSION $PEFT_SPEC transformers accelerate safetensors"
+    if done_already "$venv" "$pins"; then
+        say "bnb: up to date in $venv ($(sed -n 2p "$venv/.peers-stamp"))"; return
+    fi
+    make_venv "$venv"
+    local t0=$SECONDS
+    # torch FIRST and held by a constraint (as for llmc): bitsandbytes/peft must not pull a CUDA torch
+    "$venv/bin/pip" install -q "$TORCH_SPEC"
+    local constraints="$venv/.peers-constraints.txt"
+    echo "$TORCH_SPEC" > "$constraints"
+    "$venv/bin/pip" install -q -c "$constraints" "bitsandbytes==$BNB_VERSION" "$PEFT_SPEC" \
+        transformers accelerate safetensors
+    local secs=$((SECONDS - t0))
+    # smoke: bitsandbytes' CPU backend quantizes and dequantizes NF4 (no GPU here)
+    "$venv/bin/python" - <<'EOF2'
+import torch, bitsandbytes as bnb, bitsandbytes.functional as F, transformers, peft
+assert "+cpu" in torch.__version__ or not torch.version.cuda, f"CUDA torch slipped in: {torch.__version__}"
+w = torch.randn(64, 128)
+q, st = F.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+err = (F.dequantize_4bit(q, st) - w).abs().max().item()
+assert err < 1.0, err
+print("torch", torch.__version__, "bitsandbytes", bnb.__version__, "transformers", transformers.__version__,
+      "peft", peft.__version__, "nf4 cpu max err", round(err, 4))
+EOF2
+    printf '%s\ninstalled %s in %ss\n' "$pins" "$(date -u +%FT%TZ)" "$secs" > "$venv/.peers-stamp"
+    "$venv/bin/pip" freeze > "$venv/.peers-freeze.txt"
+    say "bnb: done in ${secs}s -> $venv (pip freeze in $venv/.peers-freeze.txt)"
+}
+
 say "repo root: $root"
 mkdir -p "$root/bench"
 case "$what" in
@@ -174,6 +210,7 @@ case "$what" in
     llmc) setup_llmc ;;
     ort) setup_ort ;;
     gptq) setup_gptq ;;
-    all) setup_llamacpp; setup_llmc; setup_ort; setup_gptq ;;
+    bnb) setup_bnb ;;
+    all) setup_llamacpp; setup_llmc; setup_ort; setup_gptq; setup_bnb ;;
 esac
 say "all requested peers ready"

@@ -231,6 +231,35 @@ def load(source, dtype: torch.dtype = torch.float32, backend: str | None = None)
     """A built-in name, .gguf, HF directory or any quantized output lowbit reads (lowbit.export)."""
     return load_model(source, dtype=dtype, backend=backend)
 
+def load(source, dtype: torch.dtype = torch.float32, backend: str | None = None, *,
+         quantization: str | None = None, double_quant: bool = False, compute_dtype=None,
+         block_size: int = 64, skip_modules=()) -> LoadedModel:
+    """A built-in name, .gguf, HF directory or any quantized output lowbit reads (lowbit.export).
+
+    quantization="nf4" | "fp4" | "int8": bitsandbytes-style loading (load_in_4bit / load_in_8bit):
+    every linear but lm_head becomes a Linear4bit / Linear8bit (lowbit.nn.bnb4), with
+    double_quant (8-bit absmax constants, blocks of 256), compute_dtype (default: dtype) and
+    block_size (64). Quantizes only when asked here; meta["bnb"] holds the byte counts."""
+    if quantization is None:
+        if double_quant or compute_dtype is not None or skip_modules:
+            raise LowbitError("double_quant / compute_dtype / skip_modules: apply with quantization= "
+                              "(nf4, fp4 or int8)")
+        return load_model(source, dtype=dtype, backend=backend)
+    from lowbit.nn.bnb4 import BnbConfig, quantize_model
+    cfg = BnbConfig(quantization, bool(double_quant), compute_dtype or dtype, int(block_size),
+                    tuple(skip_modules)).check()
+    if backend is not None:
+        raise LowbitError("backend: the bitsandbytes-style layers have no packed kernels; omit backend")
+    lm = load_model(source, dtype=dtype)
+    lm.meta["bnb"] = quantize_model(lm.model, cfg)
+    return lm
+
+
+def memory_footprint(loaded) -> int:
+    """Bytes of the model's parameters and buffers (transformers' get_memory_footprint)."""
+    from lowbit.nn.bnb4 import memory_footprint as _mf
+    return _mf(getattr(loaded, "model", loaded))
+
 
 def export(loaded: LoadedModel, report: QuantizeReport | None, out, format: str = "native", *,
            metrics: dict | None = None, overwrite: bool = False, **options):
@@ -239,6 +268,14 @@ def export(loaded: LoadedModel, report: QuantizeReport | None, out, format: str 
     from lowbit.export import QuantizedModel, get_format
     from lowbit.transforms.rotate import ONLINE_ATTR
     fmt = get_format(format)
+    from lowbit.nn.bnb4 import bnb_modules
+    if fmt.name != "bnb" and bnb_modules(loaded.model):
+        raise LowbitError(f"export {format}: the model holds bitsandbytes-style 4/8-bit layers "
+                          "(api.load(quantization=...)), which only --format bnb writes; quantize the float "
+                          "model with a recipe for other formats")
+    if fmt.name == "bnb" and (report is not None or not bnb_modules(loaded.model)):
+        raise LowbitError("export bnb: writes a model loaded with api.load(..., quantization='nf4' | 'fp4' | "
+                          "'int8') (it has no 4-bit / 8-bit bitsandbytes-style layer otherwise); pass report=None")
     if getattr(loaded.model, ONLINE_ATTR, None):
         raise LowbitError(f"export {format}: the model rotates down_proj inputs online "
                           f"({getattr(loaded.model, ONLINE_ATTR)}), which no file format holds; "

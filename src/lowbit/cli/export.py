@@ -8,6 +8,7 @@ by --recipe (or, for GGUF, the mix --type, with --imatrix as llama-quantize uses
     lowbit export out/w4g32 --format gguf --out out/w4g32.gguf          # codes unchanged (Q4_0)
     lowbit export smollm2-135m --format gguf --type q4_k_m --imatrix im.gguf --out q4km.gguf
     lowbit export out/w4g128-gptq --format gptq --out out/gptq
+    lowbit export smollm2-135m --format bnb --quantization nf4 --double-quant --out out/nf4   # bitsandbytes
 
 Every path goes through api.quantize and api.export (lowbit.export's registry).
 """
@@ -21,7 +22,7 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write a model in a deployment format (gguf, gptq, awq, "
                                       "compressed-tensors, onnx, native)")
     p.add_argument("model", help="a quantized output directory, or a float model (built-in name, .gguf, HF dir)")
-    p.add_argument("--format", default="gguf", help="output format: gguf (default), native, gptq, awq, compressed-tensors, onnx")
+    p.add_argument("--format", default="gguf", help="output format: gguf (default), native, gptq, awq, compressed-tensors, onnx, bnb")
     p.add_argument("--type", default="q4_k_m", choices=sorted(MIXES), metavar="TYPE",
                    help=f"GGUF mix for a float model: {', '.join(MIXES)} (default q4_k_m)")
     p.add_argument("--recipe", default=None, help="recipe for a float model (preset or JSON; overrides --type)")
@@ -36,6 +37,10 @@ def register(sub) -> None:
     p.add_argument("--ternary-type", default="tq2_0", choices=("tq2_0", "tq1_0"),
                    help="GGUF from a ternary (BitNet) model: TQ2_0 (default) or TQ1_0 for rows that are "
                         "multiples of 256; other rows go to Q8_0, exactly")
+
+    p.add_argument("--quantization", default=None, choices=["nf4", "fp4", "int8"],
+                   help="--format bnb from a float model: bitsandbytes-style 4-bit / 8-bit layers (default nf4)")
+    p.add_argument("--double-quant", action="store_true", help="--format bnb: 8-bit absmax constants (QLoRA)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier lowbit output")
     p.add_argument("--quiet", action="store_true")
@@ -60,6 +65,15 @@ def run(args) -> int:
                 "ternary_type": args.ternary_type}
     elif args.reencode or args.tokenizer_pre:
         raise LowbitError("--reencode / --tokenizer-pre apply to --format gguf only")
+    if (args.quantization or args.double_quant) and fmt.name != "bnb":
+        raise LowbitError("--quantization / --double-quant apply to --format bnb only")
+    if fmt.name == "bnb" and src_fmt is None:
+        if args.recipe or args.imatrix or args.refine:
+            raise LowbitError("--format bnb quantizes with --quantization nf4|fp4|int8, not --recipe / --imatrix")
+        lm = api.load(args.model, quantization=args.quantization or "nf4", double_quant=args.double_quant)
+        out = api.export(lm, None, args.out, fmt.name, overwrite=args.overwrite)
+        _summary(out, fmt.name, f"{args.quantization or 'nf4'}{' + double quant' if args.double_quant else ''}")
+        return 0
     if src_fmt is not None:
         if args.recipe or args.imatrix or args.refine:
             raise LowbitError(f"{args.model} is already quantized ({src_fmt.name}); --recipe / --imatrix / "

@@ -45,7 +45,8 @@ class Format:
 _FORMATS: dict[str, Format] = {}
 # modules that register a format when imported (kept lazy: importing lowbit stays cheap)
 FORMAT_MODULES = ["lowbit.export.native", "lowbit.export.gguf", "lowbit.export.gptq",
-                  "lowbit.export.awq", "lowbit.export.compressed_tensors", "lowbit.export.onnx"]
+                  "lowbit.export.awq", "lowbit.export.compressed_tensors", "lowbit.export.onnx",
+                  "lowbit.export.bnb"]
 
 
 def register_format(fmt: Format) -> Format:
@@ -121,6 +122,9 @@ class QuantizedModel:
                 qweights[name], kinds[name] = mod.qweight, "linear"
         for name, qw in lm.meta.get("qweights", {}).items():   # quantized embeddings, served dequantized
             qweights[name], kinds[name] = qw, "embedding"
+        from lowbit.nn.bnb4 import bnb_modules
+        for name, mod in bnb_modules(lm.model).items():          # bitsandbytes-style layers (format bnb)
+            qweights[name], kinds[name] = mod, "bnb"
         if not qweights:
             raise LowbitError(f"export: {lm.source} has no quantized module; quantize it first "
                               "(lowbit quantize MODEL --recipe ... or api.quantize)")
