@@ -16,6 +16,11 @@ the ratio to fp32 from the same rounds. Weights are re-read every call but mostl
 L3 here (not the lm_head, nor 4096x4096 in fp32): whole-model decode (bench_decode.py) is the
 memory-bound figure.
 
+    .venv/bin/python bench/bench_kernels.py --prefill-cpu 128 --rounds 10
+
+times the prefill-sized (fused) linears of the bundled model in CPU time on one thread: fp32
+F.linear vs our w4g128 tile path vs the int8 prefill GEMM (see prefill_cpu).
+
     .venv/bin/python bench/bench_kernels.py --act-accuracy [--max-tokens 2048]
 
 instead measures what int8 decode activations cost in accuracy on the bundled model: perplexity
@@ -90,6 +95,45 @@ def isa_variants(n: int, k: int, m: int, isas: list[str], seed: int = 0) -> dict
     return out
 
 
+PREFILL_SHAPES = [("q|k|v fused", 960, 576), ("o_proj", 576, 576), ("gate|up fused", 3072, 576),
+                  ("down_proj", 576, 1536)]
+
+
+def prefill_cpu(m: int, rounds: int) -> None:
+    """Prefill-sized linears (the step's fused calls), fp32 F.linear vs our int4 w4g128 tile path
+    (fp32 activations) vs the int8 prefill GEMM. Timed in *process CPU time* on one thread, best of
+    `rounds`: on a box shared with other engineers' jobs the wall clock of a 2-thread call mostly
+    measures the scheduler, while the CPU time a call uses is its own work (cache sharing aside)."""
+    torch.set_num_threads(1)
+    tot = {"fp32": 0.0, "int4 tile (fp32 act.)": 0.0, "int4 int8 GEMM": 0.0}
+    print("| layer | N x K | M | fp32 F.linear ms | int4 tile ms | vs fp32 | int4 int8 GEMM ms | vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, n, k in PREFILL_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(n, k, generator=g) * 0.02, torch.randn(m, k, generator=g)
+        qw = quantize_weight(w, int_scheme(4, 128))
+        tile, gemm = PackedLinear(qw, backend="ext"), PackedLinear(qw, backend="ext")
+        tile.packed.set_prefill("fp32")
+        gemm.packed.set_prefill("int8")
+        fns = {"fp32": lambda: F.linear(x, w), "int4 tile (fp32 act.)": lambda: tile(x), "int4 int8 GEMM": lambda: gemm(x)}
+        best = {nm: float("inf") for nm in fns}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for nm, fn in fns.items():
+                    fn()
+                    t = time.process_time()
+                    for _ in range(4):
+                        fn()
+                    best[nm] = min(best[nm], (time.process_time() - t) / 4)
+        for nm in fns:
+            tot[nm] += best[nm]
+        b = [best[nm] * 1e3 for nm in fns]
+        print(f"| {label} | {n}x{k} | {m} | {b[0]:.2f} | {b[1]:.2f} | {b[0] / b[1]:.2f}x | {b[2]:.2f} | {b[0] / b[2]:.2f}x |", flush=True)
+    b = [t * 1e3 for t in tot.values()]
+    print(f"| one block | | {m} | {b[0]:.2f} | {b[1]:.2f} | {b[0] / b[1]:.2f}x | {b[2]:.2f} | {b[0] / b[2]:.2f}x |")
+    print(f"\n1 thread, process CPU time, best of {rounds} rounds, ISA variant {ext.isa()}, torch {torch.__version__}")
+
+
 def act_accuracy(max_tokens: int, threads: int, acts: list[str], models: list[str]) -> None:
     import copy
 
@@ -149,10 +193,15 @@ def main() -> None:
     ap.add_argument("--isas", default=None, help="comma list of nn/ext ISA variants to time (or 'all')")
     ap.add_argument("--shapes", default=None, help="comma list of shape labels to keep")
     ap.add_argument("--act-accuracy", action="store_true", help="see the docstring")
+    ap.add_argument("--prefill-cpu", type=int, default=0, metavar="M",
+                    help="instead: prefill-sized linears at M rows, 1 thread, CPU time (see prefill_cpu)")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--models", default="int4,int8", help="--act-accuracy: int4 and/or int8")
     ap.add_argument("--acts", default="int8,auto", help="--act-accuracy: decode activations to compare with fp32")
     args = ap.parse_args()
+    if args.prefill_cpu:
+        prefill_cpu(args.prefill_cpu, args.rounds)
+        return
     if args.act_accuracy:
         act_accuracy(args.max_tokens, args.threads, args.acts.split(","), args.models.split(","))
         return

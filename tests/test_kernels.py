@@ -69,12 +69,13 @@ SCHEMES = {
 }
 
 
-def make(qw, bias=None, backend="auto", name="weight", act="fp32"):
-    """make_kernel with the ext kernel's decode activations pinned (fp32 unless asked), so these
-    tests do not depend on kernels.DECODE_ACT."""
+def make(qw, bias=None, backend="auto", name="weight", act="fp32", prefill="fp32"):
+    """make_kernel with the ext kernel's decode and prefill activations pinned (fp32 unless asked),
+    so these tests do not depend on kernels.DECODE_ACT / PREFILL_ACT."""
     kern = make_kernel(qw, bias, backend, name)
     if isinstance(kern, kernels.ExtKernel):
         kern.set_act(act)
+        kern.set_prefill(prefill)
     return kern
 
 
@@ -331,6 +332,63 @@ def test_int8_activations_equal_exact_math_on_rounded_input(backend, shape, sche
         d = F.pad(x, (0, kern.k_pad - k)).reshape(m, -1, 32).abs().amax(-1) / 127.0
         e = d.repeat_interleave(32, 1)[:, :k] / 2
         assert bool(((y - F.linear(x, w)).abs() <= e @ w.abs().t() + bound).all())
+
+
+def chunk_round(x: torch.Tensor, k_pad: int, group_size: int) -> torch.Tensor:
+    """x rounded as the int8 prefill GEMM does: per chunk of at most 256 columns starting at each
+    weight group's start (d = max|x| / 127, q = round-half-even(x * (1 / d))), unpadded."""
+    m, k = x.shape
+    xp = F.pad(x.float(), (0, k_pad - k))
+    out = torch.empty_like(xp)
+    for g0 in range(0, k_pad, group_size):
+        for c0 in range(g0, min(k_pad, g0 + group_size), 256):
+            c1 = min(c0 + 256, g0 + group_size, k_pad)
+            d = xp[:, c0:c1].abs().amax(-1, keepdim=True) / 127.0
+            inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+            out[:, c0:c1] = torch.round(xp[:, c0:c1] * inv).clamp(-127, 127) * d
+    return out[:, :k]
+
+
+@pytest.mark.parametrize("backend", EXT_VARIANTS, indirect=True)
+@pytest.mark.parametrize("shape,scheme_name", [((1536, 576), "w4g128a"), ((577, 1536), "w4g32s"),
+                                               ((101, 224), "w2g64a"), ((48, 96), "w4ca"),
+                                               ((40, 600), "w4ta"), ((64, 1536), "w4g512a")])
+def test_int8_prefill_equals_exact_math_on_chunk_rounded_input(backend, shape, scheme_name):
+    """The int8 prefill GEMM's only approximation is rounding x per chunk (<= 256 columns inside
+    a group; 8 int16 partial sums of codes x int8 stay exact): its output is the rounded x times
+    W to fp32 summation order. M = 5 and 13 rows and odd N take the 3 x 2 tile's edges; per
+    channel / per tensor groups (576 / 608 columns) split into chunks of 256."""
+    g = torch.Generator().manual_seed(9)
+    n, k = shape
+    scheme = int_scheme(4, 512) if scheme_name == "w4g512a" else SCHEMES[scheme_name]
+    qw = quantize_weight(torch.randn(n, k, generator=g) * 0.05, scheme)
+    kern = make(qw, None, backend, prefill="int8")
+    assert kern.prefill == "int8"
+    w, mag = qw.dequantize(), term_magnitudes(qw)
+    for m in (kernels.GEMV_MAX_M + 1, 13):
+        x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 3   # uneven columns
+        xr = chunk_round(x, kern.k_pad, kern.group_size)
+        err = (kern(x) - F.linear(xr, w)).abs()
+        bound = 2e-6 * (xr.abs() @ mag.t()) + 1e-30
+        assert bool((err <= bound).all()), f"max err/bound {float((err / bound).max()):.3g}"
+    # decode rows keep their own per-block rounding; 8-bit codes and codebooks keep fp32 prefill
+    assert make(quantize_weight(w, int_scheme(8, None, True)), prefill="int8").prefill == "fp32"
+    nf4 = make(quantize_weight(w[:, :128], Scheme(format="nf4", granularity="group", group_size=64)), prefill="int8")
+    assert nf4.prefill == "fp32"
+    with pytest.raises(LowbitError, match="prefill activations"):
+        kern.set_prefill("int4")
+
+
+@pytest.mark.parametrize("backend", EXT_VARIANTS, indirect=True)
+def test_int8_prefill_propagates_nan_and_inf(backend):
+    qw = quantize_weight(torch.randn(33, 576), int_scheme(4, 128))
+    kern = make(qw, prefill="int8")
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(7, 576)
+        x[2, 300] = bad
+        y = kern(x)
+        assert not bool(y[2].isfinite().any()), y[2]   # every output reads x[2, 300]
+        assert bool(y[[0, 1, 3, 4, 5, 6]].isfinite().all())
 
 
 @pytest.mark.parametrize("backend", EXT_VARIANTS, indirect=True)

@@ -49,6 +49,13 @@ TILE_FLOATS = 1 << 20  # tiled fallback: at most 4 MiB of float weight at a time
 # cases, ~1% of what 4-bit weights already cost (0.38) but +60% of 8-bit weights' (0.004).
 DECODE_ACTS = ("auto", "fp32", "int8")
 DECODE_ACT = os.environ.get("LOWBIT_DECODE_ACT", "auto").strip().lower()
+# Prefill (M > GEMV_MAX_M) activations: "fp32" dequantizes row tiles and calls MKL; "int8" rounds
+# the activations per chunk (<= 256 columns inside one weight group) and runs the integer GEMM
+# (nn/ext/kern_gemm_q8.h), 4-bit integer codes only (8-bit codes and codebooks stay fp32).
+# PREFILL_ACT is the default (LOWBIT_PREFILL_ACT overrides it; BENCHMARKS.md "Prefill" has the
+# speed and accuracy that chose it); set_prefill_activations(model, ...) switches a prepared model.
+PREFILL_ACTS = ("fp32", "int8")
+PREFILL_ACT = os.environ.get("LOWBIT_PREFILL_ACT", "fp32").strip().lower()
 _q4_linear = _u8_linear = None  # torch.ops.lowbit_cpu.* once the extension is loaded
 
 
@@ -84,7 +91,21 @@ class ExtKernel(nn.Module):
         # int8 activations need W = scale * (code - zero) with integer codes: the byte container,
         # or nibbles whose table is 0..15 (not NF4 / FP4 / ternary)
         self.int_codes = not form.nibble or torch.equal(self.lut, torch.arange(16, dtype=torch.float32))
+        self.prefill = "fp32"
         self.set_act(DECODE_ACT if act is None else act)
+        self.set_prefill(PREFILL_ACT)
+
+    def set_prefill(self, act: str) -> None:
+        """Prefill activations: 'fp32' (tile dequant + MKL) or 'int8' (integer GEMM; falls back to
+        fp32 for anything but 4-bit integer codes)."""
+        if act not in PREFILL_ACTS:
+            raise LowbitError(f"prefill activations: expected one of {'|'.join(PREFILL_ACTS)}, got {act!r}")
+        self.prefill = act if self.nibble and self.int_codes else "fp32"
+        self.__dict__.pop("_args", None)
+
+    def q8_flags(self) -> int:
+        """The kernel op's act_q8 argument: bit 0 int8 decode, bit 1 int8 prefill activations."""
+        return int(self.act == "int8") | (2 * int(self.prefill == "int8"))
 
     def set_act(self, act: str) -> None:
         """Decode activations: 'fp32', 'int8' (falls back to fp32 for non-integer codes) or 'auto'
@@ -123,7 +144,7 @@ class ExtKernel(nn.Module):
     def _cache_args(self) -> tuple:
         # buffers read through nn.Module.__getattr__ cost ~0.7 us each; keep them in a plain tuple
         # (dropped by _apply, i.e. on .to() / .float(), and rebuilt on the next call)
-        q8 = int(self.act == "int8")
+        q8 = self.q8_flags()
         if self.nibble:
             op, args = _q4_linear, (self.codes, self.lut, self.scale, self.zero, self.group_size, GEMV_MAX_M, q8)
         else:
@@ -313,6 +334,17 @@ def set_decode_activations(model: nn.Module, act: str) -> int:
         if isinstance(mod, ExtKernel):
             mod.set_act(act)
             n += mod.act == "int8"
+    return n
+
+
+def set_prefill_activations(model: nn.Module, act: str) -> int:
+    """Switch every `ext` kernel in `model` to 'fp32' or 'int8' prefill activations; returns how
+    many kernels now use int8 (only 4-bit integer codes can)."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, ExtKernel):
+            mod.set_prefill(act)
+            n += mod.prefill == "int8"
     return n
 
 

@@ -78,7 +78,7 @@ class FusedRows:
     def _ext_compatible(kerns) -> bool:
         k0 = kerns[0]
         return all(k.perm is None and k.k_pad == k.in_features and k.in_features == k0.in_features
-                   and k.nibble == k0.nibble and k.group_size == k0.group_size and k.act == k0.act
+                   and k.nibble == k0.nibble and k.group_size == k0.group_size and k.q8_flags() == k0.q8_flags()
                    and torch.equal(k.lut, k0.lut) and (k.zero is None) == (k0.zero is None)
                    and k.codes.dtype == k0.codes.dtype for k in kerns)
 
@@ -98,12 +98,12 @@ class FusedRows:
         else:
             codes, scale, zero = kerns[0].codes, kerns[0].scale, kerns[0].zero
         k0 = kerns[0]
-        q8 = int(k0.act == "int8")
+        q8 = k0.q8_flags()
         if k0.nibble:
             self.op, self.args = kmod._q4_linear, (codes, k0.lut, scale, zero, k0.group_size, kmod.GEMV_MAX_M, q8)
         else:
             self.op, self.args = kmod._u8_linear, (codes, scale, zero, k0.group_size, kmod.GEMV_MAX_M, q8)
-        self.kerns, self.act = kerns, k0.act
+        self.kerns, self.q8 = kerns, q8
         self.kind = "ext"
 
     def valid(self) -> bool:
@@ -111,7 +111,7 @@ class FusedRows:
         if self.kind == "ext":
             return all(_ext_kernel(m) is k for m, k in zip(self.mods, self.kerns)) and all(
                 k.codes.untyped_storage().data_ptr() == self.args[0].untyped_storage().data_ptr()
-                and k.act == self.act for k in self.kerns)   # set_decode_activations changes act
+                and k.q8_flags() == self.q8 for k in self.kerns)   # set_*_activations change it
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

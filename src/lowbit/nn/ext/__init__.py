@@ -84,7 +84,7 @@ def library_path() -> Path:
     the library is built for baseline x86-64 and picks its variant at run time)."""
     from lowbit.io import cache_dir
     h = hashlib.sha256()
-    for f in TORCH_SOURCES + [HEADER] + sorted({HERE / src for _, src, _ in KERNEL_UNITS}):
+    for f in TORCH_SOURCES + sorted(HERE.glob("*.h")) + sorted({HERE / src for _, src, _ in KERNEL_UNITS}):
         h.update(f.read_bytes())
     h.update(repr((_CFLAGS, KERNEL_UNITS)).encode())
     h.update(torch.__version__.encode())

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include "lowbit_kern.h"
+#include "kern_gemm_q8.h"
 
 namespace lowbit {
 namespace {
@@ -273,6 +274,6 @@ void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float
 }  // namespace
 
 const KernTable kern_avx2 = {"avx2", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                             gemv_q8<true>, gemv_q8<false>};
+                             gemv_q8<true>, gemv_q8<false>, gemm_q4q8c};
 
 }  // namespace lowbit

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include "lowbit_kern.h"
+#include "kern_gemm_q8.h"   // the AVX2 int8 prefill GEMM (no AVX-512 form yet)
 
 #ifndef LOWBIT_VNNI
 #define LOWBIT_VNNI 0
@@ -214,10 +215,10 @@ void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float
 
 #if LOWBIT_VNNI
 const KernTable kern_avx512vnni = {"avx512vnni", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                                   gemv_q8<true>, gemv_q8<false>};
+                                   gemv_q8<true>, gemv_q8<false>, gemm_q4q8c};
 #else
 const KernTable kern_avx512 = {"avx512", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                               gemv_q8<true>, gemv_q8<false>};
+                               gemv_q8<true>, gemv_q8<false>, gemm_q4q8c};
 #endif
 
 }  // namespace lowbit

@@ -179,9 +179,37 @@ void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float
   }
 }
 
+// int8 prefill GEMM (the arithmetic of kern_gemm_q8.h): per chunk an exact int32 dot product of
+// codes and int8 activations, scaled once per chunk; 4 activation rows per weight row pass
+void gemm_q4q8c(const uint8_t* codes, const int8_t* xq, const float* dc, const float* xs,
+                const int32_t* cgrp, const int32_t* cblk, int64_t C, int64_t M, int64_t K,
+                const float* scale, const float* zero, int64_t G, float* y, int64_t N,
+                int64_t n0, int64_t n1) {
+  const int64_t rb = K / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * rb;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* q = xq + m * K;
+      float acc = 0.f;
+      for (int64_t c = 0; c < C; ++c) {
+        int32_t dot = 0;
+        for (int64_t b = cblk[c]; b < cblk[c + 1]; ++b) {
+          const uint8_t* pb = p + b * 16;
+          const int8_t* qb = q + b * kRun;
+          for (int j = 0; j < 16; ++j) dot += int32_t(pb[j] & 0x0F) * qb[j] + int32_t(pb[j] >> 4) * qb[16 + j];
+        }
+        acc += float(dot) * (dc[m * C + c] * scale[n * G + cgrp[c]]);
+      }
+      if (zero)
+        for (int64_t g = 0; g < G; ++g) acc -= scale[n * G + g] * zero[n * G + g] * xs[m * G + g];
+      y[m * N + n] = acc;
+    }
+  }
+}
+
 }  // namespace
 
 const KernTable kern_portable = {"portable", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                                 gemv_q8<true>, gemv_q8<false>};
+                                 gemv_q8<true>, gemv_q8<false>, gemm_q4q8c};
 
 }  // namespace lowbit

@@ -27,8 +27,9 @@
 //        to int8 (x ~= d_b * q, d_b = max|x_b| / 127, ggml's Q8_0), codes x q summed exactly in
 //        int32 (maddubs / VNNI), then y = sum_b d_b scale_g(b) dot_b - sum_g scale_g zero_g xs_g
 //        with xs_g = sum_{b in g} d_b sum(q_b). The only error added is the activation rounding.
-//   tile (larger M, prefill): dequantize a tile of rows into a small fp32 buffer, then
-//        at::mm_out on it (MKL / oneDNN); the full float W never exists.
+//   tile (larger M, prefill): each thread dequantizes a tile of rows into its own L2-sized
+//        fp32 buffer, then at::mm_out on it (MKL, single-threaded inside the region) while it is
+//        hot; the full float W never exists.
 // Parallelism: at::parallel_for (torch's own OpenMP pool, so torch.set_num_threads rules).
 //
 // ISA: the arithmetic lives in kern_*.cpp (lowbit_kern.h), each compiled for its own target
@@ -38,8 +39,12 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -123,6 +128,63 @@ void check_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   }
 }
 
+// int8 prefill (act_q8 bit 1, q4 integer codes): x rounded to int8 per chunk of <= 8 blocks
+// inside one weight group (kern_gemm_q8.h), then the variant's integer GEMM. NaN / inf in a
+// chunk makes its scale NaN, so those outputs are NaN (never silently finite).
+at::Tensor gemm_q8_prefill(const KernTable* kt, const at::Tensor& x, const at::Tensor& codes,
+                           const at::Tensor& scale, const c10::optional<at::Tensor>& zero, int64_t gs) {
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = scale.size(1), nb = K / kChunk;
+  std::vector<int32_t> cblk, cgrp;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t b0 = g * gs / kChunk, b1 = std::min(nb, (g + 1) * gs / kChunk);
+    for (int64_t b = b0; b < b1; b += 8) {
+      cblk.push_back(static_cast<int32_t>(b));
+      cgrp.push_back(static_cast<int32_t>(g));
+    }
+  }
+  const int64_t C = static_cast<int64_t>(cgrp.size());
+  cblk.push_back(static_cast<int32_t>(nb));
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dc(M * C), xs(M * G, 0.f);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t k0 = cblk[c] * kChunk, k1 = cblk[c + 1] * kChunk;
+        const float* xr = xp + m * K;
+        float amax = 0.f;
+        bool finite = true;
+        for (int64_t k = k0; k < k1; ++k) {
+          const float a = std::fabs(xr[k]);
+          finite = finite && a <= std::numeric_limits<float>::max();
+          amax = std::max(amax, a);
+        }
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;   // Q8_0's rounding rule
+        int32_t qs = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+          // round half to even as cvtps / nearbyint do: |x * id| <= 127 < 2^22, so adding and
+          // subtracting 1.5 * 2^23 rounds in the FPU's default mode (and vectorises, unlike nearbyint)
+          const float v = (xr[k] * id + 12582912.f) - 12582912.f;
+          const int32_t q = static_cast<int32_t>(std::min(127.f, std::max(-127.f, finite ? v : 0.f)));
+          xq[m * K + k] = static_cast<int8_t>(q);
+          qs += q;
+        }
+        dc[m * C + c] = finite ? d : std::numeric_limits<float>::quiet_NaN();
+        xs[m * G + cgrp[c]] += dc[m * C + c] * float(qs);
+      }
+  });
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.has_value() ? zero->data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    kt->gemm_q4q8c(cp, xq.data(), dc.data(), xs.data(), cgrp.data(), cblk.data(), C, M, K, sp, zp, G,
+                   yp, N, n0, n1);
+  });
+  return y;
+}
+
 template <bool Q4>
 at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                          const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
@@ -155,7 +217,7 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
     // grain: at least ~128K weights per thread. Waking the pool costs 5-50 us (more on a busy
     // box), so a k/v projection of 192x576 (~5 us of work) runs on the calling thread alone.
     const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 17) / (K * M));
-    if (act_q8) {
+    if (act_q8 & 1) {
       const int64_t nb = K / kChunk;
       std::vector<int8_t> xq(M * K);
       std::vector<float> d(M * nb), xs(M * G, 0.f);
@@ -176,25 +238,34 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
     });
     return y;
   }
-  // tile path: yT (N, M) so each tile's output rows are contiguous; returned as (M, N)
-  at::Tensor yT = at::empty({N, M}, x.options());
-  // ~2 MiB of fp32 per tile (L3-resident): few tiles, so few pool barriers, which cost most on a
-  // busy box (512 KiB tiles measured 1.2-3x slower than fp32 F.linear at M=128 under load)
-  const int64_t tile = std::max<int64_t>(16, ((int64_t(1) << 19) / K) / 16 * 16);
-  at::Tensor w = at::empty({std::min(tile, N), K}, x.options());
-  const at::Tensor xT = x.t();
-  for (int64_t t0 = 0; t0 < N; t0 += tile) {
-    const int64_t tn = std::min(tile, N - t0);
+  if (Q4 && (act_q8 & 2) && kt->gemm_q4q8c != nullptr) return gemm_q8_prefill(kt, x, codes, scale, zero, gs);
+  // tile path: one parallel region; each thread dequantizes its own row tiles into a private,
+  // L2-sized fp32 buffer and multiplies each tile while it is hot (MKL single-threaded inside the
+  // region), writing y[:, n0:n1] in place. One pool barrier per call, as F.linear's own GEMM pays
+  // (the earlier loop over shared 2 MiB tiles paid two per tile).
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int nth = std::max(1, at::get_num_threads());
+  // ~256 KiB of fp32 per tile (half a 512 KiB L2; 128 KiB gave 16-row tiles at K = 1536, where
+  // MKL ran ~20% below its speed on the whole weight), at least one tile per thread
+  int64_t tile = std::max<int64_t>(16, ((int64_t(1) << 16) / K) / 16 * 16);
+  tile = std::min(tile, std::max<int64_t>(16, ((N + nth - 1) / nth + 15) / 16 * 16));
+  const int64_t ntiles = (N + tile - 1) / tile;
+  // the workers run ATen ops (empty, narrow, mm_out): give them the caller's thread-local state
+  // (inference mode, grad mode), as at::launch does, or y (an inference tensor) refuses mm_out
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, ntiles, 1, [&](int64_t i0, int64_t i1) {
+    at::ThreadLocalStateGuard guard(tls);
+    at::Tensor w = at::empty({std::min(tile, N), K}, x.options());
     float* wp = w.data_ptr<float>();
-    at::parallel_for(0, tn, 8, [&](int64_t r0, int64_t r1) {
-      // the kernels index rows from the start of codes / scale; out is this tile's row r0
-      if (Q4) kt->dequant_q4(cp, K, gs, lp, sp, zp, G, t0 + r0, t0 + r1, wp + r0 * K);
-      else    kt->dequant_u8(cp, K, gs, sp, zp, G, t0 + r0, t0 + r1, wp + r0 * K);
-    });
-    at::Tensor out = yT.narrow(0, t0, tn);
-    at::mm_out(out, w.narrow(0, 0, tn), xT);
-  }
-  return yT.t().contiguous();
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n0 = i * tile, tn = std::min(tile, N - n0);
+      if (Q4) kt->dequant_q4(cp, K, gs, lp, sp, zp, G, n0, n0 + tn, wp);
+      else    kt->dequant_u8(cp, K, gs, sp, zp, G, n0, n0 + tn, wp);
+      at::Tensor out = y.narrow(1, n0, tn);   // strided (row stride N): BLAS writes it in place
+      at::mm_out(out, x, w.narrow(0, 0, tn).t());
+    }
+  });
+  return y;
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& lut,
@@ -214,6 +285,8 @@ at::Tensor u8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("q4_linear(Tensor x, Tensor packed, Tensor lut, Tensor scale, Tensor? zero, int group_size, "
         "int gemv_max_m, int act_q8=0) -> Tensor");
+  // act_q8: bit 0 = int8 decode activations (per 32-column block, M <= gemv_max_m), bit 1 = int8
+  // prefill activations (per chunk, M > gemv_max_m, q4 integer codes; else the fp32 tile path)
   m.def("u8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group_size, int gemv_max_m, "
         "int act_q8=0) -> Tensor");
   // not tensor ops: registered as plain functions (no dispatch key), called from Python

@@ -44,6 +44,13 @@ struct KernTable {
   void (*gemv_u8q8)(const uint8_t* codes, const int8_t* xq, const float* d, const float* xs,
                     const int32_t* bgrp, int64_t M, int64_t K, const float* scale,
                     const float* zero, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1);
+  // int8 GEMM for prefill (kern_gemm_q8.h), q4 integer codes, activations rounded per chunk c
+  // (blocks cblk[c] .. cblk[c+1]-1, all in group cgrp[c]): x ~= dc[m, c] * xq;
+  // xs[m, g] = sum_{c in g} dc * sum(xq over c). nullptr: this variant has none (tile path).
+  void (*gemm_q4q8c)(const uint8_t* codes, const int8_t* xq, const float* dc, const float* xs,
+                     const int32_t* cgrp, const int32_t* cblk, int64_t C, int64_t M, int64_t K,
+                     const float* scale, const float* zero, int64_t G, float* y, int64_t N,
+                     int64_t n0, int64_t n1);
 };
 
 extern const KernTable kern_portable;
