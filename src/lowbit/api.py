@@ -227,10 +227,6 @@ def qat(loaded: LoadedModel, report: QuantizeReport, *, teacher: nn.Module | Non
     return run_qat(loaded.model, report, loaded.tokenizer, cfg, teacher=teacher, log=log)
 
 
-def load(source, dtype: torch.dtype = torch.float32, backend: str | None = None) -> LoadedModel:
-    """A built-in name, .gguf, HF directory or any quantized output lowbit reads (lowbit.export)."""
-    return load_model(source, dtype=dtype, backend=backend)
-
 def load(source, dtype: torch.dtype = torch.float32, backend: str | None = None, *,
          quantization: str | None = None, double_quant: bool = False, compute_dtype=None,
          block_size: int = 64, skip_modules=()) -> LoadedModel:
