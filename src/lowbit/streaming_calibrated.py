@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lowbit.calibration.resume import Checkpoint, _read_block, run_key
+from lowbit.calibration.resume import Checkpoint, _read_block, restore_acts, run_key
 from lowbit.errors import LowbitError
 
 
@@ -73,21 +73,12 @@ class _Stream(Checkpoint):
     def restore(self, model, acts, res, swap):
         if self.state is None:
             return 0, acts
-        from safetensors.torch import load_file
         for b, fname in enumerate(self.state["files"]):
             for name, qw, method in _read_block(self.path / fname):
                 self._record(name, qw, method, b)
                 res.layers.append((name, None, method))
         res.notes[:] = list(self.state["notes"])
-        saved = load_file(str(self.path / self.state["acts"]))
-        if len(saved) != len(acts):
-            raise LowbitError(f"resume state {self.path}: {len(saved)} saved batches, this run has {len(acts)}")
-        for i, a in enumerate(acts):
-            h = saved[f"batch.{i}"]
-            if h.shape != a.hidden.shape:
-                raise LowbitError(f"resume state {self.path}: batch {i} has shape {tuple(h.shape)}, "
-                                  f"expected {tuple(a.hidden.shape)}")
-            a.hidden = h
+        restore_acts(self.path, self.path / self.state["acts"], acts)
         self.saved_layers = len(res.layers)
         return self.blocks_done, acts
 

@@ -56,6 +56,20 @@ def _short(v) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
+
+def restore_acts(state_dir, acts_file, acts: list) -> None:
+    """Put the saved next-block inputs back into `acts` (BlockInputs), checking count and shapes."""
+    from safetensors.torch import load_file
+    saved = load_file(str(acts_file))
+    if len(saved) != len(acts):
+        raise LowbitError(f"resume state {state_dir}: {len(saved)} saved batches, this run has {len(acts)}")
+    for i, a in enumerate(acts):
+        h = saved[f"batch.{i}"]
+        if h.shape != a.hidden.shape:
+            raise LowbitError(f"resume state {state_dir}: batch {i} has shape {tuple(h.shape)}, "
+                              f"expected {tuple(a.hidden.shape)}")
+        a.hidden = h
+
 class Checkpoint:
     """The loop calls restore() once before its first block and save() after each finished block."""
 
@@ -90,20 +104,11 @@ class Checkpoint:
         take the saved hidden states. -> (first block to run, acts)."""
         if self.state is None:
             return 0, acts
-        from safetensors.torch import load_file
         for fname in self.state["files"]:
             for name, qw, method in _read_block(self.path / fname):
                 res.layers.append(swap(model, name, qw, method))
         res.notes[:] = list(self.state["notes"])
-        saved = load_file(str(self.path / self.state["acts"]))
-        if len(saved) != len(acts):
-            raise LowbitError(f"resume state {self.path}: {len(saved)} saved batches, this run has {len(acts)}")
-        for i, a in enumerate(acts):
-            h = saved[f"batch.{i}"]
-            if h.shape != a.hidden.shape:
-                raise LowbitError(f"resume state {self.path}: batch {i} has shape {tuple(h.shape)}, "
-                                  f"expected {tuple(a.hidden.shape)}")
-            a.hidden = h
+        restore_acts(self.path, self.path / self.state["acts"], acts)
         self.saved_layers = len(res.layers)
         return self.blocks_done, acts
 

@@ -82,8 +82,16 @@ def check_writable(out: str | os.PathLike, single_file: bool = False) -> None:
 @contextlib.contextmanager
 def output_dir(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory; on success it replaces `out` atomically (rename)."""
-    out = Path(out)
     check_output(out, overwrite)
+    with replace_dir(out) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def replace_dir(out: str | os.PathLike):
+    """The atomic swap alone (the caller has checked `out`): yield a temporary sibling directory;
+    on success it replaces `out` by rename, on failure it is removed."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(out), dir=out.parent))

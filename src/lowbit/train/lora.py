@@ -162,13 +162,8 @@ def peft_config(model: nn.Module, base: str) -> dict:
 def save_adapter(model: nn.Module, out, base: str = "", overwrite: bool = False) -> Path:
     """adapter_config.json + adapter_model.safetensors, atomically (a temporary directory renamed).
     An existing `out` is replaced only with overwrite and only when it is an adapter directory."""
-    import os
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    from lowbit.io import clean_stale, tmp_prefix
     out = Path(out)
     if out.exists():
         if not overwrite:
@@ -183,22 +178,10 @@ def save_adapter(model: nn.Module, out, base: str = "", overwrite: bool = False)
         if not bool(torch.isfinite(v).all()):
             raise LowbitError(f"save_adapter: tensor {k} contains NaN/inf; refusing to write a broken adapter")
     cfg = peft_config(model, base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(out), dir=out.parent))
-    try:
+    from lowbit.export.common import replace_dir
+    with replace_dir(out) as tmp:
         save_file(sd, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
