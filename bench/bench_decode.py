@@ -1,7 +1,7 @@
 """Whole-model CPU inference: decode and prompt tokens/s and resident memory, lowbit vs float vs llama.cpp.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_decode.py --threads 2 --repeats 3 \
-        --gguf Q4_K_M=/tmp/smollm2-Q4_K_M.gguf --gguf Q8_0=/tmp/smollm2-Q8_0.gguf [--json out.json]
+        --gguf Q4_K_M=DIR/smollm2-Q4_K_M.gguf --gguf Q8_0=DIR/smollm2-Q8_0.gguf [--json out.json]
     .venv/bin/python bench/bench_decode.py --profile int4          # where a decode step's time goes
     .venv/bin/python bench/bench_decode.py --load-native DIR --tg 16 --repeats 2   # load path memory
 
