@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.activation import ActScheme, act_scale, quantize_act
 
-ACT_QMAX = 127.0        # int8 absmax scale: x / (max|x| / 127), codes clamped to [-128, 127]
+_TOKEN_INT8 = ActScheme(format="int8", dynamic=True, granularity="token")   # x / (max|x| / 127), clamp [-128, 127]
 _EPS = 1e-5             # the reference code's clamp on the weight scale
 
 
@@ -49,16 +50,15 @@ def ternary_weight(w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.
 
 def act_absmax_scale(x: torch.Tensor) -> torch.Tensor:
     """(..., 1) per-token scale max|x| / 127; an all-zero token gets scale 1 (the reference code
-    clamps max|x| at 1e-5 instead; we follow numerics/activation.act_scale, what the frozen
+    clamps max|x| at 1e-5 instead; this is numerics/activation.act_scale itself, what the frozen
     model's ActQuant computes, so training and inference round the same way)."""
-    a = x.detach().float().abs().amax(dim=-1, keepdim=True)
-    return torch.where(a > 0, a / ACT_QMAX, torch.ones_like(a))
+    return act_scale(x.detach().float(), _TOKEN_INT8)
 
 
 def act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (int8 codes, per-token scale (..., 1)); x_hat = codes * scale."""
     a = act_absmax_scale(x)
-    return torch.round(x.float() / a).clamp(-128, 127).to(torch.int8), a
+    return quantize_act(x.float(), a, _TOKEN_INT8), a
 
 
 def act_quant_8bit(x: torch.Tensor) -> torch.Tensor:

@@ -326,26 +326,25 @@ def make_kernel(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: 
     return TiledKernel(qw, bias)
 
 
-def set_decode_activations(model: nn.Module, act: str) -> int:
-    """Switch every `ext` kernel in `model` to 'fp32', 'int8' or 'auto' decode activations; returns how
-    many kernels now use int8 (codebook formats stay fp32)."""
+def _set_ext(model: nn.Module, setter: str, act: str, field: str) -> int:
     n = 0
     for mod in model.modules():
         if isinstance(mod, ExtKernel):
-            mod.set_act(act)
-            n += mod.act == "int8"
+            getattr(mod, setter)(act)
+            n += getattr(mod, field) == "int8"
     return n
+
+
+def set_decode_activations(model: nn.Module, act: str) -> int:
+    """Switch every `ext` kernel in `model` to 'fp32', 'int8' or 'auto' decode activations; returns how
+    many kernels now use int8 (codebook formats stay fp32)."""
+    return _set_ext(model, "set_act", act, "act")
 
 
 def set_prefill_activations(model: nn.Module, act: str) -> int:
     """Switch every `ext` kernel in `model` to 'fp32' or 'int8' prefill activations; returns how
     many kernels now use int8 (only 4-bit integer codes can)."""
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, ExtKernel):
-            mod.set_prefill(act)
-            n += mod.prefill == "int8"
-    return n
+    return _set_ext(model, "set_prefill", act, "prefill")
 
 
 def available_backends() -> dict[str, str]:
