@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from lowbit import api
 from lowbit.errors import LowbitError
+from lowbit.export import compressed_tensors as ct
+from lowbit.export import native
 from lowbit.models import LoadedModel, load_model
 from lowbit.recipe import Recipe, Rule, get_recipe
 
@@ -41,6 +43,44 @@ def test_static_w8a8_writes_input_scales(smollm2, tmp_path):
     q = lm.model.model.layers[1].self_attn.o_proj
     assert t["model.layers.1.self_attn.o_proj.input_scale"].tolist() == [float(q.act_quant.scale)]
     assert sum(k.endswith(".input_scale") for k in t) == 14
+
+
+def test_static_w8a8_reads_back_with_its_scales(smollm2, tmp_path):
+    """Both formats that hold a static W8A8 model give it back: the calibrated per-tensor scale
+    of every layer bit for bit, and so the same logits as the model that was quantized."""
+    lm, rep = _quantized(smollm2, _slice("w8a8-static-minmax"))
+    with torch.no_grad():
+        ref = lm.model(IDS).logits
+    want = {n: m.act_quant for n, m in lm.model.named_modules() if getattr(m, "act_quant", None) is not None}
+    assert len(want) == 14
+    for fmt in ("compressed-tensors", "native"):
+        back = load_model(api.export(lm, rep, tmp_path / fmt.replace("-", "_"), format=fmt))
+        got = {n: m.act_quant for n, m in back.model.named_modules() if getattr(m, "act_quant", None) is not None}
+        assert sorted(got) == sorted(want), fmt
+        for n, a in got.items():
+            assert not a.scheme.dynamic and a.scale.dtype == torch.float32, (fmt, n)
+            assert torch.equal(a.scale, want[n].scale.float()), (fmt, n)
+        with torch.no_grad():
+            assert torch.equal(back.model(IDS).logits, ref), fmt
+
+
+def test_static_scale_missing_or_bad_is_refused(smollm2, tmp_path):
+    lm, rep = _quantized(smollm2, _slice("w8a8-static-minmax", r"model\.layers\.0\.self_attn\.o_proj"))
+    out = api.export(lm, rep, tmp_path / "nat", format="native")
+    m = json.loads((out / "lowbit.json").read_text())
+    m["layers"]["model.layers.0.self_attn.o_proj"]["input_scale"] = -1.0
+    (out / "lowbit.json").write_text(json.dumps(m))
+    with pytest.raises(LowbitError, match=r"lowbit\.json: layer model\.layers\.0\.self_attn\.o_proj: static input "
+                                          r"activations .*positive finite 'input_scale'.* got -1\.0"):
+        native.read(out, verify_files=False)
+    ct_out = api.export(lm, rep, tmp_path / "ct", format="compressed-tensors")
+    t = load_file(str(ct_out / "model.safetensors"))
+    t["model.layers.0.self_attn.o_proj.input_scale"] = torch.tensor([float("nan")])
+    from safetensors.torch import save_file
+    save_file(t, str(ct_out / "model.safetensors"), metadata={"format": "pt"})
+    (ct_out / "lowbit_manifest.json").unlink()     # as a peer's checkpoint: no hashes of ours to trip first
+    with pytest.raises(LowbitError, match=r"o_proj\.input_scale: expected one positive finite float scale"):
+        ct.read(ct_out)
 
 
 def test_llm_int8_has_no_compressed_tensors_form(smollm2, tmp_path):

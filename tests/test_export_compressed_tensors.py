@@ -222,10 +222,21 @@ def test_w8a8_int_quantized(w8a8):
     w = t["model.layers.0.mlp.up_proj.weight"]
     qd = lm.model.model.layers[0].mlp.up_proj.qdata
     assert w.dtype == torch.int8 and torch.equal(w.to(torch.int16) + 128, qd.to(torch.int16))
-    with pytest.raises(LowbitError, match=r"config\.json.*input_activations int8 token.*activations='float'"):
-        load_model(out)
     back = ct.read(out, activations="float")
     assert torch.equal(logits(lm.model), logits(back.model))   # weights exact, activations float on both
+    # the default runs the checkpoint's activations as it says: int8 per token, dynamic
+    run = load_model(out)
+    ref = copy.deepcopy(lm.model)
+    from lowbit.nn.actquant import ActQuant
+    from lowbit.numerics.activation import ActScheme
+    acts = {n: m.act_quant for n, m in run.model.named_modules() if getattr(m, "act_quant", None) is not None}
+    assert sorted(acts) == sorted(n for n, m in ref.named_modules() if isinstance(m, QuantLinear))
+    assert {a.scheme.short_name() for a in acts.values()} == {"a8-dyn-token"}
+    for n in acts:
+        ref.get_submodule(n).act_quant = ActQuant(ActScheme("int8", True, "token"))
+    assert torch.equal(logits(ref), logits(run.model)) and not torch.equal(logits(ref), logits(lm.model))
+    with pytest.raises(LowbitError, match=r"activations expected 'run' or 'float'"):
+        ct.read(out, activations="refuse")
     with pytest.raises(LowbitError, match="input_activations.strategy"):
         ct_layout.activation_args({"strategy": "channel"})
 
@@ -420,8 +431,8 @@ def test_llm_compressor_w8a8_weights_exact(tmp_path):
     d = PEER_OUT / "llmc-w8a8"
     if not (d / "config.json").is_file():
         pytest.skip(f"no peer checkpoint {d}")
-    with pytest.raises(LowbitError, match="input_activations"):
-        load_model(d)
+    run = load_model(d)                       # default: its int8 activations run as the file says
+    assert all(m.act_quant is not None for m in run.model.modules() if isinstance(m, QuantLinear))
     back = ct.read(d, activations="float")
     peer("dequant", d, tmp_path / "deq.safetensors")
     deq = load_file(str(tmp_path / "deq.safetensors"))

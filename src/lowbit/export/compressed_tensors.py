@@ -272,18 +272,52 @@ def _plan(q: dict, where: Path, activations: str) -> tuple[list, list[str]]:
         a = g.get("input_activations")
         if g.get("output_activations"):
             raise LowbitError(f"{where_g}: output_activations quantization is not something lowbit runs")
-        if a and activations != "float":
-            raise LowbitError(f"{where_g}: input_activations {a.get('type')}{a.get('num_bits')} "
-                              f"{a.get('strategy')} (dynamic={a.get('dynamic')}): lowbit runs activations "
-                              "in float, so this model would not be reproduced; read(..., activations="
-                              "'float') loads its weights exactly and runs activations unquantized")
+        if a is not None and not isinstance(a, dict):
+            raise LowbitError(f"{where_g}: input_activations: expected null or a dict of QuantizationArgs, "
+                              f"got {type(a).__name__}")
+        act = act_scheme_from_args(a, where_g) if a and activations == "run" else None
         fmt = g.get("format") or (top if top not in (None, "mixed-precision") else L.infer_format(w, a))
         if fmt not in L.READABLE_FORMATS:
             raise LowbitError(f"{where_g}: format {fmt!r}; lowbit reads {', '.join(L.READABLE_FORMATS)} "
                               "(not nvfp4/mxfp4/mxfp8 packing, sparse-bitmask, marlin-24 or dense)")
-        plan.append((list(g["targets"]), L.scheme_from_args(w, where_g), fmt, w.get("actorder")))
+        plan.append((list(g["targets"]), L.scheme_from_args(w, where_g), fmt, w.get("actorder"), act))
     ignore = q.get("ignore") or []
     return plan, list(ignore)
+
+
+def act_scheme_from_args(a: dict, where: str):
+    """input_activations QuantizationArgs -> the ActScheme lowbit runs (nn/actquant.py): 8-bit int
+    or fp8, symmetric, dynamic per token or per tensor, or static per tensor (input_scale tensors).
+    Anything else is refused, naming the group; read(..., activations="float") loads the weights."""
+    from lowbit.numerics.activation import ActScheme
+    typ, bits, strat = a.get("type", "int"), a.get("num_bits", 8), a.get("strategy")
+    dyn, sym = a.get("dynamic", True), a.get("symmetric", True)
+    what = f"{where}: input_activations {typ}{bits} {strat} (dynamic={dyn}, symmetric={sym})"
+    if bits != 8 or typ not in ("int", "float") or sym is not True or strat not in ("token", "tensor") \
+            or dyn not in (True, False) or (strat == "token" and dyn is not True) or a.get("group_size"):
+        raise LowbitError(f"{what}: lowbit runs 8-bit symmetric int/fp8 activations, dynamic per token or "
+                          "per tensor, or static per tensor; read(..., activations='float') loads this "
+                          "model's weights exactly and runs its activations unquantized")
+    return ActScheme(format="int8" if typ == "int" else "fp8_e4m3", dynamic=bool(dyn), granularity=strat)
+
+
+def _attach_act(model: nn.Module, files: TensorFiles, name: str, act, where: Path) -> None:
+    import math
+
+    from lowbit.nn.actquant import ActQuant
+    scale = None
+    if not act.dynamic:
+        key = f"{name}.input_scale"
+        if key not in files:
+            raise LowbitError(f"{where}: tensor {key} is missing (config.json quantizes layer {name}'s input "
+                              f"activations statically, {act.short_name()})")
+        t = files.get(key)
+        v = float(t.reshape(-1)[0]) if t.numel() == 1 and t.is_floating_point() else None
+        if v is None or not math.isfinite(v) or v <= 0:
+            raise LowbitError(f"{where}: tensor {key}: expected one positive finite float scale, got "
+                              f"{t.dtype} {tuple(t.shape)}" + ("" if v is None else f" = {v!r}"))
+        scale = torch.tensor(v, dtype=torch.float32)
+    model.get_submodule(name).act_quant = ActQuant(act, scale)
 
 
 def _match(name: str, target: str) -> bool:
@@ -395,10 +429,14 @@ def read_layer(files: TensorFiles, name: str, shape: tuple[int, int], scheme, fm
 
 
 def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: str | None = None,
-         activations: str = "refuse"):
+         activations: str = "run"):
     """A compressed-tensors checkpoint (ours or llm-compressor's) -> LoadedModel with QuantLinear
-    modules (PackedLinear kernels with backend=). activations="float": read a W8A8 checkpoint's
-    weights and run its activations unquantized (not the model its makers ran)."""
+    modules (PackedLinear kernels with backend=). A W8A8 / FP8 checkpoint's input activations are
+    run as it says (activations="run": int8 / fp8, dynamic per token, or static per tensor from its
+    input_scale tensors); activations="float" reads the weights exactly and runs activations
+    unquantized (not the model its makers ran)."""
+    if activations not in ("run", "float"):
+        raise LowbitError(f"compressed-tensors read: activations expected 'run' or 'float', got {activations!r}")
     path = Path(path)
     q = _qconfig(path)
     manifest = read_if_present(path)
@@ -416,7 +454,7 @@ def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: s
                 raise LowbitError(f"{where}: tensor {name}.weight_scale: layer {name} holds quantized "
                                   "tensors but no config_group of config.json targets it (or it is ignored)")
             continue
-        _, scheme, fmt, _ = entry
+        _, scheme, fmt, _, act = entry
         if f"{name}.weight_scale" not in files:
             raise LowbitError(f"{where}: tensor {name}.weight_scale is missing (config.json quantizes "
                               f"layer {name} as {fmt})")
@@ -424,6 +462,8 @@ def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: s
         shape = tuple(mod.weight.shape)
         qw, bias = read_layer(files, name, shape, scheme, fmt, where)
         place_quantized(model, name, qw, bias, kind, dtype, backend, path)
+        if act is not None and kind == "linear":
+            _attach_act(model, files, name, act, where)
         quantized.add(name)
     if not quantized:
         raise LowbitError(f"{path / 'config.json'}: config_groups target no layer of the model")

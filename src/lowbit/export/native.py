@@ -43,7 +43,9 @@ lowbit.json:
     calibration       CalibrationConfig of the run ({} for data-free recipes)
     layers            {L: {kind, scheme, method, shape, bits_per_weight, ragged_last_group,
                            codes_layout, code_bits, scale_dtype, zero_dtype, has_g_idx,
-                           info {loss, damp_percent, act_order, ...}}}
+                           info {loss, damp_percent, act_order, ...},
+                           input_scale (static input activations only: the calibrated float32
+                           per-tensor scale; the scheme is the recipe rule's input_activations)}}
     tied              {name: the name it shares storage with}
     files             {file name: sha256} for every other file in DIR
     metrics           optional evaluation results
@@ -128,6 +130,8 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
         t, row = _layer_tensors(name, qw)
         row["kind"] = qm.kinds[name]
         row["method"] = rows.get(name, {}).get("method")
+        if rows.get(name, {}).get("input_scale") is not None:     # static input activations (W8A8)
+            row["input_scale"] = float(rows[name]["input_scale"])
         bias = qm.bias(name)
         if bias is not None:
             t[f"{name}.bias"] = bias.contiguous()
@@ -238,14 +242,16 @@ def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: s
         t = files.get(key)
         set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, str(path))
     retie(model, m.get("tied", {}), set(m["layers"]))
-    _attach_dynamic_activations(model, m)
+    _attach_activations(model, m, path / MANIFEST)
     return finish(model, path, m, FORMAT, extra_meta={"qweights": qweights})
 
 
-def _attach_dynamic_activations(model, manifest: dict) -> None:
-    """Dynamic input-activation quantization (int8 / fp8 per token, e.g. BitNet's W1.58A8) needs no
-    tensor, only its scheme: the recipe's rule for each linear says it. (Static scales are not held
-    by this format; compressed-tensors holds them.)"""
+def _attach_activations(model, manifest: dict, where) -> None:
+    """Input-activation quantization (W8A8, W4A8, BitNet's W1.58A8): the scheme comes from the
+    recipe's rule for each linear; a static scheme's calibrated per-tensor scale from the layer's
+    manifest row ("input_scale", the float32 value as a JSON number: exact)."""
+    import math
+
     rd = manifest.get("lowbit_recipe")
     if not rd:
         return
@@ -256,10 +262,18 @@ def _attach_dynamic_activations(model, manifest: dict) -> None:
     for name, row in manifest["layers"].items():
         rule = recipe.rule_for(name) if row.get("kind", "linear") == "linear" else None
         ia = getattr(rule, "input_activations", None)
-        if ia:
-            scheme = ActScheme.from_dict(ia)
-            if scheme.dynamic:
-                model.get_submodule(name).act_quant = ActQuant(scheme)
+        if not ia:
+            continue
+        scheme = ActScheme.from_dict(ia)
+        scale = None
+        if not scheme.dynamic:
+            v = row.get("input_scale")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise LowbitError(f"{where}: layer {name}: static input activations "
+                                  f"({scheme.short_name()}) need a positive finite 'input_scale' in its "
+                                  f"manifest row, got {v!r}")
+            scale = torch.tensor(float(v), dtype=torch.float32)
+        model.get_submodule(name).act_quant = ActQuant(scheme, scale)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True):
