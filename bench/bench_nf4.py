@@ -17,7 +17,7 @@ model, same steps, batch, seq_len, schedule (cosine, 10% warmup), gradient check
 AdamW (lr 2e-4 for the adapters, 2e-5 for full fine-tuning: the usual choices for each); each in its own
 process so peak RSS (ru_maxrss) is that run's. Task: the Python standard library's docstrings
 (lowbit/data/pydocs.py, PSF licence), train and held-out parts split by module. Loss curves ->
-docs/qlora_loss.svg.
+bench/figures/qlora_loss.svg.
 """
 from __future__ import annotations
 
@@ -154,6 +154,38 @@ def finetune(mode: str, base_dir: str, steps: int, batch: int, seq: int, lr: flo
     return out
 
 
+def peft_check(out: Path, seq: int) -> dict:
+    """The trained adapter (OUT/qlora-adapter) on our NF4 file, loaded by peft + bitsandbytes in
+    bench/.venv-bnb: its held-out logits against lowbit's (base + load_adapter), and the held-out
+    loss each gives."""
+    import lowbit.api as api
+    from safetensors.torch import load_file, save_file
+    from lowbit.data.pydocs import task_text
+    from lowbit.data.text import token_windows, tokenize_text
+    from lowbit.train.lora import load_adapter
+    base = out / "ours-nf4-dq"
+    lm = api.load(base)
+    ho = token_windows(tokenize_text(lm.tokenizer, task_text("heldout")), seq)[:16]
+    load_adapter(lm.model, out / "qlora-adapter")        # adds the LoRA layers its config names
+    lm.model.eval()
+    save_file({"ids": ho.contiguous()}, str(out / "heldout-ids.safetensors"))
+    cmd = [str(BNB_PY), str(ROOT / "bench/peers/bnb_peer.py"), "peft", str(base), str(out / "qlora-adapter"),
+           "--ids", str(out / "heldout-ids.safetensors"), "--out", str(out / "peft-chk")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(r.stdout[-2000:] + r.stderr[-3000:])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    theirs = load_file(str(out / "peft-chk" / "logits.safetensors"))["logits"].float()
+
+    def nll(lg):
+        return float(torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), ho[:, 1:].reshape(-1)))
+    with torch.no_grad():
+        ours = torch.cat([lm.model(input_ids=ho[i:i + 4]).logits.float() for i in range(0, ho.shape[0], 4)])
+    return {"lora_modules": res["lora_modules"], "peft": res.get("peft"), "max_abs_logit_diff": float((theirs - ours).abs().max()),
+            "max_abs_logit": float(ours.abs().max()), "heldout_ours": nll(ours), "heldout_peft": nll(theirs),
+            "versions": {k: res[k] for k in ("bitsandbytes", "transformers", "torch")}}
+
+
 def plot(runs: list[dict], path: Path) -> None:
     from lowbit.eval.svg import scatter
     series = [{"name": f"{r['mode']} (train loss)", "points": [(i + 1, v, "") for i, v in enumerate(r["losses"])],
@@ -200,12 +232,19 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse OUT/finetune-*.json from an earlier run")
     ap.add_argument("--variants", default="nf4-dq,nf4,fp4-dq,fp4,int8", help="comma list of nf4[-dq], fp4[-dq], int8")
     ap.add_argument("--finetune", choices=["qlora", "full"], help=argparse.SUPPRESS)
+    ap.add_argument("--peft-check", action="store_true", help="only: load OUT/qlora-adapter with peft (bench/.venv-bnb) "
+                                                            "and compare its held-out logits and loss with ours")
     ap.add_argument("--qlora-base", default="ours-nf4-dq", help="the bnb directory under OUT the QLoRA run loads")
     a = ap.parse_args()
     if a.quick:
         a.max_tokens, a.steps = 4096, 20
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.peft_check:
+        res = peft_check(out, a.seq)
+        (out / "peft-check.json").write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res))
+        return 0
     if a.finetune:
         res = finetune(a.finetune, str(out / a.qlora_base), a.steps, a.batch, a.seq, a.lr)
         (out / f"finetune-{a.finetune}.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -227,7 +266,7 @@ def main() -> int:
             continue
         runs.append(json.loads((out / f"finetune-{mode}.json").read_text()))
     if runs:
-        plot(runs, ROOT / "docs" / "qlora_loss.svg")
+        plot(runs, ROOT / "bench" / "figures" / "qlora_loss.svg")
     print(f"command: {' '.join(sys.argv)}\nmachine: {os.cpu_count()} cpus, {env_info()}\n"
           f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print(table(rows, runs))
