@@ -7,7 +7,8 @@ ternary decode speed on our kernels vs our 4-bit, in one script (BENCHMARKS.md "
 Parts (train, eval and acts in one run by default; --part train caches the trained latent weights
 in WORKDIR, so a later --part eval scores them without training again; --part base scores the
 models that do not need training while it runs; --part speed re-measures decode alone, on the
-trained latents or, with --ptq, on ternary PTQ weights; LOWBIT_ISA=avx2 for the AVX2 variant):
+trained latents or, with --ptq, on ternary PTQ weights; LOWBIT_ISA=avx2 for the AVX2 variant;
+--cpu-time --threads 1 counts process CPU time per decode step, for a box others load):
   train  swap every block linear of SmolLM2-135M for BitLinear (lowbit.nn.bitlinear), then
          lowbit.train.loop.train on wiki-calibration windows, loss = KL(teacher || student) on the
          logits with the fp32 model as teacher (knowledge distillation), the BitLinear weight
@@ -141,6 +142,23 @@ def _decode_speed(model, tok, args) -> float:
                          progress=False).decode_tokens_per_s
 
 
+def _decode_cpu_s(model, tok, args) -> float:
+    """Process CPU seconds per decode step on the step path (greedy, 16-token prompt): the work a
+    token costs, much less disturbed than wall time by other processes on a shared box (run it
+    with --threads 1, where CPU time is the one thread's, no pool spin)."""
+    from lowbit.data.text import load_text, tokenize_text
+    from lowbit.nn.step import step_model
+    ids = tokenize_text(tok, load_text("wiki-evaluation"))[:16]
+    sm = step_model(model, True)
+    cache = sm.new_cache(16 + args.new_tokens)
+    with torch.inference_mode():
+        nxt = sm.step(ids, 0, cache).argmax()
+        t0 = time.process_time()
+        for i in range(args.new_tokens):
+            nxt = sm.step(nxt.view(1), 16 + i, cache).argmax()
+        return (time.process_time() - t0) / args.new_tokens
+
+
 def _export_gguf(lm, model, rep, out: Path, ternary_type: str) -> dict:
     """api.export -> GGUF; read back with lowbit's GGUF reader; every linear compared bit for bit."""
     import numpy as np
@@ -262,9 +280,11 @@ def part_speed(args, work: Path) -> dict:
     per = {k: [] for k in models}
     for r in range(args.rounds):
         for k, m in models.items():
-            per[k].append(_decode_speed(m, tok, args))
+            per[k].append(1.0 / _decode_cpu_s(m, tok, args) if args.cpu_time else _decode_speed(m, tok, args))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in per.items()), flush=True)
     med = {k: float(sorted(v)[len(v) // 2]) for k, v in per.items()}
+    res["measure"] = ("decode steps per process-CPU second (step path)" if args.cpu_time
+                      else "decode tokens/s, wall (measure_speed)")
     res["decode_tokens_per_s_rounds"] = per
     res["decode_tokens_per_s"] = med
     res["ratios"] = {"ternary-t2/w4g64-rtn": med["ternary-t2"] / med["w4g64-rtn"],
@@ -370,6 +390,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1, help="--part speed: interleaved rounds over the models")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="--part speed: decode steps per process-CPU second instead of wall tokens/s")
     ap.add_argument("--ptq", action="store_true",
                     help="--part speed: ternary PTQ weights instead of the trained latents in WORK")
     ap.add_argument("--tq1_0", action="store_true", help="also write (and check) the TQ1_0 file")
