@@ -6,7 +6,9 @@ ternary decode speed on our kernels vs our 4-bit, in one script (BENCHMARKS.md "
 
 Parts (train, eval and acts in one run by default; --part train caches the trained latent weights
 in WORKDIR, so a later --part eval scores them without training again; --part base scores the
-models that do not need training while it runs; --part speed re-measures decode alone):
+models that do not need training while it runs; --part speed re-measures decode alone, on the
+trained latents or, with --ptq, on ternary PTQ weights; LOWBIT_ISA=avx2 for the AVX2 variant;
+--cpu-time --threads 1 counts process CPU time per decode step, for a box others load):
   train  swap every block linear of SmolLM2-135M for BitLinear (lowbit.nn.bitlinear), then
          lowbit.train.loop.train on wiki-calibration windows, loss = KL(teacher || student) on the
          logits with the fp32 model as teacher (knowledge distillation), the BitLinear weight
@@ -140,6 +142,23 @@ def _decode_speed(model, tok, args) -> float:
                          progress=False).decode_tokens_per_s
 
 
+def _decode_cpu_s(model, tok, args) -> float:
+    """Process CPU seconds per decode step on the step path (greedy, 16-token prompt): the work a
+    token costs, much less disturbed than wall time by other processes on a shared box (run it
+    with --threads 1, where CPU time is the one thread's, no pool spin)."""
+    from lowbit.data.text import load_text, tokenize_text
+    from lowbit.nn.step import step_model
+    ids = tokenize_text(tok, load_text("wiki-evaluation"))[:16]
+    sm = step_model(model, True)
+    cache = sm.new_cache(16 + args.new_tokens)
+    with torch.inference_mode():
+        nxt = sm.step(ids, 0, cache).argmax()
+        t0 = time.process_time()
+        for i in range(args.new_tokens):
+            nxt = sm.step(nxt.view(1), 16 + i, cache).argmax()
+        return (time.process_time() - t0) / args.new_tokens
+
+
 def _export_gguf(lm, model, rep, out: Path, ternary_type: str) -> dict:
     """api.export -> GGUF; read back with lowbit's GGUF reader; every linear compared bit for bit."""
     import numpy as np
@@ -219,30 +238,64 @@ def part_acts(args, work: Path) -> dict:
 
 
 def part_speed(args, work: Path) -> dict:
-    """Decode tok/s on our kernels (fp32, trained ternary with int8 per-token activations, w4g64-rtn)
-    in one process, and the packed step path's last-position logits vs the model's own forward."""
+    """Decode tok/s on our kernels in one process: fp32, the frozen ternary model (int8 per-token
+    activations) on the 2-bit ternary kernel (TernaryKernel, t2x64) and on the 4-bit nibble
+    container it used before (kernels.TERNARY_T2 = False: fp32 table GEMV, rounding in torch), and
+    w4g64-rtn. --rounds R measures every model once per round, interleaved (a loaded box drifts),
+    and reports each model's median over rounds. Ternary weights: the trained latents in WORK, or
+    with --ptq ternary PTQ of the bundled model (speed does not depend on the weights' values)."""
     from lowbit import api
     from lowbit.data.text import load_text, tokenize_text
+    from lowbit.nn import ext, kernels
     from lowbit.nn.prepare import prepare_for_inference
     from lowbit.nn.step import step_model
     lm = load_model()
     tok = lm.tokenizer
-    trained, _, _ = _frozen(lm, torch.load(work / STATE))
-    prepare_for_inference(trained)
+    state = None if args.ptq else torch.load(work / STATE)
+    tern, _, _ = _frozen(lm, state)
     ids = tokenize_text(tok, load_text("wiki-evaluation"))[:16]
     with torch.no_grad():
-        ref = trained(input_ids=ids.view(1, -1)).logits[0, -1]
-        sm = step_model(trained, True)
+        ref = tern(input_ids=ids.view(1, -1)).logits[0, -1]      # QuantLinear reference forward
+    old = copy.deepcopy(tern)
+    kernels.TERNARY_T2 = False
+    prepare_for_inference(old)
+    kernels.TERNARY_T2 = True
+    info = prepare_for_inference(tern)
+    with torch.no_grad():
+        packed = tern(input_ids=ids.view(1, -1)).logits[0, -1]
+        packed_old = old(input_ids=ids.view(1, -1)).logits[0, -1]
+        sm = step_model(tern, True)
         got = sm.step(ids, 0, sm.new_cache(32))
-    res = {"step_vs_forward_max_abs_logit_diff": float((got - ref).abs().max()), "logit_absmax": float(ref.abs().max())}
+    res = {"isa": ext.isa(), "threads": torch.get_num_threads(), "weights": "ptq" if args.ptq else "trained",
+           "ternary_kernels": sum(isinstance(m, kernels.TernaryKernel) for m in tern.modules()),
+           "ternary_packed_bytes": info["packed_bytes"],
+           "logit_absmax": float(ref.abs().max()),
+           "max_abs_logit_diff": {"t2_forward_vs_reference": float((packed - ref).abs().max()),
+                                  "t2_step_vs_reference": float((got - ref).abs().max()),
+                                  "q4_forward_vs_reference": float((packed_old - ref).abs().max())}}
     q4 = copy.deepcopy(lm.model)
     api.quantize(q4, "w4g64-rtn", progress=False)
     prepare_for_inference(q4)
-    res["decode_tokens_per_s"] = {"fp32": _decode_speed(lm.model, tok, args),
-                                  "ternary": _decode_speed(trained, tok, args),
-                                  "w4g64-rtn": _decode_speed(q4, tok, args)}
+    models = {"fp32": lm.model, "ternary-t2": tern, "ternary-q4-nibble": old, "w4g64-rtn": q4}
+    per = {k: [] for k in models}
+    for r in range(args.rounds):
+        for k, m in models.items():
+            per[k].append(1.0 / _decode_cpu_s(m, tok, args) if args.cpu_time else _decode_speed(m, tok, args))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in per.items()), flush=True)
+    med = {k: float(sorted(v)[len(v) // 2]) for k, v in per.items()}
+    res["measure"] = ("decode steps per process-CPU second (step path)" if args.cpu_time
+                      else "decode tokens/s, wall (measure_speed)")
+    res["decode_tokens_per_s_rounds"] = per
+    res["decode_tokens_per_s"] = med
+    res["ratios"] = {"ternary-t2/w4g64-rtn": med["ternary-t2"] / med["w4g64-rtn"],
+                     "ternary-t2/fp32": med["ternary-t2"] / med["fp32"],
+                     "ternary-q4-nibble/w4g64-rtn": med["ternary-q4-nibble"] / med["w4g64-rtn"],
+                     "w4g64-rtn/fp32": med["w4g64-rtn"] / med["fp32"]}
+    res["load_average"] = os.getloadavg()
     print(json.dumps(res), flush=True)
-    (work / "bitnet_speed.json").write_text(json.dumps(res, indent=1))
+    tmp = work / f"bitnet_speed_{res['isa']}.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, work / f"bitnet_speed_{res['isa']}.json")
     return res
 
 
@@ -336,6 +389,11 @@ def main() -> None:
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="--part speed: interleaved rounds over the models")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="--part speed: decode steps per process-CPU second instead of wall tokens/s")
+    ap.add_argument("--ptq", action="store_true",
+                    help="--part speed: ternary PTQ weights instead of the trained latents in WORK")
     ap.add_argument("--tq1_0", action="store_true", help="also write (and check) the TQ1_0 file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -16,6 +16,11 @@ the ratio to fp32 from the same rounds. Weights are re-read every call but mostl
 L3 here (not the lm_head, nor 4096x4096 in fp32): whole-model decode (bench_decode.py) is the
 memory-bound figure.
 
+    .venv/bin/python bench/bench_kernels.py --ternary --isas avx512vnni,avx2 --batches 1
+
+times BitNet b1.58 layers (ternary per tensor, int8 per-token input rounding) on the 2-bit ternary
+kernel and on the nibble container they used before, beside our w4g64 with int8 decode activations.
+
     .venv/bin/python bench/bench_kernels.py --prefill-cpu 128 --rounds 10
 
 times the prefill-sized (fused) linears of the bundled model in CPU time on one thread: fp32
@@ -92,6 +97,34 @@ def isa_variants(n: int, k: int, m: int, isas: list[str], seed: int = 0) -> dict
                     ext.set_isa(isa)
                     return lin(x)
                 out[f"ours-{label}-{isa}" + ("-i8" if act == "int8" else "")] = call
+    return out
+
+
+def ternary_variants(n: int, k: int, m: int, isas: list[str], seed: int = 0) -> dict:
+    """BitNet b1.58 layers (ternary per tensor, int8 per-token input rounding) on the 2-bit kernel
+    (TernaryKernel, rounding in C++) and on the nibble container (kernels.TERNARY_T2 = False: fp32
+    table GEMV, rounding in torch), beside our w4g64 with int8 decode activations, per ISA."""
+    from lowbit.nn.actquant import ActQuant
+    from lowbit.numerics.activation import ActScheme
+    from lowbit.numerics.scheme import Scheme
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g)
+    tok = ActScheme(format="int8", dynamic=True, granularity="token")
+    tern = quantize_weight(w, Scheme(bits=2, format="ternary", granularity="tensor"))
+    t2 = PackedLinear(tern, backend="ext", act_quant=ActQuant(tok))
+    kernels.TERNARY_T2 = False
+    tq4 = PackedLinear(tern, backend="ext", act_quant=ActQuant(tok))
+    kernels.TERNARY_T2 = True
+    w4 = PackedLinear(quantize_weight(w, int_scheme(4, 64)), backend="ext")
+    w4.packed.set_act("int8")
+    out = {"fp32": lambda: F.linear(x, w)}
+    for isa in isas:
+        for label, lin in (("w4g64-i8", w4), ("ternary-q4", tq4), ("ternary-t2", t2)):
+            def call(lin=lin, isa=isa):
+                ext.set_isa(isa)
+                return lin(x)
+            out[f"{label}-{isa}"] = call
     return out
 
 
@@ -191,6 +224,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--json", default=None)
     ap.add_argument("--isas", default=None, help="comma list of nn/ext ISA variants to time (or 'all')")
+    ap.add_argument("--ternary", action="store_true",
+                    help="time BitNet ternary layers (2-bit kernel vs nibble container) beside w4g64, per --isas")
     ap.add_argument("--shapes", default=None, help="comma list of shape labels to keep")
     ap.add_argument("--act-accuracy", action="store_true", help="see the docstring")
     ap.add_argument("--prefill-cpu", type=int, default=0, metavar="M",
@@ -207,6 +242,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     isas = None
+    if args.ternary and not args.isas:
+        args.isas = ext.isa()
     if args.isas:
         ready = [v for v, why in ext.isa_status().items() if why == "ready"]
         isas = ready if args.isas == "all" else [v for v in args.isas.split(",") if v in ready]
@@ -216,7 +253,8 @@ def main() -> None:
             if args.shapes and label not in args.shapes.split(","):
                 continue
             for m in [int(b) for b in args.batches.split(",")]:
-                fns = isa_variants(n, k, m, isas) if isas else variants(n, k, m)
+                fns = (ternary_variants(n, k, m, isas) if args.ternary else
+                       isa_variants(n, k, m, isas) if isas else variants(n, k, m))
                 # fewer calls for the slow big cases so one round stays around a second
                 iters = max(3, min(args.iters, int(args.iters * 2e6 / (n * k * max(m, 4) / 4))))
                 per = {name: [] for name in fns}

@@ -179,28 +179,54 @@ def test_gguf_tq_round_trip_is_bit_exact(bundled, swapped, tmp_path):
 
 
 def test_frozen_model_runs_on_packed_kernels_with_its_activation_rounding(bundled, swapped):
+    """Every frozen linear on the 2-bit ternary kernel (per-token int8 rounding in C++) equals the
+    reference F.linear(fake_quant_act(x), W) on the model's own activations within the fp32 dot
+    bound (2e-6 x sum |x_hat| |W|, tests/test_kernels.py); one int8 code rounded differently would
+    cost ~1% of a token's max|x| times a weight, far outside it.
+
+    End to end the logits cannot be held to that: this ternary PTQ model is chaotic (NLL ~21), and
+    an ulp moved anywhere flips some int8 rounding boundary, so the fp32 reference itself is ~0.6
+    logits from the same model evaluated in fp64. The packed forward and the step path must be no
+    further from the fp64 evaluation than twice the fp32 reference's own distance to it."""
     from lowbit.nn import ext
+    from lowbit.nn.kernels import TernaryKernel
     from lowbit.nn.prepare import PackedLinear, prepare_for_inference
+    from lowbit.nn.qlinear import QuantLinear
     from lowbit.nn.step import step_model
+    from lowbit.numerics.activation import fake_quant_act
     from lowbit.train.loop import text_windows
     m = copy.deepcopy(swapped[0])
     freeze_bitlinear(m)
     ids = text_windows(bundled.tokenizer, "wiki-evaluation", 16, seed=None, max_windows=1)
+    inputs, hooks = {}, []
+    for n, mod in m.named_modules():
+        if type(mod) is QuantLinear:
+            hooks.append(mod.register_forward_hook(lambda mod, a, out, n=n: inputs.__setitem__(n, a[0].detach())))
     with torch.no_grad():
         ref = m(input_ids=ids).logits[0, -1]
+        for h in hooks:
+            h.remove()
+        exact = copy.deepcopy(m).double()(input_ids=ids).logits[0, -1].float()
+        weights = {n: m.get_submodule(n).dequantize_weight() for n in inputs}
         info = prepare_for_inference(m)
         q = m.model.layers[0].self_attn.q_proj
         assert isinstance(q, PackedLinear) and q.act_quant is not None           # kept by prepare
         packed = m(input_ids=ids).logits[0, -1]
         if not ext.load():
             pytest.skip(f"C++ kernels unavailable ({ext.status()}); packed forward checked on {info['backends']}")
+        assert len(inputs) == 210 and all(isinstance(m.get_submodule(n).packed, TernaryKernel) for n in inputs)
+        for n, x in inputs.items():
+            lin, w = m.get_submodule(n), weights[n]
+            for xs in (x, x[:, -1:]):                                  # prefill rows, one decode row
+                xh = fake_quant_act(xs, lin.act_quant.scheme)
+                err = (lin(xs) - torch.nn.functional.linear(xh, w)).abs()
+                assert bool((err <= 2e-6 * (xh.abs() @ w.abs().t()) + 1e-30).all()), n
         sm = step_model(m, True)
+        assert sm.blocks[0].qkv.kind == "ext" and sm.blocks[0].gate_up.kind == "ext"   # fused, rounded once
         stepped = sm.step(ids[0], 0, sm.new_cache(32))
-    # same codes and int8 activations; fp32 GEMV vs MKL only reorders sums (~K * 2^-24 relative a
-    # layer). An ulp can still flip one int8 activation rounding, a few e-3 of a logit at most here
-    tol = 1e-3 * float(ref.abs().max())
-    assert float((packed - ref).abs().max()) <= tol
-    assert float((stepped - ref).abs().max()) <= tol
+    spread = float((ref - exact).abs().max())
+    for got in (packed, stepped):
+        assert float((got - exact).abs().max()) <= 2 * spread + 1e-3 * float(ref.abs().max()), (spread, float((got - exact).abs().max()))
 
 
 def test_native_round_trip_keeps_the_int8_activations(bundled, swapped, tmp_path):

@@ -7,6 +7,10 @@ buffers, called as kernel(x, module) -> y (QuantLinear's `set_kernel` hook).
              scale / zero (nn/packed.py)              ternary (any 16-entry table)  GEMV at decode (or int8
                                                       group sizes multiple of 32   activations, see below),
                                                                                    tile dequant + MKL at prefill
+    ext      t2x64: ternary, 2 bits per code +        ternary whose layer rounds   TernaryKernel: x rounded
+    (t2)     (N, G) fp32 scale                        its input to int8 per token  per token to int8 in C++,
+                                                      (BitNet b1.58), groups of    exact int32 code x q sums,
+                                                      64k or one per row           every M
     torch    torch's int4pack / int8 + scales         int <= 4 bits (group 32..256  aten._weight_int4pack_mm
                                                       after splitting), int8 sym    _for_cpu / _weight_int8pack_mm
                                                       per channel
@@ -35,8 +39,8 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.nn import ext
-from lowbit.nn.packed import (GroupForm, dequantize_group_form_rows, pack_q4x32_u8, pack_u8,
-                              padded_cols, to_group_form, unpack_q4x32_u8)
+from lowbit.nn.packed import (T2_RUN, GroupForm, dequantize_group_form_rows, pack_q4x32_u8, pack_t2x64_u8,
+                              pack_u8, padded_cols, to_group_form, unpack_q4x32_u8, unpack_t2x64_u8)
 from lowbit.numerics.qweight import QuantizedWeight
 
 BACKENDS = ("ext", "torch", "tiled")
@@ -56,7 +60,12 @@ DECODE_ACT = os.environ.get("LOWBIT_DECODE_ACT", "auto").strip().lower()
 # speed and accuracy that chose it); set_prefill_activations(model, ...) switches a prepared model.
 PREFILL_ACTS = ("fp32", "int8")
 PREFILL_ACT = os.environ.get("LOWBIT_PREFILL_ACT", "fp32").strip().lower()
-_q4_linear = _u8_linear = None  # torch.ops.lowbit_cpu.* once the extension is loaded
+# Ternary weights whose layer rounds its input to int8 per token (BitNet b1.58's W1.58A8, the
+# frozen model's ActScheme(int8, dynamic, token)) get TernaryKernel: 2-bit codes (t2x64) and the
+# rounding done in C++; False (LOWBIT_TERNARY_T2=0) keeps them on the nibble kernel with fp32
+# activations and the rounding in torch, as before (for comparisons).
+TERNARY_T2 = os.environ.get("LOWBIT_TERNARY_T2", "1").strip().lower() not in ("0", "off", "false", "no")
+_q4_linear = _u8_linear = _t2_linear = None  # torch.ops.lowbit_cpu.* once the extension is loaded
 
 
 def _nbytes(*ts) -> int:
@@ -144,15 +153,19 @@ class ExtKernel(nn.Module):
     def _cache_args(self) -> tuple:
         # buffers read through nn.Module.__getattr__ cost ~0.7 us each; keep them in a plain tuple
         # (dropped by _apply, i.e. on .to() / .float(), and rebuilt on the next call)
-        q8 = self.q8_flags()
-        if self.nibble:
-            op, args = _q4_linear, (self.codes, self.lut, self.scale, self.zero, self.group_size, GEMV_MAX_M, q8)
-        else:
-            op, args = _u8_linear, (self.codes, self.scale, self.zero, self.group_size, GEMV_MAX_M, q8)
+        op, args = self.fused_call(self.codes, self.scale, self.zero)
         plain = self.perm is None and self.k_pad == self.in_features
         a = (op, args, self.in_features, self.out_features, plain, self.bias)
         self.__dict__["_args"] = a
         return a
+
+    def fused_call(self, codes, scale, zero) -> tuple:
+        """(op, args after x) for these buffers: nn/step.py's FusedRows calls it on the row-wise
+        concatenation of several kernels' codes / scales / zeros."""
+        q8 = self.q8_flags()
+        if self.nibble:
+            return _q4_linear, (codes, self.lut, scale, zero, self.group_size, GEMV_MAX_M, q8)
+        return _u8_linear, (codes, scale, zero, self.group_size, GEMV_MAX_M, q8)
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_args", None)
@@ -166,6 +179,95 @@ class ExtKernel(nn.Module):
         if self.perm is not None:
             c = c[:, torch.argsort(self.perm)]
         return c
+
+    @property
+    def layout(self) -> str:
+        return "q4x32" if self.nibble else "u8"
+
+
+def token_int8(act) -> bool:
+    """True for BitNet's activation scheme: int8, dynamic, one scale per token, no LLM.int8() split."""
+    return (act is not None and act.format == "int8" and act.dynamic and act.granularity == "token"
+            and act.outlier_threshold is None)
+
+
+class TernaryKernel(ExtKernel):
+    """BitNet b1.58 linears on our C++ kernel: ternary codes 2 bits each (t2x64, half the bytes of
+    the nibble container) and the layer's per-token int8 activation rounding done in C++ in the same
+    call, then exact int32 dot products (AVX-512 VNNI vpdpbusd / vpmaddubsw / portable C++).
+
+    forward(x) takes the float input *before* rounding (PackedLinear skips its ActQuant for it):
+    y = s_x * scale * sum_k (code_k - 1) * round(x_k / s_x), s_x = max|x| / 127 per token, i.e. the
+    reference F.linear(fake_quant_act(x), W) to fp32 rounding. forward_float(x) takes an already
+    rounded (or float) x: any other activation scheme, non-fp32 inputs (dequantized tiles + F.linear).
+    """
+
+    def __init__(self, form: GroupForm, bias: torch.Tensor | None, input_act):
+        nn.Module.__init__(self)
+        if not ext.load():
+            raise LowbitError(f"backend 'ext': C++ kernels unavailable ({ext.status()})")
+        global _t2_linear
+        _t2_linear = torch.ops.lowbit_cpu.t2_linear.default
+        self.out_features, self.in_features = form.codes.shape[0], form.in_features
+        self.k_pad = -(-self.in_features // T2_RUN) * T2_RUN
+        # one scale per row: the group is the whole padded row; else the form's groups (multiples of 64)
+        self.group_size = self.k_pad if form.scale.shape[1] == 1 else form.group_size
+        self.register_buffer("codes", pack_t2x64_u8(form.codes))
+        self.lut, self.scale, self.zero, self.perm = form.lut.contiguous(), form.scale, None, None
+        self.bias = bias
+        self.nibble, self.int_codes = False, True
+        self.act = self.prefill = "int8-token"
+        self.input_act = input_act      # the ActScheme this kernel applies to x itself
+
+    @staticmethod
+    def takes(form: GroupForm) -> bool:
+        """Ternary codes {0, 1, 2} -> {-1, 0, 1} * scale, no zero, no permutation, groups of 64k."""
+        return (form.perm is None and form.zero is None and form.lut[:3].tolist() == [-1.0, 0.0, 1.0]
+                and (form.scale.shape[1] == 1 or form.group_size % T2_RUN == 0)
+                and (form.codes.numel() == 0 or int(form.codes.max()) <= 2))
+
+    def set_act(self, act: str) -> None:
+        """The activation rounding is the model's own (BitNet's int8 per token): not switchable."""
+        if act not in DECODE_ACTS:
+            raise LowbitError(f"decode activations: expected one of {'|'.join(DECODE_ACTS)}, got {act!r}")
+
+    def set_prefill(self, act: str) -> None:
+        if act not in PREFILL_ACTS:
+            raise LowbitError(f"prefill activations: expected one of {'|'.join(PREFILL_ACTS)}, got {act!r}")
+
+    def q8_flags(self) -> int:
+        return 0
+
+    def fused_call(self, codes, scale, zero) -> tuple:
+        return _t2_linear, (codes, scale, self.group_size)
+
+    def _cache_args(self) -> tuple:
+        op, args = self.fused_call(self.codes, self.scale, None)
+        a = (op, args, self.in_features, self.out_features, True, self.bias)   # C++ pads x itself
+        self.__dict__["_args"] = a
+        return a
+
+    @property
+    def layout(self) -> str:
+        return "t2x64"
+
+    def unpack_codes(self) -> torch.Tensor:
+        return unpack_t2x64_u8(self.codes, self.in_features)
+
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x @ W^T for an x already rounded (or float): tiles of dequantized rows, F.linear."""
+        x2 = _flat(x, self.in_features)
+        g = torch.arange(self.in_features) // self.group_size
+        step = max(1, TILE_FLOATS // max(1, self.in_features))
+        out = []
+        for r0 in range(0, self.out_features, step):
+            r1 = min(self.out_features, r0 + step)
+            c = unpack_t2x64_u8(self.codes[r0:r1], self.in_features).long()
+            out.append(F.linear(x2, (self.lut[c] * self.scale[r0:r1][:, g]).to(x2.dtype)))
+        y = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class TorchKernel(nn.Module):
@@ -306,9 +408,10 @@ class TiledKernel(nn.Module):
 
 
 def make_kernel(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "auto",
-                name: str = "weight") -> nn.Module:
+                name: str = "weight", input_act=None) -> nn.Module:
     """The kernel for one weight. backend: "auto" (ext, else tiled), "ext", "torch" or "tiled";
-    an explicit backend that cannot take this weight raises LowbitError saying why."""
+    an explicit backend that cannot take this weight raises LowbitError saying why. input_act: the
+    layer's input ActScheme; BitNet's int8 per token on a ternary weight selects TernaryKernel."""
     if backend not in ("auto",) + BACKENDS:
         raise LowbitError(f"backend: expected one of auto|{'|'.join(BACKENDS)}, got {backend!r}")
     if backend == "tiled":
@@ -321,6 +424,9 @@ def make_kernel(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: 
         return TiledKernel(qw, bias)
     if backend == "torch":
         return TorchKernel(form, bias, name)
+    if (TERNARY_T2 and qw.scheme.format == "ternary" and token_int8(input_act) and TernaryKernel.takes(form)
+            and ext.load()):
+        return TernaryKernel(form, bias, input_act)
     if backend == "ext" or ext.load():
         return ExtKernel(form, bias)
     return TiledKernel(qw, bias)

@@ -16,6 +16,11 @@ with 0.0 so the padding contributes nothing):
                byte j of run c:  bits 7..4 = col 32c+16+j   bits 3..0 = col 32c+j
            (the split ggml's Q4_0 uses: one 16-byte load gives two contiguous 16-value halves)
     u8     (N, K_pad) uint8, one code per byte (5..8-bit codes)
+    t2x64  ternary codes t + 1 in {0, 1, 2} (TernaryCodec's), 4 per byte, rows padded to a multiple
+           of 64 columns with code 1 (value 0); per run of 64 columns, 16 bytes:
+               byte j of run c:  bits 7..6 = col 64c+48+j  5..4 = 64c+32+j  3..2 = 64c+16+j  1..0 = 64c+j
+           (one 16-byte load shifted by 0 / 2 / 4 / 6 gives the run's 64 codes in column order;
+           the same split as ggml's TQ2_0, on runs of 64 instead of 128)
 """
 from __future__ import annotations
 
@@ -52,6 +57,30 @@ def unpack_q4x32_u8(packed: torch.Tensor, cols: int) -> torch.Tensor:
     n = packed.shape[0]
     b = packed.reshape(n, -1, 1, 16)
     c = torch.cat([b & 0x0F, b >> 4], dim=2)           # (N, runs, 2, 16)
+    return c.reshape(n, -1)[:, :cols]
+
+
+T2_RUN = 64  # columns per t2x64 run
+
+
+def pack_t2x64_u8(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 ternary codes in {0, 1, 2} -> (N, K_pad64/4) uint8 in the t2x64 layout above."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise LowbitError(f"pack_t2x64_u8: expected 2-D uint8 codes, got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) > 2:
+        raise LowbitError(f"pack_t2x64_u8: ternary codes must be 0, 1 or 2, found {int(codes.max())}")
+    n, k = codes.shape
+    kp = -(-k // T2_RUN) * T2_RUN
+    c = torch.nn.functional.pad(codes, (0, kp - k), value=1) if kp != k else codes
+    c = c.reshape(n, kp // T2_RUN, 4, 16)              # (N, runs, quarter, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(n, kp // 4).contiguous()
+
+
+def unpack_t2x64_u8(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of pack_t2x64_u8: (N, K_pad/4) -> (N, cols) uint8 codes."""
+    n = packed.shape[0]
+    b = packed.reshape(n, -1, 1, 16)
+    c = torch.cat([b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6], dim=2)   # (N, runs, 4, 16)
     return c.reshape(n, -1)[:, :cols]
 
 

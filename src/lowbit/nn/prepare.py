@@ -15,19 +15,42 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from lowbit.nn.kernels import make_kernel
+from lowbit.nn.kernels import TernaryKernel, make_kernel, token_int8
 from lowbit.nn.qlinear import QuantLinear, set_submodule
 from lowbit.numerics.qweight import QuantizedWeight
 
 
 class PackedLinear(QuantLinear):
-    """A QuantLinear whose codes live only in its kernel's packed buffers (self.packed)."""
+    """A QuantLinear whose codes live only in its kernel's packed buffers (self.packed).
+
+    act_quant (the input-activation rounding) can be given here or set later (the native reader
+    attaches it after building the layer): on a ternary weight, BitNet's int8-per-token scheme
+    moves the layer onto TernaryKernel, which rounds x in C++ in the same call as the matmul."""
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
-                 backend: str = "auto", name: str = "weight"):
+                 backend: str = "auto", name: str = "weight", act_quant=None):
         nn.Module.__init__(self)  # QuantLinear's own qdata buffer would hold the unpacked codes
         self._init_common(qweight, bias)
-        self.packed = make_kernel(qweight, self.bias, backend, name)
+        self.__dict__["_act_quant"] = act_quant
+        self.__dict__["_where"] = (backend, name)
+        self.packed = make_kernel(qweight, self.bias, backend, name,
+                                  None if act_quant is None else act_quant.scheme)
+
+    @property
+    def act_quant(self):
+        return self.__dict__.get("_act_quant")
+
+    @act_quant.setter
+    def act_quant(self, aq) -> None:
+        self.__dict__["_act_quant"] = aq
+        k = self._modules.get("packed") if "_modules" in self.__dict__ else None
+        if (k is not None and aq is not None and not isinstance(k, TernaryKernel) and self.scheme.format == "ternary"
+                and token_int8(aq.scheme)):
+            backend, name = self.__dict__.get("_where", ("auto", "weight"))
+            with torch.no_grad():
+                new = make_kernel(self.qweight, self.bias, backend, name, aq.scheme)
+            if isinstance(new, TernaryKernel):
+                self.packed = new
 
     @property
     def backend(self) -> str:
@@ -47,12 +70,21 @@ class PackedLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         override = self.__dict__.get("_override")
-        aq = self.__dict__.get("act_quant")       # input activations (BitNet's int8 per token, ...)
-        if aq is not None and not getattr(override, "quantizes_input", False):
-            x = aq(x)
+        aq = self.__dict__.get("_act_quant")       # input activations (BitNet's int8 per token, ...)
         if override is not None:
+            if aq is not None and not getattr(override, "quantizes_input", False):
+                x = aq(x)
             return override(x, self)
-        return self._modules["packed"].forward(x)  # skips nn.Module.__call__ hooks: ~2 us a call
+        packed = self._modules["packed"]
+        own = packed.__dict__.get("input_act")     # the scheme the kernel rounds x with itself
+        if own is not None:
+            if (aq is not None and aq.enabled and x.dtype == torch.float32
+                    and (aq.scheme is own or aq.scheme == own)):
+                return packed.forward(x)
+            return packed.forward_float(x if aq is None else aq(x))   # another rounding, or none
+        if aq is not None:
+            x = aq(x)
+        return packed.forward(x)  # skips nn.Module.__call__ hooks: ~2 us a call
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend}"
@@ -101,8 +133,8 @@ def prepare_for_inference(model: nn.Module, backend: str = "auto", release_check
                if isinstance(m, QuantLinear) and not isinstance(m, PackedLinear)]
     with torch.no_grad():
         for name, mod in targets:
-            packed = PackedLinear(mod.qweight, mod.bias, backend, name)
-            packed.act_quant = mod.act_quant     # input-activation quantization stays as it was
+            # input-activation quantization stays as it was (and picks the ternary kernel for BitNet)
+            packed = PackedLinear(mod.qweight, mod.bias, backend, name, act_quant=mod.act_quant)
             set_submodule(model, name, packed)
             counts[packed.backend] += 1
             nbytes += packed.packed.nbytes()

@@ -64,10 +64,17 @@ class FusedRows:
         # input-activation quantization (BitNet's int8 per token, ...): one dynamic scheme shared
         # by every linear of the group is applied once to the shared input; anything else (static
         # per-layer scales, LLM.int8(), a mix) keeps the linears separate, each its own forward
-        acts = [m.__dict__.get("act_quant") for m in mods]
+        acts = [getattr(m, "act_quant", None) for m in mods]
+        self.acts = acts
         self.in_act = acts[0] if all(a is not None and a.scheme.dynamic and a.scheme.outlier_threshold is None
                                   and a.scheme == acts[0].scheme for a in acts) else None
         shared = self.in_act is not None or all(a is None for a in acts)
+        # a kernel that rounds x itself (TernaryKernel: BitNet's int8 per token) fuses only with
+        # that same scheme on every linear; then the group's rounding is the kernel's, not torch's
+        own = [k.__dict__.get("input_act") if k is not None else None for k in kerns]
+        self.self_round = own[0] is not None
+        if own[0] is not None and not (self.in_act is not None and all(o == self.in_act.scheme for o in own)):
+            shared = False
         if shared and all(k is not None for k in kerns) and self._ext_compatible(kerns):
             self._fuse_ext(kerns)
             if any(m.bias is not None for m in mods):   # + 0.0 where a linear has none
@@ -77,13 +84,13 @@ class FusedRows:
     @staticmethod
     def _ext_compatible(kerns) -> bool:
         k0 = kerns[0]
-        return all(k.perm is None and k.k_pad == k.in_features and k.in_features == k0.in_features
+        return all(type(k) is type(k0) and k.layout == k0.layout
+                   and k.perm is None and k.k_pad == k.in_features and k.in_features == k0.in_features
                    and k.nibble == k0.nibble and k.group_size == k0.group_size and k.q8_flags() == k0.q8_flags()
                    and torch.equal(k.lut, k0.lut) and (k.zero is None) == (k0.zero is None)
                    and k.codes.dtype == k0.codes.dtype for k in kerns)
 
     def _fuse_ext(self, kerns) -> None:
-        from lowbit.nn import kernels as kmod
         if len(kerns) > 1:
             codes = torch.cat([k.codes for k in kerns])
             scale = torch.cat([k.scale for k in kerns])
@@ -98,16 +105,15 @@ class FusedRows:
         else:
             codes, scale, zero = kerns[0].codes, kerns[0].scale, kerns[0].zero
         k0 = kerns[0]
-        q8 = k0.q8_flags()
-        if k0.nibble:
-            self.op, self.args = kmod._q4_linear, (codes, k0.lut, scale, zero, k0.group_size, kmod.GEMV_MAX_M, q8)
-        else:
-            self.op, self.args = kmod._u8_linear, (codes, scale, zero, k0.group_size, kmod.GEMV_MAX_M, q8)
-        self.kerns, self.q8 = kerns, q8
+        self.op, self.args = k0.fused_call(codes, scale, zero)
+        self.kerns, self.q8 = kerns, k0.q8_flags()
         self.kind = "ext"
 
     def valid(self) -> bool:
-        """False once a module was changed under us (e.g. model.to(), a new kernel)."""
+        """False once a module was changed under us (e.g. model.to(), a new kernel, another
+        act_quant)."""
+        if any(getattr(m, "act_quant", None) is not a for m, a in zip(self.mods, self.acts)):
+            return False
         if self.kind == "ext":
             return all(_ext_kernel(m) is k for m, k in zip(self.mods, self.kerns)) and all(
                 k.codes.untyped_storage().data_ptr() == self.args[0].untyped_storage().data_ptr()
@@ -116,7 +122,11 @@ class FusedRows:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "ext":
-            if self.in_act is not None:
+            if self.self_round:         # the kernel rounds fp32 x itself; anything else: one by one
+                if x.dtype != torch.float32 or not self.in_act.enabled:
+                    ys = [m(x) for m in self.mods]
+                    return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+            elif self.in_act is not None:
                 x = self.in_act(x)
             xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
             y = self.op(xf, *self.args)

@@ -271,9 +271,72 @@ void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float
   }
 }
 
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// ternary t2x64 on per-token int8 activations, R tokens per pass over a weight row. One 16-byte
+// run broadcast to both lanes, shifted by (0 | 2) and (4 | 6) per 128-bit lane and masked: 2 x 32
+// codes in column order. vpmaddubsw pair sums are <= 2 * 2 * 128 = 512, so 2 per run and 16 runs
+// add up in int16 exactly (16 * 1024 < 32767) before one vpmaddwd to int32.
+template <int R>
+inline void t2_rows(const uint8_t* p, const int8_t* xq, const float* xs, const int32_t* qsum,
+                    int64_t m0, int64_t K, int64_t gs, const float* s, int64_t G,
+                    float* y, int64_t N, int64_t n) {
+  const __m256i sh_lo = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), sh_hi = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
+  const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  float tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = 0.f;
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    const int64_t k1 = imin(K, k0 + gs);
+    __m256i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t kc = k0; kc < k1; kc += 16 * 64) {
+      const int64_t ke = imin(k1, kc + 16 * 64);
+      __m256i a16[R];
+      for (int r = 0; r < R; ++r) a16[r] = _mm256_setzero_si256();
+      for (int64_t k = kc; k < ke; k += 64) {
+        const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 4)));
+        const __m256i lo = _mm256_and_si256(_mm256_srlv_epi32(b, sh_lo), m3);
+        const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(b, sh_hi), m3);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* q = xq + (m0 + r) * K + k;
+          const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+          const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+          a16[r] = _mm256_add_epi16(a16[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, q0), _mm256_maddubs_epi16(hi, q1)));
+        }
+      }
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(a16[r], ones));
+    }
+    for (int r = 0; r < R; ++r)
+      tot[r] += s[g] * static_cast<float>(hsum_i32(acc[r]) - qsum[(m0 + r) * G + g]);
+  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = xs[m0 + r] * tot[r];
+}
+
+void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const int32_t* qsum,
+               int64_t M, int64_t K, int64_t gs, const float* scale, int64_t G,
+               float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * (K / 4);
+    const float* s = scale + n * G;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) t2_rows<4>(p, xq, xs, qsum, m, K, gs, s, G, y, N, n);
+    switch (M - m) {
+      case 3: t2_rows<3>(p, xq, xs, qsum, m, K, gs, s, G, y, N, n); break;
+      case 2: t2_rows<2>(p, xq, xs, qsum, m, K, gs, s, G, y, N, n); break;
+      case 1: t2_rows<1>(p, xq, xs, qsum, m, K, gs, s, G, y, N, n); break;
+      default: break;
+    }
+  }
+}
+
 }  // namespace
 
 const KernTable kern_avx2 = {"avx2", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                             gemv_q8<true>, gemv_q8<false>, gemm_q4q8c};
+                             gemv_q8<true>, gemv_q8<false>, gemm_q4q8c, gemv_t2q8};
 
 }  // namespace lowbit

@@ -211,14 +211,75 @@ void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float
   }
 }
 
+// ternary t2x64 on per-token int8 activations, R tokens per pass over a weight row. One 16-byte
+// run broadcast to the 4 lanes and shifted by (0, 2, 4, 6) per lane, masked: its 64 codes in
+// column order. VNNI: vpdpbusd into int32. Without: vpmaddubsw pair sums (<= 512) add up in
+// int16 over 32 runs exactly (32 * 512 < 32767), then one vpmaddwd to int32.
+template <int R>
+inline void t2_rows(const uint8_t* p, const int8_t* xq, const float* xs, const int32_t* qsum,
+                    int64_t m0, int64_t K, int64_t gs, const float* s, int64_t G,
+                    float* y, int64_t N, int64_t n) {
+  const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  const __m512i m3 = _mm512_set1_epi8(3);
+  float tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = 0.f;
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    const int64_t k1 = imin(K, k0 + gs);
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+#if LOWBIT_VNNI
+    for (int64_t k = k0; k < k1; k += 64) {
+      const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 4)));
+      const __m512i c = _mm512_and_si512(_mm512_srlv_epi32(b, sh), m3);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_dpbusd_epi32(acc[r], c, _mm512_loadu_si512(xq + (m0 + r) * K + k));
+    }
+#else
+    const __m512i ones = _mm512_set1_epi16(1);
+    for (int64_t kc = k0; kc < k1; kc += 32 * 64) {
+      const int64_t ke = imin(k1, kc + 32 * 64);
+      __m512i a16[R];
+      for (int r = 0; r < R; ++r) a16[r] = _mm512_setzero_si512();
+      for (int64_t k = kc; k < ke; k += 64) {
+        const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 4)));
+        const __m512i c = _mm512_and_si512(_mm512_srlv_epi32(b, sh), m3);
+        for (int r = 0; r < R; ++r)
+          a16[r] = _mm512_add_epi16(a16[r], _mm512_maddubs_epi16(c, _mm512_loadu_si512(xq + (m0 + r) * K + k)));
+      }
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(a16[r], ones));
+    }
+#endif
+    for (int r = 0; r < R; ++r)
+      tot[r] += s[g] * static_cast<float>(_mm512_reduce_add_epi32(acc[r]) - qsum[(m0 + r) * G + g]);
+  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = xs[m0 + r] * tot[r];
+}
+
+void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const int32_t* qsum,
+               int64_t M, int64_t K, int64_t gs, const float* scale, int64_t G,
+               float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * (K / 4);
+    const float* s = scale + n * G;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) t2_rows<4>(p, xq, xs, qsum, m, K, gs, s, G, y, N, n);
+    switch (M - m) {
+      case 3: t2_rows<3>(p, xq, xs, qsum, m, K, gs, s, G, y, N, n); break;
+      case 2: t2_rows<2>(p, xq, xs, qsum, m, K, gs, s, G, y, N, n); break;
+      case 1: t2_rows<1>(p, xq, xs, qsum, m, K, gs, s, G, y, N, n); break;
+      default: break;
+    }
+  }
+}
+
 }  // namespace
 
 #if LOWBIT_VNNI
 const KernTable kern_avx512vnni = {"avx512vnni", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                                   gemv_q8<true>, gemv_q8<false>, gemm_q4q8c};
+                                   gemv_q8<true>, gemv_q8<false>, gemm_q4q8c, gemv_t2q8};
 #else
 const KernTable kern_avx512 = {"avx512", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                               gemv_q8<true>, gemv_q8<false>, gemm_q4q8c};
+                               gemv_q8<true>, gemv_q8<false>, gemm_q4q8c, gemv_t2q8};
 #endif
 
 }  // namespace lowbit

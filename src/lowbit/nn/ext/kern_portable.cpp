@@ -207,9 +207,37 @@ void gemm_q4q8c(const uint8_t* codes, const int8_t* xq, const float* dc, const f
   }
 }
 
+// ternary t2x64 codes on per-token int8 activations: exact int32 sums per group of code x q
+void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const int32_t* qsum,
+               int64_t M, int64_t K, int64_t gs, const float* scale, int64_t G,
+               float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t rb = K / 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * rb;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* q = xq + m * K;
+      float acc = 0.f;
+      for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+        int32_t dot[16] = {0};
+        for (int64_t k = k0; k < imin(K, k0 + gs); k += 64) {
+          const uint8_t* b = p + k / 4;
+          const int8_t* qk = q + k;
+          for (int j = 0; j < 16; ++j)
+            dot[j] += int32_t(b[j] & 3) * qk[j] + int32_t((b[j] >> 2) & 3) * qk[16 + j] +
+                      int32_t((b[j] >> 4) & 3) * qk[32 + j] + int32_t(b[j] >> 6) * qk[48 + j];
+        }
+        int32_t t = 0;
+        for (int j = 0; j < 16; ++j) t += dot[j];
+        acc += scale[n * G + g] * static_cast<float>(t - qsum[m * G + g]);
+      }
+      y[m * N + n] = xs[m] * acc;
+    }
+  }
+}
+
 }  // namespace
 
 const KernTable kern_portable = {"portable", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                                 gemv_q8<true>, gemv_q8<false>, gemm_q4q8c};
+                                 gemv_q8<true>, gemv_q8<false>, gemm_q4q8c, gemv_t2q8};
 
 }  // namespace lowbit

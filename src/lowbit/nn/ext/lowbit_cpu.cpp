@@ -18,6 +18,9 @@
 //          (ggml's Q4_0 uses the same split, so one 128-bit load unpacks to two
 //          contiguous 16-float vectors without a shuffle)
 //   u8     (N, K) uint8: one code per byte
+//   t2x64  (N, K/4) uint8, ternary codes 0..2 (value code - 1), K padded to a multiple of 64:
+//          4 codes per byte, see lowbit_kern.h; read only by t2_linear below, which also rounds
+//          x per token to int8 (BitNet b1.58's activations) and sums codes x q exactly in int32
 //
 // Three paths:
 //   gemv (M <= gemv_max_m, decode): per output row, stream the packed codes once and
@@ -280,6 +283,64 @@ at::Tensor u8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return lowbit_linear<false>(x, codes, at::Tensor(), scale, zero, group_size, gemv_max_m, act_q8);
 }
 
+// Ternary (BitNet b1.58) linear on t2x64 codes: x rounded per token to int8 exactly as
+// numerics/activation.quantize_act does for ActScheme(int8, dynamic, token):
+//     s = max|x| / 127 (1 for an all-zero token),  q = clamp(round_half_even(x / s), -128, 127)
+// then y = s * sum_g scale_g * (sum code * q - sum q) in exact int32 sums (code - 1 = the weight).
+// The columns past x's width (K up to the codes' K_pad, a multiple of 64) read x = 0. A token
+// holding NaN / inf gets NaN outputs (the torch rounding gives arbitrary codes there).
+at::Tensor t2_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t gs) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "lowbit ternary kernel: x must be a contiguous 2-D float32 tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2,
+              "lowbit ternary kernel: codes must be contiguous 2-D uint8 (t2x64)");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), Kp = codes.size(1) * 4;
+  TORCH_CHECK(Kp % 64 == 0 && K <= Kp && Kp - K < 64, "lowbit ternary kernel: codes (N, ", codes.size(1),
+              ") hold ", Kp, " columns, expected x's ", K, " rounded up to a multiple of 64");
+  TORCH_CHECK(gs > 0 && gs % 64 == 0, "lowbit ternary kernel: group size must be a positive multiple of 64, got ", gs);
+  const int64_t G = (Kp + gs - 1) / gs;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
+              scale.size(0) == N && scale.size(1) == G,
+              "lowbit ternary kernel: scale must be contiguous float32 (", N, ", ", G, "), got ", scale.sizes());
+  std::vector<int8_t> xq(M * Kp, 0);
+  std::vector<float> xs(M);
+  std::vector<int32_t> qsum(M * G, 0);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = xp + m * K;
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = std::fabs(xr[k]);
+        finite = finite && a <= std::numeric_limits<float>::max();
+        amax = std::max(amax, a);
+      }
+      const float sc = amax > 0.f ? amax / 127.f : 1.f;
+      int8_t* qr = xq.data() + m * Kp;
+      for (int64_t k = 0; k < K; ++k) {
+        // x / s (a division, as torch's), rounded half to even: |x / s| <= 127 + 1 ulp, so the
+        // 1.5 * 2^23 trick rounds in the FPU's default mode
+        const float v = (xr[k] / sc + 12582912.f) - 12582912.f;
+        qr[k] = static_cast<int8_t>(finite ? std::min(127.f, std::max(-128.f, v)) : 0.f);
+      }
+      for (int64_t k = 0; k < K; ++k) qsum[m * G + k / gs] += qr[k];
+      xs[m] = finite ? sc : std::numeric_limits<float>::quiet_NaN();
+    }
+  });
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const KernTable* kt = g_kern;
+  // grain as the other GEMVs: ~128K weights per thread at least
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 17) / (Kp * std::min<int64_t>(M, 4)));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    kt->gemv_t2q8(cp, xq.data(), xs.data(), qsum.data(), M, Kp, gs, sp, G, yp, N, n0, n1);
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lowbit_cpu, m) {
@@ -289,6 +350,8 @@ TORCH_LIBRARY(lowbit_cpu, m) {
   // prefill activations (per chunk, M > gemv_max_m, q4 integer codes; else the fp32 tile path)
   m.def("u8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group_size, int gemv_max_m, "
         "int act_q8=0) -> Tensor");
+  // ternary codes (t2x64, 4 per byte) on per-token int8 activations (BitNet b1.58), any M
+  m.def("t2_linear(Tensor x, Tensor codes, Tensor scale, int group_size) -> Tensor");
   // not tensor ops: registered as plain functions (no dispatch key), called from Python
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("isa() -> str", &current_isa);
@@ -298,4 +361,5 @@ TORCH_LIBRARY(lowbit_cpu, m) {
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("u8_linear", &u8_linear);
+  m.impl("t2_linear", &t2_linear);
 }

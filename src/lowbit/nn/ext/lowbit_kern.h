@@ -14,6 +14,13 @@
 //   q8     activations (the integer decode path): per row m and block b of 32 columns,
 //          x[m, 32b + j] ~= d[m, b] * xq[m, 32b + j], xq int8 in [-127, 127], d = max|x| / 127
 //          (ggml's Q8_0 rounding), qsum[m, b] = sum_j xq[m, 32b + j].
+//   t2x64  ternary codes (t + 1 in {0, 1, 2}, 2 bits each), row = K/4 bytes, K a multiple of 64;
+//          each run of 64 columns is 16 bytes, byte j holds columns j, 16+j, 32+j, 48+j in bits
+//          1-0, 3-2, 5-4, 7-6 (so one 16-byte load, shifted by 0/2/4/6 and masked, gives the
+//          run's 64 codes in column order).
+//   q8t    activations of the ternary path (BitNet b1.58): per token m, x[m, k] ~= xs[m] * xq[m, k],
+//          xs[m] = max|x[m]| / 127, xq int8 (the rounding of numerics/activation.quantize_act),
+//          qsum[m, g] = sum over group g of xq[m, k].
 #pragma once
 #include <cstdint>
 
@@ -51,6 +58,12 @@ struct KernTable {
                      const int32_t* cgrp, const int32_t* cblk, int64_t C, int64_t M, int64_t K,
                      const float* scale, const float* zero, int64_t G, float* y, int64_t N,
                      int64_t n0, int64_t n1);
+  // ternary on per-token int8 activations: y[m, n] = xs[m] * sum_g scale[n, g] *
+  // (sum_{k in g} code[n, k] xq[m, k] - qsum[m, g])   (code - 1 = the ternary value; the
+  // integer sums are exact in int32). gs: a multiple of 64; scale (N, G).
+  void (*gemv_t2q8)(const uint8_t* codes, const int8_t* xq, const float* xs, const int32_t* qsum,
+                    int64_t M, int64_t K, int64_t gs, const float* scale, int64_t G,
+                    float* y, int64_t N, int64_t n0, int64_t n1);
 };
 
 extern const KernTable kern_portable;
