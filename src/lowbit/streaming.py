@@ -26,8 +26,8 @@ from lowbit.errors import LowbitError
 
 STREAM_MAX_SHARD = "1GB"
 # formats a streamed run converts its native output to, byte-identical to the in-memory export
-# (tests/test_streaming.py); gguf's bytes differ from it (not investigated), onnx is not tested
-STREAM_CONVERTED = ("gptq", "awq", "compressed-tensors")
+# (tests/test_streaming.py); onnx is not tested
+STREAM_CONVERTED = ("gptq", "awq", "compressed-tensors", "gguf")
 
 
 def _plan_layer(name: str, shape: tuple[int, int], scheme) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -233,6 +233,9 @@ def _stream_then_convert(source, recipe, out, format: str, *, max_shard_size, ov
     quantize_streaming(source, recipe, spool, max_shard_size=STREAM_MAX_SHARD, overwrite=True, log=log,
                        state_dir=state, **kw)
     loaded = api.load(spool)
+    from lowbit.models import resolve_source
+    # the config's path is the source's, as load_model gives it (gguf's general.name is read from it)
+    loaded.model.config._name_or_path = str(resolve_source(source)[1])
     opts = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     try:
         path = api.export(loaded, None, out, fmt.name, overwrite=overwrite, **opts)
