@@ -83,8 +83,10 @@ def _measure(out: str, argv: list, label: str) -> int:
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, *argv])
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = ru.ru_maxrss * 1024
     rec = {"command": label, "rc": r.returncode, "wall_s": round(wall, 1),
+           "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),     # the child's CPU time: wall is the box's load
            "peak_rss_bytes": peak, "peak_rss_gib": round(peak / 2**30, 3),
            "load_before": load0, "load_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": _machine()}

@@ -2,6 +2,10 @@
 safetensors shards + index + config.json, for the streaming benchmark (BENCHMARKS.md).
 
     python bench/make_7b_checkpoint.py BIG/llama2-7b-shaped      (~13.5 GB; ~2 GB shards)
+    python bench/make_7b_checkpoint.py BIG/llama2-7b-2l --layers 2   (~1.4 GB: 2 of the 32 blocks)
+
+--layers N keeps the first N decoder blocks (all 32 of Llama-2-7B have the same shapes, so one
+block's peak memory and time are every block's) with the full embedding and lm_head.
 
 (BIG: any directory outside the repo with ~20 GB free)
 
@@ -11,8 +15,8 @@ the quantizer sees random, distinct rows either way). RAM: the pool, one shard b
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -52,9 +56,14 @@ def _fill(pool: torch.Tensor, shape: tuple, start: int) -> torch.Tensor:
     return flat.reshape(shape).clone()
 
 
-def main(out: Path, shard_bytes: int = 2 * 10**9) -> None:
+def main(out: Path, shard_bytes: int = 2 * 10**9, layers: int | None = None) -> None:
+    cfg = dict(CONFIG)
+    if layers is not None:
+        if not 1 <= layers <= CONFIG["num_hidden_layers"]:
+            raise SystemExit(f"--layers: expected 1..{CONFIG['num_hidden_layers']}, got {layers}")
+        cfg["num_hidden_layers"] = layers
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = torch.Generator().manual_seed(7)
     pool = (torch.randn(POOL + 2**20, generator=gen) * 0.02).half()
     starts = torch.randint(0, 2**20, (10_000,), generator=gen).tolist()
@@ -68,7 +77,7 @@ def main(out: Path, shard_bytes: int = 2 * 10**9) -> None:
             save_file(shard, str(out / name), metadata={"format": "pt"})
             wmap.update({k: name for k in shard})
             shard, size = {}, 0
-    for k, (name, shape) in enumerate(tensors(CONFIG)):
+    for k, (name, shape) in enumerate(tensors(cfg)):
         t = torch.ones(shape, dtype=torch.float16) if len(shape) == 1 else _fill(pool, shape, starts[k])
         if size + t.numel() * 2 > shard_bytes:
             flush()
@@ -82,4 +91,8 @@ def main(out: Path, shard_bytes: int = 2 * 10**9) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    ap = argparse.ArgumentParser(description="Write a random checkpoint with Llama-2-7B's shapes.")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--layers", type=int, default=None, help="decoder blocks to write (default 32)")
+    a = ap.parse_args()
+    main(a.out, layers=a.layers)

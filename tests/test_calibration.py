@@ -57,6 +57,11 @@ def test_hessian_precision_fp32_batches_fp64_sum(smollm2):
     ref = sum(x.double().T @ x.double() for x in xs) * 2 / n
     assert float((got["hessian"] - ref).norm() / ref.norm()) < 1e-6      # measured 0.9e-7
     assert torch.allclose(got["act_sq_mean"].double(), ref.diagonal() / 2, rtol=1e-5)
+    # the Hessian is scaled in place and handed over once (one (d, d) float64 matrix, not two)
+    with pytest.raises(LowbitError, match="already taken"):
+        ss.results()
+    with pytest.raises(LowbitError, match="already taken"):
+        ss.update(xs[0])
 
 
 def _block_out_error(block, block_ref, acts) -> float:

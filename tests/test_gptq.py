@@ -7,7 +7,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.methods import get_method
-from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize, hessian_inverse_cholesky
 from lowbit.methods.rtn import round_scale
 from lowbit.numerics import Scheme, choose_qparams, int_scheme, quantize_weight
 
@@ -123,6 +123,43 @@ def test_dead_inputs_are_zeroed_not_nan():
     wq = qw.dequantize()
     assert torch.isfinite(wq).all()
     assert torch.equal(wq[:, dead], torch.zeros(16, 3))
+
+
+def test_dead_inputs_leave_the_callers_hessian_unwritten():
+    """The Hessian is read, never written (no float64 copy of it is made): dead inputs become a
+    mask, with the same codes as zeroing their weights and setting H_jj = 1 by hand."""
+    w, h = correlated_layer(rows=16, cols=128)
+    dead = torch.tensor([5, 77, 127])
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h_before = h.clone()
+    w_ref, h_ref = w.clone(), h.clone()
+    w_ref[:, dead] = 0.0
+    h_ref[dead, dead] = 1.0
+    for cfg in (GPTQConfig(), GPTQConfig(act_order=True), GPTQConfig(act_order=True, clip="mse")):
+        qw = gptq_quantize(w, h, int_scheme(4, 32), cfg)
+        ref = gptq_quantize(w_ref, h_ref, int_scheme(4, 32), cfg)
+        assert torch.equal(h, h_before)
+        assert qw.info["n_dead_inputs"] == 3 and ref.info["n_dead_inputs"] == 0
+        assert torch.equal(qw.qdata, ref.qdata) and torch.equal(qw.scale, ref.scale)
+        assert torch.equal(qw.zero_point, ref.zero_point)
+        assert (qw.g_idx is None) == (ref.g_idx is None)
+        if qw.g_idx is not None:
+            assert torch.equal(qw.g_idx, ref.g_idx)
+
+
+def test_in_place_factorisation_is_the_three_copy_one():
+    """hessian_inverse_cholesky factorises, inverts and refactorises one column-major copy in
+    place; the result is bit for bit the textbook chain of three new matrices, and H is unchanged."""
+    _, h = correlated_layer(rows=8, cols=320)
+    h_before = h.clone()
+    hd = h.clone()
+    hd.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+    u, damp, retries = hessian_inverse_cholesky(h, 0.01)
+    assert torch.equal(u, ref) and (damp, retries) == (0.01, 0)
+    assert torch.equal(h, h_before)
+    assert u.stride() == (1, 320)           # LAPACK's layout: the copy was factorised in place
 
 
 def test_cholesky_failure_retries_with_more_damping():

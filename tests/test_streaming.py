@@ -40,6 +40,37 @@ def test_stream_block0_same_bytes_as_in_memory(smollm2, tmp_path):
     assert (out / "model.safetensors.index.json").is_file()
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "awq", "gguf"])
+def test_stream_into_other_formats_same_bytes_as_in_memory(smollm2, tmp_path, fmt):
+    """--stream --format F: streamed native, read back and written by F's writer: every file is
+    byte-identical to load + quantize + export F (the manifest's per-layer method included), and
+    neither the native spool nor the resume state is left beside the output."""
+    from lowbit.cli import main
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Recipe, Rule
+    r = Recipe(name="b0", rules=[Rule(r"model\.layers\.0\.", int_scheme(4, 64), "rtn")])   # 576 = 9 x 64
+    r.save(tmp_path / "b0.json")
+    out = tmp_path / ("cli.gguf" if fmt == "gguf" else "cli")
+    assert main(["quantize", str(smollm2.path), "--recipe", str(tmp_path / "b0.json"), "--stream",
+                 "--format", fmt, "--out", str(out)]) == 0
+    lm = load_model(smollm2.path)
+    rep = api.quantize(lm.model, r, progress=False)
+    m = api.export(lm, rep, tmp_path / ("mem.gguf" if fmt == "gguf" else "mem"), fmt)
+    left = ["b0.json", out.name, m.name]
+    if fmt == "gguf":                     # one file (general.name from the source's directory) + sidecar
+        assert out.read_bytes() == m.read_bytes()
+        man, ref = (json.loads(Path(f"{p}.lowbit.json").read_text()) for p in (out, m))
+        assert list(man.pop("files").values()) == list(ref.pop("files").values())   # keyed by file name
+        assert man == ref
+        left += [f"{out.name}.lowbit.json", f"{m.name}.lowbit.json"]
+    else:
+        assert digests(out) == digests(m)
+        man = json.loads(next(p for p in out.iterdir() if p.name.endswith("manifest.json")).read_text())
+    assert {row["method"] for row in man["layers"].values()} == {"rtn"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(left)
+
+
 @pytest.mark.slow
 @pytest.mark.model
 def test_stream_whole_model_same_bytes_cli(smollm2, tmp_path):
@@ -54,6 +85,9 @@ def test_stream_whole_model_same_bytes_cli(smollm2, tmp_path):
 
 @pytest.mark.model
 def test_stream_refuses_gguf_and_whole_model_transforms(smollm2, tmp_path):
+    with pytest.raises(LowbitError, match="--format onnx is not streamed"):
+        quantize_streaming(smollm2.path, "w4g128-rtn", tmp_path / "o.onnx", format="onnx")
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(LowbitError, match="GGUF"):
         quantize_streaming("smollm2-135m", "w4g128-rtn", tmp_path / "o")
     with pytest.raises(LowbitError, match="model-level transforms"):

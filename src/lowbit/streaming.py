@@ -25,6 +25,9 @@ import torch
 from lowbit.errors import LowbitError
 
 STREAM_MAX_SHARD = "1GB"
+# formats a streamed run converts its native output to, byte-identical to the in-memory export
+# (tests/test_streaming.py); onnx is not tested
+STREAM_CONVERTED = ("gptq", "awq", "compressed-tensors", "gguf")
 
 
 def _plan_layer(name: str, shape: tuple[int, int], scheme) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -56,11 +59,17 @@ def _nbytes(shape, dtype) -> int:
 def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike, *,
                        max_shard_size: str | int | None = STREAM_MAX_SHARD, overwrite: bool = False,
                        dtype: torch.dtype = torch.float32, log=None, tokens: torch.Tensor | None = None,
-                       calibration: dict | None = None, state_dir=None, keep_state: bool = False) -> Path:
+                       calibration: dict | None = None, state_dir=None, keep_state: bool = False,
+                       format: str = "native") -> Path:
     """Quantize the Hugging Face directory `source` by `recipe` into a native directory.
     Calibrated recipes go block by block (streaming_calibrated.py): tokens / calibration as in
     api.quantize; state_dir holds the finished blocks and is the resume state (default
-    .OUT.resume beside `out`), deleted at the end unless keep_state."""
+    .OUT.resume beside `out`), deleted at the end unless keep_state. Another `format`: see
+    _stream_then_convert."""
+    if format != "native":
+        return _stream_then_convert(source, recipe, out, format, max_shard_size=max_shard_size,
+                                    overwrite=overwrite, dtype=dtype, log=log, tokens=tokens,
+                                    calibration=calibration, state_dir=state_dir, keep_state=keep_state)
     import time
 
     from lowbit.api import QuantizeReport, _note_ragged, layer_row, quantize_targets
@@ -199,3 +208,42 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
 def _source_sha(src: Path) -> str | None:
     from lowbit.export import _source_sha256
     return _source_sha256(src)
+
+
+def _stream_then_convert(source, recipe, out, format: str, *, max_shard_size, overwrite: bool, log,
+                         state_dir, **kw) -> Path:
+    """Any other output format: stream into a native directory beside `out` (.OUT.native), read
+    that quantized model back and write it through the export layer (api.export: the same writer,
+    the same bytes as the in-memory path), then delete it. The float model never exists; the
+    conversion holds the quantized model (about the native output's size), not one block."""
+    import shutil
+
+    from lowbit import api
+    from lowbit.export import get_format
+    from lowbit.export.common import check_output
+    fmt = get_format(format)
+    if fmt.name not in STREAM_CONVERTED:
+        raise LowbitError(f"streaming: --format {fmt.name} is not streamed (converted: native, "
+                          f"{', '.join(STREAM_CONVERTED)}); stream the native format, then `lowbit export` it")
+    out = Path(out)
+    check_output(out, overwrite, single_file=bool(fmt.suffix))
+    spool = out.parent / f".{out.name}.native"
+    state = Path(state_dir) if state_dir else out.parent / f".{out.name}.resume"
+    # overwrite=True replaces only an earlier lowbit output there (a run killed while converting)
+    quantize_streaming(source, recipe, spool, max_shard_size=STREAM_MAX_SHARD, overwrite=True, log=log,
+                       state_dir=state, **kw)
+    loaded = api.load(spool)
+    from lowbit.models import resolve_source
+    # the config's path is the source's, as load_model gives it (gguf's general.name is read from it)
+    loaded.model.config._name_or_path = str(resolve_source(source)[1])
+    opts = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    try:
+        path = api.export(loaded, None, out, fmt.name, overwrite=overwrite, **opts)
+    except LowbitError as e:             # the streamed work is kept: it may have taken hours
+        raise LowbitError(f"{e}. The streamed native output is kept at {spool}: convert it with "
+                          f"`lowbit export {spool} --format ...`, or delete it") from None
+    del loaded
+    shutil.rmtree(spool)
+    if log:
+        log(f"converted the streamed native output to {fmt.name} -> {path}")
+    return path

@@ -17,8 +17,8 @@ a killed run restarted with the same arguments goes on after the last finished b
 checks as calibration/resume.py). It is deleted once the output is in place.
 
 Peak memory, roughly:
-    one float block (fp32: 4 x its parameters) + its GPTQ temporaries (Hessian of the widest
-    input, d_in^2 x 8 bytes) + the calibration activations (n x seq x hidden x 4 bytes, twice
+    one float block (fp32: 4 x its parameters) + its GPTQ temporaries (widest input d_in: the
+    float64 Hessian and its one factorised copy, 2 x d_in^2 x 8 bytes) + the calibration activations (n x seq x hidden x 4 bytes, twice
     while a block runs, plus the paused batches' intermediates) + the embedding (fp32) + one
     output shard (max_shard_size) while writing.
 """

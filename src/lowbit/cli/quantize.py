@@ -41,7 +41,8 @@ def register(sub) -> None:
     p.add_argument("--stream", action="store_true",
                    help="from a safetensors directory: data-free recipes read, quantize and write one tensor "
                         "at a time, calibrated ones (gptq) one decoder block at a time (the float model is "
-                        "never in memory; native format; shards of --max-shard-size, default 1GB here)")
+                        "never in memory; native shards of --max-shard-size, default 1GB here; another "
+                        "--format is converted from that native output)")
     p.add_argument("--fresh", action="store_true",
                    help="discard the resume state of an earlier killed run of this --out and start over")
     p.add_argument("--no-resume", action="store_true",
@@ -196,9 +197,6 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
 
     from lowbit.errors import LowbitError
     from lowbit.streaming import STREAM_MAX_SHARD, quantize_streaming
-    if fmt.name != "native":
-        raise LowbitError(f"--stream writes the native format; got --format {fmt.name} (convert the result "
-                          "with `lowbit export`)")
     if args.budget:
         raise LowbitError("--stream with --budget: the budget's sensitivity pass needs the whole model")
 
@@ -210,7 +208,10 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
         # options only drop an earlier run's
         shutil.rmtree(state)
         log(f"dropped the resume state {state}")
-    path = quantize_streaming(args.model, recipe, out, max_shard_size=args.max_shard_size or STREAM_MAX_SHARD,
-                              overwrite=args.overwrite, calibration=overrides, state_dir=state, log=log)
+    # native: shards of 1GB unless told (streaming writes one shard at a time); another format is
+    # converted from the streamed native output with that format's own default, as without --stream
+    shard = args.max_shard_size or (STREAM_MAX_SHARD if fmt.name == "native" else None)
+    path = quantize_streaming(args.model, recipe, out, max_shard_size=shard, overwrite=args.overwrite,
+                              calibration=overrides, state_dir=state, log=log, format=fmt.name)
     print(f"quantized {args.model} with {recipe.name}, streamed -> {path}")
     return 0

@@ -85,6 +85,16 @@ def detect_format(path: str | os.PathLike, readable: bool = True) -> Format | No
     return None
 
 
+def _manifest_methods(man: dict) -> dict:
+    """{layer: {"method": ...}} from a read-back manifest's layer rows, so a re-export records
+    which method made each layer (as the first export did), not null. Malformed rows are skipped."""
+    rows = man.get("layers")
+    if not isinstance(rows, dict):
+        return {}
+    return {n: {"method": r["method"]} for n, r in rows.items()
+            if isinstance(r, dict) and isinstance(r.get("method"), str)}
+
+
 @dataclass
 class QuantizedModel:
     """A quantized model ready to write: what every format's write() receives."""
@@ -132,7 +142,7 @@ class QuantizedModel:
         recipe = Recipe.from_dict(man["lowbit_recipe"]) if man.get("lowbit_recipe") else None
         prov = {"source": dict(man.get("source", {"model": str(lm.source), "sha256": lm.source_sha256})),
                 "calibration": dict(man.get("calibration", {})), "notes": list(man.get("notes", [])),
-                "layers": {}, "metrics": dict(man.get("metrics", {}))}
+                "layers": _manifest_methods(man), "metrics": dict(man.get("metrics", {}))}
         return cls(lm.model, lm.tokenizer, Path(lm.path), qweights, kinds, recipe, prov)
 
     def bias(self, name: str) -> torch.Tensor | None:

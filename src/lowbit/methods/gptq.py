@@ -149,34 +149,62 @@ def zero_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> int:
     return n_dead
 
 
-def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float, max_retries: int = 4
-                             ) -> tuple[torch.Tensor, float, int]:
+def zero_dead_weights(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor | None:
+    """zero_dead_inputs without writing H (the caller's Hessian, maybe shared by several calls):
+    W's dead columns zeroed in place. -> the dead mask, for hessian_inverse_cholesky(dead=), or
+    None when no input is dead."""
+    dead = H.diagonal() == 0
+    if not bool(dead.any()):
+        return None
+    W[:, dead] = 0.0
+    return dead
+
+
+def hessian_inverse_cholesky(H: torch.Tensor, damp_percent: float, max_retries: int = 4,
+                             dead: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor U of (H + damp I)^-1, in float64. -> (U, damp_percent used, retries).
+    dead: a (cols,) mask whose diagonal entries count as 1 (zero_dead_weights); H is not written.
 
     Factorised in float64: for 1536 columns it costs ~0.1 s on two cores and removes the
-    fp32 failures the reference works around with larger damping. Each intermediate (damped H,
-    its factor, the inverse) is dropped as soon as the next exists: at most two (cols, cols)
-    float64 temporaries live at once (11008 columns: 0.97 GB each).
+    fp32 failures the reference works around with larger damping. Memory: the damped copy is
+    the only (cols, cols) float64 temporary beside H (11008 columns: 0.97 GB each). It is made
+    column-major, LAPACK's layout, so torch's out= runs the factorisation, the inverse and the
+    second factorisation in place on it (the same LAPACK calls, the same values as three copies).
     """
     H = H.double()
-    mean_diag = float(H.diagonal().mean())
+    n = H.shape[0]
+    mean_diag = None
     damp = float(damp_percent)
     for attempt in range(max_retries + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, damp, attempt
+        A = torch.empty_strided((n, n), (1, n), dtype=torch.float64)
+        A.copy_(H)
+        if dead is not None:
+            A.diagonal()[dead] = 1.0
+        if mean_diag is None:            # of the diagonal with dead entries at 1, as the reference
+            mean_diag = float(A.diagonal().mean())
+        A.diagonal().add_(damp * mean_diag)
+        if _cholesky_(A, upper=False):
+            A = _cholesky_inverse_(A)
+            if _cholesky_(A, upper=True) and bool(torch.isfinite(A).all()):
+                return A, damp, attempt
+        del A
         damp = damp * 10.0 if damp > 0 else 1e-4
     raise LowbitError(f"gptq: the Hessian is not positive definite even with damp_percent={damp / 10:g} "
                       f"({max_retries} retries from {damp_percent:g}); the calibration inputs of this "
                       "layer are degenerate: use more / more varied calibration samples")
+
+
+def _cholesky_(A: torch.Tensor, upper: bool) -> bool:
+    """A's Cholesky factor written over A (column-major: LAPACK works in place, no copy).
+    -> whether it succeeded."""
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(A, upper=upper, out=(A, info))
+    return int(info) == 0
+
+
+def _cholesky_inverse_(L: torch.Tensor) -> torch.Tensor:
+    """(L L^T)^-1 from the lower factor L, written over L."""
+    return torch.cholesky_inverse(L, out=L)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, config: GPTQConfig,
@@ -194,11 +222,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
     sdtype = _SCALE_DTYPES[config.scale_dtype]
     codec = codec_for(scheme)
     W = weight.detach().float().clone()
-    H = hessian.detach().double().clone()
+    # Never written here (dead inputs go to hessian_inverse_cholesky as a mask), so no copy: the
+    # caller's float64 Hessian is used as it is (11008 columns: 0.97 GB saved)
+    H = hessian.detach().double()
 
-    n_dead = zero_dead_inputs(W, H)
+    dead = zero_dead_weights(W, H)
+    n_dead = 0 if dead is None else int(dead.sum())
 
     hdiag = H.diagonal().clone()         # input importance, for clip="mse" (original column order)
+    if dead is not None:
+        hdiag[dead] = 1.0
     grouped = scheme.granularity == "group"
     g = scheme.group_size if grouped else cols
     n_groups = scheme.n_groups(cols) if grouped else 1
@@ -222,8 +255,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
 
     perm = None
     if config.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        perm = torch.argsort(hdiag, descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+        dead = None if dead is None else dead[perm]
     hdiag_proc = hdiag if perm is None else hdiag[perm]
     # group of each column in processing order
     orig_col = perm if perm is not None else torch.arange(cols)
@@ -232,7 +266,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, c
         gid_proc = torch.zeros(cols, dtype=torch.long)
 
     with _one_thread():   # fp64 LAPACK on <= a few thousand columns: threads only add waiting
-        U64, damp_used, retries = hessian_inverse_cholesky(H, config.damp_percent, config.max_damp_retries)
+        U64, damp_used, retries = hessian_inverse_cholesky(H, config.damp_percent, config.max_damp_retries,
+                                                           dead=dead)
     U = U64.float()
     del H, U64
 
