@@ -24,10 +24,10 @@ diagonal block of H (the error of one group's columns on the output, the referen
 The clamped float weights then go to RTN or GPTQ. Pure tensor math.
 
 search="gptq": Q in the scale search is GPTQ (methods/gptq.py, its defaults) on the scaled weights
-with the scaled input's Hessian diag(s)^-1 H diag(s)^-1, instead of RTN. Measured on the bundled
-model (BENCHMARKS.md, issue 19), RTN's best alpha is not GPTQ's: GPTQ's error feedback already
-spreads a salient column's rounding error over the others, so the scales RTN wants can cost GPTQ
-more than they save. One GPTQ solve per grid point and pair, so ~n_grid x the GPTQ time.
+with the scaled input's Hessian diag(s)^-1 H diag(s)^-1, instead of RTN: when GPTQ quantizes the
+scaled block, RTN's best alpha need not be GPTQ's (GPTQ's error feedback already spreads a salient
+column's rounding error over the others). One GPTQ solve per grid point and pair, ~n_grid x the
+GPTQ time; BENCHMARKS.md (issue 19) has what it gives on the bundled model.
 """
 from __future__ import annotations
 
