@@ -62,7 +62,7 @@ def record(rec: dict) -> dict:
     """The figures of a lowbit.eval record: perplexity, mean KL to fp32, top-1 agreement."""
     kl = rec.get("kl", {})
     return {"ppl": rec["ppl"]["ppl"], "kl": kl.get("mean", 0.0), "kl_stderr": kl.get("mean_stderr", 0.0),
-            "top1": kl.get("top1_agreement", 1.0), "eval_tokens": rec["ppl"].get("tokens"),
+            "top1": kl.get("top1_agreement", 1.0), "eval_tokens": rec["ppl"].get("tokens_scored"),
             "kl_tokens": kl.get("tokens")}
 
 
@@ -85,7 +85,10 @@ def main() -> int:
     ap.add_argument("--kl-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed", action="store_true")
-    ap.add_argument("--configs", default="", help="comma list: only these rows of the part")
+    ap.add_argument("--configs", default="", help="comma list of rows, in this order: the part's own names "
+                    "or any recipe name lowbit resolves (e.g. w4g128-gptq-actorder-mse)")
+    ap.add_argument("--llmc-group", type=int, default=64,
+                    help="group size of the llmc-awq rows (llm-compressor refuses 128 on hidden 576)")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
@@ -120,10 +123,10 @@ def main() -> int:
 
     save()
     names = PARTS.get(args.part, [])
-    if args.configs:
-        names = [n for n in names if n in args.configs.split(",")]
     if args.part == "llmc-awq":
-        names = ["llmc-awq-w4g128", "llmc-awq-w3g128"]
+        names = [f"llmc-awq-w4g{args.llmc_group}", f"llmc-awq-w3g{args.llmc_group}"]
+    if args.configs:
+        names = [n for n in args.configs.split(",") if n]
     for name in names:
         if name in done and (not args.speed or "tok_s_b1" in done[name]):
             continue
@@ -134,14 +137,16 @@ def main() -> int:
         if name == "torch-quantize-dynamic":
             torch_dynamic(m)
         elif name.startswith("llmc-awq"):
-            bits = 4 if "w4" in name else 3
+            bits = 4 if "-w4" in name else 3
+            group = int(name.rsplit("g", 1)[1])
             dump = work / f"{name}.pt"
             if not dump.is_file():
                 from lowbit.models.load import gguf_to_hf_dir, resolve_source
                 model_dir, _ = gguf_to_hf_dir(resolve_source("smollm2-135m")[1])
                 out = subprocess.run([str(LLMC_PY), str(HERE / "peers" / "llmc_awq.py"), "--model-dir",
                                       str(model_dir), "--tokens", str(work / "calib.pt"), "--bits", str(bits),
-                                      "--group-size", "128", "--threads", str(args.threads), "--dump", str(dump)],
+                                      "--group-size", str(group), "--threads", str(args.threads), "--dump", str(dump),
+                                      "--save", str(work / f"{name}-ct")],
                                      capture_output=True, text=True)
                 line = (out.stdout.strip().splitlines() or ["{}"])[-1]
                 row["peer"] = json.loads(line) if line.startswith("{") else {"error": out.stderr[-2000:]}
@@ -162,6 +167,11 @@ def main() -> int:
         row["quantize_s"] = time.perf_counter() - t0
         r = evaluate(m, lm.tokenizer, metrics=["ppl", "kl"], reference=ref, **settings)
         row.update(record(r))
+        ct_dir = work / f"{name}-ct"
+        if name.startswith("llmc-awq") and (ct_dir / "config.json").is_file():
+            # llm-compressor's own compressed checkpoint through lowbit's compressed-tensors reader
+            row["ct_reader"] = record(evaluate(api.load(ct_dir).model, lm.tokenizer, metrics=["ppl", "kl"],
+                                               reference=ref, **settings))
         if args.speed:
             row["tok_s_b1"], row["tok_s_b32"] = decode_speed(m, 1), decode_speed(m, 32)
             if not name.startswith(("torch", "llmc")) and prepare_w8a8(m):   # the int8 GEMM path

@@ -134,3 +134,44 @@ def test_awq_presets_through_the_block_loop(smollm2):
     assert e_awq < e_rtn, (e_awq, e_rtn)
     e_awq_gptq, _ = err("w4g128-awq-gptq")
     assert e_awq_gptq < e_rtn
+
+
+def test_awq_preset_grammar_noclip_and_gptq_search():
+    """-noclip turns the clipping search off, -gsearch makes the scale search measure GPTQ."""
+    r = get_recipe("w4g128-awq-noclip-gsearch-gptq-actorder")
+    assert r.transforms == [{"name": "awq", "clip": False, "search": "gptq", "n_grid": 10}]
+    assert r.rules[0].method == "gptq" and r.rules[0].method_args == {"act_order": True}
+    assert get_recipe("w3g128-awq-noclip").transforms == [{"name": "awq", "clip": False}]
+    assert get_recipe("w4g128-awq-gptq").transforms == [{"name": "awq"}]
+    (name, cfg), = make_transforms(get_recipe("w4g128-awq-gsearch-gptq").transforms)
+    assert name == "awq" and cfg.search == "gptq" and cfg.clip
+    with pytest.raises(LowbitError, match="awq option search"):
+        make_transforms([{"name": "awq", "search": "signround"}])
+
+
+def test_awq_gptq_search_on_real_qkv_never_worse_than_unscaled_gptq(smollm2):
+    """search="gptq" on block 0's q/k/v with their real inputs (wiki-calibration): the chosen
+    scales' GPTQ output error, recomputed here, is what the search reports and is no larger than
+    GPTQ at s = 1 (alpha 0 is on the grid, and the same inputs give the same GPTQ result)."""
+    from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+    tokens = calibration_tokens(smollm2.tokenizer, CalibrationConfig(n_samples=2, seq_len=128))
+    attn = smollm2.model.model.layers[0].self_attn
+    xs = []
+    h = attn.q_proj.register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            smollm2.model(tokens)
+    finally:
+        h.remove()
+    x = torch.cat(xs).float()
+    H = 2 * x.T @ x / x.shape[0]
+    ws = [attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), attn.v_proj.weight.detach()]
+    sch = int_scheme(4, 64)
+    s, info = awq_scales(ws, [sch] * 3, x.abs().mean(0), H, AWQConfig(n_grid=4, search="gptq"))
+    w = torch.cat(ws).float()
+    q = gptq_quantize(w * s, H / s[:, None] / s[None, :], sch, GPTQConfig()).dequantize(torch.float32)
+    err = output_error(w - q / s, H)
+    assert err == pytest.approx(info["loss"], rel=1e-6)
+    assert info["loss"] <= info["loss_unscaled"]
+    e1 = output_error(w - gptq_quantize(w, H, sch, GPTQConfig()).dequantize(torch.float32), H)
+    assert e1 == pytest.approx(info["loss_unscaled"], rel=1e-6)

@@ -1,8 +1,10 @@
 """Preset families with activations or transforms, registered as recipe.PRESET_RESOLVERS:
 
-    w{bits}[g{group}][-sym]-awq[-rtn|-gptq][-actorder[-static]][-mse]
+    w{bits}[g{group}][-sym]-awq[-noclip][-gsearch][-rtn|-gptq][-actorder[-static]][-mse]
         AWQ scales + clipping (transforms/awq.py) on every block, then RTN (default) or GPTQ:
-        w4g128-awq, w3g128-awq, w4g128-awq-gptq
+        w4g128-awq, w3g128-awq, w4g128-awq-gptq; -noclip: the scales only, no clipping search
+        (it measures RTN's error, not what GPTQ does after it); -gsearch: the scale search
+        measures GPTQ's error instead of RTN's (n_grid 10: one GPTQ solve per grid point)
     w{8|4}a{8|16}[-fp8][-smooth[ALPHA]][-static[-minmax|-percentile|-mse|-kl]][-rtn|-gptq]
         W8A8: int8 weights per output channel (symmetric) and int8 inputs per token, dynamic;
         -static: one per-tensor input scale per layer from a range calibrator (minmax default);
@@ -20,7 +22,7 @@ import re
 from lowbit.numerics.scheme import Scheme, int_scheme
 from lowbit.recipe import PRESET_RESOLVERS, Recipe, Rule, grammar_recipe
 
-_AWQ = re.compile(r"^(?P<w>w[2-8](?:g\d+)?(?:-sym)?)-awq(?:-(?P<method>rtn|gptq))?"
+_AWQ = re.compile(r"^(?P<w>w[2-8](?:g\d+)?(?:-sym)?)-awq(?P<noclip>-noclip)?(?P<gsearch>-gsearch)?(?:-(?P<method>rtn|gptq))?"
                   r"(?P<rest>(?:-actorder(?:-static)?)?(?:-mse)?)$")
 _WA = re.compile(r"^w(?P<wb>[48])a(?P<ab>8|16)(?P<fp8>-fp8)?(?P<smooth>-smooth(?P<alpha>0?\.\d+|1\.0)?)?"
                  r"(?P<static>-static(?:-(?P<calib>minmax|percentile|mse|kl))?)?(?:-(?P<method>rtn|gptq))?$")
@@ -32,8 +34,15 @@ def awq_recipe(name: str) -> Recipe | None:
     if not m:
         return None
     base = grammar_recipe(f"{m['w']}-{m['method'] or 'rtn'}{m['rest']}")
-    return Recipe(name=name, rules=base.rules, transforms=[{"name": "awq"}],
-                  description="AWQ scales and clipping (arXiv:2306.00978), then " + base.description)
+    spec: dict = {"name": "awq"}
+    if m["noclip"]:
+        spec["clip"] = False
+    if m["gsearch"]:
+        spec.update(search="gptq", n_grid=10)
+    what = ("AWQ scales" + (" searched on GPTQ's error" if m["gsearch"] else "")
+            + (", no clipping" if m["noclip"] else " and clipping"))
+    return Recipe(name=name, rules=base.rules, transforms=[spec],
+                  description=f"{what} (arXiv:2306.00978), then " + base.description)
 
 
 def wa_recipe(name: str) -> Recipe | None:

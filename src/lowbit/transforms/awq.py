@@ -22,6 +22,12 @@ r in {1, 1 - 1/n, ..., 1 - max_shrink}, the weights clamped to [-r absmax, r abs
 ratio of least output error kept; that group's error is dw_g^T H_gg dw_g with H_gg the group's
 diagonal block of H (the error of one group's columns on the output, the reference's measure).
 The clamped float weights then go to RTN or GPTQ. Pure tensor math.
+
+search="gptq": Q in the scale search is GPTQ (methods/gptq.py, its defaults) on the scaled weights
+with the scaled input's Hessian diag(s)^-1 H diag(s)^-1, instead of RTN: when GPTQ quantizes the
+scaled block, RTN's best alpha need not be GPTQ's (GPTQ's error feedback already spreads a salient
+column's rounding error over the others). One GPTQ solve per grid point and pair, ~n_grid x the
+GPTQ time; BENCHMARKS.md (issue 19) has what it gives on the bundled model.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ class AWQConfig:
     clip_grid: int = 20         # clip ratios step 1 / clip_grid ...
     max_shrink: float = 0.5     # ... down to 1 - max_shrink (exclusive)
     pairs: str = "all"          # "all" | "norms" (only norm -> linear pairs)
+    search: str = "rtn"         # the quantizer the scale search measures: "rtn" | "gptq"
 
     def __post_init__(self) -> None:
         for k in ("n_grid", "clip_grid"):
@@ -53,6 +60,8 @@ class AWQConfig:
             raise LowbitError(f"awq option max_shrink: expected a number in [0, 1), got {self.max_shrink!r}")
         if self.pairs not in ("all", "norms"):
             raise LowbitError(f"awq option pairs: expected 'all' or 'norms', got {self.pairs!r}")
+        if self.search not in ("rtn", "gptq"):
+            raise LowbitError(f"awq option search: expected 'rtn' or 'gptq', got {self.search!r}")
 
 
 def _group_len(scheme: Scheme, cols: int) -> int | None:
@@ -88,6 +97,12 @@ def fake_quant(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     return fake_quant_groups(wg, scheme).reshape(R, G * g)[:, :C]
 
 
+def gptq_fake_quant(w: torch.Tensor, H: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """GPTQ (its default config) onto `scheme` given the input Hessian H, and back."""
+    from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+    return gptq_quantize(w, H, scheme, GPTQConfig()).dequantize(torch.float32)
+
+
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
     """tr(dW H dW^T): the output's squared error over the calibration tokens, up to n/2."""
     return float(((dW @ H) * dW).sum(dtype=torch.float64))
@@ -119,8 +134,11 @@ def awq_scales(weights: list[torch.Tensor], schemes: list[Scheme], x_abs_mean: t
         full = expand(s)
         loss = 0.0
         for w, scheme in stacked:
-            dW = w - fake_quant(w * full, scheme) / full
-            loss += output_error(dW, H)
+            if cfg.search == "gptq":                       # the input is x / s: its Hessian too
+                q = gptq_fake_quant(w * full, H / full[:, None] / full[None, :], scheme)
+            else:
+                q = fake_quant(w * full, scheme)
+            loss += output_error(w - q / full, H)
         if i == 0:
             loss_1 = loss
         if loss < best[0]:
