@@ -138,21 +138,11 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def zero_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> int:
-    """Dead inputs (diag H == 0: no calibration signal, nothing to compensate): H_jj = 1 and the
-    weights zeroed, in place, as the reference does. -> how many."""
-    dead = H.diagonal() == 0
-    n_dead = int(dead.sum())
-    if n_dead:
-        H.diagonal()[dead] = 1.0
-        W[:, dead] = 0.0
-    return n_dead
-
-
 def zero_dead_weights(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor | None:
-    """zero_dead_inputs without writing H (the caller's Hessian, maybe shared by several calls):
-    W's dead columns zeroed in place. -> the dead mask, for hessian_inverse_cholesky(dead=), or
-    None when no input is dead."""
+    """Dead inputs (diag H == 0: no calibration signal, nothing to compensate): W's columns zeroed
+    in place, as the reference does; H is not written (the caller's Hessian, maybe shared by
+    several calls): the reference's H_jj = 1 is hessian_inverse_cholesky(dead=) on the returned
+    mask. -> the mask, or None when no input is dead."""
     dead = H.diagonal() == 0
     if not bool(dead.any()):
         return None

@@ -39,7 +39,7 @@ from lowbit.errors import LowbitError, check_float_tensor
 def gptq_ggml_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme, config, imatrix=None,
                        name: str = "weight"):
     from lowbit.methods.ggml import resolve_type
-    from lowbit.methods.gptq import _one_thread, hessian_inverse_cholesky, zero_dead_inputs
+    from lowbit.methods.gptq import _one_thread, hessian_inverse_cholesky, zero_dead_weights
     from lowbit.numerics.ggml import quantize
     from lowbit.numerics.ggml.grid import affine, code_span, with_codes
     from lowbit.numerics.ggml.types import ggml_type
@@ -67,14 +67,19 @@ def gptq_ggml_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme, conf
     B = t.block_size
     W = weight.detach().float().clone()
     H = hessian.detach().double()         # the caller's, read only: no float64 copy (0.97 GB at 11008)
-    if bool((H.diagonal() == 0).any()):
-        H = H.clone()                     # dead inputs: their H_jj = 1 is written into a copy
     H0 = hessian.detach().float()
-    n_dead = zero_dead_inputs(W, H)
-    imp = (np.asarray(imatrix, dtype=np.float32) if imatrix is not None
-           else (H.diagonal() / max(1.0, float(H.diagonal().mean()))).float().numpy())
+    dead = zero_dead_weights(W, H)        # dead inputs count as H_jj = 1, passed as a mask
+    n_dead = 0 if dead is None else int(dead.sum())
+    if imatrix is not None:
+        imp = np.asarray(imatrix, dtype=np.float32)
+    else:
+        hd = H.diagonal().clone()
+        if dead is not None:
+            hd[dead] = 1.0
+        imp = (hd / max(1.0, float(hd.mean()))).float().numpy()
     with _one_thread():
-        U64, damp_used, retries = hessian_inverse_cholesky(H, config.damp_percent, config.max_damp_retries)
+        U64, damp_used, retries = hessian_inverse_cholesky(H, config.damp_percent, config.max_damp_retries,
+                                                           dead=dead)
     U = U64.float()
     del H, U64
     Wt = W.t().contiguous()                       # (cols, rows): a column is a contiguous row

@@ -79,7 +79,7 @@ class PackedLinear(QuantLinear):
         own = packed.__dict__.get("input_act")     # the scheme the kernel rounds x with itself
         if own is not None:
             if (aq is not None and aq.enabled and x.dtype == torch.float32
-                    and (aq.scheme is own or aq.scheme == own)):
+                    and aq.scheme == own):
                 return packed.forward(x)
             return packed.forward_float(x if aq is None else aq(x))   # another rounding, or none
         if aq is not None:
