@@ -309,11 +309,15 @@ def term_magnitudes(qw) -> torch.Tensor:
 @pytest.mark.parametrize("shape,scheme_name", [((1536, 576), "w4g128a"), ((576, 1536), "w4g32s"),
                                                ((100, 224), "w2g64a"), ((48, 96), "w4ca"),
                                                ((1536, 576), "w8cs"), ((80, 224), "w8g128a"),
-                                               ((40, 70), "w4ta"), ((64, 96), "w4b64x64")])
+                                               ((40, 70), "w4ta"), ((64, 96), "w4b64x64"),
+                                               ((203, 576), "w4ca"), ((13, 2080), "w4g128a"),
+                                               ((7, 352), "w8g128a")])
 def test_int8_activations_equal_exact_math_on_rounded_input(backend, shape, scheme_name):
     """The integer path's only approximation is rounding x to int8 per block: its output is the
     exact product of the rounded x with W, to fp32 summation order. Odd block counts (96, 224
-    and 70 -> 96 columns) take the AVX-512 single-block tail."""
+    and 70 -> 96 columns) take the AVX-512 single-block tail; 576 per channel is 4 interleaved
+    4-block units and a pair, 2080 at g128 ends in a one-block group, and row counts that are not
+    a multiple of 4 take the one-row tail of the 4-row passes."""
     g = torch.Generator().manual_seed(7)
     n, k = shape
     qw = quantize_weight(torch.randn(n, k, generator=g) * 0.05, SCHEMES[scheme_name])

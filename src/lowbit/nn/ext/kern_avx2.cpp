@@ -10,7 +10,9 @@
 //
 // q8 integer paths (ggml-style): 32 codes and 32 int8 activations per block,
 //     vpmaddubsw (u8 x s8 -> 16 x int16 pair sums) then vpmaddwd by 1 (-> 8 x int32),
-// exact in int32; one fp32 FMA per block applies d_b * scale_g. 4-bit codes (<= 15) never
+// exact in int32. The decode GEMV (gemv_q8) takes kern_q8_units.h's units: 4-bit codes two blocks
+// per ymm (low nibbles = columns 0-15 of both, high = 16-31, activations stored to match), one
+// FMA by the lanes' d per unit and one by scale_g per group, 4 weight rows per pass. 4-bit codes (<= 15) never
 // saturate the int16 pair sums (2 * 15 * 127); 8-bit codes could (2 * 255 * 127), so they are
 // biased to signed (c - 128) and multiplied with vpsignb's |c - 128| x sign-adjusted q
 // (<= 2 * 128 * 127 = 32512), the 128 * sum(q) term moving into the per-group zero correction.
@@ -18,6 +20,17 @@
 
 #include "lowbit_kern.h"
 #include "kern_gemm_q8.h"
+#include "kern_q8_units.h"
+
+#include <utility>
+
+#ifndef LOWBIT_PF_BYTES
+#define LOWBIT_PF_BYTES 2048
+#endif
+
+#ifndef LOWBIT_AVX2_ROWS
+#define LOWBIT_AVX2_ROWS 4
+#endif
 
 namespace lowbit {
 namespace {
@@ -234,41 +247,106 @@ inline __m256i unpack_q4_u8(const uint8_t* p) {
                                  _mm_and_si128(_mm_srli_epi16(b, 4), m), 1);
 }
 
+// 2 runs of 4-bit codes (32 bytes, kern_q8_units.h's interleaved unit): low nibbles = columns
+// 0-15 of both blocks, high = 16-31, against 64 interleaved activations -> 8 int32 lanes, 4 per
+// block. The two planes' pair sums add up in int16 exactly (2 * 2 * 15 * 127).
+inline __m256i dot_q4_pair(const uint8_t* p, const int8_t* q) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+  const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, q0), _mm256_maddubs_epi16(hi, q1)),
+                           _mm256_set1_epi16(1));
+}
+
+// one block in column order -> 8 int32 lanes (q4, or 8-bit codes biased to signed, see above)
+template <bool Q4>
+inline __m256i dot_block(const uint8_t* p, const int8_t* q) {
+  const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  __m256i p16;
+  if (Q4) {
+    p16 = _mm256_maddubs_epi16(unpack_q4_u8(p), qv);
+  } else {
+    const __m256i c = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                                       _mm256_set1_epi8(static_cast<char>(0x80)));
+    p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(qv, c));
+  }
+  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+// q8 decode GEMV: per group, units of kern_q8_units.h (q4: interleaved pairs, then a single;
+// u8: single blocks), each unit's int32 lanes converted and multiplied by its lanes' d (dv)
+// into a group accumulator, which the group scale then weighs. R weight rows per pass share the
+// activation and dv loads and give R independent chains; each row's next-R-rows line is
+// prefetched as its current one is read (a row of 1536 4-bit codes is 12 lines: the hardware
+// prefetcher alone left the loop at a third of the bandwidth).
+template <bool Q4, int R>
+inline void q8_rows(const uint8_t* codes, const Q8Units& u, int64_t m, const float* xs, int64_t K,
+                    const float* scale, const float* zero, int64_t G, float zoff, float* y, int64_t N,
+                    int64_t n) {
+  const int64_t rb = Q4 ? K / 2 : K, step = Q4 ? 2 : 1;
+  const int8_t* q = u.xp.data() + m * K;
+  const float* v = u.dv.data() + m * u.units * 8;
+  // prefetch distance: whole passes of R rows, at least LOWBIT_PF_BYTES ahead
+  const int64_t pf = R * rb * ((LOWBIT_PF_BYTES + R * rb - 1) / (R * rb));
+  const uint8_t* p[R];
+  __m256 t[R];
+  for (int r = 0; r < R; ++r) p[r] = codes + (n + r) * rb, t[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < u.groups; ++g) {
+    int64_t b = u.gb[g];
+    const int64_t b1 = u.gb[g + 1];
+    __m256 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+    for (; b + step <= b1; b += step, v += 8) {
+      const __m256 dq = _mm256_loadu_ps(v);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* c = p[r] + b * (Q4 ? 16 : kRun);
+        _mm_prefetch(reinterpret_cast<const char*>(c + pf), _MM_HINT_T0);
+        const __m256i pi = Q4 ? dot_q4_pair(c, q + b * kRun) : dot_block<false>(c, q + b * kRun);
+        a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), dq, a[r]);
+      }
+    }
+    if (b < b1) {  // q4: the group's odd block, in column order
+      const __m256 dq = _mm256_loadu_ps(v);
+      for (int r = 0; r < R; ++r)
+        a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block<true>(p[r] + b * 16, q + b * kRun)), dq, a[r]);
+      v += 8;
+    }
+    for (int r = 0; r < R; ++r) t[r] = _mm256_fmadd_ps(a[r], _mm256_set1_ps(scale[(n + r) * G + g]), t[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float acc = hsum(t[r]);
+    if (zero || zoff != 0.f) {
+      const float* s = scale + (n + r) * G;
+      const float* z = zero ? zero + (n + r) * G : nullptr;
+      __m256 za = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= G; g += 8) {
+        const __m256 zz = z ? _mm256_loadu_ps(z + g) : _mm256_setzero_ps();
+        za = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_sub_ps(zz, _mm256_set1_ps(zoff))),
+                             _mm256_loadu_ps(xs + m * G + g), za);
+      }
+      acc -= hsum(za);
+      for (; g < G; ++g) acc -= s[g] * ((z ? z[g] : 0.f) - zoff) * xs[m * G + g];
+    }
+    y[m * N + n + r] = acc;
+  }
+}
+
 template <bool Q4>
 void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float* xs,
              const int32_t* bgrp, int64_t M, int64_t K, const float* scale, const float* zero,
              int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t nb = K / kRun, rb = Q4 ? K / 2 : K;
-  const __m256i ones = _mm256_set1_epi16(1), bias = _mm256_set1_epi8(static_cast<char>(0x80));
   // the u8 path computes sum (c - 128) q, so its zero correction uses zero - 128
   const float zoff = Q4 ? 0.f : 128.f;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* p = codes + n * rb;
-    const float* s = scale + n * G;
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* q = xq + m * K;
-      const float* dm = d + m * nb;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kRun));
-        __m256i p16;
-        if (Q4) {
-          p16 = _mm256_maddubs_epi16(unpack_q4_u8(p + b * 16), qv);
-        } else {
-          const __m256i c = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * kRun)), bias);
-          p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(qv, c));
-        }
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-        const __m256 w = _mm256_set1_ps(dm[b] * s[bgrp[b]]);
-        if (b & 1) a1 = _mm256_fmadd_ps(f, w, a1);
-        else       a0 = _mm256_fmadd_ps(f, w, a0);
-      }
-      float acc = hsum(_mm256_add_ps(a0, a1));
-      for (int64_t g = 0; g < G; ++g)
-        acc -= s[g] * ((zero ? zero[n * G + g] : 0.f) - zoff) * xs[m * G + g];
-      y[m * N + n] = acc;
-    }
-  }
+  static constexpr int kq4[3] = {2, 1, 0}, ku8[3] = {1, 0, 0};
+  const Q8Units u(xq, d, bgrp, M, K, 8, Q4 ? kq4 : ku8, Q4 ? 2 : 0);
+  constexpr int R = LOWBIT_AVX2_ROWS;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R)
+    for (int64_t m = 0; m < M; ++m) q8_rows<Q4, R>(codes, u, m, xs, K, scale, zero, G, zoff, y, N, n);
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) q8_rows<Q4, 1>(codes, u, m, xs, K, scale, zero, G, zoff, y, N, n);
 }
 
 inline int32_t hsum_i32(__m256i v) {

@@ -7,17 +7,26 @@
 // by the lanes looks up the low nibble directly and, after a 4-bit shift, the high one.
 // 6 zmm ops per 32 weights; values equal the reference's dequantized weights exactly.
 //
-// q8 integer paths: two 32-column blocks per zmm. For q4 the 32 packed bytes of blocks b, b+1
-//     [ run b: 16 B | run b+1: 16 B ]  --vshufi64x2-->  [ b | b | b+1 | b+1 ]  (128-bit lanes)
-//     --vpsrlvw by (0, 4, 0, 4) per lane, & 0x0F-->     [ b cols 0-15 | b 16-31 | b+1 0-15 | b+1 16-31 ]
-// lines the codes up with the 64 int8 activations. vpdpbusd (u8 x s8, 4 products into each
-// int32, exact) or vpmaddubsw+vpmaddwd gives 8 int32 per block; one FMA by
-// (d_b scale_g(b) | d_b+1 scale_g(b+1)) per pair. Without VNNI, 8-bit codes are biased to signed
-// as in kern_avx2.cpp (vpmaddubsw's int16 pair sums would saturate on u8 x s8).
+// q8 integer decode path (gemv_q8): kern_q8_units.h's units. q4: 4 blocks per zmm, the 64
+// packed bytes' low nibbles (columns 0-15 of each block) and high nibbles (16-31) each meet 64
+// int8 activations stored in that order, so no shuffle is needed; vpdpbusd (u8 x s8, 4 products
+// into each int32, exact) or vpmaddubsw + vpmaddwd gives 4 int32 lanes per block; one FMA by
+// the lanes' d per unit, one by scale_g per group. A group's last 1-3 blocks go as a pair in
+// column order (vshufi64x2 to [b | b | b+1 | b+1], vpsrlvw by (0, 4, 0, 4), & 0x0F) and a single.
+// 4 weight rows per pass, each prefetching its line LOWBIT_PF_BYTES ahead. Without VNNI, 8-bit
+// codes are biased to signed as in kern_avx2.cpp (vpmaddubsw's int16 pair sums would saturate on
+// u8 x s8).
 #include <immintrin.h>
 
 #include "lowbit_kern.h"
 #include "kern_gemm_q8.h"   // the AVX2 int8 prefill GEMM (no AVX-512 form yet)
+#include "kern_q8_units.h"
+
+#include <utility>
+
+#ifndef LOWBIT_PF_BYTES
+#define LOWBIT_PF_BYTES 2048
+#endif
 
 #ifndef LOWBIT_VNNI
 #define LOWBIT_VNNI 0
@@ -172,43 +181,112 @@ inline __m512i unpack_q4_one(const uint8_t* p) {  // one block, upper 256 bits z
   return _mm512_zextsi256_si512(c);
 }
 
+// 4 runs of 4-bit codes (64 bytes, kern_q8_units.h's interleaved unit): low nibbles = columns
+// 0-15 of the 4 blocks, high = 16-31, against 128 interleaved activations -> 16 int32 lanes,
+// 4 per block. Pair sums of one block's two planes add up in int16 exactly (2 * 2 * 15 * 127).
+inline __m512i dot_q4_quad(const uint8_t* p, const int8_t* q) {
+  const __m512i v = _mm512_loadu_si512(p), m = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_and_si512(v, m), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+#if LOWBIT_VNNI
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q)),
+                             hi, _mm512_loadu_si512(q + 64));
+#else
+  return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, _mm512_loadu_si512(q)),
+                                            _mm512_maddubs_epi16(hi, _mm512_loadu_si512(q + 64))),
+                           _mm512_set1_epi16(1));
+#endif
+}
+
+// sum_g scale[g] * (zero[g] - zoff) * xs[g]: the zero-point term of one output, 16 groups a step
+inline float zero_term(const float* s, const float* z, const float* xs, int64_t G, float zoff) {
+  __m512 a = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 k = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
+    const __m512 zz = z ? _mm512_maskz_loadu_ps(k, z + g) : _mm512_setzero_ps();
+    a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + g), _mm512_sub_ps(zz, _mm512_set1_ps(zoff))),
+                        _mm512_maskz_loadu_ps(k, xs + g), a);
+  }
+  return _mm512_reduce_add_ps(a);
+}
+
+// q8 decode GEMV: per group, units of kern_q8_units.h (q4: 4-block interleaved, then a pair and
+// a single in column order; u8: pairs, then a single), each unit's int32 lanes converted and
+// multiplied by its lanes' d (dv) into a group accumulator, which the group scale then weighs.
+// R weight rows per pass share the activation and dv loads and give R independent chains.
+template <bool Q4, int R>
+inline void q8_rows(const uint8_t* codes, const Q8Units& u, int64_t m, const float* xs, int64_t K,
+                    const float* scale, const float* zero, int64_t G, float zoff, float* y, int64_t N,
+                    int64_t n) {
+  const int64_t rb = Q4 ? K / 2 : K;
+  const int8_t* q = u.xp.data() + m * K;
+  const float* v = u.dv.data() + m * u.units * 16;
+  // prefetch distance: whole passes of R rows, at least LOWBIT_PF_BYTES ahead
+  const int64_t pf = R * rb * ((LOWBIT_PF_BYTES + R * rb - 1) / (R * rb));
+  const uint8_t* p[R];
+  __m512 t[R];
+  for (int r = 0; r < R; ++r) p[r] = codes + (n + r) * rb, t[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < u.groups; ++g) {
+    int64_t b = u.gb[g];
+    const int64_t b1 = u.gb[g + 1];
+    __m512 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+    if (Q4) {
+      for (; b + 4 <= b1; b += 4, v += 16) {
+        const __m512 dq = _mm512_loadu_ps(v);
+        for (int r = 0; r < R; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(p[r] + pf + b * 16), _MM_HINT_T0);
+          a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_q4_quad(p[r] + b * 16, q + b * kRun)), dq, a[r]);
+        }
+      }
+      if (b + 2 <= b1) {
+        const __m512 dq = _mm512_loadu_ps(v);
+        const __m512i qv = _mm512_loadu_si512(q + b * kRun);
+        for (int r = 0; r < R; ++r)
+          a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_u8s8(unpack_q4_pair(p[r] + b * 16), qv)), dq, a[r]);
+        b += 2, v += 16;
+      }
+    } else {
+      for (; b + 2 <= b1; b += 2, v += 16) {
+        const __m512 dq = _mm512_loadu_ps(v);
+        const __m512i qv = _mm512_loadu_si512(q + b * kRun);
+        for (int r = 0; r < R; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(p[r] + pf + b * kRun), _MM_HINT_T0);
+          a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_codes_u8(_mm512_loadu_si512(p[r] + b * kRun), qv)), dq, a[r]);
+        }
+      }
+    }
+    if (b < b1) {  // one block, upper 256 bits zero
+      const __m512 dq = _mm512_loadu_ps(v);
+      const __m512i qv = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kRun)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i c = Q4 ? unpack_q4_one(p[r] + b * 16)
+                             : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + b * kRun)));
+        a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Q4 ? dot_u8s8(c, qv) : dot_codes_u8(c, qv)), dq, a[r]);
+      }
+      v += 16;
+    }
+    for (int r = 0; r < R; ++r) t[r] = _mm512_fmadd_ps(a[r], _mm512_set1_ps(scale[(n + r) * G + g]), t[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float acc = _mm512_reduce_add_ps(t[r]);
+    if (zero || zoff != 0.f)
+      acc -= zero_term(scale + (n + r) * G, zero ? zero + (n + r) * G : nullptr, xs + m * G, G, zoff);
+    y[m * N + n + r] = acc;
+  }
+}
+
 template <bool Q4>
 void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float* xs,
              const int32_t* bgrp, int64_t M, int64_t K, const float* scale, const float* zero,
              int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t nb = K / kRun, rb = Q4 ? K / 2 : K;
   const float zoff = (Q4 || LOWBIT_VNNI) ? 0.f : 128.f;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* p = codes + n * rb;
-    const float* s = scale + n * G;
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* q = xq + m * K;
-      const float* dm = d + m * nb;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      int64_t b = 0;
-      for (; b + 2 <= nb; b += 2) {
-        const __m512i qv = _mm512_loadu_si512(q + b * kRun);
-        const __m512i pi = Q4 ? dot_u8s8(unpack_q4_pair(p + b * 16), qv)
-                              : dot_codes_u8(_mm512_loadu_si512(p + b * kRun), qv);
-        const __m512 w = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dm[b] * s[bgrp[b]]),
-                                              _mm512_set1_ps(dm[b + 1] * s[bgrp[b + 1]]));
-        if (b & 2) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), w, a1);
-        else       a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), w, a0);
-      }
-      if (b < nb) {  // odd block count: the last block alone, upper half zero
-        const __m512i qv = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kRun)));
-        const __m512i c = Q4 ? unpack_q4_one(p + b * 16)
-                             : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * kRun)));
-        const __m512i pi = Q4 ? dot_u8s8(c, qv) : dot_codes_u8(c, qv);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_set1_ps(dm[b] * s[bgrp[b]]), a0);
-      }
-      float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-      if (zero || zoff != 0.f)
-        for (int64_t g = 0; g < G; ++g)
-          acc -= s[g] * ((zero ? zero[n * G + g] : 0.f) - zoff) * xs[m * G + g];
-      y[m * N + n] = acc;
-    }
-  }
+  static constexpr int kq4[3] = {4, 2, 1}, ku8[3] = {2, 1, 0};
+  const Q8Units u(xq, d, bgrp, M, K, 16, Q4 ? kq4 : ku8, Q4 ? 4 : 0);
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4)
+    for (int64_t m = 0; m < M; ++m) q8_rows<Q4, 4>(codes, u, m, xs, K, scale, zero, G, zoff, y, N, n);
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) q8_rows<Q4, 1>(codes, u, m, xs, K, scale, zero, G, zoff, y, N, n);
 }
 
 // ternary t2x64 on per-token int8 activations, R tokens per pass over a weight row. One 16-byte
