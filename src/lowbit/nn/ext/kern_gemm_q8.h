@@ -1,5 +1,6 @@
 // Int8 GEMM for prefill (M > gemv_max_m) on q4x32 integer codes, AVX2 (included by kern_avx2.cpp
-// and, compiled there with AVX-512 flags, by kern_avx512.cpp; internal linkage in each).
+// and, compiled there with AVX-512 flags, by kern_avx512.cpp for its non-VNNI variant; the VNNI
+// variant has its own vpdpbusd form, gemm_q4q8c_vnni; internal linkage in each).
 //
 // Activations are rounded per *chunk*: a run of at most 8 q8 blocks (256 columns) inside one
 // weight group, x[m, k] ~= dc[m, c] * xq[m, k], dc = max|x_chunk| / 127 (Q8_0's rule on a wider

@@ -28,6 +28,7 @@ struct Q8Units {
   std::vector<float> dv;     // (M, units, L) per-lane activation scale
   int64_t units = 0, groups = 0;
 
+  // d == nullptr: no dv (the prefill GEMM scales per chunk, not per lane)
   Q8Units(const int8_t* xq, const float* d, const int32_t* bgrp, int64_t M, int64_t K, int L,
           const int (&widths)[3], int wi) {
     const int64_t nb = K / 32;
@@ -37,23 +38,23 @@ struct Q8Units {
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t b = gb[g], b1 = gb[g + 1]; b < b1;) b += next(b1 - b, widths), ++units;
     xp.resize(M * K);
-    dv.assign(M * units * L, 0.f);
+    if (d) dv.assign(M * units * L, 0.f);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* q = xq + m * K;
       int8_t* o = xp.data() + m * K;
-      float* v = dv.data() + m * units * L;
+      float* v = d ? dv.data() + m * units * L : nullptr;
       for (int64_t g = 0; g < groups; ++g)
-        for (int64_t b = gb[g], b1 = gb[g + 1]; b < b1; v += L) {
+        for (int64_t b = gb[g], b1 = gb[g + 1]; b < b1; v = v ? v + L : v) {
           const int w = next(b1 - b, widths);
           if (w == wi) {
             for (int j = 0; j < w; ++j) {
               std::memcpy(o + 32 * b + 16 * j, q + 32 * (b + j), 16);
               std::memcpy(o + 32 * b + 16 * (w + j), q + 32 * (b + j) + 16, 16);
             }
-            for (int l = 0; l < L; ++l) v[l] = d[m * nb + b + l / (L / w)];
+            for (int l = 0; v && l < L; ++l) v[l] = d[m * nb + b + l / (L / w)];
           } else {
             std::memcpy(o + 32 * b, q + 32 * b, 32 * w);
-            for (int l = 0; l < 8 * w && l < L; ++l) v[l] = d[m * nb + b + l / 8];
+            for (int l = 0; v && l < 8 * w && l < L; ++l) v[l] = d[m * nb + b + l / 8];
           }
           b += w;
         }
