@@ -22,10 +22,16 @@ memory-bound figure.
 times BitNet b1.58 layers (ternary per tensor, int8 per-token input rounding) on the 2-bit ternary
 kernel and on the nibble container they used before, beside our w4g64 with int8 decode activations.
 
-    .venv/bin/python bench/bench_kernels.py --prefill-cpu 128 --rounds 10
+    .venv/bin/python bench/bench_kernels.py --prefill-cpu 128 --rounds 10 [--prefill-shapes smol,qwen]
 
-times the prefill-sized (fused) linears of the bundled model in CPU time on one thread: fp32
-F.linear vs our w4g128 tile path vs the int8 prefill GEMM (see prefill_cpu).
+times the prefill-sized (fused) linears of the bundled model (and of Qwen2.5-1.5B) in CPU time on
+one thread: fp32 F.linear vs our w4g128 fp32 GEMM vs the tile + MKL path it replaced vs the int8
+prefill GEMM (see prefill_cpu).
+
+    .venv/bin/python bench/bench_kernels.py --prefill-accuracy [--max-tokens 2048]
+
+measures what int8 *prefill* activations cost: the same models and metrics as --act-accuracy, with
+every 512-token window through the prefill GEMM (fp32 activations vs rounded per chunk to int8).
 
     .venv/bin/python bench/bench_kernels.py --act-accuracy [--max-tokens 2048]
 
@@ -132,46 +138,59 @@ def ternary_variants(n: int, k: int, m: int, isas: list[str], seed: int = 0) -> 
     return out
 
 
-PREFILL_SHAPES = [("q|k|v fused", 960, 576), ("o_proj", 576, 576), ("gate|up fused", 3072, 576),
-                  ("down_proj", 576, 1536)]
+PREFILL_SHAPES = {"smol": [("q|k|v fused", 960, 576), ("o_proj", 576, 576), ("gate|up fused", 3072, 576),
+                           ("down_proj", 576, 1536)],
+                  "qwen": [("qwen q|k|v", 2048, 1536), ("qwen o_proj", 1536, 1536),
+                           ("qwen gate|up", 17920, 1536), ("qwen down", 1536, 8960)]}
 
 
-def prefill_cpu(m: int, rounds: int) -> None:
-    """Prefill-sized linears (the step's fused calls), fp32 F.linear vs our int4 w4g128 tile path
-    (fp32 activations) vs the int8 prefill GEMM. Timed in *process CPU time* on one thread, best of
-    `rounds`: on a box shared with other engineers' jobs the wall clock of a 2-thread call mostly
-    measures the scheduler, while the CPU time a call uses is its own work (cache sharing aside)."""
+def prefill_cpu(m: int, rounds: int, sets: list[str]) -> None:
+    """Prefill-sized linears (the step's fused calls), fp32 F.linear vs our int4 w4g128 fp32 GEMM vs
+    the tile + MKL path (fp32 activations both) vs the int8 prefill GEMM. Timed in *process CPU
+    time* on one thread, best of `rounds`: on a box shared with other engineers' jobs the wall
+    clock of a 2-thread call mostly measures the scheduler, while the CPU time a call uses is its
+    own work (cache sharing aside)."""
     torch.set_num_threads(1)
-    tot = {"fp32": 0.0, "int4 tile (fp32 act.)": 0.0, "int4 int8 GEMM": 0.0}
-    print("| layer | N x K | M | fp32 F.linear ms | int4 tile ms | vs fp32 | int4 int8 GEMM ms | vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, n, k in PREFILL_SHAPES:
+    paths = ("fp32", "fp32-mkl", "int8")
+    tot = {nm: 0.0 for nm in ("F.linear",) + paths}
+    print("| layer | N x K | M | fp32 F.linear ms | int4 fp32 GEMM ms | vs fp32 | int4 tile + MKL ms | vs fp32 "
+          "| int4 int8 GEMM ms | vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, n, k in [s for name in sets for s in PREFILL_SHAPES[name]]:
         g = torch.Generator().manual_seed(0)
         w, x = torch.randn(n, k, generator=g) * 0.02, torch.randn(m, k, generator=g)
         qw = quantize_weight(w, int_scheme(4, 128))
-        tile, gemm = PackedLinear(qw, backend="ext"), PackedLinear(qw, backend="ext")
-        tile.packed.set_prefill("fp32")
-        gemm.packed.set_prefill("int8")
-        fns = {"fp32": lambda: F.linear(x, w), "int4 tile (fp32 act.)": lambda: tile(x), "int4 int8 GEMM": lambda: gemm(x)}
+        fns = {"F.linear": lambda: F.linear(x, w)}
+        for path in paths:
+            lin = PackedLinear(qw, backend="ext")
+            lin.packed.set_prefill(path)
+            fns[path] = lin
         best = {nm: float("inf") for nm in fns}
         with torch.inference_mode():
             for _ in range(rounds):
                 for nm, fn in fns.items():
-                    fn()
+                    fn() if nm == "F.linear" else fn(x)
                     t = time.process_time()
                     for _ in range(4):
-                        fn()
+                        fn() if nm == "F.linear" else fn(x)
                     best[nm] = min(best[nm], (time.process_time() - t) / 4)
         for nm in fns:
             tot[nm] += best[nm]
-        b = [best[nm] * 1e3 for nm in fns]
-        print(f"| {label} | {n}x{k} | {m} | {b[0]:.2f} | {b[1]:.2f} | {b[0] / b[1]:.2f}x | {b[2]:.2f} | {b[0] / b[2]:.2f}x |", flush=True)
-    b = [t * 1e3 for t in tot.values()]
-    print(f"| one block | | {m} | {b[0]:.2f} | {b[1]:.2f} | {b[0] / b[1]:.2f}x | {b[2]:.2f} | {b[0] / b[2]:.2f}x |")
+        print(f"| {label} | {n}x{k} | {m} | " + _prefill_cells(best), flush=True)
+        if label.startswith("down") or label == "qwen down":
+            print(f"| one block | | {m} | " + _prefill_cells(tot))
+            tot = {nm: 0.0 for nm in tot}
     print(f"\n1 thread, process CPU time, best of {rounds} rounds, ISA variant {ext.isa()}, torch {torch.__version__}")
 
 
-def act_accuracy(max_tokens: int, threads: int, acts: list[str], models: list[str]) -> None:
+def _prefill_cells(t: dict) -> str:
+    b = [v * 1e3 for v in t.values()]
+    return f"{b[0]:.2f} | " + " | ".join(f"{v:.2f} | {b[0] / v:.2f}x" for v in b[1:]) + " |"
+
+
+def act_accuracy(max_tokens: int, threads: int, acts: list[str], models: list[str], prefill: bool = False) -> None:
+    """prefill=False: decode activations (every row through the GEMV kernels); True: prefill
+    activations (every 512-token window through the prefill GEMM)."""
     import copy
 
     from lowbit import api
@@ -187,7 +206,9 @@ def act_accuracy(max_tokens: int, threads: int, acts: list[str], models: list[st
     recipes = {"int4 (w4g128 + w8c head)": Recipe("w4g128+head-w8c", [Rule(r"lm_head", int_scheme(8, None, symmetric=True)),
                                                                     Rule(r".*", int_scheme(4, 128))], ignore=[]),
                "int8 (w8c all)": Recipe("w8c-all", [Rule(r".*", int_scheme(8, None, symmetric=True))], ignore=[])}
-    kernels.GEMV_MAX_M = 1 << 30          # every row through the decode kernels (see docstring)
+    if not prefill:
+        kernels.GEMV_MAX_M = 1 << 30          # every row through the decode kernels (see docstring)
+    setter = kernels.set_prefill_activations if prefill else kernels.set_decode_activations
     rows = []
     for label, recipe in recipes.items():
         if label.split()[0] not in models:
@@ -196,6 +217,7 @@ def act_accuracy(max_tokens: int, threads: int, acts: list[str], models: list[st
         api.quantize(model, recipe, progress=False)
         prepare_for_inference(model, "ext")
         kernels.set_decode_activations(model, "fp32")
+        kernels.set_prefill_activations(model, "fp32")
         r32 = evaluate(model, lm.tokenizer, metrics=["ppl", "kl"], reference=ref, **kw)
         ref_act = reference_for(model, lm.tokenizer, cache=False, **kw)
         rows.append((label, "fp32", r32["ppl"]["ppl"], r32["kl"]["mean"], 0.0, 1.0))
@@ -203,7 +225,9 @@ def act_accuracy(max_tokens: int, threads: int, acts: list[str], models: list[st
         for act in acts:
             if act == "fp32" or (act == "auto" and "int8 (" in label):   # auto = fp32 for 8-bit codes
                 continue
-            kernels.set_decode_activations(model, act)
+            if prefill and act == "auto":
+                continue
+            setter(model, act)
             r8 = evaluate(model, lm.tokenizer, metrics=["ppl", "kl"], reference=ref, **kw)
             r8k = evaluate(model, lm.tokenizer, metrics=["kl"], reference=ref_act, **kw)
             rows.append((label, act, r8["ppl"]["ppl"], r8["kl"]["mean"], r8k["kl"]["mean"],
@@ -212,8 +236,8 @@ def act_accuracy(max_tokens: int, threads: int, acts: list[str], models: list[st
         del model
     print(f"\n{max_tokens} tokens of wiki-evaluation, 512-token windows, threads {threads}, "
           f"ISA variant {ext.isa()}\n")
-    print("| model | decode activations | ppl | KL vs fp32 model | KL vs fp32-activation kernel | "
-          "top-1 vs fp32-activation kernel |")
+    print(f"| model | {'prefill' if prefill else 'decode'} activations | ppl | KL vs fp32 model | "
+          "KL vs fp32-activation kernel | top-1 vs fp32-activation kernel |")
     print("|---|---|---|---|---|---|")
     print(f"| fp32 | - | {base['ppl']['ppl']:.4f} | 0 | - | - |")
     for label, act, ppl, kl, klk, top1 in rows:
@@ -234,15 +258,18 @@ def main() -> None:
     ap.add_argument("--act-accuracy", action="store_true", help="see the docstring")
     ap.add_argument("--prefill-cpu", type=int, default=0, metavar="M",
                     help="instead: prefill-sized linears at M rows, 1 thread, CPU time (see prefill_cpu)")
+    ap.add_argument("--prefill-shapes", default="smol", help="--prefill-cpu: smol and/or qwen")
+    ap.add_argument("--prefill-accuracy", action="store_true", help="see the docstring")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--models", default="int4,int8", help="--act-accuracy: int4 and/or int8")
     ap.add_argument("--acts", default="int8,auto", help="--act-accuracy: decode activations to compare with fp32")
     args = ap.parse_args()
     if args.prefill_cpu:
-        prefill_cpu(args.prefill_cpu, args.rounds)
+        prefill_cpu(args.prefill_cpu, args.rounds, args.prefill_shapes.split(","))
         return
-    if args.act_accuracy:
-        act_accuracy(args.max_tokens, args.threads, args.acts.split(","), args.models.split(","))
+    if args.act_accuracy or args.prefill_accuracy:
+        act_accuracy(args.max_tokens, args.threads, args.acts.split(","), args.models.split(","),
+                     prefill=args.prefill_accuracy)
         return
     torch.set_num_threads(args.threads)
     isas = None

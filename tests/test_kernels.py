@@ -384,6 +384,41 @@ def test_int8_prefill_equals_exact_math_on_chunk_rounded_input(backend, shape, s
 
 
 @pytest.mark.parametrize("backend", EXT_VARIANTS, indirect=True)
+@pytest.mark.parametrize("shape,scheme_name", [((47, 800), "w4g96a"), ((33, 576), "w4g128a"),
+                                               ((70, 352), "w8g96a"), ((16, 1536), "w8cs")])
+def test_fp32_prefill_gemm_edges(backend, shape, scheme_name):
+    """The fp32 prefill GEMM (kern_gemm_f32.h) against the reference and the tile + MKL path it
+    replaced: M around its register tile (6 / 8 rows) and N around its panel width (16 / 32) take
+    the edges; K = 800 splits into chunks of 256 + 256 + 256 + 32 that cut groups of 96 in the
+    middle; 8-bit codes take the same GEMM."""
+    g = torch.Generator().manual_seed(12)
+    n, k = shape
+    schemes = {"w4g96a": int_scheme(4, 96), "w8g96a": int_scheme(8, 96)}
+    qw = quantize_weight(torch.randn(n, k, generator=g) * 0.05, schemes.get(scheme_name) or SCHEMES[scheme_name])
+    kern, mkl = make(qw, None, backend), make(qw, None, backend, prefill="fp32-mkl")
+    w = qw.dequantize()
+    for m in (5, 6, 7, 8, 9, 17, 64):
+        x = torch.randn(m, k, generator=g)
+        check_close(kern(x), x, w)
+        check_close(mkl(x), x, w)
+        y = kern(x)
+        assert torch.equal(y, kern(x))   # same inputs, same bits
+
+
+@pytest.mark.parametrize("backend", EXT_VARIANTS, indirect=True)
+@pytest.mark.parametrize("prefill", ["fp32", "fp32-mkl"])
+def test_fp32_prefill_propagates_nan_and_inf(backend, prefill):
+    qw = quantize_weight(torch.randn(40, 576), int_scheme(4, 128))
+    kern = make(qw, prefill=prefill)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(11, 576)
+        x[9, 300] = bad
+        y = kern(x)
+        assert not bool(y[9].isfinite().any()), y[9]
+        assert bool(y[[0, 1, 2, 3, 4, 5, 6, 7, 8, 10]].isfinite().all())
+
+
+@pytest.mark.parametrize("backend", EXT_VARIANTS, indirect=True)
 def test_int8_prefill_propagates_nan_and_inf(backend):
     qw = quantize_weight(torch.randn(33, 576), int_scheme(4, 128))
     kern = make(qw, prefill="int8")

@@ -6,7 +6,8 @@ buffers, called as kernel(x, module) -> y (QuantLinear's `set_kernel` hook).
     ext      q4x32 nibbles or u8 bytes + (N, G) fp32  int 2..8 bits, NF4/FP4/      our C++ (nn/ext): fp32
              scale / zero (nn/packed.py)              ternary (any 16-entry table)  GEMV at decode (or int8
                                                       group sizes multiple of 32   activations, see below),
-                                                                                   tile dequant + MKL at prefill
+                                                                                   our fp32 GEMM on weight
+                                                                                   panels at prefill
     ext      t2x64: ternary, 2 bits per code +        ternary whose layer rounds   TernaryKernel: x rounded
     (t2)     (N, G) fp32 scale                        its input to int8 per token  per token to int8 in C++,
                                                       (BitNet b1.58), groups of    exact int32 code x q sums,
@@ -44,8 +45,8 @@ from lowbit.nn.packed import (T2_RUN, GroupForm, dequantize_group_form_rows, pac
 from lowbit.numerics.qweight import QuantizedWeight
 
 BACKENDS = ("ext", "torch", "tiled")
-# batch rows up to which the C++ kernel streams codes per row (GEMV); above it, it dequantizes a
-# tile of rows and calls MKL (bench/bench_kernels.py picks it)
+# batch rows up to which the C++ kernel streams codes per row (GEMV); above it, the prefill GEMM
+# (bench/bench_kernels.py picks it)
 GEMV_MAX_M = 4
 TILE_FLOATS = 1 << 20  # tiled fallback: at most 4 MiB of float weight at a time
 # "auto": int8 activations for 4-bit-or-smaller integer codes, fp32 for 8-bit ones. Measured on
@@ -53,12 +54,17 @@ TILE_FLOATS = 1 << 20  # tiled fallback: at most 4 MiB of float weight at a time
 # cases, ~1% of what 4-bit weights already cost (0.38) but +60% of 8-bit weights' (0.004).
 DECODE_ACTS = ("auto", "fp32", "int8")
 DECODE_ACT = os.environ.get("LOWBIT_DECODE_ACT", "auto").strip().lower()
-# Prefill (M > GEMV_MAX_M) activations: "fp32" dequantizes row tiles and calls MKL; "int8" rounds
-# the activations per chunk (<= 256 columns inside one weight group) and runs the integer GEMM
-# (nn/ext/kern_gemm_q8.h), 4-bit integer codes only (8-bit codes and codebooks stay fp32).
-# PREFILL_ACT is the default (LOWBIT_PREFILL_ACT overrides it; BENCHMARKS.md "Prefill" has the
-# speed and accuracy that chose it); set_prefill_activations(model, ...) switches a prepared model.
-PREFILL_ACTS = ("fp32", "int8")
+# Prefill (M > GEMV_MAX_M) activations: "fp32" runs our fp32 GEMM (nn/ext/kern_gemm_f32.h: x
+# packed once, the weight dequantized into L1-sized panels; the portable variant, which has none,
+# dequantizes row tiles and calls MKL); "fp32-mkl" forces that tile + MKL path (kept for
+# comparisons); "int8" rounds the activations per chunk (<= 256 columns inside one weight group)
+# and runs the integer GEMM (nn/ext/kern_gemm_q8.h), 4-bit integer codes only (8-bit codes and
+# codebooks stay fp32).
+# PREFILL_ACT is the default (LOWBIT_PREFILL_ACT overrides it; BENCHMARKS.md "our own prefill
+# GEMMs" has the speed and accuracy that chose it: int8 is 1.3-2x faster but adds activation
+# rounding, and `lowbit eval` scores through this path); set_prefill_activations(model, ...)
+# switches a prepared model.
+PREFILL_ACTS = ("fp32", "fp32-mkl", "int8")
 PREFILL_ACT = os.environ.get("LOWBIT_PREFILL_ACT", "fp32").strip().lower()
 # Ternary weights whose layer rounds its input to int8 per token (BitNet b1.58's W1.58A8, the
 # frozen model's ActScheme(int8, dynamic, token)) get TernaryKernel: 2-bit codes (t2x64) and the
@@ -105,16 +111,18 @@ class ExtKernel(nn.Module):
         self.set_prefill(PREFILL_ACT)
 
     def set_prefill(self, act: str) -> None:
-        """Prefill activations: 'fp32' (tile dequant + MKL) or 'int8' (integer GEMM; falls back to
-        fp32 for anything but 4-bit integer codes)."""
+        """Prefill activations: 'fp32' (our GEMM on dequantized panels), 'fp32-mkl' (row tiles
+        dequantized, then MKL) or 'int8' (integer GEMM; falls back to fp32 for anything but 4-bit
+        integer codes)."""
         if act not in PREFILL_ACTS:
             raise LowbitError(f"prefill activations: expected one of {'|'.join(PREFILL_ACTS)}, got {act!r}")
-        self.prefill = act if self.nibble and self.int_codes else "fp32"
+        self.prefill = "fp32" if act == "int8" and not (self.nibble and self.int_codes) else act
         self.__dict__.pop("_args", None)
 
     def q8_flags(self) -> int:
-        """The kernel op's act_q8 argument: bit 0 int8 decode, bit 1 int8 prefill activations."""
-        return int(self.act == "int8") | (2 * int(self.prefill == "int8"))
+        """The kernel op's act_q8 argument: bit 0 int8 decode, bit 1 int8 prefill activations,
+        bit 2 the tile + MKL fp32 prefill path."""
+        return int(self.act == "int8") | (2 * int(self.prefill == "int8")) | (4 * int(self.prefill == "fp32-mkl"))
 
     def set_act(self, act: str) -> None:
         """Decode activations: 'fp32', 'int8' (falls back to fp32 for non-integer codes) or 'auto'
@@ -448,7 +456,7 @@ def set_decode_activations(model: nn.Module, act: str) -> int:
 
 
 def set_prefill_activations(model: nn.Module, act: str) -> int:
-    """Switch every `ext` kernel in `model` to 'fp32' or 'int8' prefill activations; returns how
+    """Switch every `ext` kernel in `model` to 'fp32', 'fp32-mkl' or 'int8' prefill; returns how
     many kernels now use int8 (only 4-bit integer codes can)."""
     return _set_ext(model, "set_prefill", act, "prefill")
 

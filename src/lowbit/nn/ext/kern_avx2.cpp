@@ -19,7 +19,6 @@
 #include <immintrin.h>
 
 #include "lowbit_kern.h"
-#include "kern_gemm_q8.h"
 #include "kern_q8_units.h"
 
 #include <utility>
@@ -171,31 +170,33 @@ void gemv_u8(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t
 }
 
 void dequant_q4(const uint8_t* codes, int64_t K, int64_t gs, const float* lut, const float* scale,
-                const float* zero, int64_t G, int64_t n0, int64_t n1, float* out) {
+                const float* zero, int64_t G, int64_t n0, int64_t n1,
+                int64_t kbeg, int64_t kend, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* p = codes + n * (K / 2);
-    float* o = out + (n - n0) * K;
-    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    float* o = out + (n - n0) * (kend - kbeg);  // o[k - kbeg]: column k
+    for (int64_t g = kbeg / gs, k0 = g * gs; k0 < kend; k0 += gs, ++g) {
       __m256 lo, hi;
       folded_lut(lut, zero ? zero[n * G + g] : 0.f, scale[n * G + g], &lo, &hi);
-      for (int64_t k = k0; k < imin(K, k0 + gs); k += kRun) {
+      for (int64_t k = k0 < kbeg ? kbeg : k0; k < imin(kend, k0 + gs); k += kRun) {
         __m256i c[4];
         unpack_q4_i32(p + k / 2, c);
-        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + k + 8 * i, lookup16(lo, hi, c[i]));
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + (k - kbeg) + 8 * i, lookup16(lo, hi, c[i]));
       }
     }
   }
 }
 
 void dequant_u8(const uint8_t* codes, int64_t K, int64_t gs, const float* scale, const float* zero,
-                int64_t G, int64_t n0, int64_t n1, float* out) {
+                int64_t G, int64_t n0, int64_t n1,
+                int64_t kbeg, int64_t kend, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* p = codes + n * K;
-    float* o = out + (n - n0) * K;
-    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    float* o = out + (n - n0) * (kend - kbeg);  // o[k - kbeg]: column k
+    for (int64_t g = kbeg / gs, k0 = g * gs; k0 < kend; k0 += gs, ++g) {
       const __m256 zv = _mm256_set1_ps(zero ? zero[n * G + g] : 0.f), sv = _mm256_set1_ps(scale[n * G + g]);
-      for (int64_t k = k0; k < imin(K, k0 + gs); k += 8)
-        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(u8x8_ps(p + k), zv), sv));
+      for (int64_t k = k0 < kbeg ? kbeg : k0; k < imin(kend, k0 + gs); k += 8)
+        _mm256_storeu_ps(o + (k - kbeg), _mm256_mul_ps(_mm256_sub_ps(u8x8_ps(p + k), zv), sv));
     }
   }
 }
@@ -413,8 +414,15 @@ void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const in
 }
 
 }  // namespace
+}  // namespace lowbit
+
+#include "kern_gemm_f32.h"   // needs dequant_q4 / dequant_u8 above
+#include "kern_gemm_q8.h"    // needs gf32_tr8
+
+namespace lowbit {
 
 const KernTable kern_avx2 = {"avx2", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                             gemv_q8<true>, gemv_q8<false>, gemm_q4q8c, gemv_t2q8};
+                             gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_blk,
+                                   kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8};
 
 }  // namespace lowbit

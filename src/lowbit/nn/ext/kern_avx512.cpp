@@ -19,7 +19,6 @@
 #include <immintrin.h>
 
 #include "lowbit_kern.h"
-#include "kern_gemm_q8.h"   // the AVX2 int8 prefill GEMM (the non-VNNI variant uses it)
 #include "kern_q8_units.h"
 
 #include <utility>
@@ -96,30 +95,32 @@ void gemv_u8(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t
 }
 
 void dequant_q4(const uint8_t* codes, int64_t K, int64_t gs, const float* lut, const float* scale,
-                const float* zero, int64_t G, int64_t n0, int64_t n1, float* out) {
+                const float* zero, int64_t G, int64_t n0, int64_t n1,
+                int64_t kbeg, int64_t kend, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* p = codes + n * (K / 2);
-    float* o = out + (n - n0) * K;
-    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    float* o = out + (n - n0) * (kend - kbeg);  // o[k - kbeg]: column k
+    for (int64_t g = kbeg / gs, k0 = g * gs; k0 < kend; k0 += gs, ++g) {
       const __m512 lg = folded_lut(lut, zero ? zero[n * G + g] : 0.f, scale[n * G + g]);
-      for (int64_t k = k0; k < imin(K, k0 + gs); k += kRun) {
+      for (int64_t k = k0 < kbeg ? kbeg : k0; k < imin(kend, k0 + gs); k += kRun) {
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
-        _mm512_storeu_ps(o + k, _mm512_permutexvar_ps(b, lg));
-        _mm512_storeu_ps(o + k + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lg));
+        _mm512_storeu_ps(o + (k - kbeg), _mm512_permutexvar_ps(b, lg));
+        _mm512_storeu_ps(o + (k - kbeg) + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lg));
       }
     }
   }
 }
 
 void dequant_u8(const uint8_t* codes, int64_t K, int64_t gs, const float* scale, const float* zero,
-                int64_t G, int64_t n0, int64_t n1, float* out) {
+                int64_t G, int64_t n0, int64_t n1,
+                int64_t kbeg, int64_t kend, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* p = codes + n * K;
-    float* o = out + (n - n0) * K;
-    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    float* o = out + (n - n0) * (kend - kbeg);  // o[k - kbeg]: column k
+    for (int64_t g = kbeg / gs, k0 = g * gs; k0 < kend; k0 += gs, ++g) {
       const __m512 zv = _mm512_set1_ps(zero ? zero[n * G + g] : 0.f), sv = _mm512_set1_ps(scale[n * G + g]);
-      for (int64_t k = k0; k < imin(K, k0 + gs); k += 16)
-        _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_sub_ps(u8x16_ps(p + k), zv), sv));
+      for (int64_t k = k0 < kbeg ? kbeg : k0; k < imin(kend, k0 + gs); k += 16)
+        _mm512_storeu_ps(o + (k - kbeg), _mm512_mul_ps(_mm512_sub_ps(u8x16_ps(p + k), zv), sv));
     }
   }
 }
@@ -290,104 +291,7 @@ void gemv_q8(const uint8_t* codes, const int8_t* xq, const float* d, const float
     for (int64_t m = 0; m < M; ++m) q8_rows<Q4, 1>(codes, u, m, xs, K, scale, zero, G, zoff, y, N, n);
 }
 
-#if LOWBIT_VNNI
-// Int8 prefill GEMM, VNNI form of kern_gemm_q8.h (same chunk-rounded activations, same result
-// to fp32 summation order): each chunk's blocks as kern_q8_units.h's units (4-block interleaved,
-// then a pair and a single in column order), vpdpbusd straight into int32 over the whole chunk
-// (at most 8 x 32 products of <= 15 * 127 per lane sum: exact), one convert and FMA by
-// dc * scale per chunk. Register tile MR activation rows x NR weight rows.
-template <int MR, int NR>
-inline void vq8_tile(const uint8_t* codes, const Q8Units& u, const float* dc, const float* xs,
-                     const int32_t* cgrp, int64_t C, int64_t K, const float* scale, const float* zero,
-                     int64_t G, float* y, int64_t N, int64_t m0, int64_t n) {
-  const int64_t rb = K / 2;
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < C; ++c) {
-    __m512i p[MR][NR];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) p[i][j] = _mm512_setzero_si512();
-    int64_t b = u.gb[c];
-    const int64_t b1 = u.gb[c + 1];
-    for (; b + 4 <= b1; b += 4) {
-      __m512i lo[NR], hi[NR];
-      for (int j = 0; j < NR; ++j) {
-        const __m512i v = _mm512_loadu_si512(codes + (n + j) * rb + b * 16);
-        lo[j] = _mm512_and_si512(v, m4);
-        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      }
-      for (int i = 0; i < MR; ++i) {
-        const int8_t* q = u.xp.data() + (m0 + i) * K + b * kRun;
-        const __m512i q0 = _mm512_loadu_si512(q), q1 = _mm512_loadu_si512(q + 64);
-        for (int j = 0; j < NR; ++j)
-          p[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(p[i][j], lo[j], q0), hi[j], q1);
-      }
-    }
-    for (; b < b1;) {  // the chunk's last 1-3 blocks: a pair, a single, in column order
-      const bool pair = b + 2 <= b1;
-      __m512i w[NR];
-      for (int j = 0; j < NR; ++j)
-        w[j] = pair ? unpack_q4_pair(codes + (n + j) * rb + b * 16) : unpack_q4_one(codes + (n + j) * rb + b * 16);
-      for (int i = 0; i < MR; ++i) {
-        const int8_t* q = u.xp.data() + (m0 + i) * K + b * kRun;
-        const __m512i qv = pair ? _mm512_loadu_si512(q)
-                                : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-        for (int j = 0; j < NR; ++j) p[i][j] = _mm512_dpbusd_epi32(p[i][j], w[j], qv);
-      }
-      b += pair ? 2 : 1;
-    }
-    const int64_t g = cgrp[c];
-    __m512 sv[NR];
-    for (int j = 0; j < NR; ++j) sv[j] = _mm512_set1_ps(scale[(n + j) * G + g]);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 dv = _mm512_set1_ps(dc[(m0 + i) * C + c]);
-      for (int j = 0; j < NR; ++j)
-        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[i][j]), _mm512_mul_ps(dv, sv[j]), acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      float a = _mm512_reduce_add_ps(acc[i][j]);
-      if (zero) a -= zero_term(scale + (n + j) * G, zero + (n + j) * G, xs + (m0 + i) * G, G, 0.f);
-      y[(m0 + i) * N + n + j] = a;
-    }
-}
-
-#ifndef LOWBIT_VQ8_MR
-#define LOWBIT_VQ8_MR 4
-#endif
-#ifndef LOWBIT_VQ8_NR
-#define LOWBIT_VQ8_NR 2
-#endif
-
-template <int NR>
-inline void vq8_rows(const uint8_t* codes, const Q8Units& u, const float* dc, const float* xs,
-                     const int32_t* cgrp, int64_t C, int64_t M, int64_t K, const float* scale,
-                     const float* zero, int64_t G, float* y, int64_t N, int64_t n) {
-  constexpr int MR = LOWBIT_VQ8_MR;
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR) vq8_tile<MR, NR>(codes, u, dc, xs, cgrp, C, K, scale, zero, G, y, N, m, n);
-  for (; m < M; ++m) vq8_tile<1, NR>(codes, u, dc, xs, cgrp, C, K, scale, zero, G, y, N, m, n);
-}
-
-void gemm_q4q8c_vnni(const uint8_t* codes, const int8_t* xq, const float* dc, const float* xs,
-                     const int32_t* cgrp, const int32_t* cblk, int64_t C, int64_t M, int64_t K,
-                     const float* scale, const float* zero, int64_t G, float* y, int64_t N,
-                     int64_t n0, int64_t n1) {
-  // chunks as the units' groups: block b's chunk index, then xq in unit order (no per-lane d)
-  std::vector<int32_t> cb(K / kRun);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t b = cblk[c]; b < cblk[c + 1]; ++b) cb[b] = static_cast<int32_t>(c);
-  static constexpr int kq4[3] = {4, 2, 1};
-  const Q8Units u(xq, nullptr, cb.data(), M, K, 16, kq4, 4);
-  constexpr int NR = LOWBIT_VQ8_NR;
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) vq8_rows<NR>(codes, u, dc, xs, cgrp, C, M, K, scale, zero, G, y, N, n);
-  for (; n < n1; ++n) vq8_rows<1>(codes, u, dc, xs, cgrp, C, M, K, scale, zero, G, y, N, n);
-}
-#endif
+// (the int8 prefill GEMM is kern_gemm_q8.h, included below)
 
 // ternary t2x64 on per-token int8 activations, R tokens per pass over a weight row. One 16-byte
 // run broadcast to the 4 lanes and shifted by (0, 2, 4, 6) per lane, masked: its 64 codes in
@@ -451,13 +355,21 @@ void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const in
 }
 
 }  // namespace
+}  // namespace lowbit
+
+#include "kern_gemm_f32.h"   // needs dequant_q4 / dequant_u8 above
+#include "kern_gemm_q8.h"    // needs gf32_tr8
+
+namespace lowbit {
 
 #if LOWBIT_VNNI
 const KernTable kern_avx512vnni = {"avx512vnni", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                                   gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_vnni, gemv_t2q8};
+                                   gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_blk,
+                                   kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8};
 #else
 const KernTable kern_avx512 = {"avx512", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                               gemv_q8<true>, gemv_q8<false>, gemm_q4q8c, gemv_t2q8};
+                               gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_blk,
+                                   kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8};
 #endif
 
 }  // namespace lowbit

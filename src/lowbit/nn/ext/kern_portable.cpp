@@ -97,31 +97,33 @@ void gemv_u8(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t
 }
 
 void dequant_q4(const uint8_t* codes, int64_t K, int64_t gs, const float* lut, const float* scale,
-                const float* zero, int64_t G, int64_t n0, int64_t n1, float* out) {
+                const float* zero, int64_t G, int64_t n0, int64_t n1,
+                int64_t kbeg, int64_t kend, float* out) {
   float lg[16];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* p = codes + n * (K / 2);
-    float* o = out + (n - n0) * K;
-    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    float* o = out + (n - n0) * (kend - kbeg);  // o[k - kbeg]: column k
+    for (int64_t g = kbeg / gs, k0 = g * gs; k0 < kend; k0 += gs, ++g) {
       const float z = zero ? zero[n * G + g] : 0.f, s = scale[n * G + g];
       for (int j = 0; j < 16; ++j) lg[j] = (lut[j] - z) * s;
-      for (int64_t k = k0; k < imin(K, k0 + gs); k += kRun)
+      for (int64_t k = k0 < kbeg ? kbeg : k0; k < imin(kend, k0 + gs); k += kRun)
         for (int j = 0; j < 16; ++j) {
-          o[k + j] = lg[p[k / 2 + j] & 0x0F];
-          o[k + 16 + j] = lg[p[k / 2 + j] >> 4];
+          o[k - kbeg + j] = lg[p[k / 2 + j] & 0x0F];
+          o[k - kbeg + 16 + j] = lg[p[k / 2 + j] >> 4];
         }
     }
   }
 }
 
 void dequant_u8(const uint8_t* codes, int64_t K, int64_t gs, const float* scale, const float* zero,
-                int64_t G, int64_t n0, int64_t n1, float* out) {
+                int64_t G, int64_t n0, int64_t n1,
+                int64_t kbeg, int64_t kend, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* p = codes + n * K;
-    float* o = out + (n - n0) * K;
-    for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    float* o = out + (n - n0) * (kend - kbeg);  // o[k - kbeg]: column k
+    for (int64_t g = kbeg / gs, k0 = g * gs; k0 < kend; k0 += gs, ++g) {
       const float z = zero ? zero[n * G + g] : 0.f, s = scale[n * G + g];
-      for (int64_t k = k0; k < imin(K, k0 + gs); ++k) o[k] = (static_cast<float>(p[k]) - z) * s;
+      for (int64_t k = k0 < kbeg ? kbeg : k0; k < imin(kend, k0 + gs); ++k) o[k - kbeg] = (static_cast<float>(p[k]) - z) * s;
     }
   }
 }
@@ -238,6 +240,7 @@ void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const in
 }  // namespace
 
 const KernTable kern_portable = {"portable", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
-                                 gemv_q8<true>, gemv_q8<false>, gemm_q4q8c, gemv_t2q8};
+                                 gemv_q8<true>, gemv_q8<false>, gemm_q4q8c,
+                                 0, 0, nullptr, nullptr, nullptr, gemv_t2q8};
 
 }  // namespace lowbit

@@ -22,7 +22,7 @@
 //          4 codes per byte, see lowbit_kern.h; read only by t2_linear below, which also rounds
 //          x per token to int8 (BitNet b1.58's activations) and sums codes x q exactly in int32
 //
-// Three paths:
+// Paths:
 //   gemv (M <= gemv_max_m, decode): per output row, stream the packed codes once and
 //        accumulate in fp32; per group acc is scaled and summed. Memory-bound, so reading
 //        4 or 8 bits instead of 32 is the speed-up.
@@ -30,9 +30,15 @@
 //        to int8 (x ~= d_b * q, d_b = max|x_b| / 127, ggml's Q8_0), codes x q summed exactly in
 //        int32 (maddubs / VNNI), then y = sum_b d_b scale_g(b) dot_b - sum_g scale_g zero_g xs_g
 //        with xs_g = sum_{b in g} d_b sum(q_b). The only error added is the activation rounding.
-//   tile (larger M, prefill): each thread dequantizes a tile of rows into its own L2-sized
-//        fp32 buffer, then at::mm_out on it (MKL, single-threaded inside the region) while it is
-//        hot; the full float W never exists.
+//   gemm (larger M, prefill; AVX2 / AVX-512 variants): our fp32 GEMM (kern_gemm_f32.h), x
+//        packed once per call, the weight dequantized into L1-sized k-major panels of 16 / 32
+//        rows, an MR x NR register tile; the full float W never exists.
+//   gemm on q8 activations (act_q8 bit 1, q4 integer codes, opt-in): x rounded per chunk of
+//        <= 256 columns inside a group, exact int32 sums (kern_gemm_q8.h, the same register-
+//        blocked form: vpdpbusd on VNNI, vpmaddubsw on AVX2).
+//   tile (prefill on the portable variant, or act_q8 bit 2): each thread dequantizes a tile of
+//        rows into its own L2-sized fp32 buffer, then at::mm_out on it (MKL, single-threaded
+//        inside the region) while it is hot.
 // Parallelism: at::parallel_for (torch's own OpenMP pool, so torch.set_num_threads rules).
 //
 // ISA: the arithmetic lives in kern_*.cpp (lowbit_kern.h), each compiled for its own target
@@ -242,6 +248,27 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
     return y;
   }
   if (Q4 && (act_q8 & 2) && kt->gemm_q4q8c != nullptr) return gemm_q8_prefill(kt, x, codes, scale, zero, gs);
+  if (!(act_q8 & 4) && (Q4 ? kt->gemm_f32_q4 != nullptr : kt->gemm_f32_u8 != nullptr)) {
+    // our own fp32 GEMM (kern_gemm_f32.h): x packed once, the weight dequantized panel by panel
+    const int64_t MR = kt->gemm_mr, NR = kt->gemm_nr;
+    const int64_t nmb = (M + MR - 1) / MR;
+    // a buffer kept per calling thread: a fresh multi-MB allocation per call costs its page faults
+    static thread_local std::vector<float> xpk;
+    if (xpk.size() < static_cast<size_t>(nmb * MR * K)) xpk.resize(nmb * MR * K);
+    float* pk = xpk.data();
+    at::parallel_for(0, nmb, std::max<int64_t>(1, (int64_t(1) << 15) / (MR * K)), [&](int64_t b0, int64_t b1) {
+      kt->gemm_pack_x(xp, M, K, b0, b1, pk);
+    });
+    at::Tensor y = at::empty({M, N}, x.options());
+    float* yp = y.data_ptr<float>();
+    const int64_t npan = (N + NR - 1) / NR;
+    at::parallel_for(0, npan, 1, [&](int64_t p0, int64_t p1) {
+      const int64_t n0 = p0 * NR, n1 = std::min(N, p1 * NR);
+      if (Q4) kt->gemm_f32_q4(cp, pk, M, K, gs, lp, sp, zp, G, yp, N, n0, n1);
+      else    kt->gemm_f32_u8(cp, pk, M, K, gs, sp, zp, G, yp, N, n0, n1);
+    });
+    return y;
+  }
   // tile path: one parallel region; each thread dequantizes its own row tiles into a private,
   // L2-sized fp32 buffer and multiplies each tile while it is hot (MKL single-threaded inside the
   // region), writing y[:, n0:n1] in place. One pool barrier per call, as F.linear's own GEMM pays
@@ -262,8 +289,8 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
     float* wp = w.data_ptr<float>();
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n0 = i * tile, tn = std::min(tile, N - n0);
-      if (Q4) kt->dequant_q4(cp, K, gs, lp, sp, zp, G, n0, n0 + tn, wp);
-      else    kt->dequant_u8(cp, K, gs, sp, zp, G, n0, n0 + tn, wp);
+      if (Q4) kt->dequant_q4(cp, K, gs, lp, sp, zp, G, n0, n0 + tn, 0, K, wp);
+      else    kt->dequant_u8(cp, K, gs, sp, zp, G, n0, n0 + tn, 0, K, wp);
       at::Tensor out = y.narrow(1, n0, tn);   // strided (row stride N): BLAS writes it in place
       at::mm_out(out, x, w.narrow(0, 0, tn).t());
     }
@@ -347,7 +374,8 @@ TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("q4_linear(Tensor x, Tensor packed, Tensor lut, Tensor scale, Tensor? zero, int group_size, "
         "int gemv_max_m, int act_q8=0) -> Tensor");
   // act_q8: bit 0 = int8 decode activations (per 32-column block, M <= gemv_max_m), bit 1 = int8
-  // prefill activations (per chunk, M > gemv_max_m, q4 integer codes; else the fp32 tile path)
+  // prefill activations (per chunk, M > gemv_max_m, q4 integer codes; else fp32), bit 2 = fp32
+  // prefill on the tile dequantization + at::mm_out path instead of our GEMM (for comparisons)
   m.def("u8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group_size, int gemv_max_m, "
         "int act_q8=0) -> Tensor");
   // ternary codes (t2x64, 4 per byte) on per-token int8 activations (BitNet b1.58), any M

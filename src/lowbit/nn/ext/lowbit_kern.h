@@ -35,12 +35,14 @@ struct KernTable {
   void (*gemv_u8)(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
                   const float* scale, const float* zero, int64_t G,
                   float* y, int64_t N, int64_t n0, int64_t n1);
-  // rows [n0, n1) of the float weight into out (n1 - n0, K) (the tile path before MKL)
+  // rows [n0, n1), columns [kbeg, kend) of the float weight into out (n1 - n0, kend - kbeg);
+  // kbeg, kend multiples of 32 (the prefill paths)
   void (*dequant_q4)(const uint8_t* codes, int64_t K, int64_t gs, const float* lut,
                      const float* scale, const float* zero, int64_t G, int64_t n0, int64_t n1,
-                     float* out);
+                     int64_t kbeg, int64_t kend, float* out);
   void (*dequant_u8)(const uint8_t* codes, int64_t K, int64_t gs, const float* scale,
-                     const float* zero, int64_t G, int64_t n0, int64_t n1, float* out);
+                     const float* zero, int64_t G, int64_t n0, int64_t n1, int64_t kbeg,
+                     int64_t kend, float* out);
   // x (M, K) -> q8 blocks (xq, d, qsum), see above. d is NaN for a block holding NaN / inf.
   void (*quant_q8)(const float* x, int64_t M, int64_t K, int8_t* xq, float* d, int32_t* qsum);
   // integer dot products on q8 activations. q4: integer codes only (lut = 0..15), so
@@ -58,6 +60,18 @@ struct KernTable {
                      const int32_t* cgrp, const int32_t* cblk, int64_t C, int64_t M, int64_t K,
                      const float* scale, const float* zero, int64_t G, float* y, int64_t N,
                      int64_t n0, int64_t n1);
+  // fp32 prefill GEMM (kern_gemm_f32.h): y[:, n0:n1] = x (M, K) @ W[n0:n1]^T, x packed by
+  // gemm_pack_x (blocks mb0..mb1 of gemm_mr rows; the buffer holds ceil(M / mr) * mr * K floats);
+  // n0 and n1 - n0 best multiples of gemm_nr (its panel width). nullptr: this variant has none
+  // (tile dequantization + at::mm_out).
+  int64_t gemm_mr, gemm_nr;
+  void (*gemm_pack_x)(const float* x, int64_t M, int64_t K, int64_t mb0, int64_t mb1, float* xp);
+  void (*gemm_f32_q4)(const uint8_t* codes, const float* xp, int64_t M, int64_t K, int64_t gs,
+                      const float* lut, const float* scale, const float* zero, int64_t G,
+                      float* y, int64_t N, int64_t n0, int64_t n1);
+  void (*gemm_f32_u8)(const uint8_t* codes, const float* xp, int64_t M, int64_t K, int64_t gs,
+                      const float* scale, const float* zero, int64_t G,
+                      float* y, int64_t N, int64_t n0, int64_t n1);
   // ternary on per-token int8 activations: y[m, n] = xs[m] * sum_g scale[n, g] *
   // (sum_{k in g} code[n, k] xq[m, k] - qsum[m, g])   (code - 1 = the ternary value; the
   // integer sums are exact in int32). gs: a multiple of 64; scale (N, G).
