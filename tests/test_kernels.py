@@ -502,3 +502,41 @@ def test_environment_forces_a_variant_or_disables_the_extension():
         full = {**os.environ, "LOWBIT_ISA": refused[0]}
         res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=full, timeout=300)
         assert res.returncode != 0 and "cannot run here" in res.stderr
+
+
+@pytest.mark.parametrize("backend", EXT_VARIANTS[:1], indirect=True)
+def test_decode_pool_equals_one_thread_across_threads_and_forks(backend):
+    """The decode GEMVs run on our own spinning pool (nn/ext/decode_pool.h): the rows each thread
+    computes do not depend on who computes them, so every thread count gives the one-thread bits;
+    calls from several Python threads at once (the pool is busy: at::parallel_for instead) and a
+    forked child (a fresh pool) give them too."""
+    import concurrent.futures
+    import multiprocessing as mp
+    g = torch.Generator().manual_seed(13)
+    shapes = [(4000, 576, 1), (96, 576, 1), (1536, 1536, 4), (33, 1536, 3)]
+    kerns = []
+    for n, k, m in shapes:
+        qw = quantize_weight(torch.randn(n, k, generator=g) * 0.05, int_scheme(4, 128))
+        kerns.append((make(qw, act="int8"), make(qw, act="fp32"), torch.randn(m, k, generator=g)))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = [(a(x), f(x)) for a, f, x in kerns]
+        for nth in (2, 3, 4, 2):
+            torch.set_num_threads(nth)
+            for _ in range(25):
+                for (a, f, x), (wa, wf) in zip(kerns, want):
+                    assert torch.equal(a(x), wa) and torch.equal(f(x), wf)
+        torch.set_num_threads(2)
+
+        def hammer(_):
+            return all(torch.equal(a(x), wa) and torch.equal(f(x), wf)
+                       for _ in range(20) for (a, f, x), (wa, wf) in zip(kerns, want))
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            assert all(ex.map(hammer, range(6)))
+        child = mp.get_context("fork").Process(target=lambda: os._exit(0 if hammer(0) else 3))
+        child.start()
+        child.join(120)
+        assert child.exitcode == 0, f"forked child: exit code {child.exitcode}"
+    finally:
+        torch.set_num_threads(threads)

@@ -39,7 +39,8 @@
 //   tile (prefill on the portable variant, or act_q8 bit 2): each thread dequantizes a tile of
 //        rows into its own L2-sized fp32 buffer, then at::mm_out on it (MKL, single-threaded
 //        inside the region) while it is hot.
-// Parallelism: at::parallel_for (torch's own OpenMP pool, so torch.set_num_threads rules).
+// Parallelism: at::parallel_for (torch's own OpenMP pool, so torch.set_num_threads rules), except
+// the decode GEMVs, which run on our own spinning pool of as many threads (decode_pool.h).
 //
 // ISA: the arithmetic lives in kern_*.cpp (lowbit_kern.h), each compiled for its own target
 // (AVX-512 + VNNI, AVX-512, AVX2 + FMA, portable); this file is compiled for the baseline ISA
@@ -55,9 +56,11 @@
 #include <limits>
 #include <algorithm>
 #include <string>
+#include <functional>
 #include <vector>
 
 #include "lowbit_kern.h"
+#include "decode_pool.h"
 
 namespace {
 
@@ -117,6 +120,23 @@ std::string set_isa(const std::string& name) {
 std::string current_isa() { return g_kern->name; }
 
 bool isa_supported(const std::string& name) { return table_named(name) != nullptr && cpu_runs(name); }
+
+// Decode GEMVs over rows [0, N) in up to torch's thread count of parts of >= grain rows: on our
+// spinning pool (decode_pool.h) unless LOWBIT_SPIN_US=0, another thread holds it or we are inside
+// a parallel region already; then at::parallel_for as before.
+template <class F>
+void gemv_parallel(int64_t N, int64_t grain, const F& f) {
+  const int64_t parts = std::min<int64_t>(std::max(1, at::get_num_threads()), (N + grain - 1) / grain);
+  if (parts <= 1 || at::in_parallel_region()) {
+    f(int64_t(0), N);
+    return;
+  }
+  if (lowbit_pool::spin_ns() > 0) {
+    const std::function<void(int)> task = [&](int i) { f(N * i / parts, N * (i + 1) / parts); };
+    if (lowbit_pool::pool().run(static_cast<int>(parts), task)) return;
+  }
+  at::parallel_for(0, N, grain, f);
+}
 
 // ---- the ops ------------------------------------------------------------------------------------
 void check_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
@@ -236,12 +256,12 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
       for (int64_t m = 0; m < M; ++m)
         for (int64_t b = 0; b < nb; ++b) xs[m * G + bgrp[b]] += d[m * nb + b] * float(qsum[m * nb + b]);
       auto fn = Q4 ? kt->gemv_q4q8 : kt->gemv_u8q8;
-      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      gemv_parallel(N, grain, [&](int64_t n0, int64_t n1) {
         fn(cp, xq.data(), d.data(), xs.data(), bgrp.data(), M, K, sp, zp, G, yp, N, n0, n1);
       });
       return y;
     }
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    gemv_parallel(N, grain, [&](int64_t n0, int64_t n1) {
       if (Q4) kt->gemv_q4(cp, xp, M, K, gs, lp, sp, zp, G, yp, N, n0, n1);
       else    kt->gemv_u8(cp, xp, M, K, gs, sp, zp, G, yp, N, n0, n1);
     });
@@ -362,9 +382,12 @@ at::Tensor t2_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const KernTable* kt = g_kern;
   // grain as the other GEMVs: ~128K weights per thread at least
   const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 17) / (Kp * std::min<int64_t>(M, 4)));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  // (M <= 4: the decode pool; prefill-sized M keeps torch's pool)
+  auto t2 = [&](int64_t n0, int64_t n1) {
     kt->gemv_t2q8(cp, xq.data(), xs.data(), qsum.data(), M, Kp, gs, sp, G, yp, N, n0, n1);
-  });
+  };
+  if (M <= 4) gemv_parallel(N, grain, t2);
+  else at::parallel_for(0, N, grain, t2);
   return y;
 }
 
