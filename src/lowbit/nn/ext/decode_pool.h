@@ -5,9 +5,12 @@
 // (which the Makefile sets for a shared box) its workers sleep in the kernel between calls, and
 // the wake costs ~50-80 us per call: on SmolLM2-135M that was most of a 20 ms token
 // (BENCHMARKS.md, issue 18). Here the workers spin (with pause, yielding now and then) for up to
-// LOWBIT_SPIN_US microseconds after their last task (default 1000, about the gap between two
-// decode steps' calls), then sleep on a condition variable; a new task wakes sleepers only when
-// there are any. LOWBIT_SPIN_US=0 goes back to at::parallel_for.
+// LOWBIT_SPIN_US microseconds after their last task, then sleep on a condition variable; a new
+// task wakes sleepers only when there are any. Default: on (1000 us, about the gap between two
+// decode steps' calls) only under OMP_WAIT_POLICY=PASSIVE. Under libgomp's default or ACTIVE
+// policy its own workers spin between the ATen ops around our calls, and two pools spinning on the
+// same cores starved each other (SmolLM2 decode 129 -> 8 tok/s on 2 cores), while OpenMP's wakes are
+// cheap there: so at::parallel_for. LOWBIT_SPIN_US=0 forces at::parallel_for, > 0 forces the pool.
 //
 // run(n, fn) runs fn(0) on the caller and fn(1..n-1) on workers 1..n-1 (n <= 256), and returns
 // when all are done. One run at a time: a caller that finds the pool busy (another Python thread) gets false
@@ -36,11 +39,17 @@ inline void cpu_relax() {
 #endif
 }
 
+// 0: not used (at::parallel_for). Default: 1000 us when OMP_WAIT_POLICY is PASSIVE, else 0.
 inline int64_t spin_ns() {
   static const int64_t ns = [] {
     const char* s = std::getenv("LOWBIT_SPIN_US");
-    const long us = s ? std::strtol(s, nullptr, 10) : 1000;
-    return static_cast<int64_t>(us < 0 ? 0 : us) * 1000;
+    if (s != nullptr && *s != '\0') {
+      const long us = std::strtol(s, nullptr, 10);
+      return static_cast<int64_t>(us < 0 ? 0 : us) * 1000;
+    }
+    const char* w = std::getenv("OMP_WAIT_POLICY");
+    const bool passive = w != nullptr && (w[0] == 'p' || w[0] == 'P');
+    return passive ? int64_t(1000) * 1000 : int64_t(0);
   }();
   return ns;
 }
