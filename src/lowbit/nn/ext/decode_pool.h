@@ -12,8 +12,10 @@
 // same cores starved each other (SmolLM2 decode 129 -> 8 tok/s on 2 cores), while OpenMP's wakes are
 // cheap there: so at::parallel_for. LOWBIT_SPIN_US=0 forces at::parallel_for, > 0 forces the pool.
 //
-// run(n, fn) runs fn(0) on the caller and fn(1..n-1) on workers 1..n-1 (n <= 256), and returns
-// when all are done. One run at a time: a caller that finds the pool busy (another Python thread) gets false
+// run(parts, threads, fn) runs fn(0..parts-1) on the caller and up to threads - 1 workers (<= 255)
+// and returns when all are done. Parts are claimed from a shared counter: on a loaded box a
+// worker that is not running claims nothing and the caller does the work (a fixed split made the
+// caller spin-wait for a descheduled worker: `make demo` beside a test run decoded at 2 tok/s). One run at a time: a caller that finds the pool busy (another Python thread) gets false
 // and falls back to at::parallel_for. A forked child starts with a fresh pool (its parent's
 // threads do not exist there). The pool is never destroyed (its threads end with the process).
 #pragma once
@@ -63,41 +65,60 @@ class Pool {
  public:
   static constexpr int kMaxWorkers = 255;
 
-  bool run(int n, const std::function<void(int)>& fn) {
-    if (n <= 1) {
-      fn(0);
+  // fn(0..parts-1) on the caller and up to threads - 1 workers; parts are claimed one at a time
+  // from a shared counter, so a worker the OS has not scheduled yet just claims none (the caller
+  // does its parts) and the caller only ever waits for parts already running
+  bool run(int parts, int threads, const std::function<void(int)>& fn) {
+    if (parts <= 1 || threads <= 1) {
+      for (int i = 0; i < parts; ++i) fn(i);
       return true;
     }
-    if (n - 1 > kMaxWorkers) return false;
+    if (threads - 1 > kMaxWorkers) return false;
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
-    grow(n - 1);
+    grow(threads - 1);
     fn_ = &fn;
-    pending_.store(n - 1, std::memory_order_relaxed);
-    // the epoch word carries the number of workers taking part, so a worker reads both in one
-    // load (a late worker can't pair an old epoch with a newer run's count); publishes fn_ too
-    const uint64_t e = epoch_.load(std::memory_order_relaxed);
-    epoch_.store((((e >> 8) + 1) << 8) | static_cast<uint64_t>(n - 1), std::memory_order_seq_cst);
+    parts_.store(static_cast<uint32_t>(parts), std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint32_t ep = ++count_;
+    // work_ = (epoch << 32) | next unclaimed part: a worker holding an older epoch can't claim
+    work_.store(static_cast<uint64_t>(ep) << 32, std::memory_order_seq_cst);
+    epoch_.store(ep, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lk(mu_); }
       cv_.notify_all();
     }
-    fn(0);
-    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+    claim(ep);
+    for (unsigned spins = 1; done_.load(std::memory_order_acquire) != parts; ++spins) {
+      cpu_relax();
+      if ((spins & 1023u) == 0) std::this_thread::yield();
+    }
     return true;
   }
 
  private:
-  void grow(int workers) {
-    while (static_cast<int>(threads_) < workers) {
-      const int id = static_cast<int>(++threads_);
-      std::thread(&Pool::worker, this, id, epoch_.load(std::memory_order_seq_cst)).detach();
+  void claim(uint32_t ep) {
+    for (;;) {
+      uint64_t w = work_.load(std::memory_order_acquire);
+      if (static_cast<uint32_t>(w >> 32) != ep) return;
+      const uint32_t i = static_cast<uint32_t>(w);
+      if (i >= parts_.load(std::memory_order_relaxed)) return;
+      if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) continue;
+      (*fn_)(static_cast<int>(i));   // fn_ is this epoch's: the run can't end with part i unclaimed
+      done_.fetch_add(1, std::memory_order_release);
     }
   }
 
-  void worker(int id, uint64_t seen) {
+  void grow(int workers) {
+    while (static_cast<int>(threads_) < workers) {
+      ++threads_;
+      std::thread(&Pool::worker, this, epoch_.load(std::memory_order_seq_cst)).detach();
+    }
+  }
+
+  void worker(uint32_t seen) {
     for (;;) {
-      uint64_t e;
+      uint32_t e;
       int64_t t0 = now_ns();
       unsigned spins = 0;
       while ((e = epoch_.load(std::memory_order_acquire)) == seen) {
@@ -112,18 +133,17 @@ class Pool {
         t0 = now_ns();
       }
       seen = e;
-      if (static_cast<uint64_t>(id) <= (e & 0xFF)) {
-        (*fn_)(id);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      claim(e);
     }
   }
 
   std::mutex run_mu_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> epoch_{0};
-  std::atomic<int> pending_{0}, sleepers_{0};
+  uint32_t count_ = 0;                       // epochs issued (the caller's, under run_mu_)
+  std::atomic<uint32_t> epoch_{0}, parts_{0};
+  std::atomic<uint64_t> work_{0};
+  std::atomic<int> done_{0}, sleepers_{0};
   std::atomic<unsigned> threads_{0};
   const std::function<void(int)>* fn_ = nullptr;
 };

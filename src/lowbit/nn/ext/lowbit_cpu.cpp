@@ -126,14 +126,18 @@ bool isa_supported(const std::string& name) { return table_named(name) != nullpt
 // a parallel region already; then at::parallel_for as before.
 template <class F>
 void gemv_parallel(int64_t N, int64_t grain, const F& f) {
-  const int64_t parts = std::min<int64_t>(std::max(1, at::get_num_threads()), (N + grain - 1) / grain);
+  const int64_t nth = std::max(1, at::get_num_threads());
+  const int64_t parts = std::min<int64_t>(nth, (N + grain - 1) / grain);
   if (parts <= 1 || at::in_parallel_region()) {
     f(int64_t(0), N);
     return;
   }
   if (lowbit_pool::spin_ns() > 0) {
-    const std::function<void(int)> task = [&](int i) { f(N * i / parts, N * (i + 1) / parts); };
-    if (lowbit_pool::pool().run(static_cast<int>(parts), task)) return;
+    // 4 parts per thread (of >= grain rows where N allows): the caller takes over what a worker
+    // the OS has not scheduled leaves unclaimed
+    const int64_t np = std::min<int64_t>(4 * nth, (N + grain - 1) / grain);
+    const std::function<void(int)> task = [&](int i) { f(N * i / np, N * (i + 1) / np); };
+    if (lowbit_pool::pool().run(static_cast<int>(np), static_cast<int>(nth), task)) return;
   }
   at::parallel_for(0, N, grain, f);
 }
