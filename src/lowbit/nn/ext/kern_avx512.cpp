@@ -22,7 +22,6 @@
 #include "kern_q8_units.h"
 
 #include <utility>
-#include <vector>
 
 #ifndef LOWBIT_PF_BYTES
 #define LOWBIT_PF_BYTES 2048

@@ -25,7 +25,6 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 namespace lowbit {
 namespace {
@@ -138,8 +137,8 @@ void gemm_q4q8c_blk(const uint8_t* codes, const int8_t* xq, const float* dc, con
   constexpr int MR = kQ8MR, NR = kQ8NR;
   const int64_t Q = K / 4, nmb = (M + MR - 1) / MR;
   // x words, dc and xs per MR-row block (zero rows past M)
-  std::vector<int32_t> xw(nmb * Q * MR);
-  std::vector<float> dcb(nmb * C * MR, 0.f), xsb(nmb * G * MR, 0.f);
+  Buf<int32_t> xw(nmb * Q * MR);   // Buf, not std::vector: see lowbit_kern.h
+  Buf<float> dcb(nmb * C * MR), xsb(nmb * G * MR);
   for (int64_t mb = 0; mb < nmb; ++mb)
     for (int i = 0; i < MR; ++i) {
       const int64_t m = mb * MR + i;
@@ -153,9 +152,9 @@ void gemm_q4q8c_blk(const uint8_t* codes, const int8_t* xq, const float* dc, con
       for (int64_t ch = 0; ch < C; ++ch) dcb[(mb * C + ch) * MR + i] = dc[m * C + ch];
       for (int64_t g = 0; g < G; ++g) xsb[(mb * G + g) * MR + i] = xs[m * G + g];
     }
-  std::vector<int32_t> pw(Q * NR);
-  std::vector<uint8_t> rows(8 * K);
-  std::vector<float> swt(G * NR), szt(zero ? G * NR : 0);
+  Buf<int32_t> pw(Q * NR);
+  Buf<uint8_t> rows(8 * K);
+  Buf<float> swt(G * NR), szt(zero ? G * NR : 0);
   alignas(64) float ctmp[MR * NR];
   const int64_t rb = K / 2;
   for (int64_t n = n0; n < n1; n += NR) {

@@ -18,14 +18,16 @@
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
+
+#include "lowbit_kern.h"   // Buf
 
 namespace lowbit {
+namespace {   // internal linkage: compiled once per ISA file, never shared between them
 
 struct Q8Units {
-  std::vector<int64_t> gb;   // group g = blocks [gb[g], gb[g + 1])
-  std::vector<int8_t> xp;    // (M, K) int8 activations, each unit's columns in its order
-  std::vector<float> dv;     // (M, units, L) per-lane activation scale
+  Buf<int64_t> gb;   // group g = blocks [gb[g], gb[g + 1])
+  Buf<int8_t> xp;    // (M, K) int8 activations, each unit's columns in its order
+  Buf<float> dv;     // (M, units, L) per-lane activation scale
   int64_t units = 0, groups = 0;
 
   // d == nullptr: no dv (the prefill GEMM scales per chunk, not per lane)
@@ -33,12 +35,13 @@ struct Q8Units {
           const int (&widths)[3], int wi) {
     const int64_t nb = K / 32;
     groups = nb ? bgrp[nb - 1] + 1 : 0;
-    gb.assign(groups + 1, nb);
+    gb.reset(groups + 1);
+    for (int64_t g = 0; g <= groups; ++g) gb[g] = nb;
     for (int64_t b = nb - 1; b >= 0; --b) gb[bgrp[b]] = b;
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t b = gb[g], b1 = gb[g + 1]; b < b1;) b += next(b1 - b, widths), ++units;
-    xp.resize(M * K);
-    if (d) dv.assign(M * units * L, 0.f);
+    xp.reset(M * K);
+    if (d) dv.reset(M * units * L);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* q = xq + m * K;
       int8_t* o = xp.data() + m * K;
@@ -68,4 +71,5 @@ struct Q8Units {
   }
 };
 
+}  // namespace
 }  // namespace lowbit

@@ -80,6 +80,35 @@ struct KernTable {
                     float* y, int64_t N, int64_t n0, int64_t n1);
 };
 
+// A zero-initialised heap array for the ISA files' scratch buffers, with internal linkage (an
+// anonymous namespace in a header: each translation unit has its own copy). std::vector there
+// would instantiate weak std:: symbols compiled with that file's ISA flags, and the linker keeps
+// one copy for every caller: an AVX-512 copy reached from the AVX2 or baseline code would be
+// SIGILL on a CPU without AVX-512 (seen as weak std::vector<signed char>::_M_default_append and
+// Q8Units::~Q8Units in kern_avx2.o and kern_avx512.o, which only link order kept safe).
+namespace {
+template <class T>
+class Buf {
+ public:
+  Buf() = default;
+  explicit Buf(int64_t n) { reset(n); }
+  ~Buf() { delete[] p_; }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  void reset(int64_t n) {   // n zeroed elements, the old ones dropped
+    delete[] p_;
+    p_ = n > 0 ? new T[n]() : nullptr;
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  T& operator[](int64_t i) { return p_[i]; }
+  const T& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  T* p_ = nullptr;
+};
+}  // namespace
+
 extern const KernTable kern_portable;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const KernTable kern_avx2;
