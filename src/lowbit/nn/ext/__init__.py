@@ -224,6 +224,13 @@ def isa() -> str:
     return _ops().isa()
 
 
+def decode_pool_spin_us() -> int:
+    """0 when the decode GEMVs run on torch's OpenMP pool (at::parallel_for), else how long our
+    own pool's workers spin after a call (decode_pool.h; LOWBIT_SPIN_US, or 1000 under
+    OMP_WAIT_POLICY=PASSIVE). Fixed for the process at its first read."""
+    return int(_ops().decode_pool_spin_us())
+
+
 def isa_status() -> dict[str, str]:
     """variant -> 'ready' or why this machine cannot run it."""
     out = {}

@@ -54,6 +54,7 @@ void gemv_q4(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t
         const __m512 lg = folded_lut(lut, zero ? zero[n * G + g] : 0.f, scale[n * G + g]);
         const int64_t k1 = imin(K, k0 + gs);
         for (int64_t k = k0; k < k1; k += kRun) {
+          _mm_prefetch(reinterpret_cast<const char*>(p + k / 2 + LOWBIT_PF_BYTES), _MM_HINT_T0);
           const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
           a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, lg), _mm512_loadu_ps(xr + k), a0);
           a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lg), _mm512_loadu_ps(xr + k + 16), a1);
@@ -68,29 +69,47 @@ inline __m512 u8x16_ps(const uint8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// 8-bit codes, fp32 activations: per group acc = sum x * (code - zero), total += scale * acc.
+// 4 weight rows per pass share the activation loads; each prefetches its line LOWBIT_PF_BYTES
+// ahead (as q8_rows below; the hardware prefetcher alone left the Qwen2.5 lm_head at 16 GB/s).
+// Each row sums in the same order as one row alone.
+template <int R>
+inline void u8_rows(const uint8_t* codes, const float* xr, int64_t K, int64_t gs,
+                    const float* scale, const float* zero, int64_t G, float* yr, int64_t n) {
+  const int64_t pf = R * K * ((LOWBIT_PF_BYTES + R * K - 1) / (R * K));
+  const uint8_t* p[R];
+  __m512 t0[R], t1[R];
+  for (int r = 0; r < R; ++r) p[r] = codes + (n + r) * K, t0[r] = t1[r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    __m512 zv[R], a0[R], a1[R];
+    for (int r = 0; r < R; ++r)
+      zv[r] = _mm512_set1_ps(zero ? zero[(n + r) * G + g] : 0.f), a0[r] = a1[r] = _mm512_setzero_ps();
+    const int64_t k1 = imin(K, k0 + gs);
+    for (int64_t k = k0; k < k1; k += kRun) {
+      const __m512 x0 = _mm512_loadu_ps(xr + k), x1 = _mm512_loadu_ps(xr + k + 16);
+      for (int r = 0; r < R; ++r) {
+        if (!(k & 63)) _mm_prefetch(reinterpret_cast<const char*>(p[r] + pf + k), _MM_HINT_T0);
+        a0[r] = _mm512_fmadd_ps(_mm512_sub_ps(u8x16_ps(p[r] + k), zv[r]), x0, a0[r]);
+        a1[r] = _mm512_fmadd_ps(_mm512_sub_ps(u8x16_ps(p[r] + k + 16), zv[r]), x1, a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 sv = _mm512_set1_ps(scale[(n + r) * G + g]);
+      t0[r] = _mm512_fmadd_ps(sv, a0[r], t0[r]);
+      t1[r] = _mm512_fmadd_ps(sv, a1[r], t1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) yr[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(t0[r], t1[r]));
+}
+
 void gemv_u8(const uint8_t* codes, const float* x, int64_t M, int64_t K, int64_t gs,
              const float* scale, const float* zero, int64_t G,
              float* y, int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* p = codes + n * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * K;
-      __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
-      for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
-        const __m512 zv = _mm512_set1_ps(zero ? zero[n * G + g] : 0.f);
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        const int64_t k1 = imin(K, k0 + gs);
-        for (int64_t k = k0; k < k1; k += kRun) {
-          a0 = _mm512_fmadd_ps(_mm512_sub_ps(u8x16_ps(p + k), zv), _mm512_loadu_ps(xr + k), a0);
-          a1 = _mm512_fmadd_ps(_mm512_sub_ps(u8x16_ps(p + k + 16), zv), _mm512_loadu_ps(xr + k + 16), a1);
-        }
-        const __m512 sv = _mm512_set1_ps(scale[n * G + g]);
-        t0 = _mm512_fmadd_ps(sv, a0, t0);
-        t1 = _mm512_fmadd_ps(sv, a1, t1);
-      }
-      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
-    }
-  }
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4)
+    for (int64_t m = 0; m < M; ++m) u8_rows<4>(codes, x + m * K, K, gs, scale, zero, G, y + m * N, n);
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) u8_rows<1>(codes, x + m * K, K, gs, scale, zero, G, y + m * N, n);
 }
 
 void dequant_q4(const uint8_t* codes, int64_t K, int64_t gs, const float* lut, const float* scale,

@@ -397,6 +397,9 @@ at::Tensor t2_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 
 }  // namespace
 
+// 0: decode GEMVs on at::parallel_for; else our pool's spin time (decode_pool.h, LOWBIT_SPIN_US)
+int64_t decode_pool_spin_us() { return lowbit_pool::spin_ns() / 1000; }
+
 TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("q4_linear(Tensor x, Tensor packed, Tensor lut, Tensor scale, Tensor? zero, int group_size, "
         "int gemv_max_m, int act_q8=0) -> Tensor");
@@ -411,6 +414,7 @@ TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("isa() -> str", &current_isa);
   m.def("isa_supported(str name) -> bool", &isa_supported);
+  m.def("decode_pool_spin_us() -> int", &decode_pool_spin_us);
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
