@@ -4,7 +4,8 @@
 
 Shapes: 4096x4096 and every linear shape of the bundled model (SmolLM2-135M: q/o 576x576, k/v
 192x576, gate/up 1536x576, down 576x1536, lm_head 49152x576), batch 1 (decode) and 32.
-`--shapes "qwen q|k|v,qwen o_proj,qwen gate|up,qwen down"` times Qwen2.5-1.5B's decode-step calls.
+`--shapes "qwen q|k|v,qwen o_proj,qwen gate|up,qwen down"` times Qwen2.5-1.5B's decode-step calls
+("qwen lm_head", 151936x1536: 233 MB of 8-bit codes, the one shape here that streams from DRAM).
 Variants, all on the same random weight (N(0, 0.02)):
     fp32 / bf16          F.linear on the float weight
     qdyn-int8            torch.ao.quantization.quantize_dynamic (int8 weights and activations)
@@ -63,7 +64,7 @@ SHAPES = [("4096x4096", 4096, 4096), ("q/o_proj", 576, 576), ("k/v_proj", 192, 5
           ("gate/up_proj", 1536, 576), ("down_proj", 576, 1536), ("lm_head", 49152, 576)]
 # Qwen2.5-1.5B's decode-step calls (q|k|v and gate|up fused as nn/step.py does), only with --shapes
 QWEN_SHAPES = [("qwen q|k|v", 2048, 1536), ("qwen o_proj", 1536, 1536), ("qwen gate|up", 17920, 1536),
-               ("qwen down", 1536, 8960)]
+               ("qwen down", 1536, 8960), ("qwen lm_head", 151936, 1536)]
 
 
 def time_call(fn, iters: int) -> float:
