@@ -23,10 +23,6 @@
 
 #include <utility>
 
-#ifndef LOWBIT_PF_BYTES
-#define LOWBIT_PF_BYTES 2048
-#endif
-
 #ifndef LOWBIT_AVX2_ROWS
 #define LOWBIT_AVX2_ROWS 4
 #endif
@@ -153,7 +149,7 @@ inline __m256 u8x8_ps(const uint8_t* p) {
 template <int R>
 inline void u8_rows(const uint8_t* codes, const float* xr, int64_t K, int64_t gs,
                     const float* scale, const float* zero, int64_t G, float* yr, int64_t n) {
-  const int64_t pf = R * K * ((LOWBIT_PF_BYTES + R * K - 1) / (R * K));
+  const int64_t pf = pf_rows_ahead(K, R);
   const uint8_t* p[R];
   __m256 t0[R], t1[R];
   for (int r = 0; r < R; ++r) p[r] = codes + (n + r) * K, t0[r] = t1[r] = _mm256_setzero_ps();
@@ -163,7 +159,7 @@ inline void u8_rows(const uint8_t* codes, const float* xr, int64_t K, int64_t gs
       zv[r] = _mm256_set1_ps(zero ? zero[(n + r) * G + g] : 0.f), a0[r] = a1[r] = _mm256_setzero_ps();
     const int64_t k1 = imin(K, k0 + gs);
     int64_t k = k0;
-    for (; k + 32 <= k1; k += 32) {
+    for (; k + 32 <= k1; k += 32) {   // by 32: one prefetch per 32 code bytes, no branch
       const __m256 x0 = _mm256_loadu_ps(xr + k), x1 = _mm256_loadu_ps(xr + k + 8);
       const __m256 x2 = _mm256_loadu_ps(xr + k + 16), x3 = _mm256_loadu_ps(xr + k + 24);
       for (int r = 0; r < R; ++r) {
@@ -320,8 +316,7 @@ inline void q8_rows(const uint8_t* codes, const Q8Units& u, int64_t m, const flo
   const int64_t rb = Q4 ? K / 2 : K, step = Q4 ? 2 : 1;
   const int8_t* q = u.xp.data() + m * K;
   const float* v = u.dv.data() + m * u.units * 8;
-  // prefetch distance: whole passes of R rows, at least LOWBIT_PF_BYTES ahead
-  const int64_t pf = R * rb * ((LOWBIT_PF_BYTES + R * rb - 1) / (R * rb));
+  const int64_t pf = pf_rows_ahead(rb, R);
   const uint8_t* p[R];
   __m256 t[R];
   for (int r = 0; r < R; ++r) p[r] = codes + (n + r) * rb, t[r] = _mm256_setzero_ps();

@@ -23,10 +23,6 @@
 
 #include <utility>
 
-#ifndef LOWBIT_PF_BYTES
-#define LOWBIT_PF_BYTES 2048
-#endif
-
 #ifndef LOWBIT_VNNI
 #define LOWBIT_VNNI 0
 #endif
@@ -76,7 +72,7 @@ inline __m512 u8x16_ps(const uint8_t* p) {
 template <int R>
 inline void u8_rows(const uint8_t* codes, const float* xr, int64_t K, int64_t gs,
                     const float* scale, const float* zero, int64_t G, float* yr, int64_t n) {
-  const int64_t pf = R * K * ((LOWBIT_PF_BYTES + R * K - 1) / (R * K));
+  const int64_t pf = pf_rows_ahead(K, R);
   const uint8_t* p[R];
   __m512 t0[R], t1[R];
   for (int r = 0; r < R; ++r) p[r] = codes + (n + r) * K, t0[r] = t1[r] = _mm512_setzero_ps();
@@ -240,8 +236,7 @@ inline void q8_rows(const uint8_t* codes, const Q8Units& u, int64_t m, const flo
   const int64_t rb = Q4 ? K / 2 : K;
   const int8_t* q = u.xp.data() + m * K;
   const float* v = u.dv.data() + m * u.units * 16;
-  // prefetch distance: whole passes of R rows, at least LOWBIT_PF_BYTES ahead
-  const int64_t pf = R * rb * ((LOWBIT_PF_BYTES + R * rb - 1) / (R * rb));
+  const int64_t pf = pf_rows_ahead(rb, R);
   const uint8_t* p[R];
   __m512 t[R];
   for (int r = 0; r < R; ++r) p[r] = codes + (n + r) * rb, t[r] = _mm512_setzero_ps();

@@ -11,9 +11,8 @@ namespace lowbit {
 namespace {
 
 constexpr int64_t kRun = 32;
-// software prefetch this far ahead in a weight row stream (the AVX files measured 2-3x on
-// DRAM-resident rows); __builtin_prefetch is gcc / clang on every target, and never faults
-constexpr int64_t kPf = 2048;
+// __builtin_prefetch (gcc / clang, every target; never faults) LOWBIT_PF_BYTES ahead (lowbit_kern.h)
+constexpr int64_t kPf = LOWBIT_PF_BYTES;
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // int codes (lut = 0..15): per group sum x * (code - zero), then * scale (as gemv_u8): no table

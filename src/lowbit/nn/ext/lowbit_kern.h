@@ -87,6 +87,20 @@ struct KernTable {
 // SIGILL on a CPU without AVX-512 (seen as weak std::vector<signed char>::_M_default_append and
 // Q8Units::~Q8Units in kern_avx2.o and kern_avx512.o, which only link order kept safe).
 namespace {
+
+// Software prefetch distance of the decode GEMVs, in bytes of a weight row stream (every ISA file):
+// with the hardware prefetcher alone, DRAM-resident rows streamed at a third to a half of the
+// bandwidth (BENCHMARKS.md, issue 18).
+#ifndef LOWBIT_PF_BYTES
+#define LOWBIT_PF_BYTES 2048
+#endif
+
+// Prefetch offset for a GEMV walking R rows of row_bytes at once: whole passes of R rows, at
+// least LOWBIT_PF_BYTES ahead, so each row prefetches the same columns of a row it will read.
+inline int64_t pf_rows_ahead(int64_t row_bytes, int64_t R) {
+  return R * row_bytes * ((LOWBIT_PF_BYTES + R * row_bytes - 1) / (R * row_bytes));
+}
+
 template <class T>
 class Buf {
  public:
