@@ -496,6 +496,29 @@ def test_environment_forces_a_variant_or_disables_the_extension():
         assert res.returncode != 0 and "cannot run here" in res.stderr
 
 
+@pytest.mark.parametrize("spin_us", ["1000", "0"])
+def test_decode_pool_runs_every_part_exactly_once_back_to_back(spin_us):
+    """Our decode pool's contract, on the pool itself: 100,000 runs back to back per thread count,
+    part counts alternating small and large (a decode step's q/k/v calls, then its lm_head), each
+    run returning only after every part of its own ran exactly once. With the part count in its own
+    atomic, a worker finishing one run's last part could claim a part of the next run's count
+    under the old run's word: a run returned with a part still running (a stale slice of the
+    lm_head's logits in test_step, once in ~10 full suites) or spun forever. That hung here within
+    20,000 runs on 2 threads. Workers spinning (1000 us) and sleeping between runs (0) both; in a
+    child process with a time limit, so a hang fails instead of stopping the suite."""
+    if not ext.load():
+        pytest.skip(f"C++ extension unavailable: {ext.status()}")
+    code = ("from lowbit.nn import ext\n"
+            "print([ext.decode_pool_check(100000 if t == 2 else 30000, t) for t in (2, 3, 4, 9)])")
+    full = {**os.environ, "LOWBIT_SPIN_US": spin_us}
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("decode pool: a run never returned (its done count went past its parts)")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("\n")[-2] == "[0, 0, 0, 0]", f"runs with a part missed or run twice: {res.stdout}"
+
+
 @pytest.mark.parametrize("backend", EXT_VARIANTS[:1], indirect=True)
 def test_decode_pool_equals_one_thread_across_threads_and_forks(backend):
     """The decode GEMVs run on our own spinning pool (nn/ext/decode_pool.h): the rows each thread

@@ -231,6 +231,13 @@ def decode_pool_spin_us() -> int:
     return int(_ops().decode_pool_spin_us())
 
 
+def decode_pool_check(runs: int, threads: int) -> int:
+    """Run our decode pool `runs` times back to back on `threads` threads, part counts alternating
+    small and large, and count the runs that returned with some part not run exactly once
+    (0 when the pool keeps its contract; -1 when another thread held the pool)."""
+    return int(_ops().decode_pool_check(int(runs), int(threads)))
+
+
 def isa_status() -> dict[str, str]:
     """variant -> 'ready' or why this machine cannot run it."""
     out = {}

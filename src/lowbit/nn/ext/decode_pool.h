@@ -73,16 +73,19 @@ class Pool {
       for (int i = 0; i < parts; ++i) fn(i);
       return true;
     }
-    if (threads - 1 > kMaxWorkers) return false;
+    if (threads - 1 > kMaxWorkers || parts > kMaxParts) return false;
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     grow(threads - 1);
     fn_ = &fn;
-    parts_.store(static_cast<uint32_t>(parts), std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     const uint32_t ep = ++count_;
-    // work_ = (epoch << 32) | next unclaimed part: a worker holding an older epoch can't claim
-    work_.store(static_cast<uint64_t>(ep) << 32, std::memory_order_seq_cst);
+    // one word says which run, how many parts and the next unclaimed one, so a claim is checked
+    // against its own run's bound: with the bound in a separate atomic, a worker finishing the last
+    // run's final part could read this run's larger count before seeing this word, claim a part
+    // that was never issued (calling the last run's fn, now gone) and bump done_ for this run,
+    // which then returned with a part still running or waited forever (done_ past parts)
+    work_.store(pack(ep, static_cast<uint32_t>(parts), 0), std::memory_order_seq_cst);
     epoch_.store(ep, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lk(mu_); }
@@ -97,15 +100,23 @@ class Pool {
   }
 
  private:
+  static constexpr int kMaxParts = 0xFFFF;
+  // work_ = epoch << 32 | parts << 16 | next unclaimed part
+  static uint64_t pack(uint32_t ep, uint32_t parts, uint32_t next) {
+    return static_cast<uint64_t>(ep) << 32 | static_cast<uint64_t>(parts) << 16 | next;
+  }
+
   void claim(uint32_t ep) {
+    uint64_t w = work_.load(std::memory_order_acquire);
     for (;;) {
-      uint64_t w = work_.load(std::memory_order_acquire);
       if (static_cast<uint32_t>(w >> 32) != ep) return;
-      const uint32_t i = static_cast<uint32_t>(w);
-      if (i >= parts_.load(std::memory_order_relaxed)) return;
-      if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) continue;
+      const uint32_t i = static_cast<uint32_t>(w & 0xFFFF), parts = static_cast<uint32_t>(w >> 16) & 0xFFFF;
+      if (i >= parts) return;
+      // acquire: fn_ and done_'s reset, written before this run's word, are seen
+      if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
       (*fn_)(static_cast<int>(i));   // fn_ is this epoch's: the run can't end with part i unclaimed
       done_.fetch_add(1, std::memory_order_release);
+      w = work_.load(std::memory_order_acquire);
     }
   }
 
@@ -141,7 +152,7 @@ class Pool {
   std::mutex mu_;
   std::condition_variable cv_;
   uint32_t count_ = 0;                       // epochs issued (the caller's, under run_mu_)
-  std::atomic<uint32_t> epoch_{0}, parts_{0};
+  std::atomic<uint32_t> epoch_{0};
   std::atomic<uint64_t> work_{0};
   std::atomic<int> done_{0}, sleepers_{0};
   std::atomic<unsigned> threads_{0};

@@ -400,6 +400,31 @@ at::Tensor t2_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 // 0: decode GEMVs on at::parallel_for; else our pool's spin time (decode_pool.h, LOWBIT_SPIN_US)
 int64_t decode_pool_spin_us() { return lowbit_pool::spin_ns() / 1000; }
 
+// The pool's contract, checked on the pool itself: `runs` back-to-back runs on `threads` threads,
+// part counts alternating small and large (as a decode step's calls do: q/k/v, then the lm_head),
+// each part bumping its own counter; a run that returns with any part not run exactly once
+// counts as bad. Returns the bad runs (0 when the pool keeps its word), or -1 if the pool was busy.
+int64_t decode_pool_check(int64_t runs, int64_t threads) {
+  TORCH_CHECK(runs >= 0 && threads >= 2 && threads <= 256,
+              "decode_pool_check: runs must be >= 0 and threads in [2, 256], got ", runs, ", ", threads);
+  constexpr int kMaxParts = 64;
+  std::vector<std::atomic<int>> hits(kMaxParts);
+  int64_t bad = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const int parts = (r & 1) ? kMaxParts : 2 + static_cast<int>(r % 3);
+    for (int i = 0; i < kMaxParts; ++i) hits[i].store(0, std::memory_order_relaxed);
+    const std::function<void(int)> task = [&](int i) {
+      if (i < 0 || i >= parts) { hits[0].fetch_add(1000, std::memory_order_relaxed); return; }
+      hits[i].fetch_add(1, std::memory_order_relaxed);
+    };
+    if (!lowbit_pool::pool().run(parts, static_cast<int>(threads), task)) return -1;
+    bool ok = true;
+    for (int i = 0; i < kMaxParts; ++i) ok &= hits[i].load(std::memory_order_relaxed) == (i < parts ? 1 : 0);
+    bad += ok ? 0 : 1;
+  }
+  return bad;
+}
+
 TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("q4_linear(Tensor x, Tensor packed, Tensor lut, Tensor scale, Tensor? zero, int group_size, "
         "int gemv_max_m, int act_q8=0) -> Tensor");
@@ -415,6 +440,7 @@ TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("isa() -> str", &current_isa);
   m.def("isa_supported(str name) -> bool", &isa_supported);
   m.def("decode_pool_spin_us() -> int", &decode_pool_spin_us);
+  m.def("decode_pool_check(int runs, int threads) -> int", &decode_pool_check);
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
