@@ -6,6 +6,9 @@ pass's wall time against one GPTQ run.
     .venv/bin/python bench/bench_budget.py run NAME...     # quantize + write + evaluate configs:
                                                            #   a preset name, or budget:<B> (e.g. budget:3.5bpw)
     .venv/bin/python bench/bench_budget.py table           # the markdown table of every finished run
+    .venv/bin/python bench/bench_budget.py gguf [--model M] [q3_k_m q4_k_m]
+                                            # the GGUF budget mix vs llama.cpp's mixes at their sizes
+                                            #   (llama.cpp perplexity; needs bench/.venv-llamacpp)
 
 Every step shares the calibration windows (--calib windows of 512 tokens of wiki-calibration,
 seed 0) and keeps its results under --work (default bench/_work/budget): sens.json (the
@@ -205,6 +208,99 @@ def step_rtn(a) -> None:
         del m, rep
 
 
+GGUF_MIXES = ("q3_k_m", "q4_k_m")
+
+
+def _blk_linear_bytes(path: Path) -> int:
+    """Bytes of a GGUF's decoder-block linears (blk.N.{attn_q,k,v,output,ffn_gate,up,down}.weight)."""
+    import gguf
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors
+               if t.name.startswith("blk.") and len(t.shape) == 2)
+
+
+def step_gguf(a) -> None:
+    """The budget's GGUF mix against llama.cpp's own Q3_K_M / Q4_K_M at their sizes, both scored by
+    llama.cpp's perplexity. Both sides: llama.cpp's block encoders and one imatrix collected by
+    lowbit on the same --calib windows; llama.cpp's file from llama_model_quantize on lowbit's F32
+    GGUF; ours from the plan (candidates GGUF_CANDIDATES, sensitivity on the same windows) under a
+    budget of exactly llama.cpp's block-linear bytes, token embedding Q6_K (its fallback) as theirs."""
+    import copy
+
+    from lowbit import api
+    from lowbit.budget import Budget, load_or_compute, solve
+    from lowbit.budget.sizing import file_payload_bytes
+    from lowbit.calibration.imatrix import collect_imatrix, imatrix_targets
+    from lowbit.export.gguf.reader import tensor_types
+    from lowbit.export.gguf.writer import write_gguf
+    from lowbit.models import LoadedModel, load_model, resolve_source
+    sys.path.insert(0, str(HERE))
+    from bench_gguf_gptq import peer
+    work = a.work / "gguf"
+    work.mkdir(parents=True, exist_ok=True)
+    lm = load_model(a.model)
+    kind, src = resolve_source(a.model)
+    source_gguf = src if kind == "gguf" else None
+    toks = _tokens(lm, a.calib)
+    f32 = work / f"{a.model}-f32.gguf"
+    if not f32.is_file():
+        write_gguf(lm.model, f32, "f32", hf_dir=lm.path, source_gguf=source_gguf, progress=False)
+    im = collect_imatrix(lm.model, toks, imatrix_targets(lm.model), dataset="wiki-calibration", progress=False)
+    im_path = work / f"{a.model}.imatrix.gguf"
+    im.save(im_path)
+    t0 = time.perf_counter()
+    sens = load_or_compute(lm.model, toks, fmt="gguf", fisher_samples=a.fisher, source_dir=lm.path, log=print)
+    t_sens = time.perf_counter() - t0
+    sens.save(work / f"{a.model}-sens.json")
+    ppl = lambda p: peer("ppl", str(p), "--n-ctx", "512", "--max-windows", str(a.eval_windows),  # noqa: E731
+                         "--threads", str(a.threads))
+    res_path = work / f"{a.model}.json"
+    res = {"model": a.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "calib_windows": a.calib,
+           "fisher_windows": a.fisher, "eval_windows": a.eval_windows, "sens_s": round(t_sens, 1),
+           "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()), "rows": []}
+    base = ppl(f32)
+    res["f32_ppl"] = base["ppl"]
+    res["llama_cpp_python"] = base.get("llama_cpp_python")
+    print(f"F32 (llama.cpp): ppl {base['ppl']:.4f}", flush=True)
+    for mix in (a.names or GGUF_MIXES):
+        theirs = work / f"{a.model}-{mix}-llamacpp.gguf"
+        peer("quantize", str(f32), str(theirs), "--ftype", mix.upper(), "--imatrix", str(im_path),
+             "--threads", str(a.threads))
+        lin = _blk_linear_bytes(theirs)
+        plan = solve(sens, Budget("bpw", 8 * lin / sens.weights(), f"{mix}-size"))
+        model = copy.deepcopy(lm.model)
+        rep = api.quantize(model, plan.recipe(f"budget-{mix}-size"), imatrix=im, progress=False)
+        rep.imatrix["file"] = str(im_path)
+        ours = work / f"{a.model}-budget-at-{mix}.gguf"
+        api.export(LoadedModel(model, lm.tokenizer, lm.path, lm.source, lm.source_sha256), rep, ours, "gguf",
+                   overwrite=True, source_gguf=source_gguf)
+        del model
+        pt, po = ppl(theirs), ppl(ours)
+        types: dict[str, int] = {}
+        for k, v in tensor_types(ours).items():
+            if k.startswith("blk.") and "norm" not in k and k.endswith(".weight"):
+                types[v] = types.get(v, 0) + 1
+        row = {"mix": mix, "llamacpp_bytes": theirs.stat().st_size, "lowbit_bytes": ours.stat().st_size,
+               "llamacpp_linear_bytes": lin, "lowbit_linear_bytes": _blk_linear_bytes(ours),
+               "plan_linear_bytes": plan.linear_bytes, "bpw": plan.bits_per_weight,
+               "llamacpp_ppl": pt["ppl"], "lowbit_ppl": po["ppl"], "predicted_kl": plan.predicted_kl,
+               "lowbit_types": types, "file": file_payload_bytes(ours)}
+        row["llamacpp_dppl"], row["lowbit_dppl"] = pt["ppl"] - base["ppl"], po["ppl"] - base["ppl"]
+        row["loss_ratio"] = row["lowbit_dppl"] / row["llamacpp_dppl"] if row["llamacpp_dppl"] > 0 else None
+        res["rows"].append(row)
+        _write(res_path, res)
+        print(json.dumps(row), flush=True)
+    print(f"\n{a.model}: llama.cpp perplexity, {a.eval_windows} x 512 tokens of wiki-evaluation; F32 {base['ppl']:.4f}\n")
+    print("| llama.cpp mix | MiB (theirs / ours) | block-linear bytes (theirs / ours) | llama.cpp ppl | dPPL | "
+          "budget mix ppl | dPPL | loss ratio | our types |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    for r in res["rows"]:
+        ratio = f"{r['loss_ratio']:.2f}" if r["loss_ratio"] is not None else "-"
+        ty = ", ".join(f"{k} x{v}" for k, v in sorted(r["lowbit_types"].items()))
+        print(f"| {r['mix']} | {r['llamacpp_bytes'] / 2**20:.2f} / {r['lowbit_bytes'] / 2**20:.2f} | "
+              f"{r['llamacpp_linear_bytes']:,} / {r['lowbit_linear_bytes']:,} | {r['llamacpp_ppl']:.4f} | "
+              f"{r['llamacpp_dppl']:+.4f} | {r['lowbit_ppl']:.4f} | {r['lowbit_dppl']:+.4f} | {ratio} | {ty} |")
+
+
 def step_rtntable(a) -> None:
     """Markdown rows of rtn-results.json: each budget mix next to the uniform presets at or below
     its size (and the nearest above)."""
@@ -240,7 +336,7 @@ def step_table(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("sens", "measure", "run", "rtn", "rtntable", "table"))
+    ap.add_argument("step", choices=("sens", "measure", "run", "rtn", "rtntable", "table", "gguf"))
     ap.add_argument("names", nargs="*")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "budget")
     ap.add_argument("--calib", type=int, default=32, help="calibration windows of 512 tokens")
@@ -251,9 +347,12 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--kl-windows", type=int, default=8)
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--model", default="smollm2-135m", help="gguf step: the model (smollm2-135m, qwen2.5-coder-1.5b)")
+    ap.add_argument("--threads", type=int, default=2, help="gguf step: llama.cpp's threads")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    {"sens": step_sens, "measure": step_measure, "run": step_run, "rtn": step_rtn, "rtntable": step_rtntable, "table": step_table}[a.step](a)
+    {"sens": step_sens, "measure": step_measure, "run": step_run, "rtn": step_rtn, "rtntable": step_rtntable, "table": step_table,
+     "gguf": step_gguf}[a.step](a)
 
 
 if __name__ == "__main__":

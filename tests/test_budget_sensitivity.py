@@ -89,4 +89,4 @@ def test_bad_input():
     with pytest.raises(LowbitError, match="not a preset-grammar name"):
         candidate_rule("q4_k_m")
     with pytest.raises(LowbitError, match="no byte accounting"):
-        check_format("gguf")
+        check_format("onnx")

@@ -57,6 +57,11 @@ DEFAULT_CANDIDATES = (
     "w4-gptq-actorder-mse", "w4g128-gptq-actorder-mse", "w4g64-gptq-actorder-mse", "w4g32-gptq-actorder-mse",
     "w4g128-rtn", "w8-rtn",
 )
+# fmt="gguf": llama.cpp's own block encoders (method "ggml", weighted by the layer's imatrix, i.e.
+# diag(A)), one candidate per GGUF tensor type. A type whose block does not divide a row takes
+# llama.cpp's fallback (Q4_K -> Q5_0 on SmolLM2's 576 columns), so there several candidates are one.
+GGUF_CANDIDATES = ("gguf-q2_k", "gguf-q3_k", "gguf-q4_0", "gguf-q4_1", "gguf-q4_k", "gguf-q5_0", "gguf-q5_1",
+                   "gguf-q5_k", "gguf-q6_k", "gguf-q8_0")
 
 
 @dataclass
@@ -104,13 +109,39 @@ class Sensitivity:
 
 
 def candidate_rule(name: str):
-    """The Rule a candidate name stands for (recipe preset grammar)."""
-    from lowbit.recipe import grammar_recipe
+    """The Rule a candidate name stands for: recipe preset grammar (w3g64-gptq-actorder-mse), or
+    gguf-<ggml type> (gguf-q4_k: llama.cpp's encoder for that type, method "ggml")."""
+    from lowbit.recipe import Rule, grammar_recipe
+    if name.lower().startswith("gguf-"):
+        from lowbit.numerics.ggml.types import ggml_type
+        from lowbit.presets.gguf_mixes import ggml_scheme
+        t = name[5:]
+        try:
+            ggml_type(t)
+        except LowbitError as e:
+            raise LowbitError(f"budget candidate {name!r}: {e}") from None
+        return Rule(r".*", ggml_scheme(t), "ggml")
     r = grammar_recipe(name)
     if r is None:
         raise LowbitError(f"budget candidate {name!r}: not a preset-grammar name "
-                          "(w{bits}[g{group}][-sym]-{method}[-actorder[-static]][-mse], e.g. w3g64-gptq-actorder-mse)")
+                          "(w{bits}[g{group}][-sym]-{method}[-actorder[-static]][-mse], e.g. w3g64-gptq-actorder-mse) "
+                          "or gguf-<ggml type> (e.g. gguf-q4_k)")
     return r.rules[0]
+
+
+def check_candidates(fmt: str, candidates) -> None:
+    """GGUF stores ggml types only, the other formats lowbit's own schemes only."""
+    for c in candidates:
+        ggml = candidate_rule(c).method == "ggml"
+        if fmt == "gguf" and not ggml:
+            raise LowbitError(f"budget candidate {c!r}: a GGUF file holds ggml types only; "
+                              f"expected gguf-<type> (e.g. {', '.join(GGUF_CANDIDATES[:3])})")
+        if fmt != "gguf" and ggml:
+            raise LowbitError(f"budget candidate {c!r}: ggml types are for --format gguf, not {fmt!r}")
+
+
+def default_candidates(fmt: str) -> tuple[str, ...]:
+    return GGUF_CANDIDATES if fmt == "gguf" else DEFAULT_CANDIDATES
 
 
 def target_names(model: nn.Module) -> list[str]:
@@ -241,7 +272,10 @@ def _candidate_errors(members, A: torch.Tensor, H: torch.Tensor, rules, fmt: str
         spec = get_method(rule.method)
         cfg = spec.make_config(rule.method_args)
         stats = {"hessian": H} if spec.needs else None
-        if getattr(spec.fn, "row_separable", False) or not spec.needs:
+        if rule.method == "ggml":        # llama.cpp's encoders, weighted as an imatrix would: diag(A)
+            imp = torch.diagonal(A).clamp_min(0).double().numpy()
+            parts = [spec.fn(w, rule.scheme, cfg, {"imatrix": imp}) for w in ws]
+        elif getattr(spec.fn, "row_separable", False) or not spec.needs:
             qw = spec.fn(W, rule.scheme, cfg, stats)
             parts = _split_rows(qw, rows) if len(ws) > 1 else [qw]
         else:
@@ -282,7 +316,7 @@ def default_anchor(candidates: list[str]) -> int | None:
     return (grouped or three or gptq or [None])[0]
 
 
-def sensitivity(model: nn.Module, tokens: torch.Tensor, *, candidates=DEFAULT_CANDIDATES, fmt: str = "native",
+def sensitivity(model: nn.Module, tokens: torch.Tensor, *, candidates=None, fmt: str = "native",
                 fisher_samples: int = 8, batch_size: int = 8, grad_batch_size: int = 2,
                 source_dir: str | Path | None = None, exact_gptq: bool = False, anchor: str | None = None,
                 exact_blocks: int = 1, log: Callable[[str], None] | None = None) -> Sensitivity:
@@ -295,9 +329,10 @@ def sensitivity(model: nn.Module, tokens: torch.Tensor, *, candidates=DEFAULT_CA
     check_format(fmt)
     if tokens.dim() != 2 or tokens.dtype != torch.long:
         raise LowbitError(f"sensitivity tokens: expected a (n, seq) LongTensor, got {tuple(tokens.shape)} {tokens.dtype}")
-    candidates = list(candidates)
+    candidates = list(default_candidates(fmt) if candidates is None else candidates)
     if not candidates:
         raise LowbitError("sensitivity: no candidate schemes given")
+    check_candidates(fmt, candidates)
     rules = [candidate_rule(c) for c in candidates]
     if anchor is not None and anchor not in candidates:
         raise LowbitError(f"sensitivity anchor {anchor!r}: not among the candidates {candidates}")
@@ -381,7 +416,7 @@ def cache_key(fingerprint: str, tokens: torch.Tensor, candidates, fmt: str, fish
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def load_or_compute(model: nn.Module, tokens: torch.Tensor, *, candidates=DEFAULT_CANDIDATES, fmt: str = "native",
+def load_or_compute(model: nn.Module, tokens: torch.Tensor, *, candidates=None, fmt: str = "native",
                     fisher_samples: int = 8, cache: bool = True, cache_root: str | Path | None = None,
                     exact_gptq: bool = False, anchor: str | None = None,
                     log: Callable[[str], None] | None = None, **kw) -> Sensitivity:
@@ -390,6 +425,7 @@ def load_or_compute(model: nn.Module, tokens: torch.Tensor, *, candidates=DEFAUL
     from lowbit.eval.kl import model_fingerprint
     from lowbit.io import cache_dir
     fp = model_fingerprint(model)
+    candidates = list(default_candidates(fmt) if candidates is None else candidates)
     key = cache_key(fp, tokens, candidates, fmt, fisher_samples, exact_gptq, anchor) + f"-x{kw.get('exact_blocks', 1)}"
     path = Path(cache_root or cache_dir()) / "sensitivity" / f"{key[:32]}.json"
     if cache and path.is_file():

@@ -106,11 +106,18 @@ class Plan:
         for cand, mod in sorted(singles):
             r = candidate_rule(cand)
             rules.append(Rule(f"^{re.escape(mod)}$", r.scheme, r.method, dict(r.method_args)))
+        ggml = any(candidate_rule(c).method == "ggml" for c in self.candidates_used)
+        if ggml:       # GGUF: the output / tied embedding as every llama.cpp K mix stores it
+            from lowbit.budget.sizing import HEAD_TYPE
+            from lowbit.presets.gguf_mixes import ggml_scheme
+            rules.append(Rule(r"^lm_head$", ggml_scheme(HEAD_TYPE), "ggml"))
         desc = (f"budget {self.budget.text}: {len(self.choice)} modules, {self.bits_per_weight:.3f} bits per weight "
                 f"(file bytes of the quantized linears), predicted KL {self.predicted_kl:.4f} nats/token; "
-                f"schemes: {', '.join(f'{k} x{v}' for k, v in sorted(self.candidates_used.items()))}")
+                f"schemes: {', '.join(f'{k} x{v}' for k, v in sorted(self.candidates_used.items()))}"
+                + ("; lm_head / token embedding " + HEAD_TYPE.upper() + " as in llama.cpp's K mixes" if ggml else ""))
+        extra = {"ignore": []} if ggml else {}     # GGUF quantizes the output too (bind_to_model ties it)
         return Recipe(name=name or f"budget-{self.budget.text}", rules=rules, description=desc,
-                      calibration=dict(self.calibration))
+                      calibration=dict(self.calibration), **extra)
 
 
 def _hull(opts: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:

@@ -53,8 +53,9 @@ def register(sub) -> None:
     b.add_argument("--budget", help="choose one scheme per linear by measured-loss proxies under this budget: "
                                     "bits per weight of the quantized linears' file bytes (3.5bpw) or the whole "
                                     "output's size (90MB, 85MiB); replaces --recipe")
-    b.add_argument("--candidates", help="comma-separated preset-grammar schemes to choose from "
-                                        "(default: lowbit.budget.DEFAULT_CANDIDATES)")
+    b.add_argument("--candidates", help="comma-separated schemes to choose from: preset-grammar names, or "
+                                        "gguf-<type> with --format gguf (default: lowbit.budget.DEFAULT_CANDIDATES; "
+                                        "GGUF_CANDIDATES for gguf)")
     b.add_argument("--tie-shared-inputs", action="store_true",
                    help="one scheme per shared-input group (q/k/v, gate/up), as fused kernels need")
     b.add_argument("--save-recipe", help="also write the chosen recipe as JSON here (readable, editable)")
@@ -134,8 +135,15 @@ def run(args) -> int:
     ckpt = None
     if tokens is not None and not args.no_resume:
         ckpt = _checkpoint(out, loaded, args.fresh, log)
+    imatrix = None
+    if plan is not None and fmt.name == "gguf":
+        # the plan's costs were measured with llama.cpp's encoders weighted by each input's mean x^2:
+        # the same importance (an imatrix of the same calibration windows) encodes the file
+        from lowbit.calibration.imatrix import collect_imatrix, imatrix_targets
+        imatrix = collect_imatrix(loaded.model, tokens, imatrix_targets(loaded.model),
+                                  dataset=str(cfg.text), progress=False)
     report = api.quantize(loaded.model, recipe, tokens=tokens, calibration=overrides, progress=False, log=log,
-                          checkpoint=ckpt)
+                          checkpoint=ckpt, imatrix=imatrix)
     if args.qat_steps:
         from lowbit.train.qat import QATConfig
         teacher = api.load_model(args.model).model if args.qat_loss == "kd" else None
