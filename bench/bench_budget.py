@@ -248,13 +248,15 @@ def step_gguf(a) -> None:
     im_path = work / f"{a.model}.imatrix.gguf"
     im.save(im_path)
     t0 = time.perf_counter()
-    sens = load_or_compute(lm.model, toks, fmt="gguf", fisher_samples=a.fisher, source_dir=lm.path, log=print)
+    cands = a.candidates.split(",") if a.candidates else None
+    sens = load_or_compute(lm.model, toks, fmt="gguf", candidates=cands, fisher_samples=a.fisher,
+                           source_dir=lm.path, log=print)
     t_sens = time.perf_counter() - t0
     sens.save(work / f"{a.model}-sens.json")
     ppl = lambda p: peer("ppl", str(p), "--n-ctx", "512", "--max-windows", str(a.eval_windows),  # noqa: E731
                          "--threads", str(a.threads))
-    res_path = work / f"{a.model}.json"
-    res = {"model": a.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "calib_windows": a.calib,
+    res_path = work / f"{a.model}{a.tag}.json"
+    res = {"model": a.model, "candidates": sens.candidates, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "calib_windows": a.calib,
            "fisher_windows": a.fisher, "eval_windows": a.eval_windows, "sens_s": round(t_sens, 1),
            "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()), "rows": []}
     base = ppl(f32)
@@ -270,7 +272,7 @@ def step_gguf(a) -> None:
         model = copy.deepcopy(lm.model)
         rep = api.quantize(model, plan.recipe(f"budget-{mix}-size"), imatrix=im, progress=False)
         rep.imatrix["file"] = str(im_path)
-        ours = work / f"{a.model}-budget-at-{mix}.gguf"
+        ours = work / f"{a.model}-budget{a.tag}-at-{mix}.gguf"
         api.export(LoadedModel(model, lm.tokenizer, lm.path, lm.source, lm.source_sha256), rep, ours, "gguf",
                    overwrite=True, source_gguf=source_gguf)
         del model
@@ -349,6 +351,8 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--model", default="smollm2-135m", help="gguf step: the model (smollm2-135m, qwen2.5-coder-1.5b)")
     ap.add_argument("--threads", type=int, default=2, help="gguf step: llama.cpp's threads")
+    ap.add_argument("--candidates", help="gguf step: comma-separated gguf-<type> candidates (default GGUF_CANDIDATES)")
+    ap.add_argument("--tag", default="", help="gguf step: suffix of the results file (one per candidate set)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     {"sens": step_sens, "measure": step_measure, "run": step_run, "rtn": step_rtn, "rtntable": step_rtntable, "table": step_table,

@@ -4,6 +4,7 @@ decomposition, static calibration and the W8A8 integer kernel on the real bundle
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from lowbit import api
 from lowbit.calibration.activations import calibrate
 from lowbit.errors import LowbitError
 from lowbit.nn.qlinear import QuantLinear
-from lowbit.nn.w8a8 import W8A8Kernel, eligible, has_int_mm, prepare_w8a8
+from lowbit.nn.w8a8 import W8A8Kernel, eligible, has_int_mm, int_mm_status, prepare_w8a8
 from lowbit.numerics.activation import ActScheme, act_scale, fake_quant_act, llm_int8_act
 from lowbit.recipe import Recipe, Rule, get_recipe
 
@@ -124,7 +125,37 @@ def test_nan_in_transform_statistics_names_the_layer(smollm2):
 
 
 @pytest.mark.model
-@pytest.mark.skipif(not has_int_mm(), reason="torch._int_mm (int8 GEMM) not available on this CPU build")
+def test_int_mm_probe_refuses_an_inexact_int8_gemm():
+    """W8A8 uses torch._int_mm only where it is exact. Held to AVX2 (no VNNI), oneDNN's int8 GEMM
+    adds u8 x s8 pairs in int16 with saturation: there the probe must say so and prepare_w8a8
+    attach nothing, so a W8A8 model's logits are the float reference path's; where the probe finds
+    it exact, the kernel's logits equal the reference path's within the fp32 bound (the test below)."""
+    import subprocess
+    import sys
+    code = ("import torch, sys; sys.path.insert(0, 'tests'); from test_activations import _slice\n"
+            "from lowbit import api; from lowbit.models import load_model\n"
+            "from lowbit.nn.w8a8 import int_mm_status, prepare_w8a8\n"
+            "m = load_model('smollm2-135m').model; api.quantize(m, _slice('w8a8'), progress=False)\n"
+            "ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))\n"
+            "with torch.no_grad(): ref = m(ids).logits\n"
+            "n = prepare_w8a8(m)\n"
+            "with torch.no_grad(): got = m(ids).logits\n"
+            "print(int_mm_status()); print(n, float((got - ref).abs().max()), float(ref.abs().max()))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr[-2000:]
+    status, last = res.stdout.strip().splitlines()[-2:]
+    n, err, scale = last.split()
+    if status == "exact":
+        assert int(n) == 14 and float(err) <= 1e-3 * float(scale), (status, last)
+    else:
+        assert ("not exact on this CPU" in status or "unavailable" in status) and int(n) == 0, (status, last)
+        assert float(err) == 0.0          # the reference path, untouched
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not has_int_mm(), reason=int_mm_status())
 def test_w8a8_integer_kernel_matches_the_reference_path(smollm2):
     m = copy.deepcopy(smollm2.model)
     api.quantize(m, _slice("w8a8"), progress=False)

@@ -5,7 +5,7 @@
     y = (x_q @ W^T) int32 * s_x (M, 1) * s_w (1, N) + bias
 
 The int8 x int8 -> int32 product is torch._int_mm, which on x86 runs oneDNN's s8s8s32 GEMM
-(AVX-512 VNNI vpdpbusd / AVX2 vpmaddubsw where the CPU has them). It computes exactly what the
+(AVX-512 VNNI vpdpbusd; used only where a probe finds it exact: int_mm_status). It computes exactly what the
 reference path (QuantLinear.forward: fake-quantized input, dequantized weight) computes, up to
 float summation order: the int32 sum is exact, the reference's float32 sum of the same integer
 products is exact while it stays below 2^24 and rounds beyond.
@@ -15,18 +15,42 @@ products is exact while it stays below 2^24 and rounds beyond.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
 from lowbit.nn.qlinear import QuantLinear
 
 
-def has_int_mm() -> bool:
+@functools.lru_cache(maxsize=None)
+def int_mm_status() -> str:
+    """'exact', or why torch._int_mm is not used here: missing, or not exact on this CPU. oneDNN's
+    s8s8 GEMM without VNNI (AVX2 vpmaddubsw) adds pairs of u8 x s8 products in int16 with
+    saturation, so large inputs come out wrong (measured: up to 4.4 off on SmolLM2's down_proj with
+    oneDNN held to AVX2); a probe at the extremes of int8, at a size that takes the GEMM path,
+    must equal the exact int64 product, else the reference float path serves."""
     try:
-        torch._int_mm(torch.zeros(17, 8, dtype=torch.int8), torch.zeros(8, 8, dtype=torch.int8))
-        return True
-    except (RuntimeError, AttributeError):
-        return False
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(-128, 128, (64, 256), generator=g, dtype=torch.int16)
+        b = torch.randint(-128, 128, (256, 64), generator=g, dtype=torch.int16)
+        a[:8], b[:, :8] = 127, -128                       # the pairs that overflow int16 when added
+        a[8:16], b[:, 8:16] = -128, 127
+        a[16:24], b[:, 16:24] = -128, -128
+        got = torch._int_mm(a.to(torch.int8), b.to(torch.int8))
+    except (RuntimeError, AttributeError) as e:
+        return f"torch._int_mm unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    want = a.long() @ b.long()
+    if not torch.equal(got.long(), want):
+        bad = int((got.long() != want).sum())
+        return (f"torch._int_mm is not exact on this CPU ({bad} of {want.numel()} sums wrong at the int8 "
+                "extremes: int16 saturation without VNNI); W8A8 runs the float reference path")
+    return "exact"
+
+
+def has_int_mm() -> bool:
+    """torch._int_mm exists and is exact here (int_mm_status says why not)."""
+    return int_mm_status() == "exact"
 
 
 def eligible(mod: nn.Module) -> bool:
