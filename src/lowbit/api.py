@@ -303,10 +303,9 @@ def plan_budget(model: nn.Module, budget, *, tokens: torch.Tensor, fmt: str = "n
     plan.recipe() is a plain Recipe for `quantize`. tie: one scheme per shared-input group
     (default: when `fmt` fuses them)."""
     from lowbit.budget import load_or_compute, parse_budget, solve
-    from lowbit.budget.sensitivity import default_candidates
     from lowbit.budget.solver import TIED_FORMATS
     b = parse_budget(budget) if isinstance(budget, str) else budget
-    sens = load_or_compute(model, tokens, candidates=list(candidates or default_candidates(fmt)), fmt=fmt,
+    sens = load_or_compute(model, tokens, candidates=list(candidates) if candidates else None, fmt=fmt,
                            cache=cache, source_dir=source_dir, log=log)
     plan = solve(sens, b, tie=fmt in TIED_FORMATS if tie is None else tie, calibration=calibration)
     return plan, sens

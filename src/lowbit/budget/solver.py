@@ -109,8 +109,8 @@ class Plan:
         ggml = any(candidate_rule(c).method == "ggml" for c in self.candidates_used)
         if ggml:       # GGUF: the output / tied embedding as every llama.cpp K mix stores it
             from lowbit.budget.sizing import HEAD_TYPE
-            from lowbit.presets.gguf_mixes import ggml_scheme
-            rules.append(Rule(r"^lm_head$", ggml_scheme(HEAD_TYPE), "ggml"))
+            from lowbit.presets.gguf_mixes import HEAD, ggml_scheme
+            rules.append(Rule(HEAD, ggml_scheme(HEAD_TYPE), "ggml"))
         desc = (f"budget {self.budget.text}: {len(self.choice)} modules, {self.bits_per_weight:.3f} bits per weight "
                 f"(file bytes of the quantized linears), predicted KL {self.predicted_kl:.4f} nats/token; "
                 f"schemes: {', '.join(f'{k} x{v}' for k, v in sorted(self.candidates_used.items()))}"

@@ -407,19 +407,19 @@ int64_t decode_pool_spin_us() { return lowbit_pool::spin_ns() / 1000; }
 int64_t decode_pool_check(int64_t runs, int64_t threads) {
   TORCH_CHECK(runs >= 0 && threads >= 2 && threads <= 256,
               "decode_pool_check: runs must be >= 0 and threads in [2, 256], got ", runs, ", ", threads);
-  constexpr int kMaxParts = 64;
-  std::vector<std::atomic<int>> hits(kMaxParts);
+  constexpr int kParts = 64;
+  std::vector<std::atomic<int>> hits(kParts);
   int64_t bad = 0;
   for (int64_t r = 0; r < runs; ++r) {
-    const int parts = (r & 1) ? kMaxParts : 2 + static_cast<int>(r % 3);
-    for (int i = 0; i < kMaxParts; ++i) hits[i].store(0, std::memory_order_relaxed);
+    const int parts = (r & 1) ? kParts : 2 + static_cast<int>(r % 3);
+    for (int i = 0; i < kParts; ++i) hits[i].store(0, std::memory_order_relaxed);
     const std::function<void(int)> task = [&](int i) {
       if (i < 0 || i >= parts) { hits[0].fetch_add(1000, std::memory_order_relaxed); return; }
       hits[i].fetch_add(1, std::memory_order_relaxed);
     };
     if (!lowbit_pool::pool().run(parts, static_cast<int>(threads), task)) return -1;
     bool ok = true;
-    for (int i = 0; i < kMaxParts; ++i) ok &= hits[i].load(std::memory_order_relaxed) == (i < parts ? 1 : 0);
+    for (int i = 0; i < kParts; ++i) ok &= hits[i].load(std::memory_order_relaxed) == (i < parts ? 1 : 0);
     bad += ok ? 0 : 1;
   }
   return bad;
