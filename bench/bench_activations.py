@@ -186,14 +186,16 @@ def main() -> int:
 
 def kernel_bench(args) -> int:
     """One linear, down_proj-shaped (1536 -> 576) and gate-shaped (576 -> 1536): fp32 F.linear vs
-    lowbit's W8A8 kernel (torch._int_mm) vs torch.ao's dynamic quantized Linear, M = 1 and 32."""
+    lowbit's W8A8 kernel (our C++ op; torch._int_mm beside it where exact) vs torch.ao's dynamic
+    quantized Linear, M = 1 and 32, on the threads torch has (--threads). LOWBIT_ISA picks the
+    variant of ours."""
     import torch
     import torch.nn as nn
     from torch.ao.nn.quantized.dynamic import Linear as DynLinear
     from lowbit.methods.rtn import RTNConfig, rtn
     from lowbit.nn.actquant import ActQuant
     from lowbit.nn.qlinear import QuantLinear
-    from lowbit.nn.w8a8 import W8A8Kernel
+    from lowbit.nn.w8a8 import W8A8Kernel, has_int_mm
     from lowbit.numerics import int_scheme
     from lowbit.numerics.activation import ActScheme
     torch.manual_seed(0)
@@ -202,13 +204,17 @@ def kernel_bench(args) -> int:
         lin = nn.Linear(k, n, bias=False)
         ql = QuantLinear(rtn(lin.weight.detach(), int_scheme(8, None, True), RTNConfig()))
         ql.act_quant = ActQuant(ActScheme())
-        kern = W8A8Kernel(ql)
+        kern = W8A8Kernel(ql)                       # our C++ op where it builds (backend 'ext')
+        kern_mm = W8A8Kernel(ql, "int_mm") if has_int_mm() else None
         dyn = DynLinear(k, n, bias_=False, dtype=torch.qint8)
         dyn.set_weight_bias(torch.quantize_per_tensor(lin.weight.detach(), float(lin.weight.abs().max()) / 127, 0,
                                                       torch.qint8), None)
         for m in (1, 32):
             x = torch.randn(m, k)
-            fns = {"fp32": lambda: lin(x), "lowbit-w8a8": lambda: kern(x, ql), "torch-dynamic": lambda: dyn(x)}
+            fns = {"fp32": lambda: lin(x), f"lowbit-w8a8-{kern.backend}": lambda: kern(x, ql),
+                   "torch-dynamic": lambda: dyn(x)}
+            if kern_mm is not None:
+                fns["lowbit-w8a8-int_mm"] = lambda: kern_mm(x, ql)
             t = {}
             with torch.no_grad():
                 for name, fn in fns.items():
@@ -221,7 +227,9 @@ def kernel_bench(args) -> int:
                             fn()
                         ts.append((time.perf_counter() - t0) / 50)
                     t[name] = statistics.median(ts) * 1e6
-            rows.append({"shape": f"{k}->{n}", "M": m, **{f"{kk}_us": round(v, 1) for kk, v in t.items()}})
+            from lowbit.nn import ext
+            rows.append({"shape": f"{k}->{n}", "M": m, "isa": ext.isa() if ext.load() else None,
+                         **{f"{kk}_us": round(v, 1) for kk, v in t.items()}})
             print(json.dumps(rows[-1]), flush=True)
     return 0
 

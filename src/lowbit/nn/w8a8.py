@@ -4,8 +4,11 @@
     W (N, K) int8 codes, per-row scale s_w (N,)       stored transposed: W^T (K, N) int8
     y = (x_q @ W^T) int32 * s_x (M, 1) * s_w (1, N) + bias
 
-The int8 x int8 -> int32 product is torch._int_mm, which on x86 runs oneDNN's s8s8s32 GEMM
-(AVX-512 VNNI vpdpbusd; used only where a probe finds it exact: int_mm_status). It computes exactly what the
+The int8 x int8 -> int32 product is lowbit's own C++ op (nn/ext: lowbit_cpu.w8a8_linear, the input
+rounding done in the same call; AVX-512 VNNI vpdpbusd, AVX-512 / AVX2 vpmaddwd on int16-widened
+codes, portable C++; exact on every variant), else torch._int_mm, which on x86 runs oneDNN's
+s8s8s32 GEMM (used only where a probe finds it exact: int_mm_status). Both give the same bits
+(tests/test_activations.py). It computes exactly what the
 reference path (QuantLinear.forward: fake-quantized input, dequantized weight) computes, up to
 float summation order: the int32 sum is exact, the reference's float32 sum of the same integer
 products is exact while it stays below 2^24 and rounds beyond.
@@ -20,6 +23,7 @@ import functools
 import torch
 import torch.nn as nn
 
+from lowbit.errors import LowbitError
 from lowbit.nn.qlinear import QuantLinear
 
 
@@ -48,6 +52,14 @@ def int_mm_status() -> str:
     return "exact"
 
 
+def backend() -> str | None:
+    """'ext' (our C++ op), 'int_mm' (torch._int_mm, exact here) or None (the float reference path)."""
+    from lowbit.nn import ext
+    if ext.load():
+        return "ext"
+    return "int_mm" if has_int_mm() else None
+
+
 def has_int_mm() -> bool:
     """torch._int_mm exists and is exact here (int_mm_status says why not)."""
     return int_mm_status() == "exact"
@@ -65,15 +77,43 @@ class W8A8Kernel:
     """The callable QuantLinear.set_kernel takes: (x, module) -> y. It quantizes the input itself."""
     quantizes_input = True
 
-    def __init__(self, mod: QuantLinear):
-        # unsigned codes with the symmetric zero point 128 -> signed int8, transposed (K, N)
-        self.w_t = (mod.qdata.to(torch.int16) - mod.scheme.sym_zero).to(torch.int8).t().contiguous()
+    def __init__(self, mod: QuantLinear, backend_: str | None = None):
+        self.backend = backend_ or backend()
+        if self.backend is None:
+            raise LowbitError(f"W8A8 kernel: no exact int8 GEMM here ({int_mm_status()}; lowbit's C++ "
+                              "kernels unavailable)")
         self.w_scale = mod.scale.reshape(1, -1).float()
-        self.bias = None if mod.bias is None else mod.bias.detach().float()
+        self.bias = None if mod.bias is None else mod.bias.detach().float().contiguous()
+        zero = mod.scheme.sym_zero
+        if self.backend == "ext":
+            global _w8a8_linear
+            _w8a8_linear = torch.ops.lowbit_cpu.w8a8_linear.default
+            codes = mod.qdata
+            k = codes.shape[1]
+            kp = -(-k // 64) * 64
+            if kp > 65536:
+                raise LowbitError(f"W8A8 kernel: {k} input features; the int32 sums are exact up to 65536")
+            if kp != k:     # pad columns hold the zero point (weight 0); x reads 0 there
+                codes = torch.cat([codes, torch.full((codes.shape[0], kp - k), zero, dtype=torch.uint8)], 1)
+            self.codes = codes.contiguous()
+            self.zero = int(zero)
+            self.w_scale_1d = self.w_scale.reshape(-1).contiguous()
+        else:
+            # unsigned codes with the symmetric zero point 128 -> signed int8, transposed (K, N)
+            self.w_t = (mod.qdata.to(torch.int16) - zero).to(torch.int8).t().contiguous()
 
     def __call__(self, x: torch.Tensor, mod: QuantLinear) -> torch.Tensor:
         aq = mod.act_quant
         x2 = x.reshape(-1, x.shape[-1]).float()
+        if self.backend == "ext":
+            if aq.scheme.dynamic:
+                mode, xs = (0 if aq.scheme.granularity == "token" else 1), 1.0
+            else:
+                if aq.scale is None:
+                    raise LowbitError(f"static input activations ({aq.scheme.short_name()}): no calibrated scale")
+                mode, xs = 2, float(aq.scale)
+            y = _w8a8_linear(x2.contiguous(), self.codes, self.w_scale_1d, self.bias, self.zero, mode, xs)
+            return y.reshape(*x.shape[:-1], -1).to(x.dtype)
         if aq.scheme.dynamic:
             a = x2.abs().amax(dim=-1, keepdim=True) if aq.scheme.granularity == "token" else x2.abs().amax()
             s_x = torch.where(a > 0, a / 127.0, torch.ones_like(a))
@@ -87,9 +127,13 @@ class W8A8Kernel:
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+_w8a8_linear = None
+
+
 def prepare_w8a8(model: nn.Module) -> int:
-    """Attach W8A8Kernel to every eligible QuantLinear of `model`; returns how many."""
-    if not has_int_mm():
+    """Attach W8A8Kernel to every eligible QuantLinear of `model`; returns how many (0 where no
+    exact int8 GEMM exists here: backend() is None)."""
+    if backend() is None:
         return 0
     n = 0
     for mod in model.modules():

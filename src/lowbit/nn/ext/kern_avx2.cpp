@@ -440,6 +440,117 @@ void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const in
   }
 }
 
+// the scalar form of one column (tails, the portable variant): the vector code's exact ops
+inline int32_t w8_round1(float x, float sc, bool* nan) {
+  const float dv = x / sc;
+  if (dv != dv) { *nan = true; return 0; }
+  const float v = dv < -128.f ? -128.f : (dv > 127.f ? 127.f : dv);
+  return static_cast<int32_t>((v + 12582912.f) - 12582912.f);   // half to even, |v| < 2^22
+}
+
+// W8A8 input rounding (lowbit_kern.h quant_w8): vdivps (IEEE, as torch's division), clamp,
+// vcvtps2dq (round half to even under the default MXCSR); the last K % 8 columns scalar.
+void quant_w8(const float* x, int64_t K, int64_t Kp, const float* s_in, int64_t m0, int64_t m1,
+              int8_t* xq, float* sx, int32_t* qsum) {
+  const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    float sc;
+    if (s_in) {
+      sc = *s_in;
+    } else {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8) a = _mm256_max_ps(a, _mm256_and_ps(_mm256_loadu_ps(xr + k), absm));
+      alignas(32) float t[8];
+      _mm256_store_ps(t, a);
+      float amax = 0.f;
+      for (int j = 0; j < 8; ++j) amax = t[j] > amax ? t[j] : amax;
+      for (int64_t k = K8; k < K; ++k) {
+        const float v = xr[k] < 0.f ? -xr[k] : xr[k];
+        amax = v > amax ? v : amax;
+      }
+      sc = amax > 0.f ? amax / 127.f : 1.f;
+    }
+    const __m256 sv = _mm256_set1_ps(sc), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+    __m256i qs = _mm256_setzero_si256();
+    int nan = 0;
+    int8_t* qr = xq + m * Kp;
+    for (int64_t k = 0; k < K8; k += 8) {
+      const __m256 dv = _mm256_div_ps(_mm256_loadu_ps(xr + k), sv);
+      nan |= _mm256_movemask_ps(_mm256_cmp_ps(dv, dv, _CMP_UNORD_Q));
+      const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(dv, lo), hi));
+      qs = _mm256_add_epi32(qs, q);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), _mm_packs_epi16(w, w));
+    }
+    bool nan1 = false;
+    int32_t tail = 0;
+    for (int64_t k = K8; k < K; ++k) tail += (qr[k] = static_cast<int8_t>(w8_round1(xr[k], sc, &nan1)));
+    for (int64_t k = K; k < Kp; ++k) qr[k] = 0;
+    if (!s_in && !(sc <= 3.4028234663852886e38f)) nan = 1;
+    qsum[m] = hsum_i32(qs) + tail;
+    sx[m] = (nan || nan1) ? __builtin_nanf("") : sc;
+  }
+}
+
+// W8A8 int32 sums (lowbit_kern.h dot_u8s8): codes and activations widened to int16 (vpmovzxbw /
+// vpmovsxbw) for vpmaddwd, exact for every u8 code and s8 activation (-128 included; vpmaddubsw's
+// int16 pair sums would saturate on u8 x s8). An R-row x C-token register tile (4 x 2: 8
+// accumulators, 4 weight vectors and one activation of the 16 ymm registers); the first token
+// tile of a panel prefetches the rows LOWBIT_PF_BYTES ahead.
+template <int R, int C, bool PF>
+inline void w8_tile(const uint8_t* codes, const int8_t* xq, int64_t K, int32_t* out, int64_t N,
+                    int64_t n, int64_t m, int64_t pf) {
+  const uint8_t* p[R];
+  __m256i acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    p[r] = codes + (n + r) * K;
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
+  }
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256i w[R];
+    for (int r = 0; r < R; ++r) {
+      if (PF && !(k & 63)) _mm_prefetch(reinterpret_cast<const char*>(p[r] + pf + k), _MM_HINT_T0);
+      w[r] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + k)));
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + (m + c) * K + k)));
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(w[r], q));
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) out[(m + c) * N + n + r] = hsum_i32(acc[r][c]);
+}
+
+// rows [nb, ne) against tokens [m, m + C): 4-row panels, then single rows
+template <int C>
+inline void w8_cols(const uint8_t* codes, const int8_t* xq, int64_t K, int32_t* out, int64_t N,
+                    int64_t nb, int64_t ne, int64_t m, int64_t pf) {
+  int64_t n = nb;
+  // (the prefetch a template flag: a run-time test in the loop cost GCC its register allocation)
+  if (pf) {
+    for (; n + 4 <= ne; n += 4) w8_tile<4, C, true>(codes, xq, K, out, N, n, m, pf);
+    for (; n < ne; ++n) w8_tile<1, C, true>(codes, xq, K, out, N, n, m, pf);
+  } else {
+    for (; n + 4 <= ne; n += 4) w8_tile<4, C, false>(codes, xq, K, out, N, n, m, 0);
+    for (; n < ne; ++n) w8_tile<1, C, false>(codes, xq, K, out, N, n, m, 0);
+  }
+}
+
+// Blocks of 16 weight rows (16 K bytes: L1-resident while every token tile passes over them), so
+// the activations are read from L2 once per 16 rows, not once per 4-row panel.
+void w8_dot(const uint8_t* codes, const int8_t* xq, int64_t M, int64_t K, int32_t* out,
+            int64_t N, int64_t n0, int64_t n1) {
+  const int64_t pf = pf_rows_ahead(K, 4);
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t ne = imin(n1, nb + 16);
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) w8_cols<2>(codes, xq, K, out, N, nb, ne, m, m ? 0 : pf);
+    if (m < M) w8_cols<1>(codes, xq, K, out, N, nb, ne, m, m ? 0 : pf);
+  }
+}
+
 }  // namespace
 }  // namespace lowbit
 
@@ -450,6 +561,7 @@ namespace lowbit {
 
 const KernTable kern_avx2 = {"avx2", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
                              gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_blk,
-                                   kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8};
+                                   kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8,
+                                   w8_dot, quant_w8};
 
 }  // namespace lowbit

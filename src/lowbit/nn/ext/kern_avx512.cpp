@@ -367,6 +367,233 @@ void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const in
   }
 }
 
+// the scalar form of one column (tails, the portable variant): the vector code's exact ops
+inline int32_t w8_round1(float x, float sc, bool* nan) {
+  const float dv = x / sc;
+  if (dv != dv) { *nan = true; return 0; }
+  const float v = dv < -128.f ? -128.f : (dv > 127.f ? 127.f : dv);
+  return static_cast<int32_t>((v + 12582912.f) - 12582912.f);   // half to even, |v| < 2^22
+}
+
+// W8A8 input rounding (lowbit_kern.h quant_w8): vdivps (IEEE, as torch's division), clamp,
+// vcvtps2dq (round half to even under the default MXCSR), the tail through masked loads.
+void quant_w8(const float* x, int64_t K, int64_t Kp, const float* s_in, int64_t m0, int64_t m1,
+              int8_t* xq, float* sx, int32_t* qsum) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    float sc;
+    if (s_in) {
+      sc = *s_in;
+    } else {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+        a = _mm512_max_ps(a, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, xr + k)));   // (a NaN row is NaN anyway)
+      }
+      const float amax = _mm512_reduce_max_ps(a);
+      sc = amax > 0.f ? amax / 127.f : 1.f;
+    }
+    const __m512 sv = _mm512_set1_ps(sc), lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
+    __m512i qs = _mm512_setzero_si512();
+    __mmask16 nan = 0;
+    int8_t* qr = xq + m * Kp;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      const __m512 dv = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, xr + k), sv);
+      nan |= _mm512_cmp_ps_mask(dv, dv, _CMP_UNORD_Q);
+      const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(dv, lo), hi));
+      qs = _mm512_add_epi32(qs, _mm512_maskz_mov_epi32(mk, q));
+      _mm_mask_storeu_epi8(qr + k, mk, _mm512_cvtsepi32_epi8(q));
+    }
+    for (int64_t k = K; k < Kp; ++k) qr[k] = 0;
+    // an inf x under a dynamic scale: amax = inf (the abs max skips NaN only), inf / inf = NaN
+    if (!s_in && !(sc <= 3.4028234663852886e38f)) nan = 1;
+    qsum[m] = _mm512_reduce_add_epi32(qs);
+    sx[m] = nan ? __builtin_nanf("") : sc;
+  }
+}
+
+// W8A8 int32 sums (lowbit_kern.h dot_u8s8): an R-row x C-token register tile over the whole row.
+// VNNI: vpdpbusd takes the u8 codes and s8 activations as they are (4 products per int32 lane,
+// exact). Without VNNI, both widen to int16 (vpmovzxbw / vpmovsxbw) for vpmaddwd: exact for every
+// code and activation, -128 included (vpmaddubsw's int16 pair sums would saturate on u8 x s8).
+// The first token tile of a row panel prefetches the rows LOWBIT_PF_BYTES ahead; later tiles find
+// the panel in L1.
+template <int R, int C, bool PF>
+inline void w8_tile(const uint8_t* codes, const int8_t* xq, int64_t K, int32_t* out, int64_t N,
+                    int64_t n, int64_t m, int64_t pf) {
+  const uint8_t* p[R];
+  __m512i acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    p[r] = codes + (n + r) * K;
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < K; k += 64) {
+#if LOWBIT_VNNI
+    __m512i w[R];
+    for (int r = 0; r < R; ++r) {
+      if (PF) _mm_prefetch(reinterpret_cast<const char*>(p[r] + pf + k), _MM_HINT_T0);
+      w[r] = _mm512_loadu_si512(p[r] + k);
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m512i q = _mm512_loadu_si512(xq + (m + c) * K + k);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], w[r], q);
+    }
+#else
+    for (int h = 0; h < 64; h += 32) {
+      __m512i w[R];
+      for (int r = 0; r < R; ++r) {
+        if (PF && !h) _mm_prefetch(reinterpret_cast<const char*>(p[r] + pf + k), _MM_HINT_T0);
+        w[r] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + k + h)));
+      }
+      for (int c = 0; c < C; ++c) {
+        const __m512i q = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (m + c) * K + k + h)));
+        for (int r = 0; r < R; ++r) acc[r][c] = _mm512_add_epi32(acc[r][c], _mm512_madd_epi16(w[r], q));
+      }
+    }
+#endif
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) out[(m + c) * N + n + r] = _mm512_reduce_add_epi32(acc[r][c]);
+}
+
+#if LOWBIT_VNNI
+// acc += u8 w . s8 x in place. GCC 12 compiles _mm512_dpbusd_epi32(acc, w, x) on a register tile
+// into a copy of every accumulator each step (the tied operand); the asm keeps them in place.
+#define LOWBIT_DPBUSD(acc, w, x) asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x))
+
+// sums of 4 vectors of 16 int32 -> one 128-bit lane each: [sum a, sum b, sum c, sum d]
+inline __m128i hsum4_i32(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// the 4-row x 4-token tile, accumulators named (16 zmm) so they stay in registers
+template <bool PF>
+inline void w8_tile44(const uint8_t* codes, const int8_t* xq, int64_t K, int32_t* out, int64_t N,
+                      int64_t n, int64_t m, int64_t pf) {
+  const uint8_t *p0 = codes + n * K, *p1 = p0 + K, *p2 = p1 + K, *p3 = p2 + K;
+  const int8_t *q0 = xq + m * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
+  __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
+          a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+  for (int64_t k = 0; k < K; k += 64) {
+    if (PF) {
+      _mm_prefetch(reinterpret_cast<const char*>(p0 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p1 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p2 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p3 + pf + k), _MM_HINT_T0);
+    }
+    const __m512i w0 = _mm512_loadu_si512(p0 + k), w1 = _mm512_loadu_si512(p1 + k),
+                  w2 = _mm512_loadu_si512(p2 + k), w3 = _mm512_loadu_si512(p3 + k);
+    __m512i x = _mm512_loadu_si512(q0 + k);
+    LOWBIT_DPBUSD(a00, w0, x); LOWBIT_DPBUSD(a10, w1, x); LOWBIT_DPBUSD(a20, w2, x); LOWBIT_DPBUSD(a30, w3, x);
+    x = _mm512_loadu_si512(q1 + k);
+    LOWBIT_DPBUSD(a01, w0, x); LOWBIT_DPBUSD(a11, w1, x); LOWBIT_DPBUSD(a21, w2, x); LOWBIT_DPBUSD(a31, w3, x);
+    x = _mm512_loadu_si512(q2 + k);
+    LOWBIT_DPBUSD(a02, w0, x); LOWBIT_DPBUSD(a12, w1, x); LOWBIT_DPBUSD(a22, w2, x); LOWBIT_DPBUSD(a32, w3, x);
+    x = _mm512_loadu_si512(q3 + k);
+    LOWBIT_DPBUSD(a03, w0, x); LOWBIT_DPBUSD(a13, w1, x); LOWBIT_DPBUSD(a23, w2, x); LOWBIT_DPBUSD(a33, w3, x);
+  }
+  // token c's 4 outputs (rows n..n+3) are contiguous in out
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (m + 0) * N + n), hsum4_i32(a00, a10, a20, a30));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (m + 1) * N + n), hsum4_i32(a01, a11, a21, a31));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (m + 2) * N + n), hsum4_i32(a02, a12, a22, a32));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (m + 3) * N + n), hsum4_i32(a03, a13, a23, a33));
+}
+
+// the 4-row x 1-token tile of decode, 2 accumulators per row (two 64-column halves of 128)
+template <bool PF>
+inline void w8_tile41(const uint8_t* codes, const int8_t* xq, int64_t K, int32_t* out, int64_t N,
+                      int64_t n, int64_t m, int64_t pf) {
+  const uint8_t *p0 = codes + n * K, *p1 = p0 + K, *p2 = p1 + K, *p3 = p2 + K;
+  const int8_t* q0 = xq + m * K;
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {
+    if (PF) {
+      _mm_prefetch(reinterpret_cast<const char*>(p0 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p1 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p2 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p3 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p0 + pf + k + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p1 + pf + k + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p2 + pf + k + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p3 + pf + k + 64), _MM_HINT_T0);
+    }
+    const __m512i x = _mm512_loadu_si512(q0 + k), y = _mm512_loadu_si512(q0 + k + 64);
+    const __m512i w0 = _mm512_loadu_si512(p0 + k), w1 = _mm512_loadu_si512(p1 + k),
+                  w2 = _mm512_loadu_si512(p2 + k), w3 = _mm512_loadu_si512(p3 + k);
+    LOWBIT_DPBUSD(a0, w0, x); LOWBIT_DPBUSD(a1, w1, x); LOWBIT_DPBUSD(a2, w2, x); LOWBIT_DPBUSD(a3, w3, x);
+    const __m512i v0 = _mm512_loadu_si512(p0 + k + 64), v1 = _mm512_loadu_si512(p1 + k + 64),
+                  v2 = _mm512_loadu_si512(p2 + k + 64), v3 = _mm512_loadu_si512(p3 + k + 64);
+    LOWBIT_DPBUSD(b0, v0, y); LOWBIT_DPBUSD(b1, v1, y); LOWBIT_DPBUSD(b2, v2, y); LOWBIT_DPBUSD(b3, v3, y);
+  }
+  if (k < K) {   // K % 128 == 64
+    if (PF) {
+      _mm_prefetch(reinterpret_cast<const char*>(p0 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p1 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p2 + pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p3 + pf + k), _MM_HINT_T0);
+    }
+    const __m512i x = _mm512_loadu_si512(q0 + k);
+    const __m512i w0 = _mm512_loadu_si512(p0 + k), w1 = _mm512_loadu_si512(p1 + k),
+                  w2 = _mm512_loadu_si512(p2 + k), w3 = _mm512_loadu_si512(p3 + k);
+    LOWBIT_DPBUSD(a0, w0, x); LOWBIT_DPBUSD(a1, w1, x); LOWBIT_DPBUSD(a2, w2, x); LOWBIT_DPBUSD(a3, w3, x);
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + m * N + n),
+                   hsum4_i32(_mm512_add_epi32(a0, b0), _mm512_add_epi32(a1, b1), _mm512_add_epi32(a2, b2),
+                             _mm512_add_epi32(a3, b3)));
+}
+#undef LOWBIT_DPBUSD
+#endif
+
+// 4-row panels: the named-register tiles where there is one (VNNI, 4 or 1 tokens)
+template <int C, bool PF>
+inline void w8_tile4(const uint8_t* codes, const int8_t* xq, int64_t K, int32_t* out, int64_t N,
+                     int64_t n, int64_t m, int64_t pf) {
+#if LOWBIT_VNNI
+  if (C == 4) return w8_tile44<PF>(codes, xq, K, out, N, n, m, pf);
+  if (C == 1) return w8_tile41<PF>(codes, xq, K, out, N, n, m, pf);
+#endif
+  w8_tile<4, C, PF>(codes, xq, K, out, N, n, m, pf);
+}
+
+// rows [nb, ne) against tokens [m, m + C): 4-row panels, then single rows
+template <int C>
+inline void w8_cols(const uint8_t* codes, const int8_t* xq, int64_t K, int32_t* out, int64_t N,
+                    int64_t nb, int64_t ne, int64_t m, int64_t pf) {
+  int64_t n = nb;
+  // (the prefetch a template flag: a run-time test in the loop cost GCC its register allocation)
+  if (pf) {
+    for (; n + 4 <= ne; n += 4) w8_tile4<C, true>(codes, xq, K, out, N, n, m, pf);
+    for (; n < ne; ++n) w8_tile<1, C, true>(codes, xq, K, out, N, n, m, pf);
+  } else {
+    for (; n + 4 <= ne; n += 4) w8_tile4<C, false>(codes, xq, K, out, N, n, m, 0);
+    for (; n < ne; ++n) w8_tile<1, C, false>(codes, xq, K, out, N, n, m, 0);
+  }
+}
+
+// Blocks of 16 weight rows (16 K bytes: L1-resident while every token tile passes over them), so
+// the activations are read from L2 once per 16 rows, not once per 4-row panel.
+void w8_dot(const uint8_t* codes, const int8_t* xq, int64_t M, int64_t K, int32_t* out,
+            int64_t N, int64_t n0, int64_t n1) {
+  const int64_t pf = pf_rows_ahead(K, 4);
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t ne = imin(n1, nb + 16);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) w8_cols<4>(codes, xq, K, out, N, nb, ne, m, m ? 0 : pf);
+    switch (M - m) {
+      case 3: w8_cols<3>(codes, xq, K, out, N, nb, ne, m, m ? 0 : pf); break;
+      case 2: w8_cols<2>(codes, xq, K, out, N, nb, ne, m, m ? 0 : pf); break;
+      case 1: w8_cols<1>(codes, xq, K, out, N, nb, ne, m, m ? 0 : pf); break;
+      default: break;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace lowbit
 
@@ -378,11 +605,13 @@ namespace lowbit {
 #if LOWBIT_VNNI
 const KernTable kern_avx512vnni = {"avx512vnni", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
                                    gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_blk,
-                                   kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8};
+                                   kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8,
+                                   w8_dot, quant_w8};
 #else
 const KernTable kern_avx512 = {"avx512", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
                                gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_blk,
-                                   kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8};
+                                   kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8,
+                                   w8_dot, quant_w8};
 #endif
 
 }  // namespace lowbit

@@ -244,10 +244,61 @@ void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const in
   }
 }
 
+// the scalar form of one column (tails, the portable variant): the vector code's exact ops
+inline int32_t w8_round1(float x, float sc, bool* nan) {
+  const float dv = x / sc;
+  if (dv != dv) { *nan = true; return 0; }
+  const float v = dv < -128.f ? -128.f : (dv > 127.f ? 127.f : dv);
+  return static_cast<int32_t>((v + 12582912.f) - 12582912.f);   // half to even, |v| < 2^22
+}
+
+void quant_w8(const float* x, int64_t K, int64_t Kp, const float* s_in, int64_t m0, int64_t m1,
+              int8_t* xq, float* sx, int32_t* qsum) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    float sc;
+    bool nan = false;
+    if (s_in) {
+      sc = *s_in;
+    } else {
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = xr[k] < 0.f ? -xr[k] : xr[k];
+        amax = v > amax ? v : amax;   // NaN compares false: skipped (caught by the division)
+      }
+      sc = amax > 0.f ? amax / 127.f : 1.f;
+      nan = !(sc <= 3.4028234663852886e38f);
+    }
+    int8_t* qr = xq + m * Kp;
+    int32_t qs = 0;
+    for (int64_t k = 0; k < K; ++k) qs += (qr[k] = static_cast<int8_t>(w8_round1(xr[k], sc, &nan)));
+    for (int64_t k = K; k < Kp; ++k) qr[k] = 0;
+    qsum[m] = qs;
+    sx[m] = nan ? __builtin_nanf("") : sc;
+  }
+}
+
+// W8A8 int32 sums (lowbit_kern.h dot_u8s8): plain loops, 64-column runs the compiler vectorises
+void w8_dot(const uint8_t* codes, const int8_t* xq, int64_t M, int64_t K, int32_t* out,
+            int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = codes + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* q = xq + m * K;
+      int32_t acc[64] = {0};
+      for (int64_t k = 0; k < K; k += 64)
+        for (int j = 0; j < 64; ++j) acc[j] += int32_t(p[k + j]) * int32_t(q[k + j]);
+      int32_t t = 0;
+      for (int j = 0; j < 64; ++j) t += acc[j];
+      out[m * N + n] = t;
+    }
+  }
+}
+
 }  // namespace
 
 const KernTable kern_portable = {"portable", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
                                  gemv_q8<true>, gemv_q8<false>, gemm_q4q8c,
-                                 0, 0, nullptr, nullptr, nullptr, gemv_t2q8};
+                                 0, 0, nullptr, nullptr, nullptr, gemv_t2q8, w8_dot, quant_w8};
 
 }  // namespace lowbit

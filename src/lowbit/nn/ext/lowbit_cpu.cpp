@@ -395,6 +395,95 @@ at::Tensor t2_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return y;
 }
 
+// W8A8 linear: int8 inputs x u8 weight codes -> exact int32 sums, one float rescale per output.
+//   codes (N, Kp) uint8, W[n, k] = w_scale[n] * (codes[n, k] - zero), Kp = x's K rounded up to a
+//   multiple of 64 (pad columns: any code; x reads 0 there), Kp <= 65536 (int32 stays exact)
+//   mode 0: dynamic per token   s[m] = max_k |x[m, k]| / 127   (1 for an all-zero token)
+//   mode 1: dynamic per tensor  s    = max |x| / 127
+//   mode 2: static              s    = x_scale (calibrated)
+//   xq = clamp(round_half_even(x / s), -128, 127)    (nn/w8a8.py's torch ops, float op for op)
+//   y[m, n] = float(sum_k codes xq - zero * sum_k xq) * (s[m] * w_scale[n]) + bias[n]
+// which is what torch._int_mm(xq, (codes - zero)^T).float() * (s * w_scale) + bias gives, bit for
+// bit (this file is compiled without FMA contraction on x86; the bias is added in its own pass).
+// A token holding NaN (or, dynamic, inf: its scale is then inf) gets NaN outputs; a static scale
+// clamps inf to +-127 as the torch ops do.
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& w_scale,
+                       const c10::optional<at::Tensor>& bias, int64_t zero, int64_t mode, double x_scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "lowbit w8a8 kernel: x must be a contiguous 2-D float32 tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
+              "lowbit w8a8 kernel: codes must be contiguous 2-D uint8, got ", codes.sizes(), " ", codes.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), Kp = codes.size(1);
+  TORCH_CHECK(Kp % 64 == 0 && K <= Kp && Kp - K < 64 && Kp <= 65536, "lowbit w8a8 kernel: codes (", N, ", ", Kp,
+              ") must hold x's ", K, " columns rounded up to a multiple of 64 (at most 65536)");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == N,
+              "lowbit w8a8 kernel: w_scale must be ", N, " contiguous float32 values, got ", w_scale.sizes());
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "lowbit w8a8 kernel: bias must be ", N, " contiguous float32 values, got ", bias->sizes());
+  TORCH_CHECK(zero >= 0 && zero <= 255, "lowbit w8a8 kernel: zero must be in [0, 255], got ", zero);
+  TORCH_CHECK(mode >= 0 && mode <= 2, "lowbit w8a8 kernel: mode must be 0 (dynamic per token), 1 (dynamic "
+              "per tensor) or 2 (static), got ", mode);
+  const float xs_static = static_cast<float>(x_scale);
+  TORCH_CHECK(mode != 2 || (std::isfinite(xs_static) && xs_static > 0.f),
+              "lowbit w8a8 kernel: a static input scale must be finite and > 0, got ", x_scale);
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  constexpr float kMax = std::numeric_limits<float>::max();
+  const float* xp = x.data_ptr<float>();
+  float tensor_s = 1.f;
+  bool tensor_ok = true;
+  if (mode == 1) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < M * K; ++i) {
+      const float a = std::fabs(xp[i]);
+      tensor_ok = tensor_ok && a <= kMax;
+      amax = std::max(amax, a);
+    }
+    tensor_s = amax > 0.f ? amax / 127.f : 1.f;
+  }
+  std::vector<int8_t> xq(M * Kp);
+  std::vector<float> sx(M);
+  std::vector<int32_t> qsum(M);
+  const KernTable* kt = g_kern;
+  const float* s_in = mode == 0 ? nullptr : (mode == 1 ? &tensor_s : &xs_static);
+  auto quant = [&](int64_t m0, int64_t m1) { kt->quant_w8(xp, K, Kp, s_in, m0, m1, xq.data(), sx.data(), qsum.data()); };
+  if (M * K < (int64_t(1) << 16)) quant(0, M);
+  else at::parallel_for(0, M, 16, quant);
+  if (!tensor_ok)
+    for (int64_t m = 0; m < M; ++m) sx[m] = kNaN;
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  int32_t* yi = reinterpret_cast<int32_t*>(yp);   // the int32 sums land in y, then become floats in place
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* wsp = w_scale.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const int32_t z = static_cast<int32_t>(zero);
+  // in 4-row panels (the kernels' tile); each worker rescales its own columns of every token
+  auto work = [&](int64_t p0, int64_t p1) {
+    const int64_t n0 = 4 * p0, n1 = std::min(N, 4 * p1);
+    kt->dot_u8s8(cp, xq.data(), M, Kp, yi, N, n0, n1);
+    for (int64_t m = 0; m < M; ++m) {
+      const float s = sx[m];
+      const int32_t zq = z * qsum[m];
+      for (int64_t n = n0; n < n1; ++n) {
+        int32_t acc;
+        std::memcpy(&acc, yp + m * N + n, sizeof acc);
+        const float t = static_cast<float>(acc - zq) * (s * wsp[n]);
+        std::memcpy(yp + m * N + n, &t, sizeof t);
+      }
+    }
+    if (bp)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) yp[m * N + n] += bp[n];
+  };
+  const int64_t panels = (N + 3) / 4;
+  // grain as the other GEMVs: >= ~128K weights per thread (waking threads costs more below)
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 15) / (Kp * std::min<int64_t>(M, 4)));
+  if (M <= 4) gemv_parallel(panels, grain, work);
+  else at::parallel_for(0, panels, grain, work);
+  return y;
+}
+
 }  // namespace
 
 // 0: decode GEMVs on at::parallel_for; else our pool's spin time (decode_pool.h, LOWBIT_SPIN_US)
@@ -435,6 +524,10 @@ TORCH_LIBRARY(lowbit_cpu, m) {
         "int act_q8=0) -> Tensor");
   // ternary codes (t2x64, 4 per byte) on per-token int8 activations (BitNet b1.58), any M
   m.def("t2_linear(Tensor x, Tensor codes, Tensor scale, int group_size) -> Tensor");
+  // W8A8: u8 codes (N, K padded to 64) with one zero point, per-row weight scales, int8 inputs
+  // rounded here (mode 0 dynamic per token, 1 dynamic per tensor, 2 static x_scale)
+  m.def("w8a8_linear(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, int zero, int mode, "
+        "float x_scale=1.0) -> Tensor");
   // not tensor ops: registered as plain functions (no dispatch key), called from Python
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("isa() -> str", &current_isa);
@@ -447,4 +540,5 @@ TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("u8_linear", &u8_linear);
   m.impl("t2_linear", &t2_linear);
+  m.impl("w8a8_linear", &w8a8_linear);
 }

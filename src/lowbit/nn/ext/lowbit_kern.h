@@ -21,6 +21,9 @@
 //   q8t    activations of the ternary path (BitNet b1.58): per token m, x[m, k] ~= xs[m] * xq[m, k],
 //          xs[m] = max|x[m]| / 127, xq int8 (the rounding of numerics/activation.quantize_act),
 //          qsum[m, g] = sum over group g of xq[m, k].
+//   w8     W8A8 (lowbit_cpu.cpp's w8a8_linear): u8 codes (N, K), K padded to a multiple of 64,
+//          against per-token (or per-tensor) int8 activations (M, K); the kernels give the raw
+//          int32 sums, the zero point and the scales are applied by the caller.
 #pragma once
 #include <cstdint>
 
@@ -78,6 +81,17 @@ struct KernTable {
   void (*gemv_t2q8)(const uint8_t* codes, const int8_t* xq, const float* xs, const int32_t* qsum,
                     int64_t M, int64_t K, int64_t gs, const float* scale, int64_t G,
                     float* y, int64_t N, int64_t n0, int64_t n1);
+  // W8A8: raw int32 sums out[m * N + n] = sum_k codes[n, k] * xq[m, k] for n in [n0, n1):
+  // u8 codes (N, K), int8 activations (M, K) in [-128, 127], K a multiple of 64 and <= 65536
+  // (so |sum| <= 255 * 128 * 65536 < 2^31: exact). out may be the float output's own buffer.
+  void (*dot_u8s8)(const uint8_t* codes, const int8_t* xq, int64_t M, int64_t K, int32_t* out,
+                   int64_t N, int64_t n0, int64_t n1);
+  // W8A8 input rounding, rows [m0, m1) of x (M, K): s = max|x[m]| / 127 (1 for all zero) when
+  // s_in is null, else *s_in; xq[m, k] = clamp(round_half_even(x / s), -128, 127) (an IEEE
+  // division, as torch's), 0 for k in [K, Kp); qsum[m] = sum_k xq; sx[m] = s, or NaN when some
+  // x / s is NaN (x NaN, or an inf under a dynamic scale).
+  void (*quant_w8)(const float* x, int64_t K, int64_t Kp, const float* s_in, int64_t m0, int64_t m1,
+                   int8_t* xq, float* sx, int32_t* qsum);
 };
 
 // A zero-initialised heap array for the ISA files' scratch buffers, with internal linkage (an
