@@ -245,3 +245,26 @@ def test_w8a8_integer_kernel_matches_the_reference_path(smollm2):
     assert prepare_w8a8(m) == 14
     with torch.no_grad():
         assert bool(torch.isfinite(m(torch.randint(0, 1000, (1, 8))).logits).all())
+
+
+@pytest.mark.model
+def test_prepare_for_inference_puts_w8a8_layers_on_the_int8_kernel(smollm2):
+    """What `lowbit generate` / `lowbit eval` run: prepare_for_inference gives W8A8 layers the int8
+    kernel (they keep their u8 codes, no packed copy), and the logits stay the reference path's
+    within the whole-slice bound of the probe test above."""
+    if not ext.load():
+        pytest.skip(f"lowbit C++ kernels unavailable: {ext.status()}")
+    from lowbit.nn.prepare import prepare_for_inference
+    m = copy.deepcopy(smollm2.model)
+    api.quantize(m, _slice("w8a8"), progress=False)
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = m(ids).logits
+    rep = prepare_for_inference(m)
+    assert rep["backends"] == {"w8a8": 14}
+    q = m.model.layers[0].mlp.down_proj
+    assert isinstance(q.kernel, W8A8Kernel) and q.kernel.backend == "ext"
+    assert q.kernel.codes.data_ptr() == q.qdata.data_ptr()        # K = 1536: the codes themselves
+    with torch.no_grad():
+        got = m(ids).logits
+    assert float((got - ref).abs().max()) <= 1e-2 * float(ref.abs().max())

@@ -123,7 +123,8 @@ def prepare_for_inference(model: nn.Module, backend: str = "auto", release_check
     """Replace every QuantLinear of `model` (in place) by a PackedLinear with the fastest kernel.
 
     backend: "auto" (our C++ kernel where it builds and the scheme has a group form, else the
-    tiled fallback), or force "ext" | "torch" | "tiled". Returns {"backends": {name: count},
+    tiled fallback; W8A8 layers keep their int8 codes and get the int8 kernel of nn/w8a8.py, counted
+    as "w8a8"), or force "ext" | "torch" | "tiled". Returns {"backends": {name: count},
     "layers": n, "packed_bytes": bytes held by the kernels}. release_checkpoint: see
     release_checkpoint_memory (on by default: without it RSS stays at the float model's).
     """
@@ -131,8 +132,17 @@ def prepare_for_inference(model: nn.Module, backend: str = "auto", release_check
     nbytes = 0
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, QuantLinear) and not isinstance(m, PackedLinear)]
+    from lowbit.nn import w8a8
+    w8 = []
     with torch.no_grad():
         for name, mod in targets:
+            if backend == "auto" and w8a8.eligible(mod) and w8a8.backend() == "ext":
+                # W8A8 (int8 weights per channel, int8 inputs): the layer keeps its u8 codes and gets
+                # the int8 kernel (nn/w8a8.py), attached below once its buffers are final
+                w8.append(mod)
+                counts["w8a8"] += 1
+                nbytes += mod.qdata.numel() + mod.scale.numel() * 4
+                continue
             # input-activation quantization stays as it was (and picks the ternary kernel for BitNet)
             packed = PackedLinear(mod.qweight, mod.bias, backend, name, act_quant=mod.act_quant)
             set_submodule(model, name, packed)
@@ -140,4 +150,7 @@ def prepare_for_inference(model: nn.Module, backend: str = "auto", release_check
             nbytes += packed.packed.nbytes()
     if release_checkpoint and targets:
         release_checkpoint_memory(model)
+    with torch.no_grad():
+        for mod in w8:
+            mod.set_kernel(w8a8.W8A8Kernel(mod, "ext"))
     return {"backends": dict(counts), "layers": len(targets), "packed_bytes": nbytes}
