@@ -367,13 +367,6 @@ void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const in
   }
 }
 
-// the scalar form of one column (tails, the portable variant): the vector code's exact ops
-inline int32_t w8_round1(float x, float sc, bool* nan) {
-  const float dv = x / sc;
-  if (dv != dv) { *nan = true; return 0; }
-  const float v = dv < -128.f ? -128.f : (dv > 127.f ? 127.f : dv);
-  return static_cast<int32_t>((v + 12582912.f) - 12582912.f);   // half to even, |v| < 2^22
-}
 
 // W8A8 input rounding (lowbit_kern.h quant_w8): vdivps (IEEE, as torch's division), clamp,
 // vcvtps2dq (round half to even under the default MXCSR), the tail through masked loads.

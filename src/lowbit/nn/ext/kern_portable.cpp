@@ -244,13 +244,6 @@ void gemv_t2q8(const uint8_t* codes, const int8_t* xq, const float* xs, const in
   }
 }
 
-// the scalar form of one column (tails, the portable variant): the vector code's exact ops
-inline int32_t w8_round1(float x, float sc, bool* nan) {
-  const float dv = x / sc;
-  if (dv != dv) { *nan = true; return 0; }
-  const float v = dv < -128.f ? -128.f : (dv > 127.f ? 127.f : dv);
-  return static_cast<int32_t>((v + 12582912.f) - 12582912.f);   // half to even, |v| < 2^22
-}
 
 void quant_w8(const float* x, int64_t K, int64_t Kp, const float* s_in, int64_t m0, int64_t m1,
               int8_t* xq, float* sx, int32_t* qsum) {

@@ -115,6 +115,19 @@ inline int64_t pf_rows_ahead(int64_t row_bytes, int64_t R) {
   return R * row_bytes * ((LOWBIT_PF_BYTES + R * row_bytes - 1) / (R * row_bytes));
 }
 
+// W8A8 input rounding of one column, the scalar form of quant_w8's vector ops (tails, the
+// portable variant): x / s (IEEE), NaN flagged, clamp to [-128, 127], round half to even by the
+// 1.5 * 2^23 trick (|v| < 2^22, the default rounding mode). Internal linkage: each ISA file's own.
+inline int32_t w8_round1(float x, float sc, bool* nan) {
+  const float dv = x / sc;
+  if (dv != dv) {
+    *nan = true;
+    return 0;
+  }
+  const float v = dv < -128.f ? -128.f : (dv > 127.f ? 127.f : dv);
+  return static_cast<int32_t>((v + 12582912.f) - 12582912.f);
+}
+
 template <class T>
 class Buf {
  public:
