@@ -101,3 +101,36 @@ def test_awq_result_round_trips_as_awq_gemm(smollm2, tmp_path):
     with torch.no_grad():
         f = smollm2.model(IDS).logits
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4) and not torch.allclose(a, f, atol=1e-3)
+
+
+def test_w8a8_read_from_a_file_runs_the_int8_kernel(smollm2, tmp_path):
+    """A W8A8 file read straight into kernels (`lowbit generate`'s path, backend "auto") runs the
+    int8 kernel on the packed codes themselves (one copy of the weights), as prepare_for_inference
+    does in memory: the same op on the same codes, so the same logits bit for bit. Another input
+    scheme, or none, puts the layer back on its packed kernel."""
+    from lowbit.nn import ext
+    from lowbit.nn.prepare import prepare_for_inference
+    from lowbit.nn.w8a8 import W8A8Kernel
+    if not ext.load():
+        pytest.skip(f"lowbit C++ kernels unavailable: {ext.status()}")
+    lm, rep = _quantized(smollm2, _slice("w8a8"))
+    paths = {fmt: api.export(lm, rep, tmp_path / fmt.replace("-", "_"), format=fmt)
+             for fmt in ("native", "compressed-tensors")}
+    codes = lm.model.model.layers[1].self_attn.k_proj.qdata.clone()
+    assert prepare_for_inference(lm.model)["backends"] == {"w8a8": 14}
+    with torch.no_grad():
+        want = lm.model(IDS).logits
+    for fmt, path in paths.items():
+        back = load_model(path, backend="auto").model
+        qs = [m for m in back.modules() if getattr(m, "act_quant", None) is not None]
+        assert len(qs) == 14 and all(m.backend == "w8a8" for m in qs), fmt
+        q = back.model.layers[1].self_attn.k_proj
+        assert isinstance(q.kernel, W8A8Kernel) and q.kernel.codes.data_ptr() == q.packed.codes.data_ptr(), fmt
+        assert torch.equal(q.qdata, codes), fmt
+        with torch.no_grad():
+            assert torch.equal(back(IDS).logits, want), fmt
+        aq = q.act_quant
+        q.act_quant = None                        # float inputs: the packed u8 kernel again
+        assert q.kernel is q.packed and q.backend == "ext"
+        q.act_quant = aq
+        assert isinstance(q.kernel, W8A8Kernel)

@@ -35,6 +35,7 @@ class PackedLinear(QuantLinear):
         self.__dict__["_where"] = (backend, name)
         self.packed = make_kernel(qweight, self.bias, backend, name,
                                   None if act_quant is None else act_quant.scheme)
+        self._sync_w8a8()
 
     @property
     def act_quant(self):
@@ -51,10 +52,27 @@ class PackedLinear(QuantLinear):
                 new = make_kernel(self.qweight, self.bias, backend, name, aq.scheme)
             if isinstance(new, TernaryKernel):
                 self.packed = new
+        if k is not None:
+            self._sync_w8a8()
+
+    def _sync_w8a8(self) -> None:
+        """W8A8 read from a file (int8 per-row weights, int8 inputs): on backend "auto" the layer
+        runs the int8 kernel of nn/w8a8.py on its packed codes (shared where the widths allow),
+        as prepare_for_inference does for a model quantized in memory; another input scheme, or
+        none, puts it back on its packed kernel. An override the user set is left alone."""
+        from lowbit.nn import w8a8
+        cur = self.__dict__.get("_override")
+        if cur is not None and not isinstance(cur, w8a8.W8A8Kernel):
+            return
+        self.__dict__["_override"] = None
+        if self.__dict__.get("_where", ("auto",))[0] == "auto" and w8a8.eligible(self) and w8a8.backend() == "ext":
+            with torch.no_grad():
+                self.__dict__["_override"] = w8a8.W8A8Kernel(self, "ext")
 
     @property
     def backend(self) -> str:
-        return self.packed.backend
+        from lowbit.nn.w8a8 import W8A8Kernel
+        return "w8a8" if isinstance(self.__dict__.get("_override"), W8A8Kernel) else self.packed.backend
 
     @property
     def qdata(self) -> torch.Tensor:  # unpacked on request only (exports, checks)

@@ -66,7 +66,10 @@ def has_int_mm() -> bool:
 
 
 def eligible(mod: nn.Module) -> bool:
-    if not isinstance(mod, QuantLinear) or mod.act_quant is None or type(mod) is not QuantLinear:
+    """An int8 symmetric per-row weight with int8 input quantization (not LLM.int8()): a
+    QuantLinear (in memory after api.quantize) or a PackedLinear (read from a file)."""
+    from lowbit.nn.prepare import PackedLinear
+    if not isinstance(mod, QuantLinear) or mod.act_quant is None or type(mod) not in (QuantLinear, PackedLinear):
         return False
     s, a = mod.scheme, mod.act_quant.scheme
     return (s.format == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and s.axis == 0
@@ -88,13 +91,15 @@ class W8A8Kernel:
         if self.backend == "ext":
             global _w8a8_linear
             _w8a8_linear = torch.ops.lowbit_cpu.w8a8_linear.default
-            codes = mod.qdata
-            k = codes.shape[1]
+            k = mod.in_features
             kp = -(-k // 64) * 64
             if kp > 65536:
                 raise LowbitError(f"W8A8 kernel: {k} input features; the int32 sums are exact up to 65536")
-            if kp != k:     # pad columns hold the zero point (weight 0); x reads 0 there
-                codes = torch.cat([codes, torch.full((codes.shape[0], kp - k), zero, dtype=torch.uint8)], 1)
+            codes = _packed_u8_codes(mod, kp)
+            if codes is None:
+                codes = mod.qdata
+                if kp != k:     # pad columns hold the zero point (weight 0); x reads 0 there
+                    codes = torch.cat([codes, torch.full((codes.shape[0], kp - k), zero, dtype=torch.uint8)], 1)
             self.codes = codes.contiguous()
             self.zero = int(zero)
             self.w_scale_1d = self.w_scale.reshape(-1).contiguous()
@@ -128,6 +133,19 @@ class W8A8Kernel:
 
 
 _w8a8_linear = None
+
+
+def _packed_u8_codes(mod: nn.Module, kp: int) -> torch.Tensor | None:
+    """A PackedLinear's own byte codes when the op can read them as they are (our ext kernel's u8
+    container, columns in order, rows padded to exactly kp): then the int8 kernel shares them and
+    the layer holds one copy of its weights. Its pad columns hold code 0, not the zero point;
+    the op's rounded input is 0 there, so they add nothing to either integer sum."""
+    from lowbit.nn.kernels import ExtKernel
+    k = mod._modules.get("packed") if "_modules" in mod.__dict__ else None
+    if (type(k) is not ExtKernel or k.nibble or k.perm is not None or k.codes.dtype != torch.uint8
+            or tuple(k.codes.shape) != (mod.out_features, kp) or not k.codes.is_contiguous()):
+        return None
+    return k.codes
 
 
 def prepare_w8a8(model: nn.Module) -> int:
