@@ -94,9 +94,23 @@ def quantize_act(x: torch.Tensor, scale: torch.Tensor, scheme: ActScheme) -> tor
 
 
 def fake_quant_act(x: torch.Tensor, scheme: ActScheme, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x -> dequantize(quantize(x)) in x's dtype; `scale` for static schemes (else computed)."""
+    """x -> dequantize(quantize(x)) in x's dtype; `scale` for static schemes (else computed).
+
+    NaN/inf never turn into finite codes (a NaN absmax gives act_scale's scale 1, and the int8
+    cast of NaN is arbitrary): as in the C++ op (lowbit_cpu.w8a8_linear), a token holding NaN
+    or inf comes out all NaN under a per-token scale, every token under a dynamic per-tensor
+    scale; a static scale clamps inf to the largest code and gives a NaN token a NaN row."""
     s = act_scale(x, scheme) if scale is None else scale
-    return (quantize_act(x, s, scheme).to(torch.float32) * s).to(x.dtype)
+    y = quantize_act(x, s, scheme).to(torch.float32) * s
+    bad = torch.isnan(x) if not scheme.dynamic else ~torch.isfinite(x)
+    if scheme.dynamic and scheme.granularity == "tensor":
+        if bool(bad.any()):
+            y = torch.full_like(y, float("nan"))
+    elif x.dim():
+        y = y.masked_fill(bad.any(-1, keepdim=True), float("nan"))
+    elif bool(bad):
+        y = torch.full_like(y, float("nan"))
+    return y.to(x.dtype)
 
 
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
