@@ -51,14 +51,20 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Gener
     return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
 
 
-def _forward_fn(model: torch.nn.Module, length: int, step: bool | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _forward_fn(model: torch.nn.Module, length: int, step: bool | None,
+                kv_cache: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """ids (1, M) -> logits of the last position, keeping a KV cache of up to `length` positions
     (lowbit.nn.step when it runs the model, else the HF forward with a DynamicCache)."""
-    from lowbit.nn.step import step_model
-    sm = step_model(model, step)
+    from lowbit.nn.step import step_model, why_unsupported
+    quant_kv = kv_cache not in (None, "float")
+    sm = step_model(model, True if quant_kv and step is None else step)
     if sm is not None:
-        cache = sm.new_cache(length)
+        cache = sm.new_cache(length, kv_cache)
         return lambda ids: sm.step(ids, cache.pos, cache)
+    if quant_kv:
+        raise LowbitError(f"generate: a {kv_cache} KV cache runs on lowbit's step path"
+                          + (f", which does not run this model ({why_unsupported(model)})" if step is not False
+                             else ", and step=False turns it off"))
     from transformers import DynamicCache
     state = {"past": DynamicCache()}
 
@@ -73,13 +79,16 @@ def _forward_fn(model: torch.nn.Module, length: int, step: bool | None) -> Calla
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64, *,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0,
              eos_token_id: int | list[int] | None = None, min_new_tokens: int = 0,
-             on_token: Callable[[int], None] | None = None, step: bool | None = None) -> GenerationResult:
+             on_token: Callable[[int], None] | None = None, step: bool | None = None,
+             kv_cache: str | None = None) -> GenerationResult:
     """Greedy (temperature 0) or sampled generation of up to `max_new_tokens` after `input_ids` (1, P).
 
     on_token(id) is called as each token is chosen (streaming). EOS stops generation once
     `min_new_tokens` are out (benchmarks set min_new_tokens = max_new_tokens for a fixed count).
     step: None = lowbit.nn.step where it supports the model, else the HF forward; False = always
     the HF forward; True = the step path or LowbitError.
+    kv_cache: None / "float" (the model's dtype), "int8" or "fp8": keys and values rounded per token
+    and head as they enter the cache (nn/step.py KVCache; the step path only).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -98,7 +107,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     res = GenerationResult(prompt_tokens=int(input_ids.shape[1]))
-    forward = _forward_fn(model, int(input_ids.shape[1]) + max_new_tokens, step)
+    forward = _forward_fn(model, int(input_ids.shape[1]) + max_new_tokens, step, kv_cache)
     t0 = time.perf_counter()
     tok = _pick(forward(input_ids), temperature, top_k, gen)
     res.prefill_seconds = time.perf_counter() - t0

@@ -218,8 +218,10 @@ class StepModel:
         return all(b.layer is layer and all(x is y for x, y in zip(b.mods, _linears(layer)))
                    and all(f.valid() for f in b.fused) for b, layer in zip(self.blocks, inner.layers))
 
-    def new_cache(self, length: int) -> "KVCache":
-        return KVCache(len(self.blocks), self.kv_heads, length, self.head_dim, self.dtype)
+    def new_cache(self, length: int, kv: str | None = None) -> "KVCache":
+        """A cache for `length` positions; kv: None / "float" (the model's dtype), "int8" or "fp8"
+        (codes + one fp32 scale per head and position; see KVCache)."""
+        return KVCache(len(self.blocks), self.kv_heads, length, self.head_dim, self.dtype, kv)
 
     def _rope(self, length: int) -> None:
         if length <= self._rope_len:
@@ -232,7 +234,9 @@ class StepModel:
         self._rope_len = n
 
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor, pos: int, cache: "KVCache") -> torch.Tensor:
+    def step(self, ids: torch.Tensor, pos: int, cache: "KVCache", all_logits: bool = False) -> torch.Tensor:
+        """Run ids (M,) at positions pos..pos+M-1 -> the last position's logits (vocab,), or every
+        position's (M, vocab) with all_logits (long-context evaluation, eval/kvcache.py)."""
         m = int(ids.numel())
         end = pos + m
         if end > cache.length:
@@ -248,21 +252,24 @@ class StepModel:
         x = self.embed.weight[ids.reshape(-1)]                  # (M, D), a new tensor we own
         ops = self._fused_ops() if m <= OPS_MAX_M else None
         if ops is not None:
-            return self._step_fused_ops(ops, x, pos, end, cos, sin, mask, causal, cache)
+            return self._step_fused_ops(ops, x, pos, end, cos, sin, mask, causal, cache, all_logits)
         for li, b in enumerate(self.blocks):
             h = _rms(x, b.ln1, b.eps1)
             qkv = b.qkv(h)
             qk = qkv[:, :(H + G) * hd].view(m, H + G, hd).transpose(0, 1)    # (H+G, M, hd)
             rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + rot * sin
-            kc, vc = cache.k[li], cache.v[li]                                  # (G, T, hd)
+            kc, vc = cache.layer(li, pos)                                      # (G, T, hd)
             kc[:, pos:end] = qk[H:]
             vc[:, pos:end] = qkv[:, (H + G) * hd:].view(m, G, hd).transpose(0, 1)
+            cache.commit(li, pos, end)
             x = x + b.o(self._attend(qk[:H], kc, vc, end, mask, causal))
             gu = b.gate_up(_rms(x, b.ln2, b.eps2))
             inter = gu.shape[-1] // 2
             x = x + b.down(F.silu(gu[:, :inter]) * gu[:, inter:])
         cache.pos = end
+        if all_logits:
+            return self.lm_head(_rms(x, self.norm_w, self.norm_eps))
         return self.lm_head(_rms(x[-1:], self.norm_w, self.norm_eps))[0]
 
     def _attend(self, q, kc, vc, end, mask, causal) -> torch.Tensor:
@@ -279,29 +286,96 @@ class StepModel:
         from lowbit.nn import ext
         return torch.ops.lowbit_cpu if ext.load() and hasattr(torch.ops.lowbit_cpu, "rope_kv") else None
 
-    def _step_fused_ops(self, ops, x, pos, end, cos, sin, mask, causal, cache) -> torch.Tensor:
+    def _step_fused_ops(self, ops, x, pos, end, cos, sin, mask, causal, cache, all_logits=False) -> torch.Tensor:
         # the same block with nn/ext/step_ops.cpp: residual add + norm, rope + cache write, silu * up
         H, G = self.heads, self.kv_heads
         nb = len(self.blocks)
         h = ops.add_rms_norm(x, None, self.blocks[0].ln1, self.blocks[0].eps1)
         for li, b in enumerate(self.blocks):
-            kc, vc = cache.k[li], cache.v[li]
+            kc, vc = cache.layer(li, pos)
             q = ops.rope_kv(b.qkv(h), cos, sin, kc, vc, pos, H, G)
+            cache.commit(li, pos, end)
             h = ops.add_rms_norm(x, b.o(self._attend(q, kc, vc, end, mask, causal)), b.ln2, b.eps2)
             nxt = self.blocks[li + 1] if li + 1 < nb else None
             w, eps = (nxt.ln1, nxt.eps1) if nxt is not None else (self.norm_w, self.norm_eps)
             h = ops.add_rms_norm(x, b.down(ops.silu_mul(b.gate_up(h))), w, eps)
         cache.pos = end
-        return self.lm_head(h[-1:])[0]
+        return self.lm_head(h) if all_logits else self.lm_head(h[-1:])[0]
+
+
+KV_FORMATS = {"int8": "int8", "fp8": "fp8_e4m3"}     # --kv-cache name -> ActScheme format
 
 
 class KVCache:
-    """Preallocated keys / values: (layers, kv_heads, length, head_dim) each; `pos` filled so far."""
+    """Preallocated keys / values for every block; `pos` positions filled so far.
 
-    def __init__(self, layers: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype):
-        self.k = torch.empty(layers, kv_heads, length, head_dim, dtype=dtype)
-        self.v = torch.empty(layers, kv_heads, length, head_dim, dtype=dtype)
+    kv None / "float": (layers, kv_heads, length, head_dim) in the model's dtype, read and written
+    in place. kv "int8" / "fp8": each key / value row (one head, one position, head_dim values)
+    is stored as codes (int8, or float8 e4m3) with one fp32 scale, absmax / 127 (448): dynamic per
+    token and head, the rounding of numerics/activation.py (round half to even, clamp; e4m3
+    round to nearest). Then a block's step dequantizes the stored rows into one float scratch
+    shared by all blocks (layer), the new rows are written there, rounded into the store and
+    replaced by what the store now holds (commit): attention reads exactly what the cache keeps,
+    the new tokens included. The store is ~1/4 (int8, fp8) of an fp32 cache plus 4 bytes per row;
+    the scratch is one block's float K and V.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
+                 kv: str | None = None):
         self.length, self.pos = length, 0
+        self.kv = None if kv in (None, "float") else kv
+        if self.kv is None:
+            self.k = torch.empty(layers, kv_heads, length, head_dim, dtype=dtype)
+            self.v = torch.empty(layers, kv_heads, length, head_dim, dtype=dtype)
+            return
+        if self.kv not in KV_FORMATS:
+            raise LowbitError(f"KV cache: expected float | {' | '.join(KV_FORMATS)}, got {kv!r}")
+        from lowbit.numerics.activation import ActScheme
+        self.scheme = ActScheme(format=KV_FORMATS[self.kv], dynamic=True, granularity="token")
+        code = torch.int8 if self.kv == "int8" else torch.float8_e4m3fn
+        self.kq = torch.empty(layers, kv_heads, length, head_dim, dtype=code)
+        self.vq = torch.empty(layers, kv_heads, length, head_dim, dtype=code)
+        self.ks = torch.empty(layers, kv_heads, length, 1, dtype=torch.float32)
+        self.vs = torch.empty(layers, kv_heads, length, 1, dtype=torch.float32)
+        self.k = torch.empty(1, kv_heads, length, head_dim, dtype=dtype)    # the scratch
+        self.v = torch.empty(1, kv_heads, length, head_dim, dtype=dtype)
+
+    def layer(self, li: int, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block li's (K, V) float buffers (kv_heads, length, head_dim), positions < pos filled."""
+        if self.kv is None:
+            return self.k[li], self.v[li]
+        kc, vc = self.k[0], self.v[0]
+        if pos:
+            for buf, codes, scales in ((kc, self.kq, self.ks), (vc, self.vq, self.vs)):
+                if codes.dtype == torch.int8:
+                    torch.mul(codes[li, :, :pos], scales[li, :, :pos], out=buf[:, :pos])
+                else:   # no type promotion for float8: convert, then scale in place
+                    buf[:, :pos].copy_(codes[li, :, :pos]).mul_(scales[li, :, :pos])
+        return kc, vc
+
+    def commit(self, li: int, pos: int, end: int) -> None:
+        """Round block li's new rows pos..end-1 into the store; the scratch then holds their
+        dequantized values. NaN/inf keys or values are refused with the block named."""
+        if self.kv is None:
+            return
+        from lowbit.numerics.activation import act_scale, quantize_act
+        for buf, codes, scales, what in ((self.k[0], self.kq, self.ks, "keys"), (self.v[0], self.vq, self.vs, "values")):
+            x = buf[:, pos:end].float()
+            if not bool(torch.isfinite(x).all()):   # act_scale would hide a NaN row (scale 1)
+                raise LowbitError(f"KV cache: block {li}'s {what} at positions {pos}..{end - 1} contain NaN/inf")
+            s = act_scale(x, self.scheme)
+            q = quantize_act(x, s, self.scheme)
+            codes[li, :, pos:end] = q
+            scales[li, :, pos:end] = s
+            buf[:, pos:end] = (q.float() * s).to(buf.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes the cache keeps across steps (the store; the float scratch not counted)."""
+        ts = (self.k, self.v) if self.kv is None else (self.kq, self.vq, self.ks, self.vs)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def scratch_bytes(self) -> int:
+        return 0 if self.kv is None else sum(t.numel() * t.element_size() for t in (self.k, self.v))
 
 
 def step_model(model: nn.Module, enable: bool | None = None) -> StepModel | None:
