@@ -222,3 +222,40 @@ def test_quantized_kv_cache_at_long_context_and_through_generate(smollm2):
     assert len(out.tokens) == 4
     with pytest.raises(LowbitError, match="step path"):
         generate(smollm2.model, prompt, 4, step=False, kv_cache="int8")
+
+
+@pytest.mark.parametrize("isa", ext.ISAS)
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_kv_attend_on_codes_matches_dequantized_attention(isa, kv):
+    """lowbit_cpu.kv_attend (decode attention read from the codes) against float64 attention on
+    the dequantized rows, grouped-query heads, two position blocks. Bound from the arithmetic
+    (u = 2^-24): a score is off by at most hd u scaling sum_d |q_d k_d|, which moves the output by
+    at most twice that times max|v|; the value sum over `end` terms adds end u max|v|."""
+    if not ext.load():
+        pytest.skip(f"C++ extension unavailable: {ext.status()}")
+    why = ext.isa_status()[isa]
+    if why != "ready":
+        pytest.skip(f"ISA variant {isa}: {why}")
+    from lowbit.nn.step import KVCache
+    H, G, T, hd, end, scaling = 9, 3, 1100, 64, 1037, 64 ** -0.5
+    g = torch.Generator().manual_seed(3)
+    c = KVCache(1, G, T, hd, torch.float32, kv)
+    k, v = c.layer(0, 0)
+    k[:, :end] = torch.randn(G, end, hd, generator=g) * torch.rand(G, end, 1, generator=g) * 4
+    v[:, :end] = torch.randn(G, end, hd, generator=g)
+    c.commit(0, 0, end)
+    kd, vd = (t[:, :end].double() for t in c.layer(0, end))        # what the cache holds
+    q = torch.randn(H, hd, generator=g)
+    with ext.use_isa(isa):
+        got = c.attend(0, q, end, scaling)
+    rep = H // G
+    kh, vh = kd.repeat_interleave(rep, 0), vd.repeat_interleave(rep, 0)   # (H, end, hd)
+    s = scaling * torch.einsum("hd,htd->ht", q.double(), kh)
+    want = torch.einsum("ht,htd->hd", torch.softmax(s, -1), vh)
+    u = 2.0 ** -24
+    vmax = float(vd.abs().max())
+    dscore = hd * u * scaling * float(torch.einsum("hd,htd->ht", q.double().abs(), kh.abs()).max())
+    bound = vmax * (2 * dscore + (end + 16) * u)
+    assert float((got.double() - want).abs().max()) <= bound
+    with pytest.raises(RuntimeError, match="end"):
+        torch.ops.lowbit_cpu.kv_attend(q, c._u8[0][0], c.ks[0], c._u8[1][0], c.vs[0], c._lut, kv == "int8", T + 1, 1.0)

@@ -259,11 +259,14 @@ class StepModel:
             qk = qkv[:, :(H + G) * hd].view(m, H + G, hd).transpose(0, 1)    # (H+G, M, hd)
             rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + rot * sin
-            kc, vc = cache.layer(li, pos)                                      # (G, T, hd)
+            direct = m == 1 and H <= 16 * G and cache.direct()    # decode: attend on the codes
+            kc, vc = cache.layer(li, pos, past=not direct)                     # (G, T, hd)
             kc[:, pos:end] = qk[H:]
             vc[:, pos:end] = qkv[:, (H + G) * hd:].view(m, G, hd).transpose(0, 1)
             cache.commit(li, pos, end)
-            x = x + b.o(self._attend(qk[:H], kc, vc, end, mask, causal))
+            att = (cache.attend(li, qk[:H, 0], end, self.scaling).reshape(1, H * hd) if direct
+                   else self._attend(qk[:H], kc, vc, end, mask, causal))
+            x = x + b.o(att)
             gu = b.gate_up(_rms(x, b.ln2, b.eps2))
             inter = gu.shape[-1] // 2
             x = x + b.down(F.silu(gu[:, :inter]) * gu[:, inter:])
@@ -291,11 +294,14 @@ class StepModel:
         H, G = self.heads, self.kv_heads
         nb = len(self.blocks)
         h = ops.add_rms_norm(x, None, self.blocks[0].ln1, self.blocks[0].eps1)
+        direct = x.shape[0] == 1 and H <= 16 * G and cache.direct()
         for li, b in enumerate(self.blocks):
-            kc, vc = cache.layer(li, pos)
+            kc, vc = cache.layer(li, pos, past=not direct)
             q = ops.rope_kv(b.qkv(h), cos, sin, kc, vc, pos, H, G)
             cache.commit(li, pos, end)
-            h = ops.add_rms_norm(x, b.o(self._attend(q, kc, vc, end, mask, causal)), b.ln2, b.eps2)
+            att = (cache.attend(li, q[:, 0], end, self.scaling).reshape(1, -1) if direct
+                   else self._attend(q, kc, vc, end, mask, causal))
+            h = ops.add_rms_norm(x, b.o(att), b.ln2, b.eps2)
             nxt = self.blocks[li + 1] if li + 1 < nb else None
             w, eps = (nxt.ln1, nxt.eps1) if nxt is not None else (self.norm_w, self.norm_eps)
             h = ops.add_rms_norm(x, b.down(ops.silu_mul(b.gate_up(h))), w, eps)
@@ -340,12 +346,38 @@ class KVCache:
         self.k = torch.empty(1, kv_heads, length, head_dim, dtype=dtype)    # the scratch
         self.v = torch.empty(1, kv_heads, length, head_dim, dtype=dtype)
 
-    def layer(self, li: int, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block li's (K, V) float buffers (kv_heads, length, head_dim), positions < pos filled."""
+    def direct(self) -> bool:
+        """True where a decode step attends on the codes (lowbit_cpu.kv_attend: quantized cache,
+        C++ kernels loaded, head_dim a multiple of 16 up to 256, at most 16 query heads per kv
+        head); then layer(past=False) skips dequantizing the stored rows."""
+        d = self.__dict__.get("_direct")
+        if d is None:
+            d = False
+            if self.kv is not None and self.k.dtype == torch.float32:
+                from lowbit.nn import ext
+                hd = self.k.shape[-1]
+                d = bool(ext.load() and hasattr(torch.ops.lowbit_cpu, "kv_attend") and hd % 16 == 0 and hd <= 256)
+            self._direct = d
+        return d
+
+    def attend(self, li: int, q: torch.Tensor, end: int, scaling: float) -> torch.Tensor:
+        """One decode position's attention, q (H, hd) fp32 -> (H, hd), on block li's codes."""
+        if not hasattr(self, "_lut"):
+            bits = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+            self._lut = (bits.view(torch.int8) if self.kv == "int8" else bits.view(torch.float8_e4m3fn)).float()
+            self._lut = torch.nan_to_num(self._lut, nan=0.0)   # e4m3's two NaN codes: never stored
+            self._u8 = (self.kq.view(torch.uint8), self.vq.view(torch.uint8))
+        kq, vq = self._u8
+        return torch.ops.lowbit_cpu.kv_attend(q.contiguous(), kq[li], self.ks[li], vq[li], self.vs[li], self._lut,
+                                              self.kv == "int8", end, scaling)
+
+    def layer(self, li: int, pos: int, past: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block li's (K, V) float buffers (kv_heads, length, head_dim), positions < pos filled
+        (past=False: only the rows this step writes are meaningful)."""
         if self.kv is None:
             return self.k[li], self.v[li]
         kc, vc = self.k[0], self.v[0]
-        if pos:
+        if pos and past:
             for buf, codes, scales in ((kc, self.kq, self.ks), (vc, self.vq, self.vs)):
                 if codes.dtype == torch.int8:
                     torch.mul(codes[li, :, :pos], scales[li, :, :pos], out=buf[:, :pos])

@@ -484,6 +484,68 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   return y;
 }
 
+// Decode attention read from a quantized KV cache (nn/step.py KVCache, kern_attn_q8.h):
+//   q (H, hd) fp32; kc, vc (G, T, hd) uint8 (int8 codes, or float8 e4m3 bits decoded by lut (256
+//   floats)); ks, vs (G, T) fp32 row scales; the first `end` positions -> (H, hd)
+//   = softmax(scaling * q K^T) V with K, V the dequantized rows, never built in memory.
+// Positions go in fixed blocks of kAttnBlock (scores written per block; value sums per block
+// added in block order), so the result does not depend on the thread count.
+constexpr int64_t kAttnBlock = 512;
+
+at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& ks, const at::Tensor& vc,
+                     const at::Tensor& vs, const at::Tensor& lut, bool i8, int64_t end, double scaling) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "lowbit kv_attend: q must be a contiguous (H, hd) float32 tensor, got ", q.sizes(), " ", q.scalar_type());
+  const int64_t H = q.size(0), hd = q.size(1);
+  TORCH_CHECK(kc.dim() == 3 && kc.scalar_type() == at::kByte && kc.is_contiguous() && kc.size(2) == hd &&
+                  vc.sizes() == kc.sizes() && vc.scalar_type() == at::kByte && vc.is_contiguous(),
+              "lowbit kv_attend: codes must be contiguous (G, T, ", hd, ") uint8, got ", kc.sizes(), " / ", vc.sizes());
+  const int64_t G = kc.size(0), T = kc.size(1);
+  TORCH_CHECK(G > 0 && H % G == 0 && H / G <= 16 && hd % 16 == 0 && hd <= 256,
+              "lowbit kv_attend: needs H a multiple of G with H / G <= 16, and hd a multiple of 16 up to 256; got H ",
+              H, ", G ", G, ", hd ", hd);
+  TORCH_CHECK(end >= 1 && end <= T, "lowbit kv_attend: end ", end, " outside the cache's 1..", T, " positions");
+  for (const at::Tensor* t : {&ks, &vs})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == G * T,
+                "lowbit kv_attend: scales must be ", G * T, " contiguous float32 values, got ", t->sizes());
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.is_contiguous() && lut.numel() == 256,
+              "lowbit kv_attend: lut must be 256 contiguous float32 values");
+  const KernTable* kt = g_kern;
+  const int64_t nb = (end + kAttnBlock - 1) / kAttnBlock, rep = H / G;
+  const float* qp = q.data_ptr<float>();
+  const uint8_t *kp = kc.data_ptr<uint8_t>(), *vp = vc.data_ptr<uint8_t>();
+  const float *ksp = ks.data_ptr<float>(), *vsp = vs.data_ptr<float>(), *lp = lut.data_ptr<float>();
+  at::Tensor sc = at::empty({H, end}, q.options());
+  float* scp = sc.data_ptr<float>();
+  const float sf = static_cast<float>(scaling);
+  at::parallel_for(0, G * nb, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t g = u / nb, t0 = (u % nb) * kAttnBlock;
+      kt->kv_scores(qp, H, G, kp, ksp, T, hd, lp, i8, sf, g, t0, std::min(end, t0 + kAttnBlock), scp, end);
+    }
+  });
+  at::Tensor p = at::softmax(sc, 1);
+  const float* pp = p.data_ptr<float>();
+  at::Tensor parts = at::empty({G, nb, rep, hd}, q.options());
+  float* partp = parts.data_ptr<float>();
+  at::parallel_for(0, G * nb, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t g = u / nb, t0 = (u % nb) * kAttnBlock;
+      kt->kv_mix(pp, H, G, vp, vsp, T, hd, lp, i8, g, t0, std::min(end, t0 + kAttnBlock), end,
+                 partp + u * rep * hd);
+    }
+  });
+  at::Tensor out = at::empty({H, hd}, q.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < rep * hd; ++i) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) acc += partp[(g * nb + b) * rep * hd + i];
+      op[g * rep * hd + i] = acc;
+    }
+  return out;
+}
+
 }  // namespace
 
 // 0: decode GEMVs on at::parallel_for; else our pool's spin time (decode_pool.h, LOWBIT_SPIN_US)
@@ -529,6 +591,8 @@ TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("w8a8_linear(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, int zero, int mode, "
         "float x_scale=1.0) -> Tensor");
   // not tensor ops: registered as plain functions (no dispatch key), called from Python
+  m.def("kv_attend(Tensor q, Tensor kc, Tensor ks, Tensor vc, Tensor vs, Tensor lut, bool i8, int end, "
+        "float scaling) -> Tensor");
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("isa() -> str", &current_isa);
   m.def("isa_supported(str name) -> bool", &isa_supported);
@@ -541,4 +605,5 @@ TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
   m.impl("u8_linear", &u8_linear);
   m.impl("t2_linear", &t2_linear);
   m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("kv_attend", &kv_attend);
 }

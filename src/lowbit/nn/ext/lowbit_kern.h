@@ -92,6 +92,14 @@ struct KernTable {
   // x / s is NaN (x NaN, or an inf under a dynamic scale).
   void (*quant_w8)(const float* x, int64_t K, int64_t Kp, const float* s_in, int64_t m0, int64_t m1,
                    int8_t* xq, float* sx, int32_t* qsum);
+  // decode attention on a quantized KV cache (kern_attn_q8.h): scores of kv head g's query
+  // heads for positions [t0, t1), and the probability-weighted value sums over [t0, t1)
+  void (*kv_scores)(const float* q, int64_t H, int64_t G, const uint8_t* kc, const float* ks, int64_t T,
+                    int64_t hd, const float* lut, bool i8, float scaling, int64_t g, int64_t t0, int64_t t1,
+                    float* sc, int64_t end);
+  void (*kv_mix)(const float* p, int64_t H, int64_t G, const uint8_t* vc, const float* vs, int64_t T,
+                 int64_t hd, const float* lut, bool i8, int64_t g, int64_t t0, int64_t t1, int64_t end,
+                 float* part);
 };
 
 // A zero-initialised heap array for the ISA files' scratch buffers, with internal linkage (an
