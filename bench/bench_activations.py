@@ -11,7 +11,8 @@ Every row: the same calibration windows (wiki-calibration, seeded: --samples x -
 --eval-windows 512-token windows of wiki-evaluation, KL and top-1 agreement to the fp32 model on
 the first --kl-windows of them). Speed (--speed): greedy decode steps with the KV cache at batch
 1 and batch 32 (a 16-token prompt, 16 steps, median of 3 runs), fp32 timed in the same process.
-Results are kept per row in <work>/results.json (a finished row is not redone).
+Results are kept per row in <work>/results.json (a finished row is not redone). --model picks
+another built-in model (qwen2.5-coder-1.5b after `make qwen`), with the same text and settings.
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--kl-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="smollm2-135m", help="built-in model (qwen2.5-coder-1.5b: `make qwen`)")
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--configs", default="", help="comma list of rows, in this order: the part's own names "
                     "or any recipe name lowbit resolves (e.g. w4g128-gptq-actorder-mse)")
@@ -101,10 +103,12 @@ def main() -> int:
     from lowbit.nn.w8a8 import prepare_w8a8
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    lm = load_model("smollm2-135m")
+    lm = load_model(args.model)
     tokens = calibration_tokens(lm.tokenizer, CalibrationConfig(n_samples=args.samples, seq_len=args.seq_len))
     torch.save(tokens, work / "calib.pt")
     key = f"calib {args.samples}x{args.seq_len}, eval {args.eval_windows}x512, kl {args.kl_windows}x512"
+    if args.model != "smollm2-135m":
+        key = f"{args.model}: {key}"
     res_file = work / "results.json"
     allres = json.loads(res_file.read_text()) if res_file.is_file() else {}
     done = allres.setdefault(key, {})
@@ -142,7 +146,7 @@ def main() -> int:
             dump = work / f"{name}.pt"
             if not dump.is_file():
                 from lowbit.models.load import gguf_to_hf_dir, resolve_source
-                model_dir, _ = gguf_to_hf_dir(resolve_source("smollm2-135m")[1])
+                model_dir, _ = gguf_to_hf_dir(resolve_source(args.model)[1])
                 out = subprocess.run([str(LLMC_PY), str(HERE / "peers" / "llmc_awq.py"), "--model-dir",
                                       str(model_dir), "--tokens", str(work / "calib.pt"), "--bits", str(bits),
                                       "--group-size", str(group), "--threads", str(args.threads), "--dump", str(dump),

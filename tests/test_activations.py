@@ -285,3 +285,38 @@ def test_reference_rounding_never_turns_nan_or_inf_into_finite_codes(fmt):
         y = torch.ops.lowbit_cpu.w8a8_linear(x, torch.full((8, 128), 129, dtype=torch.uint8), torch.ones(8),
                                              None, 128, 0, 1.0)
         assert y.isnan().all(1).tolist() == tok.isnan().all(1).tolist()
+
+
+@pytest.mark.model
+def test_llm_int8_runs_on_the_int8_op_with_fp16_outlier_columns(smollm2):
+    """LLM.int8() on our op: inlier columns through the int8 kernel, outlier columns (|x| > 6 in
+    some token) through an fp32 matmul of their fp16 inputs; the reference path's function up to
+    float summation order, bounded as in the W8A8 test by K u sum |x_hat| |W|; outliers counted
+    as the reference counts them."""
+    if not ext.load():
+        pytest.skip(f"lowbit C++ kernels unavailable: {ext.status()}")
+    m = copy.deepcopy(smollm2.model)
+    tokens = torch.randint(100, 20000, (2, 64), generator=torch.Generator().manual_seed(0))
+    api.quantize(m, _slice("llm-int8"), tokens=tokens, progress=False)    # (it counts outliers)
+    q = m.model.layers[0].mlp.down_proj
+    assert eligible(q) and not eligible(q, "int_mm")
+    x = torch.randn(2, 7, q.in_features, generator=torch.Generator().manual_seed(2)) * 3
+    x[..., :4] = 0.0                                  # some rows without outliers in those columns
+    x_hat, cols = llm_int8_act(x, q.act_quant.scheme)
+    assert 0 < int(cols.sum()) < q.in_features
+    with torch.no_grad():
+        ref = q(x)
+        k = W8A8Kernel(q)
+        q.act_quant.count_outliers, q.act_quant.outlier_hits = True, None
+        got = k(x, q)
+        q.act_quant.count_outliers = False
+    assert torch.equal(q.act_quant.outlier_hits, cols.to(torch.int64))
+    w = q.dequantize_weight()
+    bound = q.in_features * 2.0 ** -24 * (x_hat.abs() @ w.abs().t())
+    assert bool(((got - ref).abs() <= bound + 1e-6).all())
+    small = torch.randn(3, q.in_features) * 0.5        # no outliers: the plain int8 op
+    with torch.no_grad():
+        plain = torch.ops.lowbit_cpu.w8a8_linear(small, k.codes, k.w_scale_1d, k.bias, k.zero, 0, 1.0)
+        assert torch.equal(k(small, q), plain)
+    with pytest.raises(LowbitError, match="LLM.int8"):
+        W8A8Kernel(q, "int_mm")

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from lowbit.errors import LowbitError
 from lowbit.nn.qlinear import QuantLinear
+from lowbit.numerics.activation import outlier_columns
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,15 +66,18 @@ def has_int_mm() -> bool:
     return int_mm_status() == "exact"
 
 
-def eligible(mod: nn.Module) -> bool:
-    """An int8 symmetric per-row weight with int8 input quantization (not LLM.int8()): a
-    QuantLinear (in memory after api.quantize) or a PackedLinear (read from a file)."""
+def eligible(mod: nn.Module, backend_: str | None = None) -> bool:
+    """An int8 symmetric per-row weight with int8 input quantization: a QuantLinear (in memory
+    after api.quantize) or a PackedLinear (read from a file). LLM.int8() layers (an outlier
+    threshold) only on our C++ op (backend_ "ext", the default where it loads)."""
     from lowbit.nn.prepare import PackedLinear
     if not isinstance(mod, QuantLinear) or mod.act_quant is None or type(mod) not in (QuantLinear, PackedLinear):
         return False
     s, a = mod.scheme, mod.act_quant.scheme
+    if a.outlier_threshold is not None and (backend_ or backend()) != "ext":
+        return False
     return (s.format == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and s.axis == 0
-            and mod.g_idx is None and a.format == "int8" and a.outlier_threshold is None)
+            and mod.g_idx is None and a.format == "int8")
 
 
 class W8A8Kernel:
@@ -85,6 +89,9 @@ class W8A8Kernel:
         if self.backend is None:
             raise LowbitError(f"W8A8 kernel: no exact int8 GEMM here ({int_mm_status()}; lowbit's C++ "
                               "kernels unavailable)")
+        if mod.act_quant is not None and mod.act_quant.scheme.outlier_threshold is not None and self.backend != "ext":
+            raise LowbitError("W8A8 kernel: LLM.int8() (outlier columns in fp16) runs on lowbit's C++ op only, "
+                              f"not on backend {self.backend!r}")
         self.w_scale = mod.scale.reshape(1, -1).float()
         self.bias = None if mod.bias is None else mod.bias.detach().float().contiguous()
         zero = mod.scheme.sym_zero
@@ -111,6 +118,9 @@ class W8A8Kernel:
         aq = mod.act_quant
         x2 = x.reshape(-1, x.shape[-1]).float()
         if self.backend == "ext":
+            if aq.scheme.outlier_threshold is not None:
+                y = self._llm_int8(x2.contiguous(), aq)
+                return y.reshape(*x.shape[:-1], -1).to(x.dtype)
             if aq.scheme.dynamic:
                 mode, xs = (0 if aq.scheme.granularity == "token" else 1), 1.0
             else:
@@ -130,6 +140,24 @@ class W8A8Kernel:
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+    def _llm_int8(self, x2: torch.Tensor, aq) -> torch.Tensor:
+        """LLM.int8() (arXiv:2208.07339) as ActQuant's reference computes it: the input columns
+        where some token has |x| > threshold are outliers; the rest go through the int8 op
+        (per-token scales over the inlier columns only, outliers zeroed), the outliers through
+        an fp32 matmul of their fp16-rounded inputs with those weight columns dequantized."""
+        cols = outlier_columns(x2, aq.scheme.outlier_threshold)
+        if aq.count_outliers:
+            c = cols.to(torch.int64)
+            aq.outlier_hits = c if aq.outlier_hits is None else aq.outlier_hits + c
+        idx = cols.nonzero()[:, 0]
+        if idx.numel() == 0:
+            return _w8a8_linear(x2, self.codes, self.w_scale_1d, self.bias, self.zero, 0, 1.0)
+        y = _w8a8_linear(x2.index_fill(1, idx, 0.0), self.codes, self.w_scale_1d, None, self.zero, 0, 1.0)
+        w_out = (self.codes.index_select(1, idx).float() - self.zero) * self.w_scale_1d[:, None]
+        y = y.addmm_(x2.index_select(1, idx).half().float(), w_out.t())
+        return y if self.bias is None else y.add_(self.bias)
 
 
 _w8a8_linear = None
