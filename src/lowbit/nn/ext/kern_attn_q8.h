@@ -25,11 +25,12 @@ inline float val(uint8_t c, const float* lut) {
   else return lut[c];
 }
 
-template <bool kI8>
+// HD: head_dim as a compile-time constant (64, 128: loops the compiler unrolls), 0 = hd at run time
+template <bool kI8, int HD>
 void scores(const float* q, int64_t H, int64_t G, const uint8_t* kc, const float* ks, int64_t T,
-            int64_t hd, const float* lut, float scaling, int64_t g, int64_t t0, int64_t t1,
+            int64_t hd_rt, const float* lut, float scaling, int64_t g, int64_t t0, int64_t t1,
             float* sc, int64_t end) {
-  const int64_t rep = H / G;
+  const int64_t hd = HD ? HD : hd_rt, rep = H / G;
   float row[256];                                   // one decoded key row (hd <= 256)
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* c = kc + (g * T + t) * hd;
@@ -41,17 +42,18 @@ void scores(const float* q, int64_t H, int64_t G, const uint8_t* kc, const float
       float acc[kLanes] = {0.f};
       for (int64_t d0 = 0; d0 < hd; d0 += kLanes)
         for (int l = 0; l < kLanes; ++l) acc[l] += qh[d0 + l] * row[d0 + l];
-      float tot = 0.f;
-      for (int l = 0; l < kLanes; ++l) tot += acc[l];
-      sc[h * end + t] = s * tot;
+      // pairwise, in a fixed order (8 + 4 + 2 + 1 lanes): short dependency chains, same sums on every ISA
+      for (int w = kLanes / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+      sc[h * end + t] = s * acc[0];
     }
   }
 }
 
-template <bool kI8>
+template <bool kI8, int HD>
 void mix(const float* p, int64_t H, int64_t G, const uint8_t* vc, const float* vs, int64_t T,
-         int64_t hd, const float* lut, int64_t g, int64_t t0, int64_t t1, int64_t end, float* part) {
-  const int64_t rep = H / G;
+         int64_t hd_rt, const float* lut, int64_t g, int64_t t0, int64_t t1, int64_t end, float* part) {
+  const int64_t hd = HD ? HD : hd_rt, rep = H / G;
   float acc[16 * 256];                              // rep <= 16 query heads per kv head, hd <= 256
   for (int64_t i = 0; i < rep * hd; ++i) acc[i] = 0.f;
   float row[256];
@@ -70,15 +72,31 @@ void mix(const float* p, int64_t H, int64_t G, const uint8_t* vc, const float* v
 
 }  // namespace attn_q8
 
+template <bool kI8>
+void scores_hd(const float* q, int64_t H, int64_t G, const uint8_t* kc, const float* ks, int64_t T, int64_t hd,
+               const float* lut, float scaling, int64_t g, int64_t t0, int64_t t1, float* sc, int64_t end) {
+  if (hd == 64) attn_q8::scores<kI8, 64>(q, H, G, kc, ks, T, hd, lut, scaling, g, t0, t1, sc, end);
+  else if (hd == 128) attn_q8::scores<kI8, 128>(q, H, G, kc, ks, T, hd, lut, scaling, g, t0, t1, sc, end);
+  else attn_q8::scores<kI8, 0>(q, H, G, kc, ks, T, hd, lut, scaling, g, t0, t1, sc, end);
+}
+
+template <bool kI8>
+void mix_hd(const float* p, int64_t H, int64_t G, const uint8_t* vc, const float* vs, int64_t T, int64_t hd,
+            const float* lut, int64_t g, int64_t t0, int64_t t1, int64_t end, float* part) {
+  if (hd == 64) attn_q8::mix<kI8, 64>(p, H, G, vc, vs, T, hd, lut, g, t0, t1, end, part);
+  else if (hd == 128) attn_q8::mix<kI8, 128>(p, H, G, vc, vs, T, hd, lut, g, t0, t1, end, part);
+  else attn_q8::mix<kI8, 0>(p, H, G, vc, vs, T, hd, lut, g, t0, t1, end, part);
+}
+
 void kv_scores(const float* q, int64_t H, int64_t G, const uint8_t* kc, const float* ks, int64_t T,
                int64_t hd, const float* lut, bool i8, float scaling, int64_t g, int64_t t0, int64_t t1,
                float* sc, int64_t end) {
-  if (i8) attn_q8::scores<true>(q, H, G, kc, ks, T, hd, lut, scaling, g, t0, t1, sc, end);
-  else attn_q8::scores<false>(q, H, G, kc, ks, T, hd, lut, scaling, g, t0, t1, sc, end);
+  if (i8) scores_hd<true>(q, H, G, kc, ks, T, hd, lut, scaling, g, t0, t1, sc, end);
+  else scores_hd<false>(q, H, G, kc, ks, T, hd, lut, scaling, g, t0, t1, sc, end);
 }
 
 void kv_mix(const float* p, int64_t H, int64_t G, const uint8_t* vc, const float* vs, int64_t T,
             int64_t hd, const float* lut, bool i8, int64_t g, int64_t t0, int64_t t1, int64_t end, float* part) {
-  if (i8) attn_q8::mix<true>(p, H, G, vc, vs, T, hd, lut, g, t0, t1, end, part);
-  else attn_q8::mix<false>(p, H, G, vc, vs, T, hd, lut, g, t0, t1, end, part);
+  if (i8) mix_hd<true>(p, H, G, vc, vs, T, hd, lut, g, t0, t1, end, part);
+  else mix_hd<false>(p, H, G, vc, vs, T, hd, lut, g, t0, t1, end, part);
 }
