@@ -5,6 +5,8 @@
     .venv/bin/python bench/bench_activations.py --part llmc-awq    # llm-compressor's AWQModifier, same tokens
     .venv/bin/python bench/bench_activations.py --part int8        # LLM.int8() vs plain int8 W8A8
     .venv/bin/python bench/bench_activations.py --part kernel      # int8 GEMV/GEMM vs fp32 (one linear)
+    .venv/bin/python bench/bench_activations.py --part speed --configs w8a8,torch-quantize-dynamic
+                                                                   # decode tok/s, rows interleaved
 
 Every row: the same calibration windows (wiki-calibration, seeded: --samples x --seq-len, saved to
 <work>/calib.pt for the peer), the same evaluation (lowbit.eval: perplexity on the first
@@ -78,7 +80,8 @@ def torch_dynamic(model):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", required=True, choices=[*PARTS, "llmc-awq", "kernel"])
+    ap.add_argument("--part", required=True, choices=[*PARTS, "llmc-awq", "kernel", "speed"])
+    ap.add_argument("--rounds", type=int, default=7, help="--part speed: interleaved rounds (median)")
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "activations"))
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -96,6 +99,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.part == "kernel":
         return kernel_bench(args)
+    if args.part == "speed":
+        return speed_bench(args)
     from lowbit import api
     from lowbit.calibration import CalibrationConfig, calibration_tokens
     from lowbit.eval import evaluate, evaluate_reference
@@ -185,6 +190,53 @@ def main() -> int:
         save()
         print(f"   {name}: {json.dumps(row)[:400]}", file=sys.stderr, flush=True)
         del m
+    return 0
+
+
+def speed_bench(args) -> int:
+    """Decode tokens/s at batch 1 and 32, every model timed in turn within each round (fp32, then
+    each --configs row: a recipe on lowbit's int8 kernel, or torch-quantize-dynamic), the median
+    of --rounds rounds: on a VM whose speed drifts, the rows see the same drift."""
+    import torch
+    from lowbit import api
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
+    from lowbit.models import load_model
+    from lowbit.nn import ext
+    from lowbit.nn.w8a8 import prepare_w8a8
+    lm = load_model(args.model)
+    models = {"fp32": lm.model}
+    tokens = None
+    for name in [n for n in args.configs.split(",") if n] or ["w8a8", "torch-quantize-dynamic"]:
+        m = copy.deepcopy(lm.model)
+        if name == "torch-quantize-dynamic":
+            torch_dynamic(m)
+        else:
+            if tokens is None:
+                tokens = calibration_tokens(lm.tokenizer, CalibrationConfig(n_samples=args.samples, seq_len=args.seq_len))
+            api.quantize(m, name, tokenizer=lm.tokenizer, tokens=tokens, progress=False, calibration={"batch_size": 8})
+            n = prepare_w8a8(m)
+            print(f"{name}: {n} layers on the int8 kernel", file=sys.stderr, flush=True)
+        models[name] = m
+    from lowbit.nn.decode import generate
+    ids = torch.randint(100, 20000, (1, 16), generator=torch.Generator().manual_seed(0))
+
+    def step_speed(m) -> float:      # lowbit's step path at batch 1: what `lowbit generate` runs
+        generate(m, ids, 4, min_new_tokens=4)
+        return generate(m, ids, 32, min_new_tokens=32).decode_tokens_per_s
+
+    times = {n: {1: [], 32: [], "step": []} for n in models}
+    for r in range(args.rounds):
+        for b in (1, 32, "step"):
+            for n, m in models.items():
+                times[n][b].append(step_speed(m) if b == "step" else decode_speed(m, b, runs=1))
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    row = {"model": args.model, "threads": args.threads, "rounds": args.rounds,
+           "isa": ext.isa() if ext.load() else None, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for n in models:
+        for b in (1, 32, "step"):
+            row[f"{n} b{b} tok/s"] = round(statistics.median(times[n][b]), 2)
+            row[f"{n} b{b} spread"] = [round(min(times[n][b]), 2), round(max(times[n][b]), 2)]
+    print(json.dumps(row), flush=True)
     return 0
 
 

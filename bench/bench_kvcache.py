@@ -1,6 +1,7 @@
 """The KV cache in int8 / fp8 at long context, against the float cache (issue 19).
 
     PYTHONPATH=src .venv/bin/python bench/bench_kvcache.py --ctx 2048 8192 --windows 2 --threads 2
+    PYTHONPATH=src .venv/bin/python bench/bench_kvcache.py --attend --threads 1   # one block's attention
 
 Quality (lowbit.eval.kvcache.long_context): windows of --ctx tokens of wiki-evaluation, fed
 through lowbit's step path --chunk tokens at a time, once with a float cache and once with the
@@ -43,6 +44,48 @@ def decode_speed(sm, ids, ctx: int, kv: str, new_tokens: int, runs: int, chunk: 
     return new_tokens / statistics.median(times)
 
 
+def attend_bench(threads: int) -> int:
+    """One block's decode attention (SmolLM2's shape: 9 query heads, 3 kv heads, head_dim 64):
+    torch's sdpa on a float cache vs lowbit_cpu.kv_attend on int8 / fp8 codes vs dequantize +
+    sdpa, microseconds per call (median of 5 x 50)."""
+    import torch
+    import torch.nn.functional as F
+    from lowbit.nn import ext
+    from lowbit.nn.step import KVCache
+    if not ext.load():
+        print(f"lowbit C++ kernels unavailable: {ext.status()}")
+        return 1
+    torch.set_num_threads(threads)
+    H, G, hd = 9, 3, 64
+    g = torch.Generator().manual_seed(0)
+    for T in (2048, 8192):
+        q = torch.randn(H, hd, generator=g)
+        kf, vf = torch.randn(G, T, hd, generator=g), torch.randn(G, T, hd, generator=g)
+        fns = {"sdpa fp32": lambda: F.scaled_dot_product_attention(q[None, :, None], kf[None], vf[None], scale=0.125,
+                                                                   enable_gqa=True)}
+        for kv in ("int8", "fp8"):
+            c = KVCache(1, G, T, hd, torch.float32, kv)
+            k, v = c.layer(0, 0)
+            k.copy_(kf), v.copy_(vf)
+            c.commit(0, 0, T)
+            fns[f"kv_attend {kv}"] = (lambda c=c: c.attend(0, q, T, 0.125))
+            if kv == "int8":
+                fns["dequantize + sdpa int8"] = (lambda c=c: (c.layer(0, T), fns["sdpa fp32"]()))
+        row = {"positions": T, "threads": threads, "isa": ext.isa()}
+        for name, fn in fns.items():
+            for _ in range(5):
+                fn()
+            ts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(50):
+                    fn()
+                ts.append((time.perf_counter() - t0) / 50 * 1e6)
+            row[f"{name} us"] = round(statistics.median(ts), 1)
+        print(json.dumps(row), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ctx", type=int, nargs="+", default=[2048, 8192])
@@ -54,9 +97,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--attend", action="store_true", help="only the one-block attention microbenchmark")
     ap.add_argument("--work", default=str(ROOT / "bench" / "_work" / "kvcache"))
     args = ap.parse_args()
 
+    if args.attend:
+        return attend_bench(args.threads)
     import torch
     from lowbit import api
     from lowbit.data.text import load_text, tokenize_text
