@@ -193,6 +193,19 @@ def main() -> int:
     return 0
 
 
+def median_us(fn, warmup: int = 20, repeats: int = 5, calls: int = 50) -> float:
+    """Microseconds per call of fn(): the median of `repeats` timings of `calls` calls each."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        ts.append((time.perf_counter() - t0) / calls)
+    return statistics.median(ts) * 1e6
+
+
 def speed_bench(args) -> int:
     """Decode tokens/s at batch 1 and 32, every model timed in turn within each round (fp32, then
     each --configs row: a recipe on lowbit's int8 kernel, or torch-quantize-dynamic), the median
@@ -271,18 +284,8 @@ def kernel_bench(args) -> int:
                    "torch-dynamic": lambda: dyn(x)}
             if kern_mm is not None:
                 fns["lowbit-w8a8-int_mm"] = lambda: kern_mm(x, ql)
-            t = {}
             with torch.no_grad():
-                for name, fn in fns.items():
-                    for _ in range(20):
-                        fn()
-                    ts = []
-                    for _ in range(5):
-                        t0 = time.perf_counter()
-                        for _ in range(50):
-                            fn()
-                        ts.append((time.perf_counter() - t0) / 50)
-                    t[name] = statistics.median(ts) * 1e6
+                t = {name: median_us(fn) for name, fn in fns.items()}
             from lowbit.nn import ext
             rows.append({"shape": f"{k}->{n}", "M": m, "isa": ext.isa() if ext.load() else None,
                          **{f"{kk}_us": round(v, 1) for kk, v in t.items()}})

@@ -50,6 +50,7 @@ def attend_bench(threads: int) -> int:
     sdpa, microseconds per call (median of 5 x 50)."""
     import torch
     import torch.nn.functional as F
+    from bench_activations import median_us
     from lowbit.nn import ext
     from lowbit.nn.step import KVCache
     if not ext.load():
@@ -73,15 +74,7 @@ def attend_bench(threads: int) -> int:
                 fns["dequantize + sdpa int8"] = (lambda c=c: (c.layer(0, T), fns["sdpa fp32"]()))
         row = {"positions": T, "threads": threads, "isa": ext.isa()}
         for name, fn in fns.items():
-            for _ in range(5):
-                fn()
-            ts = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(50):
-                    fn()
-                ts.append((time.perf_counter() - t0) / 50 * 1e6)
-            row[f"{name} us"] = round(statistics.median(ts), 1)
+            row[f"{name} us"] = round(median_us(fn, warmup=5), 1)
         print(json.dumps(row), flush=True)
     return 0
 
