@@ -179,6 +179,16 @@ def test_cli_generate_streams_and_reports_speed(capsys):
     assert "decode 6 tok @" in err and "tok/s" in err and f"kernels {kernel}" in err
 
 
+def test_cli_generate_with_an_int8_kv_cache(capsys):
+    rc = main(["generate", "smollm2-135m", "--prompt", "The capital of France is", "--kv-cache", "int8",
+               "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.startswith("The capital of France is") and "int8 KV cache" in err
+    with pytest.raises(SystemExit) as e:                      # argparse names the choices
+        main(["generate", "smollm2-135m", "--prompt", "x", "--kv-cache", "int4"])
+    assert e.value.code == 2 and "--kv-cache" in capsys.readouterr().err
+
+
 def test_cli_chat_applies_template(capsys, smollm2):
     from lowbit.cli.generate import chat_input_ids
     tok = smollm2.tokenizer
