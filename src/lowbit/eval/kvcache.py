@@ -28,11 +28,7 @@ def long_context(model: torch.nn.Module, ids: torch.Tensor, ctx: int, kv: str, *
     {"kv", "ctx", "chunk", "tokens", "ppl_float", "ppl_kv", "dppl", "kl", "top1",
      "by_position": [{"from", "to", "dnll", "kl"}, ...], "cache_bytes_float", "cache_bytes_kv"}."""
     from lowbit.nn.step import step_model
-    sm = step_model(model, None)
-    if sm is None:
-        from lowbit.nn.step import why_unsupported
-        raise LowbitError(f"KV cache evaluation runs on lowbit's step path; this model is not supported "
-                          f"there: {why_unsupported(model)}")
+    sm = step_model(model, True)     # LowbitError naming why, for a model the step path cannot run
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if ctx < 2 or (limit and ctx > int(limit)):
         raise LowbitError(f"KV cache evaluation: ctx must be in 2..{limit}, got {ctx}")

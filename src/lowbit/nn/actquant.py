@@ -30,9 +30,7 @@ class ActQuant:
         s = self.scheme
         if s.outlier_threshold is not None:
             x_hat, cols = llm_int8_act(x, s)
-            if self.count_outliers:
-                c = cols.to(torch.int64)
-                self.outlier_hits = c if self.outlier_hits is None else self.outlier_hits + c
+            self.record_outliers(cols)
             return x_hat
         if s.dynamic:
             return fake_quant_act(x, s)
@@ -40,6 +38,12 @@ class ActQuant:
             raise LowbitError(f"static input activations ({s.short_name()}): no calibrated scale; "
                               "quantize with calibration data (lowbit.quantize(..., tokenizer=...))")
         return fake_quant_act(x, s, self.scale)
+
+    def record_outliers(self, cols: torch.Tensor) -> None:
+        """LLM.int8(): add one input's outlier columns (bool (in,)) to the counts, when counting."""
+        if self.count_outliers:
+            c = cols.to(torch.int64)
+            self.outlier_hits = c if self.outlier_hits is None else self.outlier_hits + c
 
     def __repr__(self) -> str:
         sc = "" if self.scale is None else f", scale={float(self.scale):.4g}"

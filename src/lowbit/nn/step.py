@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.activation import ActScheme, act_scale, quantize_act
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # tokens per step up to which the block's small ops run in nn/ext/step_ops.cpp (single-threaded,
@@ -253,17 +254,17 @@ class StepModel:
         ops = self._fused_ops() if m <= OPS_MAX_M else None
         if ops is not None:
             return self._step_fused_ops(ops, x, pos, end, cos, sin, mask, causal, cache, all_logits)
+        direct = m == 1 and H <= 16 * G and cache.direct()        # decode: attend on the codes
         for li, b in enumerate(self.blocks):
             h = _rms(x, b.ln1, b.eps1)
             qkv = b.qkv(h)
             qk = qkv[:, :(H + G) * hd].view(m, H + G, hd).transpose(0, 1)    # (H+G, M, hd)
             rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + rot * sin
-            direct = m == 1 and H <= 16 * G and cache.direct()    # decode: attend on the codes
             kc, vc = cache.layer(li, pos, past=not direct)                     # (G, T, hd)
             kc[:, pos:end] = qk[H:]
             vc[:, pos:end] = qkv[:, (H + G) * hd:].view(m, G, hd).transpose(0, 1)
-            cache.commit(li, pos, end)
+            cache.commit(li, pos, end, scratch=not direct)
             att = (cache.attend(li, qk[:H, 0], end, self.scaling).reshape(1, H * hd) if direct
                    else self._attend(qk[:H], kc, vc, end, mask, causal))
             x = x + b.o(att)
@@ -298,7 +299,7 @@ class StepModel:
         for li, b in enumerate(self.blocks):
             kc, vc = cache.layer(li, pos, past=not direct)
             q = ops.rope_kv(b.qkv(h), cos, sin, kc, vc, pos, H, G)
-            cache.commit(li, pos, end)
+            cache.commit(li, pos, end, scratch=not direct)
             att = (cache.attend(li, q[:, 0], end, self.scaling).reshape(1, -1) if direct
                    else self._attend(q, kc, vc, end, mask, causal))
             h = ops.add_rms_norm(x, b.o(att), b.ln2, b.eps2)
@@ -336,7 +337,6 @@ class KVCache:
             return
         if self.kv not in KV_FORMATS:
             raise LowbitError(f"KV cache: expected float | {' | '.join(KV_FORMATS)}, got {kv!r}")
-        from lowbit.numerics.activation import ActScheme
         self.scheme = ActScheme(format=KV_FORMATS[self.kv], dynamic=True, granularity="token")
         code = torch.int8 if self.kv == "int8" else torch.float8_e4m3fn
         self.kq = torch.empty(layers, kv_heads, length, head_dim, dtype=code)
@@ -345,6 +345,11 @@ class KVCache:
         self.vs = torch.empty(layers, kv_heads, length, 1, dtype=torch.float32)
         self.k = torch.empty(1, kv_heads, length, head_dim, dtype=dtype)    # the scratch
         self.v = torch.empty(1, kv_heads, length, head_dim, dtype=dtype)
+        # kv_attend reads the codes as bytes and decodes them by this table (e4m3's two NaN codes,
+        # never stored, as 0)
+        bits = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        self._lut = torch.nan_to_num(bits.view(code).float(), nan=0.0)
+        self._u8 = (self.kq.view(torch.uint8), self.vq.view(torch.uint8))
 
     def direct(self) -> bool:
         """True where a decode step attends on the codes (lowbit_cpu.kv_attend: quantized cache,
@@ -362,11 +367,6 @@ class KVCache:
 
     def attend(self, li: int, q: torch.Tensor, end: int, scaling: float) -> torch.Tensor:
         """One decode position's attention, q (H, hd) fp32 -> (H, hd), on block li's codes."""
-        if not hasattr(self, "_lut"):
-            bits = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-            self._lut = (bits.view(torch.int8) if self.kv == "int8" else bits.view(torch.float8_e4m3fn)).float()
-            self._lut = torch.nan_to_num(self._lut, nan=0.0)   # e4m3's two NaN codes: never stored
-            self._u8 = (self.kq.view(torch.uint8), self.vq.view(torch.uint8))
         kq, vq = self._u8
         return torch.ops.lowbit_cpu.kv_attend(q.contiguous(), kq[li], self.ks[li], vq[li], self.vs[li], self._lut,
                                               self.kv == "int8", end, scaling)
@@ -385,12 +385,12 @@ class KVCache:
                     buf[:, :pos].copy_(codes[li, :, :pos]).mul_(scales[li, :, :pos])
         return kc, vc
 
-    def commit(self, li: int, pos: int, end: int) -> None:
-        """Round block li's new rows pos..end-1 into the store; the scratch then holds their
-        dequantized values. NaN/inf keys or values are refused with the block named."""
+    def commit(self, li: int, pos: int, end: int, scratch: bool = True) -> None:
+        """Round block li's new rows pos..end-1 into the store; with `scratch` the scratch then
+        holds their dequantized values (for sdpa; a decode step on kv_attend reads the store).
+        NaN/inf keys or values are refused with the block named."""
         if self.kv is None:
             return
-        from lowbit.numerics.activation import act_scale, quantize_act
         for buf, codes, scales, what in ((self.k[0], self.kq, self.ks, "keys"), (self.v[0], self.vq, self.vs, "values")):
             x = buf[:, pos:end].float()
             if not bool(torch.isfinite(x).all()):   # act_scale would hide a NaN row (scale 1)
@@ -399,7 +399,8 @@ class KVCache:
             q = quantize_act(x, s, self.scheme)
             codes[li, :, pos:end] = q
             scales[li, :, pos:end] = s
-            buf[:, pos:end] = (q.float() * s).to(buf.dtype)
+            if scratch:
+                buf[:, pos:end] = (q.float() * s).to(buf.dtype)
 
     def nbytes(self) -> int:
         """Bytes the cache keeps across steps (the store; the float scratch not counted)."""

@@ -141,16 +141,13 @@ class W8A8Kernel:
             y = y.add_(self.bias)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
-
     def _llm_int8(self, x2: torch.Tensor, aq) -> torch.Tensor:
         """LLM.int8() (arXiv:2208.07339) as ActQuant's reference computes it: the input columns
         where some token has |x| > threshold are outliers; the rest go through the int8 op
         (per-token scales over the inlier columns only, outliers zeroed), the outliers through
         an fp32 matmul of their fp16-rounded inputs with those weight columns dequantized."""
         cols = outlier_columns(x2, aq.scheme.outlier_threshold)
-        if aq.count_outliers:
-            c = cols.to(torch.int64)
-            aq.outlier_hits = c if aq.outlier_hits is None else aq.outlier_hits + c
+        aq.record_outliers(cols)
         idx = cols.nonzero()[:, 0]
         if idx.numel() == 0:
             return _w8a8_linear(x2, self.codes, self.w_scale_1d, self.bias, self.zero, 0, 1.0)
@@ -169,7 +166,7 @@ def _packed_u8_codes(mod: nn.Module, kp: int) -> torch.Tensor | None:
     the layer holds one copy of its weights. Its pad columns hold code 0, not the zero point;
     the op's rounded input is 0 there, so they add nothing to either integer sum."""
     from lowbit.nn.kernels import ExtKernel
-    k = mod._modules.get("packed") if "_modules" in mod.__dict__ else None
+    k = mod._modules.get("packed")
     if (type(k) is not ExtKernel or k.nibble or k.perm is not None or k.codes.dtype != torch.uint8
             or tuple(k.codes.shape) != (mod.out_features, kp) or not k.codes.is_contiguous()):
         return None

@@ -103,14 +103,8 @@ def fake_quant_act(x: torch.Tensor, scheme: ActScheme, scale: torch.Tensor | Non
     s = act_scale(x, scheme) if scale is None else scale
     y = quantize_act(x, s, scheme).to(torch.float32) * s
     bad = torch.isnan(x) if not scheme.dynamic else ~torch.isfinite(x)
-    if scheme.dynamic and scheme.granularity == "tensor":
-        if bool(bad.any()):
-            y = torch.full_like(y, float("nan"))
-    elif x.dim():
-        y = y.masked_fill(bad.any(-1, keepdim=True), float("nan"))
-    elif bool(bad):
-        y = torch.full_like(y, float("nan"))
-    return y.to(x.dtype)
+    per_tensor = scheme.dynamic and scheme.granularity == "tensor"
+    return y.masked_fill(bad.any() if per_tensor else bad.any(-1, keepdim=True), float("nan")).to(x.dtype)
 
 
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
