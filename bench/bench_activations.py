@@ -6,6 +6,7 @@
     .venv/bin/python bench/bench_activations.py --part int8        # LLM.int8() vs plain int8 W8A8
     .venv/bin/python bench/bench_activations.py --part kernel      # int8 GEMV/GEMM vs fp32 (one linear)
     .venv/bin/python bench/bench_activations.py --part speed --configs w8a8,torch-quantize-dynamic
+    .venv/bin/python bench/bench_activations.py --part bnb-int8    # LLM.int8(): ours vs bitsandbytes' own
                                                                    # decode tok/s, rows interleaved
 
 Every row: the same calibration windows (wiki-calibration, seeded: --samples x --seq-len, saved to
@@ -80,7 +81,7 @@ def torch_dynamic(model):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", required=True, choices=[*PARTS, "llmc-awq", "kernel", "speed"])
+    ap.add_argument("--part", required=True, choices=[*PARTS, "llmc-awq", "kernel", "speed", "bnb-int8"])
     ap.add_argument("--rounds", type=int, default=7, help="--part speed: interleaved rounds (median)")
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "activations"))
     ap.add_argument("--samples", type=int, default=32)
@@ -101,6 +102,8 @@ def main() -> int:
         return kernel_bench(args)
     if args.part == "speed":
         return speed_bench(args)
+    if args.part == "bnb-int8":
+        return bnb_int8_bench(args)
     from lowbit import api
     from lowbit.calibration import CalibrationConfig, calibration_tokens
     from lowbit.eval import evaluate, evaluate_reference
@@ -204,6 +207,76 @@ def median_us(fn, warmup: int = 20, repeats: int = 5, calls: int = 50) -> float:
             fn()
         ts.append((time.perf_counter() - t0) / calls)
     return statistics.median(ts) * 1e6
+
+
+def bnb_int8_bench(args) -> int:
+    """LLM.int8() side by side: ours (`llm-int8` on the int8 op) and bitsandbytes' own
+    (transformers' load_in_8bit, threshold 6.0, its CPU backend, in bench/.venv-bnb through
+    bench/peers/bnb_peer.py), against fp32, on the same --eval-windows 512-token windows of
+    wiki-evaluation, every row scored by the same function from its logits: perplexity over all
+    windows, KL(fp32 || row) and top-1 on the first --kl-windows, in fp32."""
+    import math
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file, save_file
+    from lowbit import api
+    from lowbit.data.text import load_text, token_windows, tokenize_text
+    from lowbit.models import load_model
+    from lowbit.models.load import gguf_to_hf_dir, resolve_source
+    from lowbit.nn.w8a8 import prepare_w8a8
+    bnb_py = ROOT / "bench" / ".venv-bnb" / "bin" / "python"
+    if not bnb_py.is_file():
+        print(f"{bnb_py} missing: bash bench/setup_peers.sh bnb", file=sys.stderr)
+        return 1
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    lm = load_model(args.model)
+    ids = token_windows(tokenize_text(lm.tokenizer, load_text("wiki-evaluation")), 512, args.eval_windows)
+    save_file({"ids": ids.contiguous()}, str(work / "ids.safetensors"))
+
+    def logits_of(model):
+        with torch.no_grad():
+            return torch.cat([model(input_ids=ids[i:i + 1]).logits.float() for i in range(ids.shape[0])])
+
+    def score(lg, ref):
+        lp = F.log_softmax(lg[:, :-1], -1)
+        nll = -lp.gather(-1, ids[:, 1:, None])[..., 0]
+        k = args.kl_windows
+        lr = F.log_softmax(ref[:k, :-1], -1)
+        kl = (lr.exp() * (lr - lp[:k])).sum(-1)
+        return {"ppl": math.exp(float(nll.mean())), "kl": float(kl.mean()),
+                "kl_stderr": float(kl.std() / kl.numel() ** 0.5),
+                "top1": float((lp[:k].argmax(-1) == lr.argmax(-1)).float().mean()),
+                "eval_tokens": nll.numel(), "kl_tokens": kl.numel()}
+
+    ref = logits_of(lm.model)
+    rows = {"fp32": score(ref, ref)}
+    m = copy.deepcopy(lm.model)
+    tokens = torch.randint(100, 20000, (2, 64), generator=torch.Generator().manual_seed(0))
+    api.quantize(m, "llm-int8", tokens=tokens, progress=False)       # dynamic: the tokens only count outliers
+    rows["lowbit llm-int8, float reference path"] = score(logits_of(m), ref)
+    if prepare_w8a8(m):                                                # where our C++ op loads
+        rows["lowbit llm-int8, int8 op"] = score(logits_of(m), ref)
+    del m
+    src, _ = gguf_to_hf_dir(resolve_source(args.model)[1])
+    t0 = time.perf_counter()
+    r = subprocess.run([str(bnb_py), str(HERE / "peers" / "bnb_peer.py"), "quantize", str(src), "--quant", "int8",
+                        "--ids", str(work / "ids.safetensors"), "--out", str(work / "bnb-int8")],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stdout[-2000:], r.stderr[-3000:], file=sys.stderr)
+        return 1
+    peer = json.loads(r.stdout.strip().splitlines()[-1])
+    lg = load_file(str(work / "bnb-int8" / "logits.safetensors"))["logits"]
+    rows["bitsandbytes load_in_8bit (LLM.int8(), threshold 6.0)"] = {
+        **score(lg, ref), "seconds": round(time.perf_counter() - t0, 1),
+        "peer": {k: peer[k] for k in ("bitsandbytes", "transformers", "classes", "footprint")}}
+    f = rows["fp32"]["ppl"]
+    for n, row in rows.items():
+        row["dppl"] = row["ppl"] - f
+        print(json.dumps({"row": n, **row}), flush=True)
+    (work / "bnb_int8.json").write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 def speed_bench(args) -> int:
