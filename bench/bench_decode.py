@@ -18,6 +18,7 @@ Our variants all use lowbit.nn.decode.generate (one loop: HF forward + DynamicCa
     int4-act-int8      int4 with int8 decode activations in every kernel, lm_head too
     int4-pp-int8       int4 with the int8 prefill GEMM (lowbit.nn.kernels.PREFILL_ACT="int8")
                        (plain int4 runs the default, "auto": int8 for the 4-bit layers, fp32 lm_head)
+    --native L=DIR     a saved lowbit output read with backend "auto" (e.g. a w2g64-vq model)
     <name>-hf          the same model through the Hugging Face forward + DynamicCache (generate(step=False));
                        without -hf, Llama-family models run lowbit.nn.step (fused q/k/v, gate/up, static KV cache)
 LOWBIT_ISA=avx2 (or avx512vnni, avx512, portable) in the environment runs every variant on that
@@ -60,6 +61,11 @@ def build_variant(name: str):
     from lowbit.numerics.scheme import int_scheme
     from lowbit.recipe import Recipe, Rule, get_recipe
 
+    if name.startswith("native:"):          # --native LABEL=DIR: a saved lowbit output on its kernels
+        lm = api.load(name.split(":", 1)[1], backend="auto")
+        import gc
+        gc.collect()
+        return lm.model, lm.tokenizer
     dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
     lm = load_model(MODEL, dtype=dtype)
     model = lm.model
@@ -130,10 +136,13 @@ def weight_bytes_per_token(model) -> int:
     import torch
 
     from lowbit.nn.prepare import PackedLinear
+    from lowbit.nn.vq import VQLinear
     n = 0
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
             n += mod.packed.nbytes()
+        elif isinstance(mod, VQLinear):
+            n += sum(b.numel() * b.element_size() for b in (mod.indices, mod.scale, mod.codebook))
         elif type(mod) is torch.nn.Linear or "RMSNorm" in type(mod).__name__:
             n += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
     return n
@@ -229,6 +238,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--gguf", action="append", default=[], metavar="LABEL=PATH",
                     help="a GGUF for llama.cpp to run beside ours (repeatable)")
+    ap.add_argument("--native", action="append", default=[], metavar="LABEL=DIR",
+                    help="a saved lowbit native directory as a variant (read with backend auto), e.g. vq2=DIR")
     ap.add_argument("--json", default=None)
     ap.add_argument("--llama-py", default=str(LLAMA_PY), help="python of the llama-cpp-python venv for --gguf")
     ap.add_argument("--model", default=MODEL, help="lowbit model name or path (default %(default)s)")
@@ -263,6 +274,10 @@ def main() -> None:
         return
     jobs = [(v, [sys.executable, __file__, "--worker", v, "--threads", str(args.threads), "--pp", str(args.pp),
                  "--tg", str(args.tg), "--runs", str(args.runs)]) for v in args.variants.split(",") if v]
+    for spec in args.native:
+        label, _, path = spec.partition("=")
+        jobs.append((label, [sys.executable, __file__, "--worker", f"native:{path}", "--threads", str(args.threads),
+                             "--pp", str(args.pp), "--tg", str(args.tg), "--runs", str(args.runs)]))
     for spec in args.gguf:
         label, _, path = spec.partition("=")
         jobs.append((f"llama.cpp {label}", [args.llama_py, str(ROOT / "bench/peers/llamacpp_ref.py"), "speed",

@@ -69,6 +69,10 @@ for _b in (4, 3, 2):
     CONFIGS[f"rotgptq-{_p}-ao-mse"] = (f"{_p}-rot-gptq-actorder-mse", {})
     CONFIGS[f"sr-{_p}"] = (f"{_p}-signround-mse", {"iters": SR_ITERS, "init": "gptq", "act_order": True})
     CONFIGS[f"rotsr-{_p}"] = (f"{_p}-rot-signround-mse", {"iters": SR_ITERS, "init": "gptq", "act_order": True})
+# issue 20 item 3: vector codebooks (methods/vq.py) at the same calibration, beside the int rows above
+for _b in (2, 3):
+    CONFIGS[f"vq-w{_b}g64"] = (f"w{_b}g64-vq", {})
+    CONFIGS[f"rotvq-w{_b}g64"] = (f"w{_b}g64-rot-vq", {})
 # calibration-loop overrides per config (lowbit.calibration.CalibrationConfig fields)
 CALIBRATION = {"gptq-w4g128-nopause": {"pause_forward": False}, "gptq-w4g128-b2": {"batch_size": 2}}
 # llm-compressor runs: name -> runner arguments (bench/peers/llmc_gptq.py)

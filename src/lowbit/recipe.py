@@ -14,7 +14,7 @@ Named presets (`get_recipe("w4g128-gptq")`) follow a small grammar, so every com
 may want has a name without a table of them:
 
     w{bits}[g{group}][-sym][-rot]-{method}[-actorder[-static]][-mse]
-        e.g. w3g64-rot-gptq, w4g64-signround, w2g64-rot-signround, w8-rtn (per channel), w3g128-gptq, w2g64-gptq-actorder, w4g128-sym-rtn,
+        e.g. w2g64-vq (vector codebooks, methods/vq.py), w3g64-rot-gptq, w4g64-signround, w2g64-rot-signround, w8-rtn (per channel), w3g128-gptq, w2g64-gptq-actorder, w4g128-sym-rtn,
         w4g128-gptq-actorder-mse (GPTQ, act-order, MSE range search per group: the best 4-bit
         g128 point measured on the bundled model, BENCHMARKS.md), w4g128-gptq-actorder-static
   -rot       the float model is Hadamard-rotated first (transforms/rotate.py: residual stream and
@@ -196,7 +196,20 @@ def grammar_recipe(name: str) -> Recipe | None:
     transforms = [{"name": "rotate", "seed": 0}] if m["rot"] else []
     if transforms:
         desc = "Hadamard-rotated (lowbit.transforms.rotate), " + desc
-    return Recipe(name=name, rules=[Rule(r".*", int_scheme(bits, group, sym), m["method"], args)],
+    scheme = int_scheme(bits, group, sym)
+    if m["method"] == "vq":
+        if m["sym"] or args:
+            raise LowbitError(f"recipe {name!r}: vq takes no -sym / -actorder / -mse (its codebook is "
+                              f"learned); write w{bits}g{group or 64}-vq")
+        from lowbit.numerics.vq import vq_scheme
+        scheme = vq_scheme(bits, group or 64)
+        d = max(k for k in (8, 4, 2, 1) if bits * k <= 8)
+        desc = (f"vector codebooks ({bits} index bits per weight: {1 << (bits * d)} learned codewords of {d} "
+                f"columns, GPTQ error feedback, scales per group of {group or 64}); lm_head and embeddings "
+                "stay in float")
+        if transforms:
+            desc = "Hadamard-rotated (lowbit.transforms.rotate), " + desc
+    return Recipe(name=name, rules=[Rule(r".*", scheme, m["method"], args)],
                   description=desc, transforms=transforms)
 
 
@@ -228,6 +241,6 @@ def list_presets() -> dict[str, str]:
     out = {k: d for k, (_, d) in _PRESETS.items()}
     for ex in ("w8-rtn", "w4g128-rtn", "w4g128-gptq", "w3g128-gptq", "w2g64-gptq-actorder",
                "w4g128-gptq-actorder-mse", "w4g128-gptq-actorder-static", "w4g64-signround",
-               "w3g64-rot-gptq", "w3g64-rot-signround", "w2g64-rot-signround"):
+               "w3g64-rot-gptq", "w3g64-rot-signround", "w2g64-rot-signround", "w2g64-vq", "w3g64-vq"):
         out.setdefault(ex, grammar_recipe(ex).description)
     return out

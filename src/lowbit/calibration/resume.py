@@ -140,16 +140,22 @@ class Checkpoint:
 
 def _put(tensors: dict, name: str, qw, method: str) -> dict:
     from lowbit.numerics.qweight import QuantizedWeight
+    from lowbit.numerics.vq import VQWeight
+    info = {k: v for k, v in qw.info.items() if isinstance(v, (bool, int, float, str))}
+    if isinstance(qw, VQWeight):                 # vector codebooks (method vq)
+        for k in ("codebook", "indices", "scale"):
+            tensors[f"{name}.{k}"] = getattr(qw, k).contiguous()
+        return {"name": name, "method": method, "kind": "vq", "shape": list(qw.shape),
+                "group_size": qw.group_size, "info": info}
     if not isinstance(qw, QuantizedWeight):
         raise LowbitError(f"resume: layer {name} is a {type(qw).__name__}; resume state holds "
-                          "integer/float schemes only (run without resume for ggml types)")
+                          "integer/float schemes and vector codebooks only (run without resume for ggml types)")
     tensors[f"{name}.qdata"] = qw.qdata.contiguous()
     tensors[f"{name}.scale"] = qw.scale.contiguous()
     if qw.zero_point is not None:
         tensors[f"{name}.zero_point"] = qw.zero_point.contiguous()
     if qw.g_idx is not None:
         tensors[f"{name}.g_idx"] = qw.g_idx.contiguous()
-    info = {k: v for k, v in qw.info.items() if isinstance(v, (bool, int, float, str))}
     return {"name": name, "method": method, "scheme": qw.scheme.to_dict(), "info": info}
 
 
@@ -158,6 +164,7 @@ def _read_block(f: Path) -> list:
 
     from lowbit.numerics.qweight import QuantizedWeight
     from lowbit.numerics.scheme import Scheme
+    from lowbit.numerics.vq import VQWeight
     try:
         with safe_open(str(f), framework="pt") as h:
             meta = json.loads(h.metadata()["layers"])
@@ -165,6 +172,10 @@ def _read_block(f: Path) -> list:
             for row in meta:
                 n = row["name"]
                 get = (lambda k, n=n: h.get_tensor(f"{n}.{k}") if f"{n}.{k}" in h.keys() else None)
+                if row.get("kind") == "vq":
+                    out.append((n, VQWeight(get("codebook"), get("indices"), get("scale"), tuple(row["shape"]),
+                                            int(row["group_size"]), dict(row["info"])), row["method"]))
+                    continue
                 out.append((n, QuantizedWeight(get("qdata"), get("scale"), get("zero_point"),
                                                Scheme.from_dict(row["scheme"]), get("g_idx"), dict(row["info"])),
                             row["method"]))

@@ -50,16 +50,18 @@ def size_report(model: nn.Module, *, path: str | os.PathLike | None = None,
     skip: set[int] = set()
     q_weights = q_bits = 0
     lin_weights = lin_bits = 0
+    from lowbit.nn.vq import VQLinear
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, (QuantLinear, VQLinear)):
             qw = mod.qweight
             bits = qw.storage_bits()
-            q_weights += qw.qdata.numel()
+            n = qw.shape[0] * qw.shape[1]
+            q_weights += n
             q_bits += bits
             # its codes, qparams and any packed kernel below it are counted by storage_bits
             skip.update(id(t) for t in mod.buffers())
             if mod is not head:
-                lin_weights += qw.qdata.numel()
+                lin_weights += n
                 lin_bits += bits
         elif isinstance(mod, nn.Linear) and mod is not head:
             lin_weights += mod.weight.numel()

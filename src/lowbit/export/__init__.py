@@ -123,12 +123,15 @@ class QuantizedModel:
     def from_loaded(cls, lm: LoadedModel) -> "QuantizedModel":
         """From a quantized model read back by a format reader (re-export to another format)."""
         from lowbit.nn.qlinear import QuantLinear
+        from lowbit.nn.vq import VQLinear
         from lowbit.recipe import Recipe
         qweights, kinds = {}, {}
         for name, mod in lm.model.named_modules():
             if isinstance(mod, QuantLinear):
                 if getattr(mod, "packed", None) is not None and not hasattr(mod, "qdata"):
                     raise LowbitError(f"export: {name} holds packed kernels only; load without kernels")
+                qweights[name], kinds[name] = mod.qweight, "linear"
+            elif isinstance(mod, VQLinear):
                 qweights[name], kinds[name] = mod.qweight, "linear"
         for name, qw in lm.meta.get("qweights", {}).items():   # quantized embeddings, served dequantized
             qweights[name], kinds[name] = qw, "embedding"

@@ -304,7 +304,11 @@ def quant_module(qw, bias, name: str, dtype: torch.dtype, backend: str | None):
     """QuantLinear (reference forward), or PackedLinear on `backend`'s kernels (codes packed at
     once, the unpacked codes dropped)."""
     from lowbit.nn.qlinear import QuantLinear
+    from lowbit.numerics.vq import VQWeight
     bias = None if bias is None else bias.to(dtype)
+    if isinstance(qw, VQWeight):            # its own module: table-lookup kernels on any backend
+        from lowbit.nn.vq import VQLinear
+        return VQLinear(qw, bias)
     if backend is None:
         return QuantLinear(qw, bias)
     from lowbit.nn.prepare import PackedLinear

@@ -27,6 +27,14 @@ cols = in_features; an embedding: rows = vocab, cols = hidden):
                                                       with dynamic groups (GPTQ desc_act layout)
     L.bias               source dtype                 if the module has one
 
+A vector-codebook layer (numerics/vq.py, method vq; "codes_layout": "vq") has instead
+
+    L.weight_codebook    float16  (n, K, d)          n codebooks of K codewords of d columns
+    L.weight_indices     uint8    (rows, cols / d)   codeword of each vector (int16 when K > 256)
+    L.weight_scale       float16  (rows, n_groups)   per row and group of group_size columns
+
+    x_hat[r, v d + k] = scale[r, (v d) // g] * codebook[v // (cols / d / n), indices[r, v], k]
+
     x_hat[r, c] = (codes[r, c] - zero[r, g(c)]) * scale[r, g(c)],  g(c) = g_idx[c] or c // group_size
 
 A group size that does not divide cols gives a shorter last group (n_groups = ceil(cols / g));
@@ -95,8 +103,49 @@ def _scalar_info(info: dict) -> dict:
     return {k: v for k, v in sorted(info.items()) if isinstance(v, (bool, int, float, str))}
 
 
+def _vq_tensors(name: str, qw) -> tuple[dict, dict]:
+    scale, sdt = scale_for_file(qw.scale)
+    cb16 = qw.codebook.to(torch.float16)
+    cb = cb16 if torch.equal(cb16.float(), qw.codebook.float()) else qw.codebook.float().contiguous()
+    tensors = {f"{name}.weight_codebook": cb.contiguous(), f"{name}.weight_indices": qw.indices.contiguous(),
+               f"{name}.weight_scale": scale}
+    row = {"scheme": qw.scheme.to_dict(), "shape": list(qw.shape), "codes_layout": "vq",
+           "code_bits": qw.index_bits, "vector_dim": qw.dim, "codebook_size": qw.codebook_size,
+           "n_codebooks": qw.n_codebooks, "scale_dtype": sdt,
+           "codebook_dtype": str(cb.dtype).split(".")[-1], "has_g_idx": False,
+           "bits_per_weight": round(qw.bits_per_weight, 6), "ragged_last_group": qw.ragged_last_group,
+           "info": _scalar_info(qw.info)}
+    return tensors, row
+
+
+def _read_vq(take, name: str, row: dict, shape: list[int], where):
+    from lowbit.numerics.vq import VQWeight
+    cb = take(f"{name}.weight_codebook", True)
+    idx = take(f"{name}.weight_indices", True)
+    scale = take(f"{name}.weight_scale", True)
+    try:
+        d, K, n = int(row["vector_dim"]), int(row["codebook_size"]), int(row["n_codebooks"])
+        g = int(row["scheme"]["group_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise LowbitError(f"{where}: layer {name}: malformed vq manifest row ({type(e).__name__}: {e})") from None
+    if tuple(cb.shape) != (n, K, d) or not cb.is_floating_point():
+        raise LowbitError(f"{where}: tensor {name}.weight_codebook: expected float ({n}, {K}, {d}), got "
+                          f"{cb.dtype} {tuple(cb.shape)}")
+    if not bool(torch.isfinite(cb).all()) or not bool(torch.isfinite(scale.float()).all()):
+        raise LowbitError(f"{where}: layer {name}: codebook or scale contains NaN/inf")
+    if idx.dtype in (torch.uint8, torch.int16) and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= K):
+        raise LowbitError(f"{where}: tensor {name}.weight_indices has codewords outside [0, {K})")
+    try:
+        qw = VQWeight(cb.float(), idx, scale.float(), tuple(shape), g, dict(row.get("info", {})))
+    except LowbitError as e:
+        raise LowbitError(f"{where}: layer {name}: {e}") from None
+    return qw, take(f"{name}.bias", False)
+
+
 def _layer_tensors(name: str, qw) -> tuple[dict, dict]:
     from lowbit.numerics.packing import pack_bits_u8
+    if qw.scheme.format == "vq":
+        return _vq_tensors(name, qw)
     bits = qw.scheme.code_bits
     if bits in PACKED_BITS:
         tensors, layout = {f"{name}.weight_packed": pack_bits_u8(qw.qdata, bits, axis=1)}, "packed_u8"
@@ -119,7 +168,7 @@ def _layer_tensors(name: str, qw) -> tuple[dict, dict]:
 def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size=None) -> Path:
     """Write a QuantizedModel as a lowbit native directory."""
     for name, qw in qm.qweights.items():
-        if qw.scheme.format not in ("int", "nf4", "fp4", "ternary", "fp8_e4m3", "fp8_e5m2"):
+        if qw.scheme.format not in ("int", "nf4", "fp4", "ternary", "fp8_e4m3", "fp8_e5m2", "vq"):
             raise LowbitError(f"native format: layer {name} has scheme {qw.scheme.short_name()} "
                               f"(format {qw.scheme.format}), which this format does not hold; "
                               "ggml block formats go to --format gguf")
@@ -167,6 +216,8 @@ def read_qweight(take, name: str, row: dict, where: str | os.PathLike = WEIGHTS)
         scheme = Scheme.from_dict(row["scheme"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise LowbitError(f"{where}: layer {name}: malformed manifest row ({type(e).__name__}: {e})") from None
+    if layout == "vq":
+        return _read_vq(take, name, row, shape, where)
     if layout == "packed_u8":
         packed = take(f"{name}.weight_packed", True)
         bits = int(row.get("code_bits", 0))
@@ -180,7 +231,7 @@ def read_qweight(take, name: str, row: dict, where: str | os.PathLike = WEIGHTS)
         codes = take(f"{name}.weight_codes", True)
     else:
         raise LowbitError(f"{where}: layer {name} has codes_layout {layout!r}; this lowbit reads "
-                          "'packed_u8' and 'u8'")
+                          "'packed_u8', 'u8' and 'vq'")
     scale = take(f"{name}.weight_scale", True).float()
     zero = take(f"{name}.weight_zero_point", False)
     g_idx = take(f"{name}.weight_g_idx", False)
@@ -283,4 +334,4 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bo
 
 register_format(Format("native", "lowbit's own directory: every scheme lowbit has, packed codes, "
                        "read straight into CPU kernels", is_native_dir, write, read,
-                       holds="int 2-8 bit (any group, ragged, g_idx), nf4/fp4/ternary, fp8"))
+                       holds="int 2-8 bit (any group, ragged, g_idx), nf4/fp4/ternary, fp8, vector codebooks (vq)"))

@@ -41,7 +41,8 @@ class MethodSpec:
 
 _METHODS: dict[str, MethodSpec] = {}
 # modules that define methods; imported on first lookup
-METHOD_MODULES = ["lowbit.methods.rtn", "lowbit.methods.gptq", "lowbit.methods.ggml", "lowbit.methods.signround"]
+METHOD_MODULES = ["lowbit.methods.rtn", "lowbit.methods.gptq", "lowbit.methods.ggml", "lowbit.methods.signround",
+                  "lowbit.methods.vq"]
 
 
 def register_method(name: str, config_cls: type, needs: tuple[str, ...] = ()) -> Callable:

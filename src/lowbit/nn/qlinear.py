@@ -106,7 +106,12 @@ class GGMLLinear(nn.Module):
 
 
 def make_quant_module(qweight, bias: torch.Tensor | None = None) -> nn.Module:
-    """The module that holds a method's result: QuantLinear, or GGMLLinear for ggml blocks."""
+    """The module that holds a method's result: QuantLinear, GGMLLinear for ggml blocks, VQLinear
+    for vector codebooks."""
     if isinstance(qweight, QuantizedWeight):
         return QuantLinear(qweight, bias)
+    from lowbit.numerics.vq import VQWeight
+    if isinstance(qweight, VQWeight):
+        from lowbit.nn.vq import VQLinear
+        return VQLinear(qweight, bias)
     return GGMLLinear(qweight, bias)

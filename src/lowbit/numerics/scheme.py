@@ -33,7 +33,10 @@ FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp16", "bf16", "fp32")
 # granularity/group_size do not apply to them.
 GGUF_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
                 "tq1_0", "tq2_0", "iq4_nl")
-ALL_FORMATS = INT_FORMATS + CODEBOOK_FORMATS + FLOAT_FORMATS + GGUF_FORMATS
+# Vector codebooks: an index per d consecutive weights into a learned codebook (numerics/vq.py,
+# VQWeight); bits = index bits per weight, group_size = the scale groups.
+VQ_FORMATS = ("vq",)
+ALL_FORMATS = INT_FORMATS + CODEBOOK_FORMATS + FLOAT_FORMATS + GGUF_FORMATS + VQ_FORMATS
 
 
 # the largest group size a scheme takes: wider than any row of today's models (a group at least
@@ -72,6 +75,8 @@ class Scheme:
             raise LowbitError(f"Scheme.format: expected one of {ALL_FORMATS}, got {self.format!r}")
         if self.format == "int" and not (isinstance(self.bits, int) and 2 <= self.bits <= 8):
             raise LowbitError(f"Scheme.bits: integer formats take 2..8 bits, got {self.bits!r}")
+        if self.format == "vq" and not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
+            raise LowbitError(f"Scheme.bits: vector codebooks take 1..8 index bits per weight, got {self.bits!r}")
         if self.granularity not in ("tensor", "channel", "group", "block"):
             raise LowbitError(
                 f"Scheme.granularity: expected tensor|channel|group|block, got {self.granularity!r}")
@@ -121,7 +126,7 @@ class Scheme:
     # ---- naming and serialisation -------------------------------------------------------------
     def short_name(self) -> str:
         """w4g128a / w8c / nf4g64 / fp8_e4m3t ... used in tables and file names."""
-        head = f"w{self.bits}" if self.format == "int" else self.format
+        head = {"int": f"w{self.bits}", "vq": f"vq{self.bits}"}.get(self.format, self.format)
         gran = {"tensor": "t", "channel": "c", "group": f"g{self.group_size}",
                 "block": f"b{self.block_size[0]}x{self.block_size[1]}"}[self.granularity]
         tail = "" if self.format != "int" else ("s" if self.symmetric else "a")

@@ -588,6 +588,7 @@ void w8_dot(const uint8_t* codes, const int8_t* xq, int64_t M, int64_t K, int32_
 }
 
 #include "kern_attn_q8.h"
+#include "kern_vq.h"
 
 }  // namespace
 }  // namespace lowbit
@@ -601,12 +602,12 @@ namespace lowbit {
 const KernTable kern_avx512vnni = {"avx512vnni", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
                                    gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_blk,
                                    kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8,
-                                   w8_dot, quant_w8, kv_scores, kv_mix};
+                                   w8_dot, quant_w8, kv_scores, kv_mix, vq_table, vq_gemv};
 #else
 const KernTable kern_avx512 = {"avx512", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
                                gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_blk,
                                    kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8,
-                                   w8_dot, quant_w8, kv_scores, kv_mix};
+                                   w8_dot, quant_w8, kv_scores, kv_mix, vq_table, vq_gemv};
 #endif
 
 }  // namespace lowbit

@@ -546,6 +546,50 @@ at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
   return out;
 }
 
+// Vector-codebook linear by table lookup (kern_vq.h), for the few rows of decode: per row of x,
+// the (V, Kc) table of its vectors against the codebooks, then each output row's indexed sum.
+at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor& idx, const at::Tensor& scale,
+                     int64_t gs) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "lowbit vq_linear: x must be a contiguous 2-D float32 tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(cb.dim() == 3 && cb.scalar_type() == at::kFloat && cb.is_contiguous(),
+              "lowbit vq_linear: codebook must be contiguous float32 (n, Kc, d), got ", cb.sizes());
+  const int64_t M = x.size(0), Kin = x.size(1), ncb = cb.size(0), Kc = cb.size(1), d = cb.size(2);
+  TORCH_CHECK(d >= 1 && Kin % d == 0 && Kc >= 1 && Kc <= 256,
+              "lowbit vq_linear: codewords of d = ", d, " must divide in_features ", Kin, ", and at most 256 of them (got ",
+              Kc, ")");
+  const int64_t V = Kin / d;
+  TORCH_CHECK(ncb >= 1 && V % ncb == 0, "lowbit vq_linear: ", ncb, " codebooks do not split ", V, " vectors evenly");
+  TORCH_CHECK(idx.dim() == 2 && idx.scalar_type() == at::kByte && idx.is_contiguous() && idx.size(1) == V,
+              "lowbit vq_linear: indices must be contiguous uint8 (N, ", V, "), got ", idx.sizes(), " ", idx.scalar_type());
+  const int64_t N = idx.size(0);
+  TORCH_CHECK(gs > 0 && gs % d == 0, "lowbit vq_linear: group size ", gs, " must be a positive multiple of d = ", d);
+  const int64_t G = (Kin + gs - 1) / gs;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N &&
+                  scale.size(1) == G,
+              "lowbit vq_linear: scale must be contiguous float32 (", N, ", ", G, "), got ", scale.sizes());
+  TORCH_CHECK(V * Kc < (int64_t(1) << 31), "lowbit vq_linear: the lookup table (", V, " x ", Kc, ") is too large");
+  const KernTable* kt = g_kern;
+  const int64_t vpc = V / ncb, vpg = gs / d;
+  std::vector<int32_t> voff(V), vgrp(V);
+  for (int64_t v = 0; v < V; ++v) {
+    voff[v] = static_cast<int32_t>(v * Kc);
+    vgrp[v] = static_cast<int32_t>(v / vpg);
+  }
+  at::Tensor T = at::empty({V * Kc}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *cp = cb.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  const uint8_t* ip = idx.data_ptr<uint8_t>();
+  float *tp = T.data_ptr<float>(), *yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) { kt->vq_table(xp + m * Kin, cp, Kc, d, vpc, v0, v1, tp); });
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      kt->vq_gemv(tp, ip, V, voff.data(), vgrp.data(), sp, G, yp + m * N, n0, n1);
+    });
+  }
+  return y;
+}
+
 }  // namespace
 
 // 0: decode GEMVs on at::parallel_for; else our pool's spin time (decode_pool.h, LOWBIT_SPIN_US)
@@ -593,6 +637,8 @@ TORCH_LIBRARY(lowbit_cpu, m) {
   // not tensor ops: registered as plain functions (no dispatch key), called from Python
   m.def("kv_attend(Tensor q, Tensor kc, Tensor ks, Tensor vc, Tensor vs, Tensor lut, bool i8, int end, "
         "float scaling) -> Tensor");
+  // vector codebooks (nn/vq.py): table-lookup GEMV for decode rows
+  m.def("vq_linear(Tensor x, Tensor codebook, Tensor indices, Tensor scale, int group_size) -> Tensor");
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("isa() -> str", &current_isa);
   m.def("isa_supported(str name) -> bool", &isa_supported);
@@ -606,4 +652,5 @@ TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
   m.impl("t2_linear", &t2_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("kv_attend", &kv_attend);
+  m.impl("vq_linear", &vq_linear);
 }

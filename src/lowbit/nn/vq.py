@@ -1,0 +1,106 @@
+"""VQLinear: a linear whose weight is a vector codebook (numerics/vq.py VQWeight).
+
+The float weight is never built whole. Decode (few rows of x) runs the table-lookup product:
+
+    T[m, v, c] = <codebook[cb(v), c], x[m, v d : (v + 1) d]>        a (V, K) table per row of x
+    y[m, n]    = sum_g scale[n, g] * sum_{v in g} T[m, v, idx[n, v]]
+
+one gather and add per d weights, on the compiled op `lowbit_cpu.vq_linear` (nn/ext) when the
+extension is loaded and the indices are bytes (K <= 256), else the same sum in torch. Longer inputs (prefill) dequantize `tile_rows`
+rows of the weight at a time and multiply them (a tile of the float weight, never all of it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lowbit.numerics.vq import VQWeight
+
+TILE_ROWS = 256
+LUT_MAX_M = 8          # rows of x up to which the table-lookup product is used
+
+
+def _ext_op():
+    from lowbit.nn import ext
+    if not ext.load():
+        return None
+    return getattr(torch.ops.lowbit_cpu, "vq_linear", None)
+
+
+class VQLinear(nn.Module):
+    def __init__(self, vweight: VQWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = vweight.shape
+        self.group_size = vweight.group_size
+        self.info = dict(vweight.info)
+        self.register_buffer("codebook", vweight.codebook.float().contiguous())
+        self.register_buffer("indices", vweight.indices.contiguous())
+        self.register_buffer("scale", vweight.scale.float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.act_quant = None
+        self.use_ext = True            # False: the torch paths only (tests compare both)
+
+    @property
+    def qweight(self) -> VQWeight:
+        return VQWeight(self.codebook, self.indices, self.scale, (self.out_features, self.in_features),
+                        self.group_size, self.info)
+
+    @property
+    def scheme(self):
+        return self.qweight.scheme
+
+    @property
+    def backend(self) -> str:
+        ext_ok = self.use_ext and self.indices.dtype == torch.uint8 and _ext_op() is not None
+        return "vq-ext" if ext_ok else "vq-torch"
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.dequantize(dtype)
+
+    def _lut_torch(self, x: torch.Tensor) -> torch.Tensor:
+        vw = self.qweight
+        M, d, K = x.shape[0], vw.dim, vw.codebook_size
+        V = self.in_features // d
+        cbv = vw.vector_codebook()                                        # (V,)
+        T = torch.einsum("mvd,vkd->mvk", x.view(M, V, d), self.codebook[cbv])   # (M, V, K)
+        flat = (torch.arange(V) * K)[None, :] + self.indices.long()       # (N, V) into T[m].view(-1)
+        vals = T.reshape(M, -1)[:, flat]                                  # (M, N, V)
+        vpg = self.group_size // d
+        G = self.scale.shape[1]
+        pad = G * vpg - V
+        vals = F.pad(vals, (0, pad)).view(M, self.out_features, G, vpg).sum(dim=3)
+        return (vals * self.scale[None]).sum(dim=2)
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        vw = self.qweight
+        out = x.new_empty(x.shape[0], self.out_features)
+        for r0 in range(0, self.out_features, TILE_ROWS):
+            sl = slice(r0, min(r0 + TILE_ROWS, self.out_features))
+            torch.matmul(x, vw.dequantize(x.dtype, sl).t(), out=out[:, sl])
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            y = self._tiled(x2.float()).to(x.dtype)
+        elif x2.shape[0] <= LUT_MAX_M:
+            op = _ext_op() if (self.use_ext and self.indices.dtype == torch.uint8) else None
+            if op is not None:
+                y = op(x2.contiguous(), self.codebook, self.indices, self.scale, self.group_size)
+            else:
+                y = self._lut_torch(x2)
+        else:
+            y = self._tiled(x2)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        vw = self.qweight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, vq: {vw.n_codebooks} x "
+                f"{vw.codebook_size} codewords of {vw.dim}, scale groups {self.group_size}, "
+                f"{vw.bits_per_weight:.3f} bpw, bias={self.bias is not None}")
