@@ -78,3 +78,72 @@ def refine_block(block: nn.Module, tuned: list[tuple[str, torch.Tensor, Quantize
         return [QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.scheme, qw.g_idx, qw.info | info)
                 for _, _, qw, _ in tuned], info
     return [params[n].result(qw.info | info) for n, _, qw, _ in tuned], info
+
+
+def refine_block_vq(block: nn.Module, tuned: list, inputs: list[BlockInput],
+                    targets: list[torch.Tensor]) -> tuple[list, dict]:
+    """Vector codebooks (methods/vq.py, option block_steps): with every index fixed, the block's
+    codebooks and scales are tuned together by Adam on the block's output error (the same loss
+    as SignRound's), rounded to fp16 after; the lowest-loss step is kept, and the starting point
+    when no step beats it. tuned: (name, float weight, VQWeight, VQConfig) per linear."""
+    from lowbit.numerics.vq import VQWeight
+    cfg = tuned[0][3]
+    pairs = _batches(inputs, targets, cfg.block_batch)
+    t0 = time.perf_counter()
+    geo = {}
+    for name, _, vw, _ in tuned:
+        rows, cols = vw.shape
+        geo[name] = (vw.flat_indices(), vw.dim, rows, cols, vw.group_size)
+    cbs = {n: vw.codebook.clone().requires_grad_(True) for n, _, vw, _ in tuned}
+    # scales tuned relative to their start (s = s0 (1 + u)), so one rate suits every layer
+    s0 = {n: vw.scale.clone() for n, _, vw, _ in tuned}
+    us = {n: torch.zeros_like(vw.scale, requires_grad=True) for n, _, vw, _ in tuned}
+
+    def scales(u: dict) -> dict:
+        return {n: s0[n] * (1 + u[n]) for n in u}
+
+    def weights(cb: dict, sc: dict) -> dict:
+        out = {}
+        for n, (idx, d, rows, cols, g) in geo.items():
+            s = sc[n].repeat_interleave(g, dim=1)[:, :cols]
+            out[f"{n}.weight"] = cb[n].reshape(-1, d)[idx].reshape(rows, cols) * s
+        return out
+
+    def loss_on(w: dict, a: BlockInput, y: torch.Tensor) -> torch.Tensor:
+        return torch.mean((_out(functional_call(block, w, (a.hidden,), a.kwargs)) - y) ** 2)
+
+    with torch.no_grad():
+        w0 = weights(cbs, s0)
+        first = [float(loss_on(w0, a, y)) for a, y in pairs]
+    opt = torch.optim.Adam(list(cbs.values()) + list(us.values()), lr=cfg.block_lr)
+    best, keep = float("inf"), None
+    with torch.enable_grad():
+        for t in range(cfg.block_steps):
+            a, y = pairs[t % len(pairs)]
+            opt.zero_grad()
+            loss = loss_on(weights(cbs, scales(us)), a, y)
+            loss.backward()
+            lv = float(loss.detach())
+            if lv < best:            # the parameters that gave this loss, before the step
+                best = lv
+                keep = ({n: c.detach().clone() for n, c in cbs.items()},
+                        {n: c.detach().clone() for n, c in scales(us).items()})
+            opt.step()
+    init = sum(first) / len(first)
+    info = {"vq_block_steps": cfg.block_steps, "vq_block_loss_init": init, "vq_block_loss_best": init,
+            "vq_block_kept_init": True}
+    out = [vw for _, _, vw, _ in tuned]
+    if keep is not None and best < min(first):
+        cand_cb = {n: c.to(torch.float16).float() for n, c in keep[0].items()}
+        cand_sc = {n: s.clamp_min(2.0 ** -24).to(torch.float16).float() for n, s in keep[1].items()}
+        ok = all(bool(torch.isfinite(c).all()) for c in list(cand_cb.values()) + list(cand_sc.values()))
+        with torch.no_grad():
+            after = [float(loss_on(weights(cand_cb, cand_sc), a, y)) for a, y in pairs] if ok else []
+        if ok and sum(after) < sum(first):      # judged after the fp16 rounding the file holds
+            info.update(vq_block_loss_best=sum(after) / len(after), vq_block_kept_init=False)
+            out = [VQWeight(cand_cb[n], vw.indices, cand_sc[n], vw.shape, vw.group_size, vw.info)
+                   for n, _, vw, _ in tuned]
+    info["vq_block_s"] = time.perf_counter() - t0
+    for vw in out:
+        vw.info = {**vw.info, **info}
+    return out, info

@@ -159,7 +159,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
         head_targets = [t for t in outside if t.calibrated]
         # blocks after the last targeted one only matter when lm_head needs their outputs
         last = len(blocks) - 1 if head_targets else max(per_block, default=-1)
-        fp_acts = acts if any(getattr(t.method.fn, "block_level", False) for t in targets) else None
+        fp_acts = acts if any(_block_level(t) for t in targets) else None
         if fp_acts is not None and checkpoint is not None:
             # the resume state holds the quantized path's block inputs only, not the float path's
             log("no resume state: block-level methods (signround) also need the float model's block "
@@ -239,6 +239,13 @@ def _transform_block(model, arch, block, bt: dict[str, Target], acts, transforms
     from lowbit.transforms.block import transform_model_block
     return transform_model_block(model, arch, block, {rel: t.rule.scheme for rel, t in bt.items()},
                                  acts, transforms)
+def _block_level(t: Target) -> bool:
+    """Whether a target's method tunes whole blocks (signround; vq with block_steps): the
+    method's `block_level` attribute, a bool or a function of the target's config."""
+    bl = getattr(t.method.fn, "block_level", False)
+    return bool(bl(t.config)) if callable(bl) else bool(bl)
+
+
 class _BlockRefine:
     """The block-level hook (calibration/blockwise.py, methods marked `block_level` such as
     signround): before a block is quantized, its float outputs on the float model's inputs (the
@@ -249,7 +256,7 @@ class _BlockRefine:
                  fp_acts: list[BlockInput], timing: dict):
         t0 = time.perf_counter()
         self.block, self.timing, self.inputs = block, timing, list(acts)
-        self.targets = {rel: t for rel, t in bt.items() if getattr(t.method.fn, "block_level", False)}
+        self.targets = {rel: t for rel, t in bt.items() if _block_level(t)}
         self.floats = {rel: linear_weight(t.module).detach().clone() for rel, t in self.targets.items()}
         self.fp_out = [run_block(block, a) for a in fp_acts]
         timing["forward_s"] = timing.get("forward_s", 0.0) + time.perf_counter() - t0
@@ -261,13 +268,18 @@ class _BlockRefine:
             return acts, self.fp_out
         t0 = time.perf_counter()
         tuned = [(done[i][0], self.floats[done[i][0]], done[i][1], self.targets[done[i][0]].config) for i in idx]
-        qws, info = refine_block(self.block, tuned, self.inputs, [y.hidden for y in self.fp_out])
+        refine = getattr(self.targets[done[idx[0]][0]].method.fn, "refine_block", refine_block)
+        qws, info = refine(self.block, tuned, self.inputs, [y.hidden for y in self.fp_out])
         for i, qw in zip(idx, qws):
             _write_dequantized(self.targets[done[i][0]].module, qw)
             done[i] = (done[i][0], qw, done[i][2])
         self.timing["refine_s"] = self.timing.get("refine_s", 0.0) + time.perf_counter() - t0
-        log(f"signround: block loss {info['signround_loss_init']:.4g} -> {info['signround_loss_best']:.4g} "
-            f"({info['signround_s']:.1f} s)")
+        if "vq_block_loss_init" in info:
+            log(f"vq: block loss {info['vq_block_loss_init']:.4g} -> {info['vq_block_loss_best']:.4g} "
+                f"({info['vq_block_s']:.1f} s)")
+        else:
+            log(f"signround: block loss {info['signround_loss_init']:.4g} -> {info['signround_loss_best']:.4g} "
+                f"({info['signround_s']:.1f} s)")
         t0 = time.perf_counter()
         acts = [run_block(self.block, a) for a in self.inputs]
         self.timing["forward_s"] += time.perf_counter() - t0

@@ -18,7 +18,10 @@ For a layer W (rows, cols) with input Hessian H = sum x x^T:
    exactly as GPTQ does for one column (lazy block updates included);
 4. codebook update (`codebook_steps` > 0): with indices and scales fixed, the codebook entries
    are tuned by Adam on the layer's output error tr((W - W_hat) H (W - W_hat)^T) (GPTVQ sec. 3.3),
-   rounded to fp16 after, and kept only if the error went down.
+   rounded to fp16 after, and kept only if the error went down;
+5. block fine-tuning (`block_steps` > 0): once every linear of a decoder block is assigned, all
+   their codebooks and scales are tuned together by Adam on the block's output error against the
+   float block (calibration/blockwise.py refine_block_vq), indices fixed.
 
 Pure tensor math: (W, H, scheme, config) in, VQWeight out; the calibration loop collects H.
 """
@@ -42,7 +45,10 @@ class VQConfig:
     """dim: vector length d (0: the longest of 8, 4, 2, 1 with bits * d <= 8, so K <= 256 and one
     byte per index). codebook_cols: input columns served by one codebook (0: all of them).
     kmeans_iters: Lloyd iterations. codebook_steps / codebook_lr: Adam steps on the codebook after
-    the assignment (0: none). kmeans_samples: vectors k-means fits on per codebook (an evenly
+    the assignment (0: none). block_steps / block_lr / block_batch: Adam steps tuning every
+    codebook and scale of a block together on the block's output error once all its linears are
+    assigned (calibration/blockwise.py refine_block_vq; 0: none; batch 0: the loop's batches).
+    kmeans_samples: vectors k-means fits on per codebook (an evenly
     spaced subset when there are more; 0: all). damp_percent, block_size: as GPTQ. seed: k-means' tie-break (none
     random: the start is the scalar grid)."""
     dim: int = 0
@@ -51,13 +57,17 @@ class VQConfig:
     kmeans_samples: int = 65536
     codebook_steps: int = 0
     codebook_lr: float = 1e-3
+    block_steps: int = 0
+    block_lr: float = 3e-3
+    block_batch: int = 0
     damp_percent: float = 0.01
     block_size: int = 128
     scale_dtype: str = "float16"
     max_damp_retries: int = 4
 
     def __post_init__(self) -> None:
-        for k in ("dim", "codebook_cols", "kmeans_iters", "kmeans_samples", "codebook_steps"):
+        for k in ("dim", "codebook_cols", "kmeans_iters", "kmeans_samples", "codebook_steps", "block_steps",
+                  "block_batch"):
             v = getattr(self, k)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
                 raise LowbitError(f"vq option {k}: expected an integer >= 0, got {v!r}")
@@ -65,9 +75,11 @@ class VQConfig:
             raise LowbitError(f"vq option dim: vectors of at most 16 columns, got {self.dim}")
         if not (isinstance(self.block_size, int) and self.block_size > 0):
             raise LowbitError(f"vq option block_size: expected a positive integer, got {self.block_size!r}")
-        if not (0.0 <= float(self.damp_percent) < 10.0) or not (float(self.codebook_lr) > 0):
-            raise LowbitError(f"vq options damp_percent / codebook_lr: expected a fraction in [0, 10) and "
-                              f"a positive rate, got {self.damp_percent!r} / {self.codebook_lr!r}")
+        if not (0.0 <= float(self.damp_percent) < 10.0) or not (float(self.codebook_lr) > 0) \
+                or not (float(self.block_lr) > 0):
+            raise LowbitError(f"vq options damp_percent / codebook_lr / block_lr: expected a fraction in "
+                              f"[0, 10) and positive rates, got {self.damp_percent!r} / {self.codebook_lr!r} / "
+                              f"{self.block_lr!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise LowbitError(f"vq option scale_dtype: expected one of {sorted(SCALE_DTYPES)}, got "
                               f"{self.scale_dtype!r}")
@@ -261,3 +273,13 @@ def vq(weight: torch.Tensor, scheme: Scheme, config: VQConfig, stats: dict) -> V
 
 
 vq.check_scheme = check_scheme
+vq.row_separable = False
+vq.block_level = lambda config: config.block_steps > 0      # calibration/loop.py _BlockRefine
+
+
+def _refine(block, tuned, inputs, targets):
+    from lowbit.calibration.blockwise import refine_block_vq
+    return refine_block_vq(block, tuned, inputs, targets)
+
+
+vq.refine_block = _refine
