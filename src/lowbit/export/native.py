@@ -104,7 +104,7 @@ def _scalar_info(info: dict) -> dict:
 
 
 def _vq_tensors(name: str, qw) -> tuple[dict, dict]:
-    scale, sdt = scale_for_file(qw.scale)
+    scale, sdt = scale_for_file(qw.scale.contiguous())
     cb16 = qw.codebook.to(torch.float16)
     cb = cb16 if torch.equal(cb16.float(), qw.codebook.float()) else qw.codebook.float().contiguous()
     tensors = {f"{name}.weight_codebook": cb.contiguous(), f"{name}.weight_indices": qw.indices.contiguous(),

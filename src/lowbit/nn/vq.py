@@ -35,11 +35,21 @@ class VQLinear(nn.Module):
         self.group_size = vweight.group_size
         self.info = dict(vweight.info)
         self.register_buffer("codebook", vweight.codebook.float().contiguous())
-        self.register_buffer("indices", vweight.indices.contiguous())
-        self.register_buffer("scale", vweight.scale.float().contiguous())
+        # held transposed, as the table-lookup kernel reads them (one gather = consecutive rows)
+        self.register_buffer("indices_t", vweight.indices.t().contiguous())
+        self.register_buffer("scale_t", vweight.scale.float().t().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act_quant = None
         self.use_ext = True            # False: the torch paths only (tests compare both)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """(rows, V): a view of the transposed buffer."""
+        return self.indices_t.t()
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.scale_t.t()
 
     @property
     def qweight(self) -> VQWeight:
@@ -90,7 +100,7 @@ class VQLinear(nn.Module):
         elif x2.shape[0] <= LUT_MAX_M:
             op = _ext_op() if (self.use_ext and self.indices.dtype == torch.uint8) else None
             if op is not None:
-                y = op(x2.contiguous(), self.codebook, self.indices, self.scale, self.group_size)
+                y = op(x2.contiguous(), self.codebook, self.indices_t, self.scale_t, self.group_size)
             else:
                 y = self._lut_torch(x2)
         else:

@@ -548,43 +548,43 @@ at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
 
 // Vector-codebook linear by table lookup (kern_vq.h), for the few rows of decode: per row of x,
 // the (V, Kc) table of its vectors against the codebooks, then each output row's indexed sum.
-at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor& idx, const at::Tensor& scale,
+// idxT (V, N) and scaleT (G, N): the indices and scales transposed (nn/vq.py keeps them so).
+at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor& idxT, const at::Tensor& scaleT,
                      int64_t gs) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "lowbit vq_linear: x must be a contiguous 2-D float32 tensor, got ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(cb.dim() == 3 && cb.scalar_type() == at::kFloat && cb.is_contiguous(),
-              "lowbit vq_linear: codebook must be contiguous float32 (n, Kc, d), got ", cb.sizes());
+  TORCH_CHECK(cb.dim() == 3 && cb.scalar_type() == at::kFloat,
+              "lowbit vq_linear: codebook must be float32 (n, Kc, d), got ", cb.sizes());
   const int64_t M = x.size(0), Kin = x.size(1), ncb = cb.size(0), Kc = cb.size(1), d = cb.size(2);
   TORCH_CHECK(d >= 1 && Kin % d == 0 && Kc >= 1 && Kc <= 256,
               "lowbit vq_linear: codewords of d = ", d, " must divide in_features ", Kin, ", and at most 256 of them (got ",
               Kc, ")");
   const int64_t V = Kin / d;
   TORCH_CHECK(ncb >= 1 && V % ncb == 0, "lowbit vq_linear: ", ncb, " codebooks do not split ", V, " vectors evenly");
-  TORCH_CHECK(idx.dim() == 2 && idx.scalar_type() == at::kByte && idx.is_contiguous() && idx.size(1) == V,
-              "lowbit vq_linear: indices must be contiguous uint8 (N, ", V, "), got ", idx.sizes(), " ", idx.scalar_type());
-  const int64_t N = idx.size(0);
+  TORCH_CHECK(idxT.dim() == 2 && idxT.scalar_type() == at::kByte && idxT.is_contiguous() && idxT.size(0) == V,
+              "lowbit vq_linear: indices must be contiguous uint8 (", V, ", N) (transposed), got ", idxT.sizes(), " ",
+              idxT.scalar_type());
+  const int64_t N = idxT.size(1);
   TORCH_CHECK(gs > 0 && gs % d == 0, "lowbit vq_linear: group size ", gs, " must be a positive multiple of d = ", d);
   const int64_t G = (Kin + gs - 1) / gs;
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N &&
-                  scale.size(1) == G,
-              "lowbit vq_linear: scale must be contiguous float32 (", N, ", ", G, "), got ", scale.sizes());
+  TORCH_CHECK(scaleT.scalar_type() == at::kFloat && scaleT.is_contiguous() && scaleT.dim() == 2 &&
+                  scaleT.size(0) == G && scaleT.size(1) == N,
+              "lowbit vq_linear: scale must be contiguous float32 (", G, ", ", N, ") (transposed), got ", scaleT.sizes());
   TORCH_CHECK(V * Kc < (int64_t(1) << 31), "lowbit vq_linear: the lookup table (", V, " x ", Kc, ") is too large");
   const KernTable* kt = g_kern;
   const int64_t vpc = V / ncb, vpg = gs / d;
-  std::vector<int32_t> voff(V), vgrp(V);
-  for (int64_t v = 0; v < V; ++v) {
-    voff[v] = static_cast<int32_t>(v * Kc);
-    vgrp[v] = static_cast<int32_t>(v / vpg);
-  }
+  at::Tensor cbT = cb.transpose(1, 2).contiguous();        // (n, d, Kc): Kc * d floats per codebook
   at::Tensor T = at::empty({V * Kc}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *cp = cb.data_ptr<float>(), *sp = scale.data_ptr<float>();
-  const uint8_t* ip = idx.data_ptr<uint8_t>();
+  const float *xp = x.data_ptr<float>(), *cp = cbT.data_ptr<float>(), *sp = scaleT.data_ptr<float>();
+  const uint8_t* ip = idxT.data_ptr<uint8_t>();
   float *tp = T.data_ptr<float>(), *yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) { kt->vq_table(xp + m * Kin, cp, Kc, d, vpc, v0, v1, tp); });
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      kt->vq_gemv(tp, ip, V, voff.data(), vgrp.data(), sp, G, yp + m * N, n0, n1);
+    // row ranges in multiples of 16 (one AVX-512 gather's lanes)
+    const int64_t nb = (N + 15) / 16;
+    at::parallel_for(0, nb, 4, [&](int64_t b0, int64_t b1) {
+      kt->vq_gemv(tp, ip, V, N, Kc, vpg, sp, yp + m * N, b0 * 16, std::min(N, b1 * 16));
     });
   }
   return y;

@@ -102,10 +102,10 @@ struct KernTable {
                  float* part);
   // vector-codebook GEMV by table lookup (kern_vq.h): the (V, Kc) table of x against the
   // codebooks, then per row the scaled sum of its indexed table entries
-  void (*vq_table)(const float* x, const float* cb, int64_t Kc, int64_t d, int64_t vpc, int64_t v0,
+  void (*vq_table)(const float* x, const float* cbT, int64_t Kc, int64_t d, int64_t vpc, int64_t v0,
                    int64_t v1, float* T);
-  void (*vq_gemv)(const float* T, const uint8_t* idx, int64_t V, const int32_t* voff, const int32_t* vgrp,
-                  const float* scale, int64_t G, float* y, int64_t n0, int64_t n1);
+  void (*vq_gemv)(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
+                  const float* scaleT, float* y, int64_t n0, int64_t n1);
 };
 
 // A zero-initialised heap array for the ISA files' scratch buffers, with internal linkage (an
