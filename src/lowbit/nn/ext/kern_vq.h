@@ -42,6 +42,24 @@ void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
     const int64_t g1 = g0 + gpc < G ? g0 + gpc : G;
     int64_t n = n0;
 #if defined(__AVX512F__)
+    for (; n + 32 <= n1; n += 32) {        // two row blocks: two gathers in flight per vector
+      __m512 acc0 = _mm512_loadu_ps(y + n), acc1 = _mm512_loadu_ps(y + n + 16);
+      for (int64_t g = g0; g < g1; ++g) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        const int64_t ve = (g + 1) * vpg < V ? (g + 1) * vpg : V;
+        for (int64_t v = g * vpg; v < ve; ++v) {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idxT + v * N + n));
+          const __m512i o0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
+          const __m512i o1 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1));
+          a0 = _mm512_add_ps(a0, _mm512_i32gather_ps(o0, T + v * Kc, 4));
+          a1 = _mm512_add_ps(a1, _mm512_i32gather_ps(o1, T + v * Kc, 4));
+        }
+        acc0 = _mm512_fmadd_ps(a0, _mm512_loadu_ps(scaleT + g * N + n), acc0);
+        acc1 = _mm512_fmadd_ps(a1, _mm512_loadu_ps(scaleT + g * N + n + 16), acc1);
+      }
+      _mm512_storeu_ps(y + n, acc0);
+      _mm512_storeu_ps(y + n + 16, acc1);
+    }
     for (; n + 16 <= n1; n += 16) {
       __m512 acc = _mm512_loadu_ps(y + n);
       for (int64_t g = g0; g < g1; ++g) {
@@ -56,6 +74,22 @@ void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
       _mm512_storeu_ps(y + n, acc);
     }
 #elif defined(__AVX2__)
+    for (; n + 16 <= n1; n += 16) {        // two row blocks: two gathers in flight per vector
+      __m256 acc0 = _mm256_loadu_ps(y + n), acc1 = _mm256_loadu_ps(y + n + 8);
+      for (int64_t g = g0; g < g1; ++g) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        const int64_t ve = (g + 1) * vpg < V ? (g + 1) * vpg : V;
+        for (int64_t v = g * vpg; v < ve; ++v) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idxT + v * N + n));
+          a0 = _mm256_add_ps(a0, _mm256_i32gather_ps(T + v * Kc, _mm256_cvtepu8_epi32(b), 4));
+          a1 = _mm256_add_ps(a1, _mm256_i32gather_ps(T + v * Kc, _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), 4));
+        }
+        acc0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(scaleT + g * N + n), acc0);
+        acc1 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(scaleT + g * N + n + 8), acc1);
+      }
+      _mm256_storeu_ps(y + n, acc0);
+      _mm256_storeu_ps(y + n + 8, acc1);
+    }
     for (; n + 8 <= n1; n += 8) {
       __m256 acc = _mm256_loadu_ps(y + n);
       for (int64_t g = g0; g < g1; ++g) {

@@ -581,10 +581,10 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
   float *tp = T.data_ptr<float>(), *yp = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) { kt->vq_table(xp + m * Kin, cp, Kc, d, vpc, v0, v1, tp); });
-    // row ranges in multiples of 16 (one AVX-512 gather's lanes)
-    const int64_t nb = (N + 15) / 16;
-    at::parallel_for(0, nb, 4, [&](int64_t b0, int64_t b1) {
-      kt->vq_gemv(tp, ip, V, N, Kc, vpg, sp, yp + m * N, b0 * 16, std::min(N, b1 * 16));
+    // row ranges in multiples of 32 (two AVX-512 gathers' lanes)
+    const int64_t nb = (N + 31) / 32;
+    at::parallel_for(0, nb, 2, [&](int64_t b0, int64_t b1) {
+      kt->vq_gemv(tp, ip, V, N, Kc, vpg, sp, yp + m * N, b0 * 32, std::min(N, b1 * 32));
     });
   }
   return y;
