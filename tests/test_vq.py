@@ -214,17 +214,27 @@ def test_the_reader_refuses_damaged_codebook_tensors():
 
     def reader(ts):
         return lambda key, required: ts.get(key)
+    assert row["index_layout"] == "packed_u8" and tensors["L.weight_indices"].shape == (6, 12)   # 16 x 6 bits
     qw, _ = native.read_qweight(reader(tensors), "L", row)
-    assert torch.equal(qw.dequantize(), vw.dequantize())
+    assert torch.equal(qw.indices, vw.indices) and torch.equal(qw.dequantize(), vw.dequantize())
     bad = dict(tensors)
     bad["L.weight_codebook"] = bad["L.weight_codebook"].clone()
     bad["L.weight_codebook"][0, 3, 1] = float("inf")
     with pytest.raises(LowbitError, match="layer L: codebook or scale contains NaN/inf"):
         native.read_qweight(reader(bad), "L", row)
-    bad = dict(tensors, **{"L.weight_indices": tensors["L.weight_indices"].clone()})
-    bad["L.weight_indices"][2, 5] = 64                # past the 64 codewords
-    with pytest.raises(LowbitError, match="L.weight_indices has codewords outside"):
+    bad = dict(tensors, **{"L.weight_indices": tensors["L.weight_indices"][:, :5]})
+    with pytest.raises(LowbitError, match="L.weight_indices: expected uint8"):
         native.read_qweight(reader(bad), "L", row)
+    vw8 = _random_vq(N=6, K_in=64, d=4, Kc=256, gs=32)
+    t8, row8 = native._layer_tensors("L", vw8)
+    row8 = json.loads(json.dumps(row8))
+    assert row8["index_layout"] == "u8"
+    vw16 = _random_vq(N=6, K_in=64, d=4, Kc=1024, gs=32)      # int16 indices, one past the 1024
+    t16, row16 = native._layer_tensors("L", vw16)
+    t16["L.weight_indices"] = t16["L.weight_indices"].clone()
+    t16["L.weight_indices"][2, 5] = 1024
+    with pytest.raises(LowbitError, match="L.weight_indices has codewords outside"):
+        native.read_qweight(reader(t16), "L", json.loads(json.dumps(row16)))
     with pytest.raises(LowbitError, match="malformed vq manifest row"):
         native.read_qweight(reader(tensors), "L", {k: v for k, v in row.items() if k != "vector_dim"})
 

@@ -30,7 +30,9 @@ cols = in_features; an embedding: rows = vocab, cols = hidden):
 A vector-codebook layer (numerics/vq.py, method vq; "codes_layout": "vq") has instead
 
     L.weight_codebook    float16  (n, K, d)          n codebooks of K codewords of d columns
-    L.weight_indices     uint8    (rows, cols / d)   codeword of each vector (int16 when K > 256)
+    L.weight_indices     uint8    (rows, cols / d)   codeword of each vector ("index_layout" "u8"); with
+                                                      K < 256 a log2(K)-bit stream per row, as
+                                                      weight_packed ("packed_u8"); int16 when K > 256
     L.weight_scale       float16  (rows, n_groups)   per row and group of group_size columns
 
     x_hat[r, v d + k] = scale[r, (v d) // g] * codebook[v // (cols / d / n), indices[r, v], k]
@@ -107,11 +109,15 @@ def _vq_tensors(name: str, qw) -> tuple[dict, dict]:
     scale, sdt = scale_for_file(qw.scale.contiguous())
     cb16 = qw.codebook.to(torch.float16)
     cb = cb16 if torch.equal(cb16.float(), qw.codebook.float()) else qw.codebook.float().contiguous()
-    tensors = {f"{name}.weight_codebook": cb.contiguous(), f"{name}.weight_indices": qw.indices.contiguous(),
+    idx, ilayout = qw.indices.contiguous(), "u8" if qw.codebook_size <= 256 else "i16"
+    if qw.index_bits < 8:               # fewer than 256 codewords: a bit stream per row, as codes are
+        from lowbit.numerics.packing import _pack_stream
+        idx, ilayout = _pack_stream(idx, qw.index_bits, torch.uint8, 1), "packed_u8"
+    tensors = {f"{name}.weight_codebook": cb.contiguous(), f"{name}.weight_indices": idx,
                f"{name}.weight_scale": scale}
     row = {"scheme": qw.scheme.to_dict(), "shape": list(qw.shape), "codes_layout": "vq",
            "code_bits": qw.index_bits, "vector_dim": qw.dim, "codebook_size": qw.codebook_size,
-           "n_codebooks": qw.n_codebooks, "scale_dtype": sdt,
+           "n_codebooks": qw.n_codebooks, "index_layout": ilayout, "scale_dtype": sdt,
            "codebook_dtype": str(cb.dtype).split(".")[-1], "has_g_idx": False,
            "bits_per_weight": round(qw.bits_per_weight, 6), "ragged_last_group": qw.ragged_last_group,
            "info": _scalar_info(qw.info)}
@@ -128,6 +134,14 @@ def _read_vq(take, name: str, row: dict, shape: list[int], where):
         g = int(row["scheme"]["group_size"])
     except (KeyError, TypeError, ValueError) as e:
         raise LowbitError(f"{where}: layer {name}: malformed vq manifest row ({type(e).__name__}: {e})") from None
+    if row.get("index_layout") == "packed_u8":
+        from lowbit.numerics.packing import _unpack_stream
+        bits, V = K.bit_length() - 1, shape[1] // max(d, 1)
+        if idx.dtype != torch.uint8 or idx.dim() != 2 or idx.shape[0] != shape[0] or not 1 <= bits < 8 \
+                or idx.shape[1] * 8 < V * bits:
+            raise LowbitError(f"{where}: tensor {name}.weight_indices: expected uint8 ({shape[0]}, >= "
+                              f"{-(-V * bits // 8)}) packed {bits}-bit indices, got {idx.dtype} {tuple(idx.shape)}")
+        idx = _unpack_stream(idx, bits, V, 1, f"{where}: {name}.weight_indices")
     if tuple(cb.shape) != (n, K, d) or not cb.is_floating_point():
         raise LowbitError(f"{where}: tensor {name}.weight_codebook: expected float ({n}, {K}, {d}), got "
                           f"{cb.dtype} {tuple(cb.shape)}")
