@@ -197,18 +197,24 @@ def _cholesky_inverse_(L: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(L, out=L)
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, config: GPTQConfig,
-                  name: str = "weight") -> QuantizedWeight:
-    """Quantize `weight` (rows, cols) onto `scheme` given the input Hessian (cols, cols)."""
+def check_weight_hessian(weight: torch.Tensor, hessian: torch.Tensor, name: str) -> tuple[int, int]:
+    """Finite float tensors, a 2-D weight and its (cols, cols) Hessian. -> (rows, cols)."""
     check_float_tensor(weight, name)
     check_float_tensor(hessian, f"{name} hessian")
-    check_scheme(scheme, name)
     if weight.dim() != 2:
         raise LowbitError(f"{name}: expected a 2-D weight (out_features, in_features), got {tuple(weight.shape)}")
     rows, cols = weight.shape
     if tuple(hessian.shape) != (cols, cols):
         raise LowbitError(f"{name}: hessian must be ({cols}, {cols}) for in_features={cols}, "
                           f"got {tuple(hessian.shape)}")
+    return rows, cols
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, config: GPTQConfig,
+                  name: str = "weight") -> QuantizedWeight:
+    """Quantize `weight` (rows, cols) onto `scheme` given the input Hessian (cols, cols)."""
+    check_scheme(scheme, name)
+    rows, cols = check_weight_hessian(weight, hessian, name)
     sdtype = _SCALE_DTYPES[config.scale_dtype]
     codec = codec_for(scheme)
     W = weight.detach().float().clone()

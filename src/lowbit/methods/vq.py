@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.errors import LowbitError, check_float_tensor
+from lowbit.errors import LowbitError
 from lowbit.methods import register_method
-from lowbit.methods.gptq import _one_thread, hessian_inverse_cholesky, zero_dead_weights
+from lowbit.methods.gptq import _one_thread, check_weight_hessian, hessian_inverse_cholesky, zero_dead_weights
 from lowbit.methods.rtn import SCALE_DTYPES, round_scale
 from lowbit.numerics.scheme import Scheme
 from lowbit.numerics.vq import MAX_CODEBOOK, VQWeight
@@ -134,15 +134,8 @@ def weighted_kmeans(v: torch.Tensor, w: torch.Tensor, C0: torch.Tensor, iters: i
 
 def vq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, config: VQConfig,
                 name: str = "weight") -> VQWeight:
-    check_float_tensor(weight, name)
-    check_float_tensor(hessian, f"{name} hessian")
     check_scheme(scheme, name)
-    if weight.dim() != 2:
-        raise LowbitError(f"{name}: expected a 2-D weight (out_features, in_features), got {tuple(weight.shape)}")
-    rows, cols = weight.shape
-    if tuple(hessian.shape) != (cols, cols):
-        raise LowbitError(f"{name}: hessian must be ({cols}, {cols}) for in_features={cols}, got "
-                          f"{tuple(hessian.shape)}")
+    rows, cols = check_weight_hessian(weight, hessian, name)
     bits, g = scheme.bits, scheme.group_size
     d = vector_dim(bits, config)
     K = 1 << (bits * d)
