@@ -74,6 +74,7 @@ for _b in (2, 3):
     CONFIGS[f"vq-w{_b}g64"] = (f"w{_b}g64-vq", {})
     CONFIGS[f"rotvq-w{_b}g64"] = (f"w{_b}g64-rot-vq", {})
     CONFIGS[f"vqft-w{_b}g64"] = (f"w{_b}g64-vq", {"block_steps": 20})      # + block fine-tuning
+    CONFIGS[f"rotvqft-w{_b}g64"] = (f"w{_b}g64-rot-vq", {"block_steps": 20})
 # calibration-loop overrides per config (lowbit.calibration.CalibrationConfig fields)
 CALIBRATION = {"gptq-w4g128-nopause": {"pause_forward": False}, "gptq-w4g128-b2": {"batch_size": 2}}
 # llm-compressor runs: name -> runner arguments (bench/peers/llmc_gptq.py)
