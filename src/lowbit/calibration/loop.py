@@ -162,8 +162,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
         fp_acts = acts if any(_block_level(t) for t in targets) else None
         if fp_acts is not None and checkpoint is not None:
             # the resume state holds the quantized path's block inputs only, not the float path's
-            log("no resume state: block-level methods (signround) also need the float model's block "
-                "inputs, which the state does not keep")
+            log("no resume state: block-level methods (signround, vq with block_steps) also need the "
+                "float model's block inputs, which the state does not keep")
             checkpoint = None
         start = 0
         if checkpoint is not None:
@@ -239,6 +239,8 @@ def _transform_block(model, arch, block, bt: dict[str, Target], acts, transforms
     from lowbit.transforms.block import transform_model_block
     return transform_model_block(model, arch, block, {rel: t.rule.scheme for rel, t in bt.items()},
                                  acts, transforms)
+
+
 def _block_level(t: Target) -> bool:
     """Whether a target's method tunes whole blocks (signround; vq with block_steps): the
     method's `block_level` attribute, a bool or a function of the target's config."""
