@@ -93,10 +93,10 @@ def _out_err(W, Q, H):
 def test_vq_beats_gptq_at_the_same_bits_on_real_activations(real_layer):
     """2-bit (4-dim codewords, 256 of them) and 3-bit (2-dim, 64) codebooks against symmetric GPTQ
     (act-order, MSE range) at the same bits per weight, g64, on a real layer and real inputs:
-    measured 2026-12-04 output error ratios vq / gptq ~0.2 at 2 bits and ~0.55 at 3 bits."""
+    measured 2026-12-04 output error ratios vq / gptq 0.23 at 2 bits and 0.80 at 3 bits."""
     W, H = real_layer
     g = get_method("gptq")
-    for bits, bound in ((2, 0.6), (3, 0.85)):
+    for bits, bound in ((2, 0.5), (3, 0.92)):
         q = g.fn(W, int_scheme(bits, 64, True), g.make_config({"act_order": True, "clip": "mse"}), {"hessian": H})
         vw = vq_quantize(W, H, vq_scheme(bits, 64), VQConfig())
         assert vw.bits_per_weight <= q.bits_per_weight + 0.05
