@@ -201,9 +201,10 @@ def grammar_recipe(name: str) -> Recipe | None:
         if m["sym"] or args:
             raise LowbitError(f"recipe {name!r}: vq takes no -sym / -actorder / -mse (its codebook is "
                               f"learned); write w{bits}g{group or 64}-vq")
+        from lowbit.methods.vq import VQConfig, vector_dim
         from lowbit.numerics.vq import vq_scheme
         scheme = vq_scheme(bits, group or 64)
-        d = max(k for k in (8, 4, 2, 1) if bits * k <= 8)
+        d = vector_dim(bits, VQConfig())
         desc = (f"vector codebooks ({bits} index bits per weight: {1 << (bits * d)} learned codewords of {d} "
                 f"columns, GPTQ error feedback, scales per group of {group or 64}); lm_head and embeddings "
                 "stay in float")

@@ -86,14 +86,11 @@ def refine_block_vq(block: nn.Module, tuned: list, inputs: list[BlockInput],
     codebooks and scales are tuned together by Adam on the block's output error (the same loss
     as SignRound's), rounded to fp16 after; the lowest-loss step is kept, and the starting point
     when no step beats it. tuned: (name, float weight, VQWeight, VQConfig) per linear."""
-    from lowbit.numerics.vq import VQWeight
+    from lowbit.numerics.vq import VQWeight, decode
     cfg = tuned[0][3]
     pairs = _batches(inputs, targets, cfg.block_batch)
     t0 = time.perf_counter()
-    geo = {}
-    for name, _, vw, _ in tuned:
-        rows, cols = vw.shape
-        geo[name] = (vw.flat_indices(), vw.dim, rows, cols, vw.group_size)
+    geo = {name: (vw.flat_indices(), vw.group_size, vw.shape[1]) for name, _, vw, _ in tuned}
     cbs = {n: vw.codebook.clone().requires_grad_(True) for n, _, vw, _ in tuned}
     # scales tuned relative to their start (s = s0 (1 + u)), so one rate suits every layer
     s0 = {n: vw.scale.clone() for n, _, vw, _ in tuned}
@@ -103,11 +100,7 @@ def refine_block_vq(block: nn.Module, tuned: list, inputs: list[BlockInput],
         return {n: s0[n] * (1 + u[n]) for n in u}
 
     def weights(cb: dict, sc: dict) -> dict:
-        out = {}
-        for n, (idx, d, rows, cols, g) in geo.items():
-            s = sc[n].repeat_interleave(g, dim=1)[:, :cols]
-            out[f"{n}.weight"] = cb[n].reshape(-1, d)[idx].reshape(rows, cols) * s
-        return out
+        return {f"{n}.weight": decode(cb[n], idx, sc[n], g, cols) for n, (idx, g, cols) in geo.items()}
 
     def loss_on(w: dict, a: BlockInput, y: torch.Tensor) -> torch.Tensor:
         return torch.mean((_out(functional_call(block, w, (a.hidden,), a.kwargs)) - y) ** 2)

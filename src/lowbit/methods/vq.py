@@ -37,7 +37,7 @@ from lowbit.methods import register_method
 from lowbit.methods.gptq import _one_thread, check_weight_hessian, hessian_inverse_cholesky, zero_dead_weights
 from lowbit.methods.rtn import SCALE_DTYPES, round_scale
 from lowbit.numerics.scheme import Scheme
-from lowbit.numerics.vq import MAX_CODEBOOK, VQWeight
+from lowbit.numerics.vq import MAX_CODEBOOK, VQWeight, decode
 
 
 @dataclass
@@ -48,9 +48,9 @@ class VQConfig:
     the assignment (0: none). block_steps / block_lr / block_batch: Adam steps tuning every
     codebook and scale of a block together on the block's output error once all its linears are
     assigned (calibration/blockwise.py refine_block_vq; 0: none; batch 0: the loop's batches).
-    kmeans_samples: vectors k-means fits on per codebook (an evenly
-    spaced subset when there are more; 0: all). damp_percent, block_size: as GPTQ. seed: k-means' tie-break (none
-    random: the start is the scalar grid)."""
+    kmeans_samples: vectors k-means fits on per codebook (an evenly spaced subset when there are
+    more; 0: all). damp_percent, block_size: as GPTQ. Nothing is random: k-means starts from the
+    scalar grid."""
     dim: int = 0
     codebook_cols: int = 0
     kmeans_iters: int = 20
@@ -120,16 +120,13 @@ def weighted_kmeans(v: torch.Tensor, w: torch.Tensor, C0: torch.Tensor, iters: i
     """Lloyd's algorithm with per-coordinate weights w (N, d) from the codebook C0 (K, d); an
     empty cluster keeps its codeword."""
     C = C0.clone()
-    K = C.shape[0]
     wv = w * v
     for _ in range(iters):
         a = _nearest(v, w, C)
         num = torch.zeros_like(C).index_add_(0, a, wv)
         den = torch.zeros_like(C).index_add_(0, a, w)
-        ok = den > 0
-        C = torch.where(ok, num / den.clamp_min(torch.finfo(den.dtype).tiny), C)
-        del a
-    return C[:K]
+        C = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), C)
+    return C
 
 
 def vq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, config: VQConfig,
@@ -229,7 +226,7 @@ def vq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, con
     flat_idx = indices + (torch.arange(V) // vpc * K)[None, :]
 
     def out_err(cb: torch.Tensor) -> torch.Tensor:
-        E = W0 - cb.reshape(-1, d)[flat_idx].reshape(rows, cols) * scol
+        E = W0 - decode(cb, flat_idx, scale, g, cols)
         return (E @ Hf * E).sum()
 
     with torch.no_grad():

@@ -34,6 +34,16 @@ from lowbit.numerics.scheme import Scheme
 MAX_CODEBOOK = 4096
 
 
+def decode(codebook: torch.Tensor, flat_idx: torch.Tensor, scale: torch.Tensor, group_size: int,
+           cols: int) -> torch.Tensor:
+    """W_hat (r, cols) from codebooks (n, K, d), flat indices (r, V) into codebook.reshape(n K, d)
+    and scales (r, G): the one formula dequantize, the codebook update and the block fine-tuning
+    share (differentiable in codebook and scale)."""
+    d = codebook.shape[-1]
+    w = codebook.reshape(-1, d)[flat_idx].reshape(flat_idx.shape[0], cols)
+    return w * scale.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
 def vq_scheme(bits: int, group_size: int = 64) -> Scheme:
     """The Scheme a VQWeight reports: format "vq", `bits` index bits per weight, scale groups."""
     return Scheme(bits=bits, format="vq", symmetric=True, granularity="group", group_size=group_size)
@@ -106,19 +116,16 @@ class VQWeight:
         V = self.shape[1] // self.dim
         return torch.arange(V) // (V // self.n_codebooks)
 
-    def flat_indices(self) -> torch.Tensor:
-        """(rows, V) int64 indices into codebook.reshape(n K, d)."""
+    def flat_indices(self, rows: slice | None = None) -> torch.Tensor:
+        """(rows, V) int64 indices into codebook.reshape(n K, d) (of the rows `rows` only)."""
         off = self.vector_codebook() * self.codebook_size
-        return self.indices.long() + off[None, :]
+        return self.indices[rows or slice(None)].long() + off[None, :]
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
         """The float weight (or the rows `rows` of it)."""
         rows = rows or slice(None)
-        idx = self.flat_indices()[rows]
-        flat = self.codebook.reshape(-1, self.dim).float()
-        w = flat[idx].reshape(idx.shape[0], -1)                          # (r, cols)
-        s = self.scale[rows].float().repeat_interleave(self.group_size, dim=1)[:, : self.shape[1]]
-        return (w * s).to(dtype)
+        return decode(self.codebook.float(), self.flat_indices(rows), self.scale[rows].float(), self.group_size,
+                      self.shape[1]).to(dtype)
 
     # ---- size -----------------------------------------------------------------------------------
     def storage_bits(self) -> int:
