@@ -32,6 +32,48 @@ void vq_table(const float* x, const float* cbT, int64_t Kc, int64_t d, int64_t v
   }
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+constexpr int kVqLanes = 16;
+using VqVec = __m512;
+inline VqVec vq_zero() { return _mm512_setzero_ps(); }
+inline VqVec vq_load(const float* p) { return _mm512_loadu_ps(p); }
+inline void vq_store(float* p, VqVec v) { _mm512_storeu_ps(p, v); }
+inline VqVec vq_fma(VqVec a, VqVec b, VqVec c) { return _mm512_fmadd_ps(a, b, c); }
+inline VqVec vq_gather_add(VqVec acc, const float* t, const uint8_t* idx) {   // 16 rows' entries
+  const __m512i o = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)));
+  return _mm512_add_ps(acc, _mm512_i32gather_ps(o, t, 4));
+}
+#else
+constexpr int kVqLanes = 8;
+using VqVec = __m256;
+inline VqVec vq_zero() { return _mm256_setzero_ps(); }
+inline VqVec vq_load(const float* p) { return _mm256_loadu_ps(p); }
+inline void vq_store(float* p, VqVec v) { _mm256_storeu_ps(p, v); }
+inline VqVec vq_fma(VqVec a, VqVec b, VqVec c) { return _mm256_fmadd_ps(a, b, c); }
+inline VqVec vq_gather_add(VqVec acc, const float* t, const uint8_t* idx) {   // 8 rows' entries
+  const __m256i o = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx)));
+  return _mm256_add_ps(acc, _mm256_i32gather_ps(t, o, 4));
+}
+#endif
+
+// R row blocks of kVqLanes rows at once (R gathers in flight per vector), groups [g0, g1)
+template <int R>
+void vq_rows(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
+             const float* scaleT, float* y, int64_t n, int64_t g0, int64_t g1) {
+  VqVec acc[R], ag[R];
+  for (int r = 0; r < R; ++r) acc[r] = vq_load(y + n + r * kVqLanes);
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int r = 0; r < R; ++r) ag[r] = vq_zero();
+    const int64_t ve = (g + 1) * vpg < V ? (g + 1) * vpg : V;
+    for (int64_t v = g * vpg; v < ve; ++v)
+      for (int r = 0; r < R; ++r) ag[r] = vq_gather_add(ag[r], T + v * Kc, idxT + v * N + n + r * kVqLanes);
+    for (int r = 0; r < R; ++r) acc[r] = vq_fma(ag[r], vq_load(scaleT + g * N + n + r * kVqLanes), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) vq_store(y + n + r * kVqLanes, acc[r]);
+}
+#endif
+
 void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
              const float* scaleT, float* y, int64_t n0, int64_t n1) {
   const int64_t G = (V + vpg - 1) / vpg;
@@ -41,68 +83,9 @@ void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
   for (int64_t g0 = 0; g0 < G; g0 += gpc) {
     const int64_t g1 = g0 + gpc < G ? g0 + gpc : G;
     int64_t n = n0;
-#if defined(__AVX512F__)
-    for (; n + 32 <= n1; n += 32) {        // two row blocks: two gathers in flight per vector
-      __m512 acc0 = _mm512_loadu_ps(y + n), acc1 = _mm512_loadu_ps(y + n + 16);
-      for (int64_t g = g0; g < g1; ++g) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        const int64_t ve = (g + 1) * vpg < V ? (g + 1) * vpg : V;
-        for (int64_t v = g * vpg; v < ve; ++v) {
-          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idxT + v * N + n));
-          const __m512i o0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
-          const __m512i o1 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1));
-          a0 = _mm512_add_ps(a0, _mm512_i32gather_ps(o0, T + v * Kc, 4));
-          a1 = _mm512_add_ps(a1, _mm512_i32gather_ps(o1, T + v * Kc, 4));
-        }
-        acc0 = _mm512_fmadd_ps(a0, _mm512_loadu_ps(scaleT + g * N + n), acc0);
-        acc1 = _mm512_fmadd_ps(a1, _mm512_loadu_ps(scaleT + g * N + n + 16), acc1);
-      }
-      _mm512_storeu_ps(y + n, acc0);
-      _mm512_storeu_ps(y + n + 16, acc1);
-    }
-    for (; n + 16 <= n1; n += 16) {
-      __m512 acc = _mm512_loadu_ps(y + n);
-      for (int64_t g = g0; g < g1; ++g) {
-        __m512 ag = _mm512_setzero_ps();
-        const int64_t ve = (g + 1) * vpg < V ? (g + 1) * vpg : V;
-        for (int64_t v = g * vpg; v < ve; ++v) {
-          const __m512i o = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idxT + v * N + n)));
-          ag = _mm512_add_ps(ag, _mm512_i32gather_ps(o, T + v * Kc, 4));
-        }
-        acc = _mm512_fmadd_ps(ag, _mm512_loadu_ps(scaleT + g * N + n), acc);
-      }
-      _mm512_storeu_ps(y + n, acc);
-    }
-#elif defined(__AVX2__)
-    for (; n + 16 <= n1; n += 16) {        // two row blocks: two gathers in flight per vector
-      __m256 acc0 = _mm256_loadu_ps(y + n), acc1 = _mm256_loadu_ps(y + n + 8);
-      for (int64_t g = g0; g < g1; ++g) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        const int64_t ve = (g + 1) * vpg < V ? (g + 1) * vpg : V;
-        for (int64_t v = g * vpg; v < ve; ++v) {
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idxT + v * N + n));
-          a0 = _mm256_add_ps(a0, _mm256_i32gather_ps(T + v * Kc, _mm256_cvtepu8_epi32(b), 4));
-          a1 = _mm256_add_ps(a1, _mm256_i32gather_ps(T + v * Kc, _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), 4));
-        }
-        acc0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(scaleT + g * N + n), acc0);
-        acc1 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(scaleT + g * N + n + 8), acc1);
-      }
-      _mm256_storeu_ps(y + n, acc0);
-      _mm256_storeu_ps(y + n + 8, acc1);
-    }
-    for (; n + 8 <= n1; n += 8) {
-      __m256 acc = _mm256_loadu_ps(y + n);
-      for (int64_t g = g0; g < g1; ++g) {
-        __m256 ag = _mm256_setzero_ps();
-        const int64_t ve = (g + 1) * vpg < V ? (g + 1) * vpg : V;
-        for (int64_t v = g * vpg; v < ve; ++v) {
-          const __m256i o = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idxT + v * N + n)));
-          ag = _mm256_add_ps(ag, _mm256_i32gather_ps(T + v * Kc, o, 4));
-        }
-        acc = _mm256_fmadd_ps(ag, _mm256_loadu_ps(scaleT + g * N + n), acc);
-      }
-      _mm256_storeu_ps(y + n, acc);
-    }
+#if defined(__AVX512F__) || defined(__AVX2__)
+    for (; n + 2 * kVqLanes <= n1; n += 2 * kVqLanes) vq_rows<2>(T, idxT, V, N, Kc, vpg, scaleT, y, n, g0, g1);
+    for (; n + kVqLanes <= n1; n += kVqLanes) vq_rows<1>(T, idxT, V, N, Kc, vpg, scaleT, y, n, g0, g1);
 #endif
     for (; n < n1; ++n) {
       float acc = y[n];
