@@ -74,16 +74,15 @@ def test_resume_after_interrupt_gives_same_bytes_and_refuses_changes(smollm2, tm
     assert tree_digest(resumed) == tree_digest(whole)
 
 
-def test_resume_tiny_llama_same_qweights(tmp_path):
-    """Fast: the same loop on a 4-block Llama (transformers' class, random weights): interrupted after
-    block 2, resumed on a fresh copy, every code, scale and zero equals the uninterrupted run's."""
+def _tiny_llama_runs(tmp_path, rec, other_tokens_refused: bool):
+    """A 4-block Llama (transformers' class, random weights) quantized by `rec` without a
+    checkpoint, then interrupted after block 2 and resumed on a fresh copy. -> (whole, resumed)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                         num_attention_heads=4, num_key_value_heads=2)).eval()
     tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
-    rec = Recipe(name="t", rules=[Rule(r"layers\.", int_scheme(4, 32), "gptq")])
     ck = tmp_path / "ck"
 
     def run(kill_at=None, seed_tokens=tokens):
@@ -95,13 +94,38 @@ def test_resume_tiny_llama_same_qweights(tmp_path):
     whole = api.quantize(copy.deepcopy(base), rec, tokens=tokens, progress=False)
     with pytest.raises(Killed):
         run(kill_at=2)
-    with pytest.raises(LowbitError, match="calibration token windows"):
-        run(seed_tokens=tokens.flip(0))
-    resumed = run()
+    if other_tokens_refused:
+        with pytest.raises(LowbitError, match="calibration token windows"):
+            run(seed_tokens=tokens.flip(0))
+    return whole, run()
+
+
+def test_resume_tiny_llama_same_qweights(tmp_path):
+    """Fast: the same loop on a 4-block Llama (transformers' class, random weights): interrupted after
+    block 2, resumed on a fresh copy, every code, scale and zero equals the uninterrupted run's."""
+    import torch
+    rec = Recipe(name="t", rules=[Rule(r"layers\.", int_scheme(4, 32), "gptq")])
+    whole, resumed = _tiny_llama_runs(tmp_path, rec, other_tokens_refused=True)
     assert list(resumed.qweights) == list(whole.qweights) and resumed.notes == whole.notes
     for n, qw in whole.qweights.items():
         r = resumed.qweights[n]
         assert torch.equal(r.qdata, qw.qdata) and torch.equal(r.scale, qw.scale) and torch.equal(r.zero_point, qw.zero_point)
+
+
+def test_resume_a_vq_run_gives_the_same_codebooks(tmp_path):
+    """The resume state holds vector codebooks (methods/vq.py): the same interrupted tiny run
+    equals the uninterrupted one, index for index."""
+    import torch
+
+    from lowbit.numerics.vq import VQWeight, vq_scheme
+    rec = Recipe(name="t", rules=[Rule(r"layers\.", vq_scheme(2, 32), "vq", {"kmeans_iters": 3})])
+    whole, resumed = _tiny_llama_runs(tmp_path, rec, other_tokens_refused=False)
+    assert list(resumed.qweights) == list(whole.qweights)
+    for n, vw in whole.qweights.items():
+        r = resumed.qweights[n]
+        assert isinstance(r, VQWeight)
+        assert torch.equal(r.indices, vw.indices) and torch.equal(r.codebook, vw.codebook)
+        assert torch.equal(r.scale, vw.scale)
 
 
 def _cli(out: Path, *extra) -> list[str]:

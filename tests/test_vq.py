@@ -239,40 +239,6 @@ def test_the_reader_refuses_damaged_codebook_tensors():
         native.read_qweight(reader(tensors), "L", {k: v for k, v in row.items() if k != "vector_dim"})
 
 
-def test_resume_a_vq_run_gives_the_same_codebooks(tmp_path):
-    """The resume state holds vector codebooks: a 4-block Llama (random weights) interrupted after
-    block 2 and resumed equals the uninterrupted run, index for index."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lowbit.calibration.resume import Checkpoint, run_key
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2)).eval()
-    tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
-    rec = Recipe(name="t", rules=[Rule(r"layers\.", vq_scheme(2, 32), "vq", {"kmeans_iters": 3})])
-    ck = tmp_path / "ck"
-
-    class Killed(Exception):
-        pass
-
-    def run(kill_at=None):
-        def log(msg):
-            if kill_at and msg.startswith(f"block {kill_at}/"):
-                raise Killed(msg)
-        return api.quantize(copy.deepcopy(base), rec, tokens=tokens, progress=False, log=log,
-                            checkpoint=lambda r, c, t: Checkpoint(ck, run_key(r, c, t, "tiny")))
-    whole = api.quantize(copy.deepcopy(base), rec, tokens=tokens, progress=False)
-    with pytest.raises(Killed):
-        run(kill_at=2)
-    resumed = run()
-    assert list(resumed.qweights) == list(whole.qweights)
-    for n, vw in whole.qweights.items():
-        r = resumed.qweights[n]
-        assert isinstance(r, VQWeight)
-        assert torch.equal(r.indices, vw.indices) and torch.equal(r.codebook, vw.codebook)
-        assert torch.equal(r.scale, vw.scale)
-
-
 def test_block_fine_tuning_lowers_the_block_loss_and_keeps_the_indices(smollm2):
     """block_steps: codebooks and scales of a block tuned together on its output error; the
     indices are the ones the sweep chose, and the kept result is never worse on the calibration
