@@ -1,6 +1,7 @@
-"""Streaming quantization (lowbit.streaming): the bundled model's fp32 safetensors directory,
-read one tensor at a time, gives the same bytes as the in-memory path (load, quantize, export);
-malformed safetensors headers are refused against the file size before anything is allocated."""
+"""Streaming quantization (lowbit.streaming): the bundled model's fp32 safetensors directory, or
+its GGUF itself, read one tensor at a time, gives the same bytes as the in-memory path (load,
+quantize, export); malformed safetensors headers and GGUF tensor tables are refused against the
+file size before anything is allocated."""
 from __future__ import annotations
 
 import hashlib
@@ -84,12 +85,10 @@ def test_stream_whole_model_same_bytes_cli(smollm2, tmp_path):
 
 
 @pytest.mark.model
-def test_stream_refuses_gguf_and_whole_model_transforms(smollm2, tmp_path):
+def test_stream_refuses_whole_model_transforms(smollm2, tmp_path):
     with pytest.raises(LowbitError, match="--format onnx is not streamed"):
         quantize_streaming(smollm2.path, "w4g128-rtn", tmp_path / "o.onnx", format="onnx")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(LowbitError, match="GGUF"):
-        quantize_streaming("smollm2-135m", "w4g128-rtn", tmp_path / "o")
     with pytest.raises(LowbitError, match="model-level transforms"):
         quantize_streaming(smollm2.path, "w3g64-rot-gptq", tmp_path / "o")
     with pytest.raises(LowbitError, match="block-level method 'signround'"):
@@ -198,3 +197,76 @@ def test_safetensors_header_length_past_file(tmp_path):
     p.write_bytes(struct.pack("<Q", 1 << 50) + b"{}")
     with pytest.raises(LowbitError, match="does not fit"):
         SafetensorsSource(tmp_path)
+
+
+# --- a GGUF read tensor by tensor (models/gguf_source.py) ---------------------------------------
+
+@pytest.mark.model
+def test_gguf_source_decodes_every_tensor_as_the_fp32_copy(smollm2):
+    """Every tensor GGUFSource reads from the bundled GGUF (pread + lowbit's decoders, q/k rows
+    un-permuted) equals the fp32 copy load_model made of it with transformers' loader, exactly."""
+    import torch
+    from transformers import AutoConfig
+
+    from lowbit.models import resolve_source
+    from lowbit.models.gguf_source import GGUFSource, gguf_meta_dir
+    meta, digest = gguf_meta_dir(resolve_source("smollm2-135m")[1])
+    assert digest == smollm2.source_sha256
+    assert not list(meta.glob("*.safetensors"))                 # config and tokenizer only
+    src = GGUFSource(resolve_source("smollm2-135m")[1], AutoConfig.from_pretrained(meta))
+    ref = SafetensorsSource(smollm2.path)
+    assert src.keys() == ref.keys()                              # tied: no lm_head in either
+    for k in ref.keys():
+        assert src.shape(k) == ref.shape(k)
+        assert torch.equal(src.read(k), ref.read(k).float()), k
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_stream_from_gguf_same_bytes_as_in_memory(windows, tmp_path, method):
+    """quantize_streaming("smollm2-135m", ...) reads the GGUF itself, block by block (data-free
+    and calibrated), and writes every byte the in-memory path writes from the same GGUF: the
+    weights, config and tokenizer files, and the manifest (source name and the GGUF's sha256)."""
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Recipe, Rule
+    r = _gptq_blocks("0") if method == "gptq" else Recipe(
+        name="b0", rules=[Rule(r"model\.layers\.0\.", int_scheme(4, 128), "rtn")])
+    s = quantize_streaming("smollm2-135m", r, tmp_path / "stream", max_shard_size="60MB",
+                           tokens=windows if method == "gptq" else None)
+    mem = _in_memory("smollm2-135m", r, tmp_path / "mem", "60MB", windows if method == "gptq" else None)
+    assert digests(s) == digests(mem)
+    man = json.loads((s / "lowbit.json").read_text())
+    assert man["source"]["model"] == "smollm2-135m" and len(man["source"]["sha256"]) == 64
+
+
+@pytest.mark.model
+def test_stream_from_gguf_into_gguf_same_bytes_cli(tmp_path):
+    """`lowbit quantize smollm2-135m --stream --format gguf`: GGUF in, GGUF out, the float model
+    never built: the same file as load + quantize + export gguf."""
+    from lowbit.cli import main
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Recipe, Rule
+    r = Recipe(name="b0", rules=[Rule(r"model\.layers\.0\.", int_scheme(4, 32), "rtn")])     # Q4_0
+    r.save(tmp_path / "b0.json")
+    assert main(["quantize", "smollm2-135m", "--recipe", str(tmp_path / "b0.json"), "--stream",
+                 "--format", "gguf", "--out", str(tmp_path / "cli.gguf")]) == 0
+    lm = load_model("smollm2-135m")
+    m = api.export(lm, api.quantize(lm.model, r, progress=False), tmp_path / "mem.gguf", "gguf")
+    assert (tmp_path / "cli.gguf").read_bytes() == m.read_bytes()
+
+
+@pytest.mark.model
+def test_gguf_source_refuses_a_truncated_file(tmp_path):
+    """A GGUF cut short: its tensor table points past the end; refused naming the file and the
+    tensor before any tensor is read."""
+    from transformers import AutoConfig
+
+    from lowbit.models import resolve_source
+    from lowbit.models.gguf_source import GGUFSource, gguf_meta_dir
+    path = resolve_source("smollm2-135m")[1]
+    meta, _ = gguf_meta_dir(path)
+    cut = tmp_path / "cut.gguf"
+    with open(path, "rb") as fh:
+        cut.write_bytes(fh.read(path.stat().st_size // 2))
+    with pytest.raises(LowbitError, match=r"cut\.gguf"):
+        GGUFSource(cut, AutoConfig.from_pretrained(meta))

@@ -79,22 +79,13 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
     from lowbit.export.manifest import provenance, write_manifest
     from lowbit.export.native import FORMAT, FORMAT_VERSION, MANIFEST, _layer_tensors
     from lowbit.methods import get_method
-    from lowbit.models import resolve_source
-    from lowbit.models.shards import SafetensorsSource
     from lowbit.recipe import get_recipe
 
     log = log or (lambda _m: None)
     recipe = get_recipe(recipe)
-    kind, src = resolve_source(source)
-    if kind != "hf":
-        raise LowbitError(f"streaming: {source} is a GGUF; stream its fp32 copy (load_model caches it) "
-                          "or a Hugging Face safetensors directory")
-    from lowbit.export import detect_format
-    if detect_format(src) is not None:
-        raise LowbitError(f"streaming: {src} is already a quantized output")
     from lowbit.export.common import check_output
+    src, files, source_sha = open_source(source)
     check_output(out, overwrite)
-    files = SafetensorsSource(src)
     skeleton = empty_model(src, dtype)
     tie_by_config(skeleton)            # a tied lm_head is the embedding, as the loaded model has it
     targets = quantize_targets(skeleton, recipe)
@@ -106,7 +97,8 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
         from lowbit.streaming_calibrated import quantize_streaming_calibrated
         return quantize_streaming_calibrated(src, source, recipe, out, tokens=tokens, calibration=calibration,
                                              max_shard_size=max_shard_size, overwrite=overwrite, dtype=dtype,
-                                             log=log, state_dir=state_dir, keep_state=keep_state)
+                                             log=log, state_dir=state_dir, keep_state=keep_state,
+                                             files=files, source_sha=source_sha)
     if recipe.transforms:
         raise LowbitError(f"streaming: recipe {recipe.name!r} has model-level transforms "
                           f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
@@ -195,7 +187,7 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
         report.layers.sort(key=lambda r: order[r["name"]])
         _note_ragged(report)
         qm = SimpleNamespace(recipe=recipe, qweights={}, provenance={
-            "source": {"model": str(source), "sha256": _source_sha(src)}, "calibration": {},
+            "source": {"model": str(source), "sha256": source_sha}, "calibration": {},
             "notes": list(report.notes), "layers": {}, "metrics": {}})
         rows = {n: layers[n] for n, _, _ in targets}
         manifest = provenance(qm, FORMAT, rows, {"format_version": FORMAT_VERSION, "tied": tied})
@@ -205,9 +197,25 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
     return Path(out)
 
 
-def _source_sha(src: Path) -> str | None:
-    from lowbit.export import _source_sha256
-    return _source_sha256(src)
+def open_source(source) -> tuple[Path, object, str | None]:
+    """A float checkpoint to stream -> (config dir, tensor source, source sha256).
+    A Hugging Face directory is read from its safetensors shards (models/shards.py). A GGUF
+    (a path or a built-in name) is read tensor by tensor from the file itself
+    (models/gguf_source.py), its config and tokenizer from a cached weightless directory; the
+    sha256 is the GGUF's, as the in-memory path records it."""
+    from lowbit.models import resolve_source
+    from lowbit.models.shards import SafetensorsSource
+    kind, src = resolve_source(source)
+    if kind == "gguf":
+        from transformers import AutoConfig
+
+        from lowbit.models.gguf_source import GGUFSource, gguf_meta_dir
+        meta, digest = gguf_meta_dir(src)
+        return meta, GGUFSource(src, AutoConfig.from_pretrained(meta)), digest
+    from lowbit.export import _source_sha256, detect_format
+    if detect_format(src) is not None:
+        raise LowbitError(f"streaming: {src} is already a quantized output")
+    return src, SafetensorsSource(src), _source_sha256(src)
 
 
 def _stream_then_convert(source, recipe, out, format: str, *, max_shard_size, overwrite: bool, log,

@@ -106,10 +106,12 @@ class _Stream(Checkpoint):
 
 def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None, calibration=None,
                                   max_shard_size=None, overwrite=False, dtype=torch.float32, log=None,
-                                  state_dir=None, keep_state=False) -> Path:
+                                  state_dir=None, keep_state=False, files=None, source_sha=None) -> Path:
     """Quantize the Hugging Face directory `src` by a calibrated `recipe`, block by block, into a
     native directory `out`. tokens: (n, seq) calibration windows (default: drawn by the recipe's
-    calibration settings, overridden by `calibration`, with the source's tokenizer)."""
+    calibration settings, overridden by `calibration`, with the source's tokenizer). files /
+    source_sha: the tensor source and its sha256 (streaming.open_source: a GGUF's tensors, with
+    `src` its weightless config directory); default src's safetensors shards."""
     from lowbit.api import QuantizeReport, _note_ragged, quantize_targets
     from lowbit.arch import get_blocks, spec_for
     from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
@@ -132,7 +134,8 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
                           f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
     if any(r.input_activations for r in recipe.rules):
         raise LowbitError(f"streaming: recipe {recipe.name!r} quantizes input activations; not streamed")
-    files = SafetensorsSource(src)
+    given = files is not None
+    files = files if given else SafetensorsSource(src)
     model = empty_model(src, dtype)
     tie_by_config(model)
     arch = spec_for(model)
@@ -171,7 +174,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
         cfg.n_samples, cfg.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
     check_context(model.config, cfg.seq_len, "calibration seq_len")
     recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
-    sha = _source_sha256(src)
+    sha = source_sha if given else _source_sha256(src)
     log(f"{src}: {len(blocks)} blocks; embedding read, source sha256 {str(sha)[:12]}; "
         f"{cfg.n_samples} x {cfg.seq_len} calibration tokens")
     state = Path(state_dir) if state_dir else out.parent / f".{out.name}.resume"

@@ -68,7 +68,7 @@ def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                          **_dtype_kw(torch.float32))
     except Exception as e:  # transformers raises many types for a truncated / foreign file
