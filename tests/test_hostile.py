@@ -270,3 +270,36 @@ def test_cached_kernel_library_checked_before_load(tmp_path):
     assert not ext.library_intact(copy_)
     ext._digest_path(copy_).unlink()
     assert not ext.library_intact(copy_)
+
+
+@pytest.mark.model
+def test_gguf_array_count_past_the_file_refused_by_every_reader(tmp_path, monkeypatch):
+    """A GGUF whose tokenizer.ggml.token_type claims 2**40 entries. gguf-py's reader does not
+    check a slice against the file (past the end it is just empty), so it would build one object
+    per claimed entry: gigabytes from this 2 MB file (found by the fuzzer, target gguf_stream).
+    Every lowbit path into a GGUF walks the header first and refuses it, naming the key."""
+    import struct
+
+    from lowbit.calibration.imatrix import Imatrix
+    from lowbit.export.gguf.header import check_header
+    from lowbit.export.gguf.reader import read_tensors
+    from lowbit.models import resolve_source
+    from lowbit.models.gguf_source import gguf_meta_dir
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    with open(resolve_source("smollm2-135m")[1], "rb") as fh:
+        head = bytearray(fh.read(2 << 20))          # the whole header (1.8 MB) and some data
+    good = tmp_path / "head.gguf"
+    good.write_bytes(head)
+    check_header(good)                             # the real header fits its file
+    key = b"tokenizer.ggml.token_type"
+    at = head.find(key) + len(key) + 4 + 4          # value type (array), element type, count
+    assert struct.unpack_from("<I", head, at - 4)[0] == 5           # int32 elements: a real count
+    struct.pack_into("<Q", head, at, 2 ** 40)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(head)
+    expect = r"bad\.gguf: key 'tokenizer\.ggml\.token_type': claims 1099511627776 entries"
+    for read in (check_header, read_tensors, gguf_meta_dir, Imatrix.load):
+        with pytest.raises(LowbitError, match=expect):
+            read(bad)
+    with pytest.raises(LowbitError, match=expect):
+        api.load(str(bad))

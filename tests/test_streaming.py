@@ -270,3 +270,19 @@ def test_gguf_source_refuses_a_truncated_file(tmp_path):
         cut.write_bytes(fh.read(path.stat().st_size // 2))
     with pytest.raises(LowbitError, match=r"cut\.gguf"):
         GGUFSource(cut, AutoConfig.from_pretrained(meta))
+
+
+@pytest.mark.model
+def test_gguf_source_refuses_tensors_the_config_does_not_expect():
+    """The tensor table's shapes are checked against the model's config before anything is
+    decoded (a shape decides how much memory a read takes): a config with another MLP width is
+    refused naming the tensor and both shapes."""
+    from transformers import AutoConfig
+
+    from lowbit.models import resolve_source
+    from lowbit.models.gguf_source import GGUFSource, gguf_meta_dir
+    path = resolve_source("smollm2-135m")[1]
+    config = AutoConfig.from_pretrained(gguf_meta_dir(path)[0])
+    config.intermediate_size = 1024
+    with pytest.raises(LowbitError, match=r"blk\.\d+\.ffn_\w+\.weight .*\((1536, 576|576, 1536)\).* expects \((1024, 576|576, 1024)\)"):
+        GGUFSource(path, config)

@@ -26,6 +26,7 @@ with atheris.instrument_imports(include=["lowbit", "gguf"]):
     import lowbit.export.gptq  # noqa: F401
     import lowbit.export.native  # noqa: F401
     import lowbit.models  # noqa: F401
+    import lowbit.models.gguf_source  # noqa: F401
     import lowbit.recipe  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -9,6 +9,7 @@ writers, so every reader sees the layout it was written for, mutated.
     target             mutated file                   reader
     gguf               model.gguf                     lowbit.models.load_model (GGUF path: gguf-py + transformers)
     gguf_tensors       model.gguf                     export.gguf.reader.read_tensors / gguf_metadata
+    gguf_stream        model.gguf                     models.gguf_source.GGUFSource (streaming), every tensor read
     safetensors        native model.safetensors       export.native.read (hash check off)
     native_manifest    native lowbit.json             export.native.read
     imatrix            imatrix.gguf / imatrix.dat     calibration.imatrix.Imatrix.load
@@ -119,6 +120,13 @@ def run_target(name: str, data: bytes, root: Path, work: Path) -> None:
             p = _file(work, "t.gguf", data)
             read_tensors(p)
             gguf_metadata(p)
+        elif name == "gguf_stream":
+            from transformers import AutoConfig
+
+            from lowbit.models.gguf_source import GGUFSource
+            src = GGUFSource(_file(work, "s.gguf", data), AutoConfig.from_pretrained(root / "src"))
+            for k in src.keys():
+                src.read(k)
         elif name == "safetensors":
             from lowbit.export import native
             native.read(_with_file(root / "native", "model.safetensors", data, work / "d"), verify_files=False)
@@ -144,7 +152,7 @@ def run_target(name: str, data: bytes, root: Path, work: Path) -> None:
         return
 
 
-SEED_FILES = {"gguf": "model.gguf", "gguf_tensors": "model.gguf", "safetensors": "native/model.safetensors",
+SEED_FILES = {"gguf": "model.gguf", "gguf_tensors": "model.gguf", "gguf_stream": "model.gguf", "safetensors": "native/model.safetensors",
               "native_manifest": "native/lowbit.json", "imatrix": "imatrix.gguf", "imatrix_dat": "imatrix.dat",
               "recipe": "recipe.json", "gptq_config": "gptq/config.json",
               "ct_config": "compressed-tensors/config.json"}

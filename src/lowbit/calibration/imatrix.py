@@ -112,11 +112,8 @@ class Imatrix:
 
     @classmethod
     def _load_gguf(cls, path: Path) -> "Imatrix":
-        import gguf
-        try:
-            r = gguf.GGUFReader(path)
-        except Exception as e:  # the reader raises several types on a damaged file
-            raise LowbitError(f"imatrix {path}: not a readable GGUF ({type(e).__name__}: {e})") from e
+        from lowbit.export.gguf.header import open_reader
+        r = open_reader(path, what="imatrix")
         tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in r.tensors}
         im = cls()
         f = r.fields

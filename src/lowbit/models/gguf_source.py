@@ -18,6 +18,7 @@ in-memory one byte for byte). The config directory has the files that copy has, 
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -36,7 +37,9 @@ def gguf_meta_dir(gguf: Path) -> tuple[Path, str]:
     from lowbit.export.common import empty_model
     from lowbit.io import atomic_dir, cache_dir, sha256_file
     from lowbit.models.cache_check import cache_entry_ok, discard_entry, write_record
+    from lowbit.export.gguf.header import check_header
     gguf = Path(gguf)
+    check_header(gguf)                  # before transformers' loader (gguf-py) reads it
     digest = sha256_file(gguf)
     out = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}.meta"
     if out.exists():
@@ -67,14 +70,10 @@ def gguf_meta_dir(gguf: Path) -> tuple[Path, str]:
 
 def _table(path: Path) -> tuple[dict, int]:
     """-> ({gguf name: (ggml type, numpy shape, absolute offset, n_bytes)}, file size)."""
-    import gguf as gguf_py
-
+    from lowbit.export.gguf.header import open_reader
     from lowbit.numerics.ggml.types import GGML_BY_ID
     size = path.stat().st_size
-    try:
-        r = gguf_py.GGUFReader(path)
-    except Exception as e:
-        raise LowbitError(f"GGUF {path}: not readable ({type(e).__name__}: {e})") from None
+    r = open_reader(path)
     out = {}
     for t in r.tensors:
         gt = GGML_BY_ID.get(int(t.tensor_type))
@@ -83,7 +82,9 @@ def _table(path: Path) -> tuple[dict, int]:
                               "cannot decode")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))     # ggml ne[] -> numpy order
         n = shape[-1] if shape else 1
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        rows = math.prod(shape[:-1])                    # Python ints: a mutated dim cannot wrap around
+        if n < 1 or rows < 1:
+            raise LowbitError(f"GGUF {path}: tensor {t.name} has an empty shape {shape}")
         if not gt.fits(n):
             raise LowbitError(f"GGUF {path}: tensor {t.name}: rows of {n} are not whole {gt.name} blocks")
         need = rows * gt.row_bytes(n)
@@ -106,7 +107,8 @@ class GGUFSource:
         table, _ = _table(self.path)
         spec = arch_spec(config.model_type)
         skeleton = empty_model(self.path.parent, torch.float32, config=config)
-        hf_names = [n for n, _ in skeleton.named_parameters(remove_duplicate=False)]
+        expected = {n: tuple(p.shape) for n, p in skeleton.named_parameters(remove_duplicate=False)}
+        hf_names = list(expected)
         names = NameMap(spec.gguf_arch, int(config.num_hidden_layers))
         n_head = int(config.num_attention_heads)
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
@@ -116,6 +118,10 @@ class GGUFSource:
                 hf = names.to_hf(gname, hf_names)
             except LowbitError as err:
                 raise LowbitError(f"GGUF {self.path}: tensor {gname}: {err}") from None
+            if hf in expected and e[1] != expected[hf]:
+                # checked before anything is decoded: the shape decides how much memory a read takes
+                raise LowbitError(f"GGUF {self.path}: tensor {gname} ({hf}) has shape {e[1]}, the model's "
+                                  f"config expects {expected[hf]}")
             heads = qk_heads(hf, n_head, n_kv) if spec.permute_qk else None
             self.entries[hf] = (gname, *e, heads)
 
@@ -145,7 +151,7 @@ class GGUFSource:
             got = os.preadv(fh.fileno(), [buf], off) if n else 0
         if got != n:
             raise LowbitError(f"GGUF {self.path}: tensor {gname}: read {got} of {n} bytes (file truncated?)")
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        rows = math.prod(shape[:-1])
         a = dequantize(buf, gt, (rows, shape[-1] if shape else 1), name=gname).reshape(shape)
         del buf
         if not np.isfinite(a).all():

@@ -64,6 +64,9 @@ def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
         log.warning("cached copy %s is not trusted (%s); dequantizing %s again", out, why, gguf)
         discard_entry(out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.export.gguf.header import check_header
+    check_header(gguf)                  # before transformers' loader (gguf-py) reads it
     log.info("dequantizing %s to fp32 (once; cached at %s)", gguf, out)
     try:
         with warnings.catch_warnings():

@@ -10,12 +10,14 @@ converter are un-permuted (names.unpermute_qk); a file without output.weight is 
 """
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.export.gguf.header import open_reader
 from lowbit.numerics.ggml import dequantize
 from lowbit.numerics.ggml.types import GGML_BY_ID
 from lowbit.arch.gguf_names import GGUF_TO_HF_TYPE, NameMap, arch_spec, qk_heads, unpermute_qk
@@ -24,7 +26,7 @@ from lowbit.arch.gguf_names import GGUF_TO_HF_TYPE, NameMap, arch_spec, qk_heads
 def gguf_metadata(path: str | Path) -> dict:
     """All scalar / short metadata as Python values (long arrays summarised by length)."""
     import gguf
-    r = gguf.GGUFReader(path)
+    r = open_reader(path)
     out = {}
     for key, f in r.fields.items():
         if key.startswith("GGUF."):
@@ -38,17 +40,12 @@ def gguf_metadata(path: str | Path) -> dict:
 
 def tensor_types(path: str | Path) -> dict[str, str]:
     """GGUF tensor name -> ggml type name."""
-    import gguf
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    return {t.name: t.tensor_type.name for t in open_reader(path).tensors}
 
 
 def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
     """GGUF name -> float32 array in numpy order (rows, n_per_row) / (n,), decoded by lowbit."""
-    import gguf
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:
-        raise LowbitError(f"GGUF {path}: not readable ({type(e).__name__}: {e})") from e
+    r = open_reader(path)
     out = {}
     for t in r.tensors:
         gt = GGML_BY_ID.get(int(t.tensor_type))
@@ -57,7 +54,7 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
                               f"which lowbit cannot decode")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))     # ggml ne[] -> numpy order
         n = shape[-1]
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        rows = math.prod(shape[:-1])                    # Python ints: a damaged dim cannot wrap around
         a = dequantize(np.asarray(t.data), gt, (rows, n), name=t.name).reshape(shape)
         if not np.isfinite(a).all():
             raise LowbitError(f"GGUF {path}: tensor {t.name} decodes to NaN/inf values")

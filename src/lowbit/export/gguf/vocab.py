@@ -57,7 +57,9 @@ def detect_pre(tokenizer_json: dict) -> str:
 def kv_from_gguf(path: str | Path) -> list[tuple]:
     """(key, value, GGUFValueType, sub_type) for every tokenizer.* key of an existing GGUF."""
     import gguf
-    r = gguf.GGUFReader(path)
+
+    from lowbit.export.gguf.header import open_reader
+    r = open_reader(path)
     out = []
     for key, f in r.fields.items():
         if not key.startswith("tokenizer."):

@@ -183,7 +183,8 @@ def _general(writer, config, source_gguf, file_type: int, quantized: bool) -> No
     writer.add_type("model")
     copied = set()
     if source_gguf is not None:
-        r = gguf.GGUFReader(source_gguf)
+        from lowbit.export.gguf.header import open_reader
+        r = open_reader(source_gguf)
         skip = {"general.architecture", "general.type", "general.file_type", "general.quantization_version",
                 "general.alignment", "general.quantized_by"}
         for key, fld in r.fields.items():

@@ -86,6 +86,8 @@ def dequantize(data, type_name: str | GGMLType, shape: tuple[int, int], name: st
     rows, n = int(shape[0]), int(shape[-1])
     raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) \
         else np.asarray(data).view(np.uint8).ravel()
+    if n < 1 or rows < 1:
+        raise LowbitError(f"{name}: empty shape ({rows}, {n}); a GGUF tensor has at least one element")
     need = rows * t.row_bytes(n)
     if not t.fits(n) or raw.size != need:
         raise LowbitError(f"{name}: {t.name} data for shape ({rows}, {n}) must be {need} bytes "
