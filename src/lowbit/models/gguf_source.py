@@ -4,11 +4,11 @@
     src = GGUFSource(path, config)          # the SafetensorsSource interface: keys / shape / dtype / read
     t = src.read("model.layers.3.mlp.down_proj.weight")     # decoded to float32 by lowbit's codecs
 
-The header (metadata and tensor table) is parsed by gguf-py's reader, which maps the file but
-touches only the header's pages; every tensor's offset and size is checked against the file
-before anything is read. A tensor's bytes are then read on their own with os.pread into a fresh
-buffer (no page of the mapping is touched, so nothing stays resident), decoded bit for bit as
-ggml's to_float (numerics.ggml.dequantize), and LLaMA's q/k rows are un-permuted
+The header (metadata and tensor table) is walked with every count checked against the file, then
+parsed by gguf-py's reader (export.gguf.header); every tensor's offset and size is checked against
+the file, and its shape against the config, before anything is read. A tensor's bytes are then
+read on their own with os.pread into a fresh buffer (no page of a mapping stays resident), decoded
+bit for bit as ggml's to_float (numerics.ggml.dequantize), and LLaMA's q/k rows are un-permuted
 (arch.gguf_names.unpermute_qk). The fp32 model never exists: peak memory is one tensor in
 float32 plus its encoded bytes.
 
@@ -18,7 +18,6 @@ in-memory one byte for byte). The config directory has the files that copy has, 
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -37,7 +36,7 @@ def gguf_meta_dir(gguf: Path) -> tuple[Path, str]:
     from lowbit.export.common import empty_model
     from lowbit.io import atomic_dir, cache_dir, sha256_file
     from lowbit.models.cache_check import cache_entry_ok, discard_entry, write_record
-    from lowbit.export.gguf.header import check_header
+    from lowbit.export.gguf.header import check_header, tensor_table
     gguf = Path(gguf)
     check_header(gguf)                  # before transformers' loader (gguf-py) reads it
     digest = sha256_file(gguf)
@@ -54,7 +53,7 @@ def gguf_meta_dir(gguf: Path) -> tuple[Path, str]:
     except Exception as e:  # transformers raises many types for a truncated / foreign file
         raise LowbitError(f"model file {gguf}: could not be read as a GGUF causal LM "
                           f"({type(e).__name__}: {e}). Is the file complete? sha256={digest}") from e
-    names = _table(gguf)[0]
+    names = tensor_table(gguf)
     config.tie_word_embeddings = "output.weight" not in names
     skeleton = empty_model(gguf.parent, torch.float32, config=config)
     config = skeleton.config                      # as save_pretrained writes it: architectures, dtype
@@ -68,43 +67,15 @@ def gguf_meta_dir(gguf: Path) -> tuple[Path, str]:
     return out, digest
 
 
-def _table(path: Path) -> tuple[dict, int]:
-    """-> ({gguf name: (ggml type, numpy shape, absolute offset, n_bytes)}, file size)."""
-    from lowbit.export.gguf.header import open_reader
-    from lowbit.numerics.ggml.types import GGML_BY_ID
-    size = path.stat().st_size
-    r = open_reader(path)
-    out = {}
-    for t in r.tensors:
-        gt = GGML_BY_ID.get(int(t.tensor_type))
-        if gt is None:
-            raise LowbitError(f"GGUF {path}: tensor {t.name} has type {t.tensor_type.name}, which lowbit "
-                              "cannot decode")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))     # ggml ne[] -> numpy order
-        n = shape[-1] if shape else 1
-        rows = math.prod(shape[:-1])                    # Python ints: a mutated dim cannot wrap around
-        if n < 1 or rows < 1:
-            raise LowbitError(f"GGUF {path}: tensor {t.name} has an empty shape {shape}")
-        if not gt.fits(n):
-            raise LowbitError(f"GGUF {path}: tensor {t.name}: rows of {n} are not whole {gt.name} blocks")
-        need = rows * gt.row_bytes(n)
-        off = int(t.data_offset)
-        if off < 0 or off + need > size:
-            raise LowbitError(f"GGUF {path}: tensor {t.name}: {need} bytes at offset {off} run past the "
-                              f"file ({size} bytes)")
-        out[t.name] = (gt, shape, off, need)
-    del r
-    return out, size
-
-
 class GGUFSource:
     """A GGUF's tensors by their HF names (config: the model's HF config, from gguf_meta_dir)."""
 
     def __init__(self, path: str | os.PathLike, config):
         from lowbit.arch.gguf_names import NameMap, arch_spec, qk_heads
         from lowbit.export.common import empty_model
+        from lowbit.export.gguf.header import tensor_table
         self.path = Path(path)
-        table, _ = _table(self.path)
+        table = tensor_table(self.path)
         spec = arch_spec(config.model_type)
         skeleton = empty_model(self.path.parent, torch.float32, config=config)
         expected = {n: tuple(p.shape) for n, p in skeleton.named_parameters(remove_duplicate=False)}
@@ -118,12 +89,12 @@ class GGUFSource:
                 hf = names.to_hf(gname, hf_names)
             except LowbitError as err:
                 raise LowbitError(f"GGUF {self.path}: tensor {gname}: {err}") from None
-            if hf in expected and e[1] != expected[hf]:
+            if hf in expected and e.shape != expected[hf]:
                 # checked before anything is decoded: the shape decides how much memory a read takes
-                raise LowbitError(f"GGUF {self.path}: tensor {gname} ({hf}) has shape {e[1]}, the model's "
-                                  f"config expects {expected[hf]}")
+                raise LowbitError(f"GGUF {self.path}: tensor {gname} ({hf}) has shape {e.shape}, the "
+                                  f"model's config expects {expected[hf]}")
             heads = qk_heads(hf, n_head, n_kv) if spec.permute_qk else None
-            self.entries[hf] = (gname, *e, heads)
+            self.entries[hf] = (e, heads)
 
     def keys(self) -> list[str]:
         return sorted(self.entries)
@@ -137,25 +108,16 @@ class GGUFSource:
         return self.entries[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name)[2]
+        return self._entry(name)[0].shape
 
     def dtype(self, name: str) -> torch.dtype:
         return torch.float32
 
     def read(self, name: str) -> torch.Tensor:
         from lowbit.arch.gguf_names import unpermute_qk
-        from lowbit.numerics.ggml import dequantize
-        gname, gt, shape, off, n, heads = self._entry(name)
-        buf = bytearray(n)
-        with open(self.path, "rb") as fh:
-            got = os.preadv(fh.fileno(), [buf], off) if n else 0
-        if got != n:
-            raise LowbitError(f"GGUF {self.path}: tensor {gname}: read {got} of {n} bytes (file truncated?)")
-        rows = math.prod(shape[:-1])
-        a = dequantize(buf, gt, (rows, shape[-1] if shape else 1), name=gname).reshape(shape)
-        del buf
-        if not np.isfinite(a).all():
-            raise LowbitError(f"GGUF {self.path}: tensor {gname} decodes to NaN/inf values")
+        from lowbit.export.gguf.header import read_tensor
+        e, heads = self._entry(name)
+        a = read_tensor(self.path, e)
         if heads is not None:
             a = unpermute_qk(a, heads)
         return torch.from_numpy(np.ascontiguousarray(a))

@@ -2,6 +2,8 @@
 
     check_header(path)          # LowbitError naming the file and the field, or None
     r = open_reader(path)       # check_header, then gguf.GGUFReader; its errors as LowbitError
+    table = tensor_table(path)  # {name: TensorEntry}: type decodable, shape whole blocks, bytes in the file
+    a = read_tensor(path, table[name])      # float32, numpy order, decoded by lowbit's codecs
 
 Why: gguf-py's reader slices its memory map without checking that a slice lies in the file; a
 slice past the end is simply empty. An array whose element count is damaged (2**40 entries in a
@@ -19,9 +21,14 @@ type + u64 count + elements. The file's byte order is the one its version reads 
 """
 from __future__ import annotations
 
+import math
 import mmap
+import os
 import struct
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from lowbit.errors import LowbitError
 
@@ -130,3 +137,57 @@ def open_reader(path: str | Path, what: str = "GGUF"):
         return gguf.GGUFReader(path)
     except Exception as e:          # the reader raises several types on a damaged file
         raise LowbitError(f"{what} {path}: not readable ({type(e).__name__}: {e})") from None
+
+
+class TensorEntry(NamedTuple):
+    name: str
+    type: object            # numerics.ggml.types.GGMLType
+    shape: tuple            # numpy order (rows..., n_per_row)
+    offset: int             # absolute, in the file
+    n_bytes: int
+
+
+def tensor_table(path: str | Path) -> dict[str, TensorEntry]:
+    """Every tensor of a GGUF, checked before any is read: a type lowbit decodes, a non-empty shape
+    of whole blocks per row, and its bytes inside the file."""
+    from lowbit.numerics.ggml.types import GGML_BY_ID
+    path = Path(path)
+    size = path.stat().st_size
+    r = open_reader(path)
+    out = {}
+    for t in r.tensors:
+        gt = GGML_BY_ID.get(int(t.tensor_type))
+        if gt is None:
+            raise LowbitError(f"GGUF {path}: tensor {t.name} has type {t.tensor_type.name}, which lowbit "
+                              "cannot decode")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))     # ggml ne[] -> numpy order
+        n = shape[-1] if shape else 1
+        rows = math.prod(shape[:-1])                    # Python ints: a damaged dim cannot wrap around
+        if n < 1 or rows < 1:
+            raise LowbitError(f"GGUF {path}: tensor {t.name} has an empty shape {shape}")
+        if not gt.fits(n):
+            raise LowbitError(f"GGUF {path}: tensor {t.name}: rows of {n} are not whole {gt.name} blocks")
+        need = rows * gt.row_bytes(n)
+        off = int(t.data_offset)
+        if off < 0 or off + need > size:
+            raise LowbitError(f"GGUF {path}: tensor {t.name}: {need} bytes at offset {off} run past the "
+                              f"file ({size} bytes)")
+        out[t.name] = TensorEntry(t.name, gt, shape, off, need)
+    del r
+    return out
+
+
+def read_tensor(path: str | Path, e: TensorEntry) -> np.ndarray:
+    """One tensor's bytes, read on their own with os.pread (no page of a mapping stays resident),
+    decoded bit for bit as ggml's to_float; NaN/inf refused naming the tensor."""
+    from lowbit.numerics.ggml import dequantize
+    buf = bytearray(e.n_bytes)
+    with open(path, "rb") as fh:
+        got = os.preadv(fh.fileno(), [buf], e.offset)
+    if got != e.n_bytes:
+        raise LowbitError(f"GGUF {path}: tensor {e.name}: read {got} of {e.n_bytes} bytes (file truncated?)")
+    a = dequantize(buf, e.type, (math.prod(e.shape[:-1]), e.shape[-1]), name=e.name).reshape(e.shape)
+    del buf
+    if not np.isfinite(a).all():
+        raise LowbitError(f"GGUF {path}: tensor {e.name} decodes to NaN/inf values")
+    return a

@@ -10,16 +10,13 @@ converter are un-permuted (names.unpermute_qk); a file without output.weight is 
 """
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.export.gguf.header import open_reader
-from lowbit.numerics.ggml import dequantize
-from lowbit.numerics.ggml.types import GGML_BY_ID
+from lowbit.export.gguf.header import open_reader, read_tensor, tensor_table
 from lowbit.arch.gguf_names import GGUF_TO_HF_TYPE, NameMap, arch_spec, qk_heads, unpermute_qk
 
 
@@ -45,21 +42,7 @@ def tensor_types(path: str | Path) -> dict[str, str]:
 
 def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
     """GGUF name -> float32 array in numpy order (rows, n_per_row) / (n,), decoded by lowbit."""
-    r = open_reader(path)
-    out = {}
-    for t in r.tensors:
-        gt = GGML_BY_ID.get(int(t.tensor_type))
-        if gt is None:
-            raise LowbitError(f"GGUF {path}: tensor {t.name} has type {t.tensor_type.name}, "
-                              f"which lowbit cannot decode")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))     # ggml ne[] -> numpy order
-        n = shape[-1]
-        rows = math.prod(shape[:-1])                    # Python ints: a damaged dim cannot wrap around
-        a = dequantize(np.asarray(t.data), gt, (rows, n), name=t.name).reshape(shape)
-        if not np.isfinite(a).all():
-            raise LowbitError(f"GGUF {path}: tensor {t.name} decodes to NaN/inf values")
-        out[t.name] = a
-    return out
+    return {name: read_tensor(path, e) for name, e in tensor_table(path).items()}
 
 
 def _materialise_buffers(model, config) -> None:
