@@ -38,8 +38,12 @@ def gguf_meta_dir(gguf: Path) -> tuple[Path, str]:
     from lowbit.models.cache_check import cache_entry_ok, discard_entry, write_record
     from lowbit.export.gguf.header import check_header, tensor_table
     gguf = Path(gguf)
-    check_header(gguf)                  # before transformers' loader (gguf-py) reads it
     digest = sha256_file(gguf)
+    try:
+        check_header(gguf)              # before transformers' loader (gguf-py) reads it
+    except LowbitError as e:
+        raise LowbitError(f"model file {gguf}: could not be read as a GGUF causal LM ({e}). "
+                          f"sha256={digest}") from None
     out = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}.meta"
     if out.exists():
         if cache_entry_ok(out, digest) is None:

@@ -66,7 +66,11 @@ def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowbit.export.gguf.header import check_header
-    check_header(gguf)                  # before transformers' loader (gguf-py) reads it
+    try:
+        check_header(gguf)              # before transformers' loader (gguf-py) reads it
+    except LowbitError as e:
+        raise LowbitError(f"model file {gguf}: could not be read as a GGUF causal LM ({e}). "
+                          f"sha256={digest}") from None
     log.info("dequantizing %s to fp32 (once; cached at %s)", gguf, out)
     try:
         with warnings.catch_warnings():
