@@ -134,3 +134,19 @@ def test_export_cli_from_quantized_dir_to_gguf(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "210 int weight(s) written with their codes unchanged" in text and "re-encoded" not in text
     assert cli_main(["verify", str(out)]) == 0
+
+
+def test_export_cli_from_native_dir_to_gptq_layer_by_layer(tmp_path, capsys):
+    """`lowbit export NATIVE --format gptq` converts layer by layer (native.read_for_export) and
+    writes the bytes the in-memory export of the same quantization writes."""
+    import hashlib
+    src = load_model("smollm2-135m")
+    rep = api.quantize(src.model, "w4g128-rtn", progress=False)
+    nat = api.export(src, rep, tmp_path / "nat", "native")
+    mem = api.export(src, rep, tmp_path / "mem", "gptq")
+    out = tmp_path / "cli"
+    assert cli_main(["export", str(nat), "--format", "gptq", "--out", str(out), "--quiet"]) == 0
+
+    def digests(d):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+    assert digests(out) == digests(mem)

@@ -286,3 +286,25 @@ def test_gguf_source_refuses_tensors_the_config_does_not_expect():
     config.intermediate_size = 1024
     with pytest.raises(LowbitError, match=r"blk\.\d+\.ffn_\w+\.weight .*\((1536, 576|576, 1536)\).* expects \((1024, 576|576, 1024)\)"):
         GGUFSource(path, config)
+
+
+@pytest.mark.model
+def test_layer_by_layer_conversion_same_bytes_as_whole_model_export(smollm2, tmp_path):
+    """native.read_for_export (what a streamed --format gptq / awq / compressed-tensors run
+    converts with: every quantized layer read from disk when asked for, each layer's tensors
+    built again when its shard is written) gives the bytes of api.export(api.load(dir)), here
+    for every layer of the model and in several shards."""
+    from lowbit.export import get_format
+    from lowbit.export.native import read_for_export
+    lm = load_model(smollm2.path)
+    rep = api.quantize(lm.model, "w4g64-rtn", progress=False)          # 576 = 9 x 64: AWQ takes it
+    native = api.export(lm, rep, tmp_path / "native", "native")
+    del lm, rep
+    whole = api.load(native)
+    for fmt in ("gptq", "awq", "compressed-tensors"):
+        ref = api.export(whole, None, tmp_path / f"ref-{fmt}", fmt, max_shard_size="40MB")
+        qm = read_for_export(native)
+        assert qm.lazy and not isinstance(qm.qweights, dict)
+        out = get_format(fmt).write(qm, tmp_path / f"lazy-{fmt}", max_shard_size="40MB")
+        assert len([p for p in out.iterdir() if p.suffix == ".safetensors"]) >= 3, fmt
+        assert digests(out) == digests(ref), fmt

@@ -85,6 +85,16 @@ def detect_format(path: str | os.PathLike, readable: bool = True) -> Format | No
     return None
 
 
+def recipe_and_provenance(man: dict, source, sha256) -> tuple[object, dict]:
+    """A read-back manifest's recipe (or None) and the provenance a re-export carries on."""
+    from lowbit.recipe import Recipe
+    recipe = Recipe.from_dict(man["lowbit_recipe"]) if man.get("lowbit_recipe") else None
+    prov = {"source": dict(man.get("source", {"model": str(source), "sha256": sha256})),
+            "calibration": dict(man.get("calibration", {})), "notes": list(man.get("notes", [])),
+            "layers": _manifest_methods(man), "metrics": dict(man.get("metrics", {}))}
+    return recipe, prov
+
+
 def _manifest_methods(man: dict) -> dict:
     """{layer: {"method": ...}} from a read-back manifest's layer rows, so a re-export records
     which method made each layer (as the first export did), not null. Malformed rows are skipped."""
@@ -105,6 +115,9 @@ class QuantizedModel:
     kinds: dict[str, str]                 # module name -> "linear" | "embedding"
     recipe: object = None                 # lowbit.recipe.Recipe, or None when unknown
     provenance: dict = field(default_factory=dict)   # source, calibration, notes, layers, metrics
+    # qweights are read from disk on each use and writers build one layer's tensors at a time
+    # (native.read_for_export: a streamed run's conversion); the bytes written are the same
+    lazy: bool = False
 
     @classmethod
     def from_report(cls, lm: LoadedModel, report, metrics: dict | None = None) -> "QuantizedModel":
@@ -124,7 +137,6 @@ class QuantizedModel:
         """From a quantized model read back by a format reader (re-export to another format)."""
         from lowbit.nn.qlinear import QuantLinear
         from lowbit.nn.vq import VQLinear
-        from lowbit.recipe import Recipe
         qweights, kinds = {}, {}
         for name, mod in lm.model.named_modules():
             if isinstance(mod, QuantLinear):
@@ -141,11 +153,7 @@ class QuantizedModel:
         if not qweights:
             raise LowbitError(f"export: {lm.source} has no quantized module; quantize it first "
                               "(lowbit quantize MODEL --recipe ... or api.quantize)")
-        man = lm.meta.get("manifest", {})
-        recipe = Recipe.from_dict(man["lowbit_recipe"]) if man.get("lowbit_recipe") else None
-        prov = {"source": dict(man.get("source", {"model": str(lm.source), "sha256": lm.source_sha256})),
-                "calibration": dict(man.get("calibration", {})), "notes": list(man.get("notes", [])),
-                "layers": _manifest_methods(man), "metrics": dict(man.get("metrics", {}))}
+        recipe, prov = recipe_and_provenance(lm.meta.get("manifest", {}), lm.source, lm.source_sha256)
         return cls(lm.model, lm.tokenizer, Path(lm.path), qweights, kinds, recipe, prov)
 
     def bias(self, name: str) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.common import (copy_model_files, float_tensors, output_dir, save_safetensors,
+from lowbit.export.common import (LayerTensors, copy_model_files, float_tensors, output_dir, save_safetensors,
                                   set_tensor, source_config)
 from lowbit.export.manifest import FOREIGN, provenance, read_if_present, read_json, write_manifest
 
@@ -95,7 +95,11 @@ def write_dir(qm, out, fmt: str, tensors: dict, qconfig: dict, layers: dict, *, 
     clash = sorted(set(floats) & set(tensors))
     if clash:
         raise LowbitError(f"{fmt} format: tensor names {clash[:3]} are both float and quantized")
-    all_t = {**tensors, **floats}
+    if isinstance(tensors, LayerTensors):
+        tensors.update(floats)
+        all_t = tensors
+    else:
+        all_t = {**tensors, **floats}
     cfg = source_config(qm)
     cfg["quantization_config"] = qconfig
     man_notes = list(qm.provenance.get("notes", [])) + list(notes)

@@ -39,7 +39,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.export import Format, register_format
 from lowbit.export import _hf_quant as hq
-from lowbit.export.common import TensorFiles, empty_model, finish, place_quantized
+from lowbit.export.common import LayerTensors, TensorFiles, empty_model, finish, place_quantized
 from lowbit.numerics.packing import pack_int32, unpack_int32
 
 FORMAT = "awq"
@@ -110,11 +110,11 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
         raise LowbitError(f"awq format: layers {n1} (group {g1}) and {n2} (group {g2}) differ; AWQ's config has "
                           "one group_size for the model; use --format gptq (per-layer overrides) or native")
     group = next(iter(groups))
-    tensors, layers = {}, {}
+    tensors, layers = LayerTensors(keep=not qm.lazy), {}
     rows = qm.provenance.get("layers", {})
     for n in names:
         qw = qm.qweights[n]
-        tensors.update(pack_layer(n, qw))
+        tensors.add(n, lambda n=n: pack_layer(n, qm.qweights[n]))
         b = qm.bias(n)
         if b is not None:
             tensors[f"{n}.bias"] = hq.fp16_bias(b, f"{n}.bias")

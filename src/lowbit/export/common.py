@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -195,18 +196,111 @@ def write_index(dst: Path, shards: list[list[str]], sizes: dict[str, int], stem:
     return f"{stem}.safetensors.index.json"
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], dst: Path, max_shard_size: int | str | None = None,
+def save_safetensors(tensors, dst: Path, max_shard_size: int | str | None = None,
                      stem: str = "model") -> list[str]:
-    """Write `tensors` as model.safetensors, or as transformers' shards
+    """Write `tensors` (a dict, or LayerTensors) as model.safetensors, or as transformers' shards
     model-00001-of-0000N.safetensors + model.safetensors.index.json when they exceed
     max_shard_size (default 5 GB). Tensors keep their sorted-name order; shards split by size.
     -> the file names written."""
-    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    lazy = isinstance(tensors, LayerTensors)
+    sizes = tensors.sizes() if lazy else {k: v.numel() * v.element_size() for k, v in tensors.items()}
     shards = shard_plan(sizes, max_shard_size)
-    files = [write_shard({k: tensors[k] for k in keys}, dst, i, len(shards), stem) for i, keys in enumerate(shards)]
+    files = []
+    for i, keys in enumerate(shards):
+        part = tensors.take(keys) if lazy else {k: tensors[k] for k in keys}
+        files.append(write_shard(part, dst, i, len(shards), stem))
+        del part
+        if lazy:
+            from lowbit.calibration.paused import trim_heap
+            trim_heap()         # hand the shard's pages back before the next one is built
+    if lazy:
+        tensors.check_all_taken()
     if len(shards) > 1:
         files.append(write_index(dst, shards, sizes, stem))
     return files
+
+
+class LayerTensors:
+    """The tensors a writer makes, with its quantized layers' tensors added layer by layer.
+
+        t = LayerTensors(keep)
+        t.add("model.layers.0.mlp.down_proj", lambda: pack_layer(...))     # -> {key: tensor}
+        t["model.layers.0.mlp.down_proj.bias"] = bias                       # plain tensors
+        save_safetensors(t, dst, max_shard_size)
+
+    keep=True (the in-memory export): every tensor is held, as a dict would hold it. keep=False
+    (a streamed conversion, QuantizedModel.lazy): a layer's producer runs when it is added, only
+    its tensors' shapes and dtypes are kept, and it runs again when the shard holding them is
+    written, so one layer's tensors (plus the shard being written) are in memory, not the model's.
+    A producer must give the same tensors each time (checked: shape and dtype)."""
+
+    def __init__(self, keep: bool = True):
+        self.keep = keep
+        self._held: dict[str, torch.Tensor] = {}
+        self._meta: dict[str, tuple[tuple, torch.dtype, str]] = {}     # key -> (shape, dtype, layer)
+        self._produce: dict[str, object] = {}
+        self._ready: dict[str, torch.Tensor] = {}
+        self._taken: set[str] = set()
+
+    def add(self, layer: str, produce) -> None:
+        t = produce()
+        for k, v in t.items():
+            self._check_new(k)
+            if self.keep:
+                self._held[k] = v
+            else:
+                self._meta[k] = (tuple(v.shape), v.dtype, layer)
+        if not self.keep:
+            self._produce[layer] = produce
+
+    def _check_new(self, k: str) -> None:
+        if k in self._held or k in self._meta:
+            raise LowbitError(f"export: tensor {k} would be written twice")
+
+    def __setitem__(self, k: str, v: torch.Tensor) -> None:
+        self._check_new(k)
+        self._held[k] = v
+
+    def update(self, d: dict) -> None:
+        for k, v in d.items():
+            self[k] = v
+
+    def __iter__(self):
+        return iter([*self._held, *self._meta])
+
+    def __contains__(self, k: str) -> bool:
+        return k in self._held or k in self._meta
+
+    def sizes(self) -> dict[str, int]:
+        out = {k: v.numel() * v.element_size() for k, v in self._held.items()}
+        for k, (shape, dt, _) in self._meta.items():
+            out[k] = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        return out
+
+    def take(self, keys) -> dict[str, torch.Tensor]:
+        """The tensors `keys`, producing the layers they belong to (each of a layer's other tensors
+        waits, produced, until its own shard takes it)."""
+        out = {}
+        for k in keys:
+            if k in self._held:
+                out[k] = self._held[k] if self.keep else self._held.pop(k)
+            else:
+                if k not in self._ready:
+                    shape, dt, layer = self._meta[k]
+                    for k2, v in self._produce[layer]().items():
+                        if k2 not in self._meta or (tuple(v.shape), v.dtype) != self._meta[k2][:2]:
+                            raise LowbitError(f"export: layer {layer}: tensor {k2} came out {v.dtype} "
+                                              f"{tuple(v.shape)} the second time, first "
+                                              f"{self._meta.get(k2, (None, None))[1]} {self._meta.get(k2, (None,))[0]}")
+                        if k2 not in self._taken:
+                            self._ready[k2] = v
+                out[k] = self._ready.pop(k)
+            self._taken.add(k)
+        return out
+
+    def check_all_taken(self) -> None:
+        if self._ready:
+            raise LowbitError(f"export: tensors produced but not written: {sorted(self._ready)[:5]}")
 
 
 class TensorFiles:

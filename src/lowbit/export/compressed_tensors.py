@@ -64,7 +64,7 @@ import torch.nn as nn
 from lowbit.errors import LowbitError
 from lowbit.export import Format, register_format
 from lowbit.export import ct_layout as L
-from lowbit.export.common import (TensorFiles, copy_model_files, empty_model, finish, float_tensors,
+from lowbit.export.common import (LayerTensors, TensorFiles, copy_model_files, empty_model, finish, float_tensors,
                                   output_dir, place_quantized, retie, save_safetensors, scale_for_file,
                                   set_tensor, source_config, tie_by_config)
 from lowbit.export.manifest import FOREIGN, provenance, read_if_present, read_json, write_manifest
@@ -184,7 +184,7 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
         input_activations, act_scales = recipe_activation_args(qm)
     aargs = L.activation_args(input_activations, static_ok=bool(act_scales))
     by_args: dict[str, tuple[dict, str, list[str]]] = {}
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = LayerTensors(keep=not qm.lazy)
     layers: dict[str, dict] = {}
     rows = qm.provenance.get("layers", {})
     for name, qw in qm.qweights.items():
@@ -192,7 +192,8 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
         act, g_idx = _actorder(name, qw, legacy_g_idx)
         wargs = L.weight_args(qw.scheme, act)
         fmt = L.module_format(wargs, aargs)
-        tensors.update(_layer_tensors(name, qw, wargs, fmt, g_idx))
+        tensors.add(name, lambda n=name, w=wargs, f=fmt: _layer_tensors(
+            n, qm.qweights[n], w, f, _actorder(n, qm.qweights[n], legacy_g_idx)[1]))
         bias = qm.bias(name)
         if bias is not None:
             tensors[f"{name}.bias"] = bias.contiguous()

@@ -62,7 +62,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.export import Format, register_format
 from lowbit.export import _hf_quant as hq
-from lowbit.export.common import TensorFiles, empty_model, finish, place_quantized
+from lowbit.export.common import LayerTensors, TensorFiles, empty_model, finish, place_quantized
 from lowbit.numerics.packing import pack_int32, unpack_int32
 
 FORMAT = "gptq"
@@ -150,13 +150,13 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
     for n in names:
         weight[_layer_params(qm.qweights[n])] += qm.qweights[n].qdata.numel()
     default = max(weight, key=lambda k: weight[k])     # ties: first seen (Counter keeps insertion order)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = LayerTensors(keep=not qm.lazy)
     layers, dynamic = {}, {}
     rows = qm.provenance.get("layers", {})
     desc_act = False
     for n in names:
         qw = qm.qweights[n]
-        tensors.update(pack_layer(n, qw, checkpoint_format))
+        tensors.add(n, lambda n=n: pack_layer(n, qm.qweights[n], checkpoint_format))
         b = qm.bias(n)
         if b is not None:
             tensors[f"{n}.bias"] = hq.fp16_bias(b, f"{n}.bias")

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -309,6 +310,66 @@ def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: s
     retie(model, m.get("tied", {}), set(m["layers"]))
     _attach_activations(model, m, path / MANIFEST)
     return finish(model, path, m, FORMAT, extra_meta={"qweights": qweights})
+
+
+class _LayersOnDisk(Mapping):
+    """name -> QuantizedWeight, read from the directory's safetensors on each use; only the last
+    one read is kept (writers look at a layer several times in a row)."""
+
+    def __init__(self, files: TensorFiles, rows: dict, where: Path):
+        self._files, self._rows, self._where, self._last = files, rows, where, (None, None)
+
+    def __getitem__(self, name: str):
+        if self._last[0] != name:
+            if name not in self._rows:
+                raise KeyError(name)
+            self._last = (None, None)
+            self._last = (name, read_qweight(self._files.get, name, self._rows[name], self._where)[0])
+        return self._last[1]
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, name) -> bool:
+        return name in self._rows
+
+
+def read_for_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A native directory as a QuantizedModel to convert to another format without holding it:
+    the float tensors (embeddings, norms, a float lm_head) are read, each quantized layer is read
+    from disk when a writer asks for it, and QuantizedModel.lazy tells the writers to build one
+    layer's tensors at a time (export.common.LayerTensors). The bytes written are those of
+    api.export(api.load(path), ...). -> None where the directory holds a quantized embedding
+    (served dequantized, so it is loaded whole: use api.load)."""
+    from lowbit.export import QuantizedModel, recipe_and_provenance
+    path = Path(path)
+    m = read_manifest(path)
+    verify(path)
+    rows = m["layers"]
+    if any(r.get("kind", "linear") != "linear" for r in rows.values()):
+        return None
+    model = empty_model(path, dtype)
+    files = TensorFiles(path)
+    for key in sorted(files.keys()):
+        owner = key.rpartition(".")[0]
+        if owner in rows and not key.endswith(".bias"):
+            continue                    # a quantized layer's codes / scales: read when asked for
+        t = files.get(key)
+        set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, str(path))
+    retie(model, m.get("tied", {}), set(rows))
+    model.eval()
+    model.requires_grad_(False)
+    recipe, prov = recipe_and_provenance(m, path, (m.get("source") or {}).get("sha256"))
+    # in model order, as a read-back model lists its layers (the manifest's rows are sorted)
+    order = {n: rows[n] for n, _ in model.named_modules() if n in rows}
+    if len(order) != len(rows):
+        raise LowbitError(f"{path / MANIFEST}: layers {sorted(set(rows) - set(order))[:3]} are not modules "
+                          "of the model config.json describes")
+    return QuantizedModel(model, None, path, _LayersOnDisk(files, order, path / WEIGHTS),
+                          {n: "linear" for n in order}, recipe, prov, lazy=True)
 
 
 def _attach_activations(model, manifest: dict, where) -> None:
