@@ -15,6 +15,13 @@ tokenizer's (SmolLM2) windows of wiki-calibration, ids taken modulo the checkpoi
 (the weights are random, so which ids does not matter; the shapes and the work are the real
 ones). The child prints each block's time with its current and peak RSS (VmRSS / VmHWM).
 
+The conversion of a native directory to gptq / awq / compressed-tensors, layer by layer (what
+`lowbit export` and `--stream --format` do) against reading the model back whole first (api.load
++ api.export, the conversion before native.read_for_export), the same 1 GB shards:
+
+    python bench/bench_streaming.py OUT.json -- export BIG/q-gptq --format gptq --out BIG/q-gptq-gptq
+    python bench/bench_streaming.py OUT.json --whole-export BIG/q-gptq gptq BIG/q-gptq-gptq-whole
+
 Peak RSS is the kernel's (getrusage RUSAGE_CHILDREN ru_maxrss of the finished child), the number
 BENCHMARKS.md states; `uptime` load is recorded with it (the box is shared).
 """
@@ -59,7 +66,16 @@ def main() -> int:
     if sys.argv[1] == "--child":
         a = sys.argv[2:]
         return child(a[0], a[1], a[2], int(a[3]), int(a[4]))
+    if sys.argv[1] == "--child-whole":
+        from lowbit import api
+        src, fmt, dst = sys.argv[2:5]
+        api.export(api.load(src), None, dst, fmt, max_shard_size="1GB")
+        return 0
     out = sys.argv[1]
+    if sys.argv[2] == "--whole-export":
+        src, fmt, dst = sys.argv[3:6]
+        return _measure(out, [__file__, "--child-whole", src, fmt, dst],
+                        f"bench/bench_streaming.py OUT --whole-export {src} {fmt} {dst}")
     if sys.argv[2] == "--calibrated":
         import argparse
         p = argparse.ArgumentParser()
