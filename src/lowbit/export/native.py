@@ -316,15 +316,15 @@ class _LayersOnDisk(Mapping):
     """name -> QuantizedWeight, read from the directory's safetensors on each use; only the last
     one read is kept (writers look at a layer several times in a row)."""
 
-    def __init__(self, files: TensorFiles, rows: dict, where: Path):
-        self._files, self._rows, self._where, self._last = files, rows, where, (None, None)
+    def __init__(self, take, rows: dict, where: Path):
+        self._take, self._rows, self._where, self._last = take, rows, where, (None, None)
 
     def __getitem__(self, name: str):
         if self._last[0] != name:
             if name not in self._rows:
                 raise KeyError(name)
             self._last = (None, None)
-            self._last = (name, read_qweight(self._files.get, name, self._rows[name], self._where)[0])
+            self._last = (name, read_qweight(self._take, name, self._rows[name], self._where)[0])
         return self._last[1]
 
     def __iter__(self):
@@ -352,12 +352,22 @@ def read_for_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     if any(r.get("kind", "linear") != "linear" for r in rows.values()):
         return None
     model = empty_model(path, dtype)
-    files = TensorFiles(path)
-    for key in sorted(files.keys()):
+    # os.pread, not safetensors' memory map: mapped pages a reader touched stay resident (and count
+    # in its RSS) while the file is open, so a map would end up holding the whole directory
+    from lowbit.models.shards import SafetensorsSource
+    src = SafetensorsSource(path)
+
+    def take(key: str, required: bool = True):
+        if key not in src:
+            if required:
+                raise LowbitError(f"{path}: tensor {key} is missing")
+            return None
+        return src.read(key)
+    for key in src.keys():
         owner = key.rpartition(".")[0]
         if owner in rows and not key.endswith(".bias"):
             continue                    # a quantized layer's codes / scales: read when asked for
-        t = files.get(key)
+        t = take(key)
         set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, str(path))
     retie(model, m.get("tied", {}), set(rows))
     model.eval()
@@ -368,7 +378,7 @@ def read_for_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     if len(order) != len(rows):
         raise LowbitError(f"{path / MANIFEST}: layers {sorted(set(rows) - set(order))[:3]} are not modules "
                           "of the model config.json describes")
-    return QuantizedModel(model, None, path, _LayersOnDisk(files, order, path / WEIGHTS),
+    return QuantizedModel(model, None, path, _LayersOnDisk(take, order, path / WEIGHTS),
                           {n: "linear" for n in order}, recipe, prov, lazy=True)
 
 
