@@ -370,6 +370,10 @@ def read_for_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
         t = take(key)
         set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, str(path))
     retie(model, m.get("tied", {}), set(rows))
+    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()]
+            if p.is_meta and n.rpartition(".")[0] not in rows]
+    if left:
+        raise LowbitError(f"{path}: no tensor for {left[:5]} ({len(left)} in all)")
     model.eval()
     model.requires_grad_(False)
     recipe, prov = recipe_and_provenance(m, path, (m.get("source") or {}).get("sha256"))
