@@ -28,7 +28,6 @@ STREAM_MAX_SHARD = "1GB"
 # formats a streamed run converts its native output to, byte-identical to the in-memory export
 # (tests/test_streaming.py); onnx is not tested
 STREAM_CONVERTED = ("gptq", "awq", "compressed-tensors", "gguf")
-LAYER_BY_LAYER = ("gptq", "awq", "compressed-tensors")     # converted holding one layer at a time
 
 
 def _plan_layer(name: str, shape: tuple[int, int], scheme) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -224,12 +223,11 @@ def _stream_then_convert(source, recipe, out, format: str, *, max_shard_size, ov
     """Any other output format: stream into a native directory beside `out` (.OUT.native), then
     write it through the export layer's writer for that format (the same bytes as the in-memory
     path), then delete it. gptq / awq / compressed-tensors are converted layer by layer
-    (native.read_for_export: the float tensors, one quantized layer and the shard being written
-    are in memory; shards of STREAM_MAX_SHARD unless max_shard_size says otherwise); gguf reads
-    the quantized model back whole (about the native output's size). The float model never exists."""
+    (native.convert: the float tensors, one quantized layer and the shard being written are in
+    memory; 1 GB shards unless max_shard_size says otherwise); gguf reads the quantized model back
+    whole (about the native output's size). The float model never exists."""
     import shutil
 
-    from lowbit import api
     from lowbit.export import get_format
     from lowbit.export.common import check_output
     fmt = get_format(format)
@@ -243,27 +241,15 @@ def _stream_then_convert(source, recipe, out, format: str, *, max_shard_size, ov
     # overwrite=True replaces only an earlier lowbit output there (a run killed while converting)
     quantize_streaming(source, recipe, spool, max_shard_size=STREAM_MAX_SHARD, overwrite=True, log=log,
                        state_dir=state, **kw)
-    from lowbit.export.native import read_for_export
+    from lowbit.export.native import convert
     from lowbit.models import resolve_source
-    # gptq / awq / compressed-tensors: converted layer by layer from the spool (one layer and one
-    # shard in memory); gguf (and a spool with a quantized embedding): the model is read whole
-    qm = read_for_export(spool) if fmt.name in LAYER_BY_LAYER else None
-    loaded = api.load(spool) if qm is None else None
-    model = qm.model if qm is not None else loaded.model
-    # the config's path is the source's, as load_model gives it (gguf's general.name is read from it)
-    model.config._name_or_path = str(resolve_source(source)[1])
-    if max_shard_size is None and qm is not None:
-        max_shard_size = STREAM_MAX_SHARD      # a shard is built in memory before it is written
-    opts = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     try:
-        if qm is not None:
-            path = fmt.write(qm, out, overwrite=overwrite, **opts)
-        else:
-            path = api.export(loaded, None, out, fmt.name, overwrite=overwrite, **opts)
+        # the config's path is the source's, as load_model gives it (gguf's general.name is read from it)
+        path = convert(spool, out, fmt.name, overwrite=overwrite, max_shard_size=max_shard_size,
+                       name_or_path=str(resolve_source(source)[1]))
     except LowbitError as e:             # the streamed work is kept: it may have taken hours
         raise LowbitError(f"{e}. The streamed native output is kept at {spool}: convert it with "
                           f"`lowbit export {spool} --format ...`, or delete it") from None
-    del loaded, qm, model
     shutil.rmtree(spool)
     if log:
         log(f"converted the streamed native output to {fmt.name} -> {path}")

@@ -78,14 +78,8 @@ def run(args) -> int:
         if args.recipe or args.imatrix or args.refine:
             raise LowbitError(f"{args.model} is already quantized ({src_fmt.name}); --recipe / --imatrix / "
                               "--refine apply to float models")
-        from lowbit.export.native import read_for_export
-        from lowbit.streaming import LAYER_BY_LAYER, STREAM_MAX_SHARD
-        qm = read_for_export(path) if src_fmt.name == "native" and fmt.name in LAYER_BY_LAYER else None
-        if qm is not None:          # layer by layer: one layer and one shard in memory
-            out = fmt.write(qm, args.out, overwrite=args.overwrite, max_shard_size=STREAM_MAX_SHARD, **opts)
-        else:
-            lm = api.load(args.model)
-            out = api.export(lm, None, args.out, fmt.name, overwrite=args.overwrite, **opts)
+        from lowbit.export.native import convert
+        out = convert(path, args.out, fmt.name, overwrite=args.overwrite, **opts)    # native: layer by layer
         _summary(out, fmt.name, f"from {src_fmt.name}")
         return 0
     recipe = get_recipe(args.recipe or args.type)

@@ -143,12 +143,12 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
     if checkpoint_format not in (V1, V2):
         raise LowbitError(f"gptq checkpoint_format {checkpoint_format!r}: expected 'gptq' (v1) or 'gptq_v2'")
     names = hq.linear_names(qm, "gptq")
-    for n in names:
-        check_layer(n, qm.qweights[n])
     # the most common (bits, group, sym) by weight count is the file's default; others go in dynamic
     weight = Counter()
     for n in names:
-        weight[_layer_params(qm.qweights[n])] += qm.qweights[n].qdata.numel()
+        qw = qm.qweights[n]
+        check_layer(n, qw)
+        weight[_layer_params(qw)] += qw.qdata.numel()
     default = max(weight, key=lambda k: weight[k])     # ties: first seen (Counter keeps insertion order)
     tensors = LayerTensors(keep=not qm.lazy)
     layers, dynamic = {}, {}

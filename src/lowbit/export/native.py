@@ -356,18 +356,11 @@ def read_for_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     # in its RSS) while the file is open, so a map would end up holding the whole directory
     from lowbit.models.shards import SafetensorsSource
     src = SafetensorsSource(path)
-
-    def take(key: str, required: bool = True):
-        if key not in src:
-            if required:
-                raise LowbitError(f"{path}: tensor {key} is missing")
-            return None
-        return src.read(key)
     for key in src.keys():
         owner = key.rpartition(".")[0]
         if owner in rows and not key.endswith(".bias"):
             continue                    # a quantized layer's codes / scales: read when asked for
-        t = take(key)
+        t = src.read(key)
         set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, str(path))
     retie(model, m.get("tied", {}), set(rows))
     left = [n for n, p in [*model.named_parameters(), *model.named_buffers()]
@@ -382,8 +375,33 @@ def read_for_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     if len(order) != len(rows):
         raise LowbitError(f"{path / MANIFEST}: layers {sorted(set(rows) - set(order))[:3]} are not modules "
                           "of the model config.json describes")
-    return QuantizedModel(model, None, path, _LayersOnDisk(take, order, path / WEIGHTS),
+    return QuantizedModel(model, None, path, _LayersOnDisk(src.get, order, path / WEIGHTS),
                           {n: "linear" for n in order}, recipe, prov, lazy=True)
+
+
+LAYER_BY_LAYER = ("gptq", "awq", "compressed-tensors")     # converted holding one layer at a time
+CONVERT_MAX_SHARD = "1GB"       # their default shard size there: a shard is built in memory
+
+
+def convert(path: str | os.PathLike, out, format: str, *, overwrite: bool = False, max_shard_size=None,
+            name_or_path: str | None = None, **options) -> Path:
+    """A quantized directory written in another format: a native directory to gptq / awq /
+    compressed-tensors layer by layer (read_for_export; CONVERT_MAX_SHARD shards unless
+    max_shard_size says otherwise), anything else read back whole (api.load) and exported.
+    name_or_path: the config's _name_or_path to write with (gguf's general.name is read from it)."""
+    from lowbit import api
+    from lowbit.export import get_format
+    fmt = get_format(format)
+    qm = read_for_export(path) if fmt.name in LAYER_BY_LAYER and is_native_dir(path) else None
+    loaded = api.load(path) if qm is None else None
+    if name_or_path is not None:
+        (qm or loaded).model.config._name_or_path = name_or_path
+    if qm is not None:
+        return fmt.write(qm, out, overwrite=overwrite, max_shard_size=max_shard_size or CONVERT_MAX_SHARD,
+                         **options)
+    if max_shard_size is not None:
+        options["max_shard_size"] = max_shard_size
+    return api.export(loaded, None, out, fmt.name, overwrite=overwrite, **options)
 
 
 def _attach_activations(model, manifest: dict, where) -> None:

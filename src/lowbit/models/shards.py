@@ -116,6 +116,11 @@ class SafetensorsSource:
             raise LowbitError(f"{self.path}: tensor {name} is missing")
         return self.entries[name]
 
+    def get(self, name: str, required: bool = True) -> torch.Tensor | None:
+        """TensorFiles.get's signature (export.native.read_qweight's `take`): None when absent and
+        not required."""
+        return self.read(name) if required or name in self.entries else None
+
     def read(self, name: str) -> torch.Tensor:
         f, dt, shape, off, n = self._entry(name)
         buf = bytearray(n)
