@@ -84,15 +84,40 @@ def test_stream_whole_model_same_bytes_cli(smollm2, tmp_path):
     assert digests(tmp_path / "cli") == digests(m)
 
 
+def _rotated(method: str, **rotate):
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Recipe, Rule
+    return Recipe(name=f"rot-{method}", rules=[Rule(r"model\.layers\.0\.", int_scheme(3, 64), method)],
+                  transforms=[{"name": "rotate", "seed": 3, **rotate}],
+                  calibration={"n_samples": 2, "seq_len": 64, "batch_size": 1})
+
+
 @pytest.mark.model
-def test_stream_refuses_whole_model_transforms(smollm2, tmp_path):
+def test_stream_rotated_rtn_same_bytes_as_in_memory(smollm2, tmp_path):
+    """A Hadamard rotation streamed (transforms/rotate.py RotatedSource: each block rotated as
+    it is read, the embedding, final norm and the untied lm_head as rotate_model leaves them):
+    the same bytes as rotate_model + quantize + export, config and manifest included."""
+    out = _same_bytes(smollm2.path, _rotated("rtn"), tmp_path, "60MB")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    man = json.loads((out / "lowbit.json").read_text())
+    assert any(n.startswith("transform rotate: seed=3") for n in man["notes"])
+
+
+@pytest.mark.model
+def test_stream_rotated_gptq_same_bytes_as_in_memory(smollm2, windows, tmp_path):
+    r = _rotated("gptq")
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", "60MB", windows)
+    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", max_shard_size="60MB", tokens=windows)
+    assert digests(s) == digests(mem)
+
+
+@pytest.mark.model
+def test_stream_refuses_what_it_cannot_stream(smollm2, tmp_path):
     with pytest.raises(LowbitError, match="--format onnx is not streamed"):
         quantize_streaming(smollm2.path, "w4g128-rtn", tmp_path / "o.onnx", format="onnx")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(LowbitError, match="model-level transforms"):
-        quantize_streaming(smollm2.path, "w3g64-rot-gptq", tmp_path / "o")
-    with pytest.raises(LowbitError, match="block-level method 'signround'"):
-        quantize_streaming(smollm2.path, "w4g64-signround", tmp_path / "o")
+    with pytest.raises(LowbitError, match="online_down"):
+        quantize_streaming(smollm2.path, _rotated("rtn", online_down=True), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
@@ -144,6 +169,42 @@ def test_stream_gptq_same_bytes_as_in_memory_and_resumes(smollm2, windows, tmp_p
                                log=logs.append)
     assert any(m.startswith("resuming after block 1/2") for m in logs)
     assert not any(m.startswith("block 1/") for m in logs) and any(m.startswith("block 2/2") for m in logs)
+    assert digests(again) == digests(mem)
+
+
+def _signround_blocks(blocks: str):
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Recipe, Rule
+    return Recipe(name="signround-" + blocks, rules=[Rule(rf"model\.layers\.[{blocks}]\.", int_scheme(3, 64),
+                                                         "signround", {"iters": 6, "init": "gptq"})],
+                  calibration={"n_samples": 2, "seq_len": 64, "batch_size": 1})
+
+
+@pytest.mark.model
+def test_stream_signround_same_bytes_as_in_memory_and_resumes(smollm2, windows, tmp_path):
+    """SignRound (a block-level method: it carries the float model's block inputs beside the
+    quantized path's) streamed block by block writes the in-memory path's bytes; killed after
+    its first block, the restart takes both sets of hidden states from the state and writes the
+    same bytes again."""
+    r = _signround_blocks("01")
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
+    man = json.loads((mem / "lowbit.json").read_text())
+    assert any("signround_loss_best" in row["info"] for row in man["layers"].values())
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first(msg):
+        if msg.startswith("block 1/"):
+            raise Killed
+    with pytest.raises(Killed):
+        quantize_streaming(smollm2.path, r, tmp_path / "s", tokens=windows, log=die_after_first)
+    state = json.loads((tmp_path / ".s.resume" / "state.json").read_text())
+    assert state["blocks_done"] == 1 and (tmp_path / ".s.resume" / state["fp_acts"]).is_file()
+    logs = []
+    again = quantize_streaming(smollm2.path, r, tmp_path / "s", tokens=windows, log=logs.append)
+    assert any(m.startswith("resuming after block 1/2") for m in logs)
+    assert not any(m.startswith("block 1/") for m in logs)
     assert digests(again) == digests(mem)
 
 

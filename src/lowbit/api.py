@@ -139,8 +139,12 @@ def _transform(model: nn.Module, recipe: Recipe) -> list[str]:
         return []
     from lowbit.transforms import apply_transforms
     with torch.no_grad():
-        return [f"transform {d['transform']}: " + ", ".join(f"{k}={v}" for k, v in d.items() if k != "transform")
-                for d in apply_transforms(model, recipe.transforms)]
+        return [transform_note(d) for d in apply_transforms(model, recipe.transforms)]
+
+
+def transform_note(done: dict) -> str:
+    """The report's line for one applied transform ({"transform": name, **its info})."""
+    return f"transform {done['transform']}: " + ", ".join(f"{k}={v}" for k, v in done.items() if k != "transform")
 
 
 def _note_ragged(report: QuantizeReport) -> None:

@@ -11,8 +11,9 @@ save_safetensors uses), which visits one decoder block after another, so peak me
 output shard plus one layer's temporaries: set by max_shard_size (default 1GB here).
 
 The output is the native format, byte for byte what the in-memory path (load_model, quantize,
-export with the same max_shard_size) writes for the same source. Calibrated recipes (gptq, awq)
-are streamed one decoder block at a time by streaming_calibrated.py.
+export with the same max_shard_size) writes for the same source. Calibrated recipes (gptq, awq,
+signround) are streamed one decoder block at a time by streaming_calibrated.py. A rotation
+(transforms rotate) is applied as each tensor is read (rotated_source).
 """
 from __future__ import annotations
 
@@ -86,7 +87,10 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
     from lowbit.export.common import check_output
     src, files, source_sha = open_source(source)
     check_output(out, overwrite)
+    files, transformed, untied = rotated_source(files, src, recipe, dtype)
     skeleton = empty_model(src, dtype)
+    if untied:                         # the rotated model's lm_head is its own tensor
+        skeleton.config.tie_word_embeddings = False
     tie_by_config(skeleton)            # a tied lm_head is the embedding, as the loaded model has it
     targets = quantize_targets(skeleton, recipe)
     if not targets:
@@ -98,10 +102,8 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
         return quantize_streaming_calibrated(src, source, recipe, out, tokens=tokens, calibration=calibration,
                                              max_shard_size=max_shard_size, overwrite=overwrite, dtype=dtype,
                                              log=log, state_dir=state_dir, keep_state=keep_state,
-                                             files=files, source_sha=source_sha)
-    if recipe.transforms:
-        raise LowbitError(f"streaming: recipe {recipe.name!r} has model-level transforms "
-                          f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
+                                             files=files, source_sha=source_sha, transformed=transformed,
+                                             untied=untied)
     for name, mod, rule in targets:
         if isinstance(mod, torch.nn.Embedding) or rule.scheme.format != "int" or not isinstance(mod, torch.nn.Linear):
             raise LowbitError(f"streaming: layer {name}: only integer schemes on nn.Linear are streamed")
@@ -128,7 +130,7 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
         plan[key] = (tuple(value.shape), dtype if value.is_floating_point() else value.dtype, None)
     names = sorted(plan)
     sizes = {k: _nbytes(plan[k][0], plan[k][1]) for k in names}
-    report = QuantizeReport(recipe)
+    report = QuantizeReport(recipe, notes=list(transformed))
     layers: dict[str, dict] = {}
     ready: dict[str, torch.Tensor] = {}
 
@@ -191,10 +193,39 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
             "notes": list(report.notes), "layers": {}, "metrics": {}})
         rows = {n: layers[n] for n, _, _ in targets}
         manifest = provenance(qm, FORMAT, rows, {"format_version": FORMAT_VERSION, "tied": tied})
-        copy_model_files(src, tmp)
+        copy_model_files(src, tmp, stream_config(src, untied))
         write_manifest(tmp, manifest, MANIFEST)
     log(f"streamed {len(targets)} layer(s) in {time.perf_counter() - t_start:.1f} s -> {out}")
     return Path(out)
+
+
+def rotated_source(files, src: Path, recipe, dtype: torch.dtype) -> tuple[object, list[str], bool]:
+    """The recipe's model-level transforms on a streamed source: a rotation (the only one there is)
+    is applied to each tensor as it is read (transforms/rotate.py RotatedSource), with the values
+    rotate_model gives the whole model. -> (tensor source, the report's transform lines, whether
+    the rotation untied lm_head from the embedding)."""
+    from lowbit.api import transform_note
+    from lowbit.export.common import empty_model
+    from lowbit.transforms import make_transforms
+    model_level = make_transforms(recipe.transforms)
+    if not model_level:
+        return files, [], False
+    if [name for name, _, _ in model_level] != ["rotate"]:
+        raise LowbitError(f"streaming: recipe {recipe.name!r}: model-level transforms "
+                          f"{[name for name, _, _ in model_level]}: only one rotate is streamed")
+    from lowbit.transforms.rotate import RotatedSource
+    rs = RotatedSource(files, empty_model(src, dtype), model_level[0][2], dtype, str(src))
+    return rs, [transform_note({"transform": "rotate", **rs.info})], bool(rs.info["untied_lm_head"])
+
+
+def stream_config(src: Path, untied: bool) -> dict:
+    """The output's config.json: the source's, saying tie_word_embeddings false where a rotation
+    untied lm_head (as export.common.source_config writes it for the in-memory path)."""
+    import json
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    if untied and cfg.get("tie_word_embeddings", True):
+        cfg["tie_word_embeddings"] = False
+    return cfg
 
 
 def open_source(source) -> tuple[Path, object, str | None]:

@@ -14,7 +14,10 @@ are written in their sorted-name order, each tensor read back from the state dir
 block's worth cached) or from the source (embedding, final norm, lm_head). The output is byte for
 byte what load_model + api.quantize + export write. The state directory is also the resume state:
 a killed run restarted with the same arguments goes on after the last finished block (same key
-checks as calibration/resume.py). It is deleted once the output is in place.
+checks as calibration/resume.py). It is deleted once the output is in place. A rotating recipe
+reads through transforms/rotate.py's RotatedSource (each block rotated as it is read); block-level
+methods (signround) carry the float path's hidden states beside the quantized path's, in the
+state too.
 
 Peak memory, roughly:
     one float block (fp32: 4 x its parameters) + its GPTQ temporaries (widest input d_in: the
@@ -30,7 +33,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lowbit.calibration.resume import Checkpoint, _read_block, restore_acts, run_key
+from lowbit.calibration.resume import Checkpoint, _read_block, run_key
 from lowbit.errors import LowbitError
 
 
@@ -63,14 +66,15 @@ class _Stream(Checkpoint):
         from lowbit.api import layer_row
         from lowbit.export.native import _layer_tensors
         from lowbit.numerics.qweight import QuantizedWeight
-        if not isinstance(qw, QuantizedWeight):
+        from lowbit.numerics.vq import VQWeight
+        if not isinstance(qw, (QuantizedWeight, VQWeight)):
             raise LowbitError(f"streaming: layer {name} is a {type(qw).__name__}; the native format "
-                              "streams integer/float schemes only")
+                              "streams integer/float schemes and vector codebooks only")
         t, row = _layer_tensors(name, qw)
         self.records[name] = (layer_row(name, qw, method), {k: (tuple(v.shape), v.dtype) for k, v in t.items()},
                               block, row)
 
-    def restore(self, model, acts, res, swap):
+    def restore(self, model, acts, res, swap, fp_acts=None):
         if self.state is None:
             return 0, acts
         for b, fname in enumerate(self.state["files"]):
@@ -78,11 +82,11 @@ class _Stream(Checkpoint):
                 self._record(name, qw, method, b)
                 res.layers.append((name, None, method))
         res.notes[:] = list(self.state["notes"])
-        restore_acts(self.path, self.path / self.state["acts"], acts)
+        self._restore_acts(acts, fp_acts)
         self.saved_layers = len(res.layers)
         return self.blocks_done, acts
 
-    def save(self, block: int, res, acts) -> None:
+    def save(self, block: int, res, acts, fp_acts=None) -> None:
         from lowbit.io import atomic_path
         from safetensors.torch import save_file
         self.path.mkdir(parents=True, exist_ok=True)
@@ -97,7 +101,7 @@ class _Stream(Checkpoint):
         with atomic_path(self.path / f"floats-{block:04d}.safetensors") as tmp:
             save_file(floats, str(tmp))
         new = list(range(self.saved_layers, len(res.layers)))
-        super().save(block, res, acts)           # state.json last: the block is finished
+        super().save(block, res, acts, fp_acts)  # state.json last: the block is finished
         for i in new:
             name, qw, method = res.layers[i]
             self._record(name, qw, method, block)
@@ -106,12 +110,15 @@ class _Stream(Checkpoint):
 
 def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None, calibration=None,
                                   max_shard_size=None, overwrite=False, dtype=torch.float32, log=None,
-                                  state_dir=None, keep_state=False, files=None, source_sha=None) -> Path:
+                                  state_dir=None, keep_state=False, files=None, source_sha=None,
+                                  transformed=(), untied=False) -> Path:
     """Quantize the Hugging Face directory `src` by a calibrated `recipe`, block by block, into a
     native directory `out`. tokens: (n, seq) calibration windows (default: drawn by the recipe's
     calibration settings, overridden by `calibration`, with the source's tokenizer). files /
     source_sha: the tensor source and its sha256 (streaming.open_source: a GGUF's tensors, with
-    `src` its weightless config directory); default src's safetensors shards."""
+    `src` its weightless config directory); default src's safetensors shards. A rotating recipe's
+    `files` give the rotated model's tensors (streaming.rotated_source): `transformed` are its
+    report lines, `untied` whether lm_head is then its own tensor."""
     from lowbit.api import QuantizeReport, _note_ragged, quantize_targets
     from lowbit.arch import get_blocks, spec_for
     from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
@@ -122,14 +129,13 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
                                       tie_by_config, write_index, write_shard)
     from lowbit.export.manifest import provenance, write_manifest
     from lowbit.export.native import FORMAT, FORMAT_VERSION, MANIFEST
-    from lowbit.methods import get_method
     from lowbit.models.shards import SafetensorsSource
     from lowbit.recipe import Recipe
     from lowbit.transforms import block_level_names
 
     log = log or (lambda _m: None)
     out = Path(out)
-    if any(t.get("name") not in block_level_names() for t in recipe.transforms):
+    if not transformed and any(t.get("name") not in block_level_names() for t in recipe.transforms):
         raise LowbitError(f"streaming: recipe {recipe.name!r} has model-level transforms "
                           f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
     if any(r.input_activations for r in recipe.rules):
@@ -137,6 +143,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     given = files is not None
     files = files if given else SafetensorsSource(src)
     model = empty_model(src, dtype)
+    model.config.tie_word_embeddings = model.config.tie_word_embeddings and not untied
     tie_by_config(model)
     arch = spec_for(model)
     blocks = get_blocks(model, arch)
@@ -148,9 +155,6 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     for name, mod, rule in targets:
         if isinstance(mod, torch.nn.Embedding) or not isinstance(mod, torch.nn.Linear):
             raise LowbitError(f"streaming: layer {name}: only nn.Linear modules are streamed")
-        if getattr(get_method(rule.method).fn, "block_level", False):
-            raise LowbitError(f"streaming: recipe {recipe.name!r} uses block-level method {rule.method!r} "
-                              f"(layer {name}), which keeps the float model's block inputs; not streamed")
         if not name.startswith(prefix + "."):
             outside.append(name)
     # the parameters outside the blocks: the embedding feeds the calibration; lm_head only if quantized
@@ -191,6 +195,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     order = {n: i for i, (n, _, _) in enumerate(targets)}
     report.layers = [stream.records[n][0] for n in sorted(stream.records, key=lambda n: order[n])]
     _note_ragged(report)
+    report.notes[:0] = list(transformed)
     heads = {n: qw for n, qw, _ in res.layers if qw is not None}
     del res
     model_float = {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}
@@ -209,6 +214,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
                               ("floats", b) if b is not None else ("source", None))
     seen, tied = {}, {}
     skel = empty_model(src, dtype)
+    skel.config.tie_word_embeddings = skel.config.tie_word_embeddings and not untied
     tie_by_config(skel)
     for key, value in skel.state_dict(keep_vars=True).items():
         if key.rpartition(".")[0] in qnames:
@@ -223,7 +229,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
         plan[key] = (tuple(value.shape), dt, ("floats", b) if spooled else ("source", None))
     del skel
     names = sorted(plan)
-    from lowbit.streaming import _nbytes
+    from lowbit.streaming import _nbytes, stream_config
     sizes = {k: _nbytes(plan[k][0], plan[k][1]) for k in names}
     cache = {"block": None, "layers": {}, "floats": {}}
 
@@ -290,7 +296,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
             "source": {"model": str(source), "sha256": sha}, "calibration": cfg.to_dict(),
             "notes": list(report.notes), "layers": {}, "metrics": {}})
         manifest = provenance(qm, FORMAT, rows, {"format_version": FORMAT_VERSION, "tied": tied})
-        copy_model_files(src, tmp)
+        copy_model_files(src, tmp, stream_config(src, untied))
         write_manifest(tmp, manifest, MANIFEST)
     if not keep_state:
         stream.discard()

@@ -74,10 +74,16 @@ def refine_block(block: nn.Module, tuned: list[tuple[str, torch.Tensor, Quantize
     info = {"signround_iters": cfg.iters, "signround_loss_init": init,
             "signround_loss_best": best if improved else init, "signround_kept_init": not improved,
             "signround_s": time.perf_counter() - t0}
+    kept = _untimed(info)    # a layer's info goes into the file: same inputs, same bytes
     if not improved:         # never worse than the starting point on the calibration batches
-        return [QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.scheme, qw.g_idx, qw.info | info)
+        return [QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.scheme, qw.g_idx, qw.info | kept)
                 for _, _, qw, _ in tuned], info
-    return [params[n].result(qw.info | info) for n, _, qw, _ in tuned], info
+    return [params[n].result(qw.info | kept) for n, _, qw, _ in tuned], info
+
+
+def _untimed(info: dict) -> dict:
+    """The figures without their wall times (`*_s`), which differ from run to run."""
+    return {k: v for k, v in info.items() if not k.endswith("_s")}
 
 
 def refine_block_vq(block: nn.Module, tuned: list, inputs: list[BlockInput],
@@ -136,7 +142,7 @@ def refine_block_vq(block: nn.Module, tuned: list, inputs: list[BlockInput],
             info.update(vq_block_loss_best=sum(after) / len(after), vq_block_kept_init=False)
             out = [VQWeight(cand_cb[n], vw.indices, cand_sc[n], vw.shape, vw.group_size, vw.info)
                    for n, _, vw, _ in tuned]
-    info["vq_block_s"] = time.perf_counter() - t0
     for vw in out:
         vw.info = {**vw.info, **info}
+    info["vq_block_s"] = time.perf_counter() - t0
     return out, info

@@ -159,15 +159,12 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
         head_targets = [t for t in outside if t.calibrated]
         # blocks after the last targeted one only matter when lm_head needs their outputs
         last = len(blocks) - 1 if head_targets else max(per_block, default=-1)
-        fp_acts = acts if any(_block_level(t) for t in targets) else None
-        if fp_acts is not None and checkpoint is not None:
-            # the resume state holds the quantized path's block inputs only, not the float path's
-            log("no resume state: block-level methods (signround, vq with block_steps) also need the "
-                "float model's block inputs, which the state does not keep")
-            checkpoint = None
+        # block-level methods (signround, vq with block_steps) also carry the float model's block
+        # inputs (the same tensors at block 0; separate objects, so a resume can restore each)
+        fp_acts = [BlockInput(a.hidden, a.kwargs) for a in acts] if any(_block_level(t) for t in targets) else None
         start = 0
         if checkpoint is not None:
-            start, acts = checkpoint.restore(model, acts, res, _swap)
+            start, acts = checkpoint.restore(model, acts, res, _swap, fp_acts=fp_acts)
             if start:
                 log(f"resuming after block {start}/{last + 1} ({checkpoint.path})")
         for b, block in enumerate(blocks):
@@ -204,7 +201,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
                 res.layers.append(_swap(model, f"{arch.blocks}.{b}.{name}", qw, method))
                 _note_numerics(f"{arch.blocks}.{b}.{name}", qw, res.notes, log)
             if checkpoint is not None:
-                checkpoint.save(b, res, acts)
+                checkpoint.save(b, res, acts, fp_acts)
             if blocks_io is not None:
                 blocks_io.release(b, block)
             trim_heap()                            # the block's temporaries and float weights

@@ -4,6 +4,8 @@
       state.json                 key (what the run is), blocks_done, notes, files; written last
       block-0007.safetensors     the QuantizedWeights block 7 produced (codes, scales, zeros, g_idx)
       acts-0007.safetensors      the hidden states entering block 8, one tensor per batch
+      fpacts-0007.safetensors    block-level methods (signround, vq with block_steps): the float
+                                 model's hidden states entering block 8, which their targets need
 
 The key holds the recipe, the calibration settings, the sha256 of the calibration token windows,
 the source checkpoint's sha256 and the lowbit version; a restart whose key differs in any of them
@@ -99,20 +101,32 @@ class Checkpoint:
     def blocks_done(self) -> int:
         return 0 if self.state is None else int(self.state["blocks_done"])
 
-    def restore(self, model, acts: list, res, swap) -> tuple[int, list]:
+    def restore(self, model, acts: list, res, swap, fp_acts: list | None = None) -> tuple[int, list]:
         """Swap in the layers of the finished blocks (swap(model, name, qw, method) -> row) and
-        take the saved hidden states. -> (first block to run, acts)."""
+        take the saved hidden states (and the float path's into fp_acts, for block-level
+        methods). -> (first block to run, acts)."""
         if self.state is None:
             return 0, acts
         for fname in self.state["files"]:
             for name, qw, method in _read_block(self.path / fname):
                 res.layers.append(swap(model, name, qw, method))
         res.notes[:] = list(self.state["notes"])
-        restore_acts(self.path, self.path / self.state["acts"], acts)
+        self._restore_acts(acts, fp_acts)
         self.saved_layers = len(res.layers)
         return self.blocks_done, acts
 
-    def save(self, block: int, res, acts: list) -> None:
+    def _restore_acts(self, acts: list, fp_acts: list | None) -> None:
+        restore_acts(self.path, self.path / self.state["acts"], acts)
+        saved_fp = self.state.get("fp_acts")
+        if (fp_acts is None) != (saved_fp is None):
+            raise LowbitError(f"resume state {self.path}: " + (
+                "holds no float-path hidden states, which this run's block-level methods need"
+                if saved_fp is None else "holds float-path hidden states this run does not use")
+                + f"; delete {self.path} to start over")
+        if fp_acts is not None:
+            restore_acts(self.path, self.path / saved_fp, fp_acts)
+
+    def save(self, block: int, res, acts: list, fp_acts: list | None = None) -> None:
         from safetensors.torch import save_file
         self.path.mkdir(parents=True, exist_ok=True)
         new = res.layers[self.saved_layers:]
@@ -122,16 +136,21 @@ class Checkpoint:
             meta.append(_put(tensors, name, qw, method))
         with atomic_path(self.path / bname) as tmp:
             save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta, sort_keys=True)})
-        with atomic_path(self.path / aname) as tmp:
-            save_file({f"batch.{i}": a.hidden.contiguous() for i, a in enumerate(acts)}, str(tmp))
+        named = [(aname, acts)] + ([(f"fp{aname}", fp_acts)] if fp_acts is not None else [])
+        for fname, batches in named:
+            with atomic_path(self.path / fname) as tmp:
+                save_file({f"batch.{i}": a.hidden.contiguous() for i, a in enumerate(batches)}, str(tmp))
         prev = self.state
         files = (list(prev["files"]) if prev else []) + [bname]
         self.state = {"version": STATE_VERSION, "key": self.key, "blocks_done": block + 1, "files": files,
                       "acts": aname, "notes": list(res.notes)}
+        if fp_acts is not None:
+            self.state["fp_acts"] = f"fp{aname}"
         with atomic_file(self.path / STATE, "w") as fh:
             fh.write(json.dumps(self.state, indent=1, sort_keys=True) + "\n")
-        if prev and prev["acts"] != aname:
-            (self.path / prev["acts"]).unlink(missing_ok=True)
+        for k in ("acts", "fp_acts"):            # the previous block's hidden states: superseded
+            if prev and prev.get(k) and prev[k] != self.state.get(k):
+                (self.path / prev[k]).unlink(missing_ok=True)
         self.saved_layers = len(res.layers)
 
     def discard(self) -> None:

@@ -133,71 +133,183 @@ class _OnlineInput:
             setattr(mod, ONLINE_ATTR, self.rot)
 
 
+class Rotator:
+    """The rotations of one model, applied a piece at a time: rotate_model applies every piece to
+    a float model; streaming (RotatedSource) applies each to a block as it is read. `model` may
+    be a meta-device skeleton: the checks need module types and shapes only. A tied lm_head is
+    untied here (its weight becomes its own, config.tie_word_embeddings false)."""
+
+    def __init__(self, model: nn.Module, config: RotateConfig | None = None):
+        cfg = self.cfg = config or RotateConfig()
+        spec = self.spec = rotation_spec(model)
+        arch = self.arch = spec_for(model)
+        blocks = get_blocks(model, arch)
+        c = model.config
+        hidden = int(c.hidden_size)
+        emb = [_module(model, p, "an embedding") for p in spec.embeddings]
+        head = _linear(model, spec.lm_head)
+        for e in emb:
+            if e.weight.shape[1] != hidden:
+                raise LowbitError(f"rotate: embedding width {e.weight.shape[1]} != hidden_size {hidden}")
+        # check every block before changing anything
+        for b, block in enumerate(blocks):
+            for npath, readers in spec.norms:
+                _check_norm(_module(block, npath, "a norm"), f"{arch.blocks}.{b}.{npath}")
+                for r in readers:
+                    _linear(block, r)
+            for w in spec.writers:
+                _linear(block, w)
+        _check_norm(_module(model, spec.final_norm, "the final norm"), spec.final_norm)
+        self.info: dict = {"seed": cfg.seed, "hidden": hidden, "untied_lm_head": False}
+        if any(head.weight is e.weight or (not head.weight.is_meta and head.weight.data_ptr() == e.weight.data_ptr())
+               for e in emb):
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            c.tie_word_embeddings = False
+            self.info["untied_lm_head"] = True
+        self.rot = random_hadamard(hidden, cfg.seed)
+        self.info["residual"] = self.rot.describe()
+        self.head_dim = int(getattr(c, "head_dim", 0) or hidden // int(c.num_attention_heads))
+        rot_h = random_hadamard(self.head_dim, cfg.seed + 1) if cfg.heads and spec.v_o else None
+        self.Qh = None if rot_h is None else rot_h.matrix()
+        if rot_h is not None:
+            self.info["heads"] = rot_h.describe()
+        self.rot_down = None
+
+    @torch.no_grad()
+    def embedding(self, e: nn.Module) -> None:
+        _set(e.weight, self.rot.apply(e.weight.detach().double()))
+
+    @torch.no_grad()
+    def block(self, b: int, block: nn.Module) -> None:
+        spec, rot, path = self.spec, self.rot, f"{self.arch.blocks}.{b}"
+        for npath, readers in spec.norms:
+            lins = [_linear(block, r) for r in readers]
+            _fold_norm(_module(block, npath, "a norm"), lins, f"{path}.{npath}")
+            for lin in lins:
+                _read(lin, rot)
+        for w in spec.writers:
+            _write(_linear(block, w), rot)
+        if self.Qh is not None:
+            _rotate_heads(_linear(block, spec.v_o[0]), _linear(block, spec.v_o[1]), self.Qh, self.head_dim, path)
+        if self.cfg.online_down and spec.down:
+            down = _linear(block, spec.down)
+            if self.rot_down is None:
+                self.rot_down = random_hadamard(down.in_features, self.cfg.seed + 2)
+                self.info["online_down"] = self.rot_down.describe()
+            _read(down, self.rot_down)
+            parent, _, child = spec.down.rpartition(".")
+            _module(block, parent, "the MLP").register_forward_pre_hook(_OnlineInput(child, self.rot_down))
+
+    @torch.no_grad()
+    def head(self, model: nn.Module) -> None:
+        """The final norm folded into lm_head, then lm_head reads the rotated stream."""
+        head = _linear(model, self.spec.lm_head)
+        _fold_norm(_module(model, self.spec.final_norm, "the final norm"), [head], self.spec.final_norm)
+        _read(head, self.rot)
+
+
 def rotate_model(model: nn.Module, config: RotateConfig | None = None) -> dict:
     """Rotate `model` (float, unquantized) in place; the float outputs are unchanged up to
     rounding. Returns what was done (widths, constructions, untied embeddings, online parts)."""
-    cfg = config or RotateConfig()
-    spec = rotation_spec(model)
     if getattr(model, "_lowbit_rotation", None):
         raise LowbitError("rotate: this model is already rotated (rotating twice is allowed by the "
                           "math but never what a recipe means)")
-    arch = spec_for(model)
-    blocks = get_blocks(model, arch)
-    c = model.config
-    hidden = int(c.hidden_size)
-    emb = [_module(model, p, "an embedding") for p in spec.embeddings]
-    head = _linear(model, spec.lm_head)
-    for e in emb:
-        if e.weight.shape[1] != hidden:
-            raise LowbitError(f"rotate: embedding width {e.weight.shape[1]} != hidden_size {hidden}")
-    # check every block before changing anything
-    for b, block in enumerate(blocks):
-        for npath, readers in spec.norms:
-            _check_norm(_module(block, npath, "a norm"), f"{arch.blocks}.{b}.{npath}")
-            for r in readers:
-                _linear(block, r)
-        for w in spec.writers:
-            _linear(block, w)
-    _check_norm(_module(model, spec.final_norm, "the final norm"), spec.final_norm)
+    r = Rotator(model, config)
+    for p in r.spec.embeddings:
+        r.embedding(_module(model, p, "an embedding"))
+    for b, block in enumerate(get_blocks(model, r.arch)):
+        r.block(b, block)
+    r.head(model)
+    model._lowbit_rotation = r.info
+    if r.rot_down is not None:
+        setattr(model, ONLINE_ATTR, r.info["online_down"])
+    return r.info
 
-    info: dict = {"seed": cfg.seed, "hidden": hidden, "untied_lm_head": False}
-    if any(head.weight is e.weight or head.weight.data_ptr() == e.weight.data_ptr() for e in emb):
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        c.tie_word_embeddings = False
-        info["untied_lm_head"] = True
-    rot = random_hadamard(hidden, cfg.seed)
-    info["residual"] = rot.describe()
-    d = int(getattr(c, "head_dim", 0) or hidden // int(c.num_attention_heads))
-    rot_h = random_hadamard(d, cfg.seed + 1) if cfg.heads and spec.v_o else None
-    Qh = None if rot_h is None else rot_h.matrix()
-    if rot_h is not None:
-        info["heads"] = rot_h.describe()
-    rot_down = None
-    with torch.no_grad():
-        for e in emb:
-            _set(e.weight, rot.apply(e.weight.detach().double()))
-        for b, block in enumerate(blocks):
-            for npath, readers in spec.norms:
-                lins = [_linear(block, r) for r in readers]
-                _fold_norm(_module(block, npath, "a norm"), lins, f"{arch.blocks}.{b}.{npath}")
-                for lin in lins:
-                    _read(lin, rot)
-            for w in spec.writers:
-                _write(_linear(block, w), rot)
-            if Qh is not None:
-                _rotate_heads(_linear(block, spec.v_o[0]), _linear(block, spec.v_o[1]), Qh, d,
-                              f"{arch.blocks}.{b}")
-            if cfg.online_down and spec.down:
-                down = _linear(block, spec.down)
-                if rot_down is None:
-                    rot_down = random_hadamard(down.in_features, cfg.seed + 2)
-                    info["online_down"] = rot_down.describe()
-                _read(down, rot_down)
-                parent, _, child = spec.down.rpartition(".")
-                _module(block, parent, "the MLP").register_forward_pre_hook(_OnlineInput(child, rot_down))
-        _fold_norm(_module(model, spec.final_norm, "the final norm"), [head], spec.final_norm)
-        _read(head, rot)
-    model._lowbit_rotation = info
-    if rot_down is not None:
-        setattr(model, ONLINE_ATTR, info["online_down"])
-    return info
+
+class RotatedSource:
+    """A streamed checkpoint's tensors as the rotated model has them (streaming.py), computed
+    from the source a piece at a time by the same Rotator steps rotate_model takes, so every
+    value is rotate_model's: a decoder block's tensors (its norms folded and set to 1, readers
+    and writers rotated) when one of them is read, one block cached; the embedding rotated; the
+    final norm as ones; lm_head with the final norm folded in, then rotated (from the embedding
+    when the source ties them: the rotated model unties it). `files`: the source (read(key) and
+    `key in files`, as models/shards.py gives them); `skeleton`: a meta-device model of the
+    source, which this keeps as its own (its config then says tie_word_embeddings false when
+    the rotation untied lm_head)."""
+
+    def __init__(self, files, skeleton: nn.Module, config: RotateConfig, dtype: torch.dtype, where: str):
+        from lowbit.export.common import tie_by_config
+        if config.online_down:
+            raise LowbitError("streaming: transform rotate with online_down: the online rotation is no "
+                              "weight a file holds; stream with online_down false")
+        self.files, self.model, self.dtype, self.where = files, skeleton, dtype, where
+        tie_by_config(skeleton)
+        self.rotator = Rotator(skeleton, config)
+        spec, self.prefix = self.rotator.spec, self.rotator.arch.blocks
+        self.emb_keys = {f"{p}.weight" for p in spec.embeddings}
+        self.norm_key, self.head_key = f"{spec.final_norm}.weight", f"{spec.lm_head}.weight"
+        first = sorted(self.emb_keys)[0]
+        # the head's values: its own tensor, or the embedding's where the source ties them
+        self.head_from = first if self.rotator.info["untied_lm_head"] else self.head_key
+        self.cache: tuple[int | None, dict] = (None, {})
+
+    @property
+    def info(self) -> dict:
+        return self.rotator.info
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files or (key == self.head_key and self.head_from in self.files)
+
+    def _fill(self, key: str) -> None:
+        from lowbit.export.common import set_tensor
+        if key not in self.files:
+            raise LowbitError(f"{self.where}: tensor {key} is missing")
+        v = self.files.read(key)
+        set_tensor(self.model, key, v.to(self.dtype) if v.is_floating_point() else v, self.where)
+
+    def _module_of(self, key: str) -> nn.Module:
+        return self.model.get_submodule(key.rpartition(".")[0])
+
+    def read(self, key: str) -> torch.Tensor:
+        if key.startswith(self.prefix + "."):
+            idx = key[len(self.prefix) + 1:].partition(".")[0]
+            if idx.isdigit():
+                return self._block(int(idx), key)
+        if key in self.emb_keys:
+            self._fill(key)
+            mod = self._module_of(key)
+            self.rotator.embedding(mod)
+            return self._take(mod, key)
+        if key == self.norm_key or key == self.head_key:
+            self._fill(self.norm_key)
+            if key == self.norm_key:     # folded into lm_head: ones (the value rotate_model leaves)
+                norm = self._module_of(key)
+                out = torch.ones_like(norm.weight.detach().double()).to(norm.weight.dtype).contiguous()
+                norm.to("meta")
+                return out
+            head = self._module_of(key)
+            v = self.files.read(self.head_from)
+            head.weight = nn.Parameter(v.to(self.dtype), requires_grad=False)
+            self.rotator.head(self.model)
+            self._module_of(self.norm_key).to("meta")
+            return self._take(head, key)
+        return self.files.read(key)
+
+    def _take(self, mod: nn.Module, key: str) -> torch.Tensor:
+        out = getattr(mod, key.rpartition(".")[2]).detach()
+        mod.to("meta")
+        return out
+
+    def _block(self, b: int, key: str) -> torch.Tensor:
+        if self.cache[0] != b:
+            self.cache = (None, {})
+            base = f"{self.prefix}.{b}"
+            block = self.model.get_submodule(base)
+            for k in block.state_dict(keep_vars=True):
+                self._fill(f"{base}.{k}")
+            self.rotator.block(b, block)
+            self.cache = (b, {f"{base}.{k}": v.detach() for k, v in block.state_dict().items()})
+            block.to("meta")
+        if key not in self.cache[1]:
+            raise LowbitError(f"{self.where}: tensor {key} does not belong to the model built from config.json")
+        return self.cache[1][key]
