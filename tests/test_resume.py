@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import random
 import signal
@@ -76,7 +77,8 @@ def test_resume_after_interrupt_gives_same_bytes_and_refuses_changes(smollm2, tm
 
 def _tiny_llama_runs(tmp_path, rec, other_tokens_refused: bool):
     """A 4-block Llama (transformers' class, random weights) quantized by `rec` without a
-    checkpoint, then interrupted after block 2 and resumed on a fresh copy. -> (whole, resumed)."""
+    checkpoint, then interrupted after block 2 and resumed on a fresh copy. -> (whole, resumed,
+    the state the interrupted run left)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -94,10 +96,12 @@ def _tiny_llama_runs(tmp_path, rec, other_tokens_refused: bool):
     whole = api.quantize(copy.deepcopy(base), rec, tokens=tokens, progress=False)
     with pytest.raises(Killed):
         run(kill_at=2)
+    state = json.loads((ck / "state.json").read_text())
+    assert state["blocks_done"] == 2
     if other_tokens_refused:
         with pytest.raises(LowbitError, match="calibration token windows"):
             run(seed_tokens=tokens.flip(0))
-    return whole, run()
+    return whole, run(), state
 
 
 def test_resume_tiny_llama_same_qweights(tmp_path):
@@ -105,7 +109,7 @@ def test_resume_tiny_llama_same_qweights(tmp_path):
     block 2, resumed on a fresh copy, every code, scale and zero equals the uninterrupted run's."""
     import torch
     rec = Recipe(name="t", rules=[Rule(r"layers\.", int_scheme(4, 32), "gptq")])
-    whole, resumed = _tiny_llama_runs(tmp_path, rec, other_tokens_refused=True)
+    whole, resumed, _ = _tiny_llama_runs(tmp_path, rec, other_tokens_refused=True)
     assert list(resumed.qweights) == list(whole.qweights) and resumed.notes == whole.notes
     for n, qw in whole.qweights.items():
         r = resumed.qweights[n]
@@ -119,13 +123,29 @@ def test_resume_a_vq_run_gives_the_same_codebooks(tmp_path):
 
     from lowbit.numerics.vq import VQWeight, vq_scheme
     rec = Recipe(name="t", rules=[Rule(r"layers\.", vq_scheme(2, 32), "vq", {"kmeans_iters": 3})])
-    whole, resumed = _tiny_llama_runs(tmp_path, rec, other_tokens_refused=False)
+    whole, resumed, _ = _tiny_llama_runs(tmp_path, rec, other_tokens_refused=False)
     assert list(resumed.qweights) == list(whole.qweights)
     for n, vw in whole.qweights.items():
         r = resumed.qweights[n]
         assert isinstance(r, VQWeight)
         assert torch.equal(r.indices, vw.indices) and torch.equal(r.codebook, vw.codebook)
         assert torch.equal(r.scale, vw.scale)
+
+
+def test_resume_a_signround_run_gives_the_same_rounding(tmp_path):
+    """SignRound trains each block against the float model's outputs, so the state carries the
+    float path's hidden states beside the quantized path's (fpacts-*.safetensors): the resumed
+    run's codes, scales and zeros equal the uninterrupted run's."""
+    import torch
+    rec = Recipe(name="t", rules=[Rule(r"layers\.", int_scheme(3, 32), "signround", {"iters": 5})])
+    whole, resumed, state = _tiny_llama_runs(tmp_path, rec, other_tokens_refused=False)
+    assert state["fp_acts"] == "fpacts-0001.safetensors"
+    assert list(resumed.qweights) == list(whole.qweights)
+    assert any(not qw.info["signround_kept_init"] for qw in whole.qweights.values())   # it tuned something
+    for n, qw in whole.qweights.items():
+        r = resumed.qweights[n]
+        assert torch.equal(r.qdata, qw.qdata) and torch.equal(r.scale, qw.scale) and torch.equal(r.zero_point, qw.zero_point)
+        assert r.info == qw.info
 
 
 def _cli(out: Path, *extra) -> list[str]:
