@@ -3,6 +3,8 @@ safetensors shards + index + config.json, for the streaming benchmark (BENCHMARK
 
     python bench/make_7b_checkpoint.py BIG/llama2-7b-shaped      (~13.5 GB; ~2 GB shards)
     python bench/make_7b_checkpoint.py BIG/llama2-7b-2l --layers 2   (~1.4 GB: 2 of the 32 blocks)
+    python bench/make_7b_checkpoint.py BIG/b7-tok --tokenizer-from DIR   (DIR's tokenizer files copied,
+        vocab_size set to that tokenizer's: a GGUF export needs a tokenizer, and no Llama-2 one is here)
 
 --layers N keeps the first N decoder blocks (all 32 of Llama-2-7B have the same shapes, so one
 block's peak memory and time are every block's) with the full embedding and lm_head.
@@ -56,8 +58,21 @@ def _fill(pool: torch.Tensor, shape: tuple, start: int) -> torch.Tensor:
     return flat.reshape(shape).clone()
 
 
-def main(out: Path, shard_bytes: int = 2 * 10**9, layers: int | None = None) -> None:
+def main(out: Path, shard_bytes: int = 2 * 10**9, layers: int | None = None, tokenizer_from: Path | None = None) -> None:
     cfg = dict(CONFIG)
+    if tokenizer_from is not None:
+        import shutil
+
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(tokenizer_from)
+        cfg["vocab_size"] = len(tok)
+        for k in ("bos_token_id", "eos_token_id"):
+            cfg[k] = getattr(tok, k)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                     "merges.txt", "tokenizer.model"):
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copyfile(Path(tokenizer_from) / name, out / name)
     if layers is not None:
         if not 1 <= layers <= CONFIG["num_hidden_layers"]:
             raise SystemExit(f"--layers: expected 1..{CONFIG['num_hidden_layers']}, got {layers}")
@@ -94,5 +109,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Write a random checkpoint with Llama-2-7B's shapes.")
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=None, help="decoder blocks to write (default 32)")
+    ap.add_argument("--tokenizer-from", type=Path, default=None,
+                    help="copy this directory's tokenizer; vocab_size becomes its size")
     a = ap.parse_args()
-    main(a.out, layers=a.layers)
+    main(a.out, layers=a.layers, tokenizer_from=a.tokenizer_from)

@@ -125,7 +125,9 @@ def test_parse_size():
 
 
 def test_export_cli_from_quantized_dir_to_gguf(tmp_path, capsys):
-    """A native w4g32-sym directory becomes a GGUF with its codes unchanged (Q4_0)."""
+    """A native w4g32-sym directory becomes a GGUF with its codes unchanged (Q4_0), converted
+    layer by layer (each encoded tensor spooled beside the output until the header is written):
+    the bytes of the in-memory export, and no spool left."""
     src = load_model("smollm2-135m")
     rep = api.quantize(src.model, "w4g32-sym-rtn", progress=False)
     nat = api.export(src, rep, tmp_path / "w4g32", "native")
@@ -134,6 +136,11 @@ def test_export_cli_from_quantized_dir_to_gguf(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "210 int weight(s) written with their codes unchanged" in text and "re-encoded" not in text
     assert cli_main(["verify", str(out)]) == 0
+    loaded = api.load(nat)                     # the whole-model path: read back, then export
+    mem = api.export(loaded, None, tmp_path / "mem.gguf", "gguf")
+    assert out.read_bytes() == mem.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["w4g32", "w4g32.gguf", "w4g32.gguf.lowbit.json", "mem.gguf", "mem.gguf.lowbit.json"])
 
 
 def test_export_cli_from_native_dir_to_gptq_layer_by_layer(tmp_path, capsys):

@@ -33,10 +33,13 @@ def _same_bytes(src, recipe, tmp_path, shard):
 
 
 @pytest.mark.model
-def test_stream_block0_same_bytes_as_in_memory(smollm2, tmp_path):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_stream_block0_same_bytes_as_in_memory(smollm2, tmp_path, symmetric):
+    """Asymmetric and symmetric grids (a symmetric int grid stores its fixed zero point too:
+    the planner once left it out, and every symmetric data-free stream failed)."""
     from lowbit.numerics.scheme import int_scheme
     from lowbit.recipe import Recipe, Rule
-    r = Recipe(name="b0", rules=[Rule(r"model\.layers\.0\.", int_scheme(4, 128), "rtn")])
+    r = Recipe(name="b0", rules=[Rule(r"model\.layers\.0\.", int_scheme(4, 128, symmetric), "rtn")])
     out = _same_bytes(smollm2.path, r, tmp_path, "60MB")        # two shards and an index
     assert (out / "model.safetensors.index.json").is_file()
 

@@ -45,7 +45,11 @@ def _plan_layer(name: str, shape: tuple[int, int], scheme) -> dict[str, tuple[tu
     if scheme.granularity not in qshape:
         raise LowbitError(f"streaming: layer {name}: granularity {scheme.granularity!r} is not streamed")
     out[f"{name}.weight_scale"] = (qshape[scheme.granularity], torch.float16)
-    if not scheme.symmetric:
+    # a zero point is stored whenever the scheme's codec gives one: symmetric int grids give their
+    # fixed midpoint (8 at 4 bits), written like any other zero
+    from lowbit.numerics.affine import qparams_from_range
+    probe = qparams_from_range(torch.full((1, 1), -1.0), torch.full((1, 1), 1.0), scheme)
+    if probe.zero is not None:
         out[f"{name}.weight_zero_point"] = (qshape[scheme.granularity], torch.uint8)
     return out
 

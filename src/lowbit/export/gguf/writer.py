@@ -351,12 +351,8 @@ def write_quantized(qm, out: str | Path, *, source_gguf: str | Path | None = Non
     that are not exactly one (default by bit width, REENCODE). ternary_type: TQ2_0 or TQ1_0 for
     ternary weights (ggml_from_ternary: rows not a multiple of 256 take Q8_0 or F16, exactly)."""
     ternary_candidates(ternary_type, 256)                 # a bad option fails before any work
-    import gguf
-
     from lowbit.export.common import check_output
-    from lowbit.export.gguf.vocab import add_hf_tokenizer, kv_from_gguf
     from lowbit.export.manifest import provenance, write_sidecar
-    from lowbit.io import atomic_path
     if max_shard_size is not None:
         raise LowbitError("GGUF export: max_shard_size is not supported (one file; llama.cpp's gguf-split splits it)")
     t0 = time.perf_counter()
@@ -374,7 +370,60 @@ def write_quantized(qm, out: str | Path, *, source_gguf: str | Path | None = Non
         params.pop("lm_head.weight")     # tied: token_embd serves as the output, as llama.cpp stores it
     recipe = qm.recipe if qm.recipe is not None else Recipe("custom", [])
     report = GGUFReport(out, recipe)
-    data: dict[str, np.ndarray] = {}
+    with _Blobs(out if getattr(qm, "lazy", False) else None) as data:
+        _plan_and_encode(qm, params, names, facts, spec, reencode, report, ternary_type, data)
+        _write_file(qm, out, config, spec, recipe, report, data, source_gguf, tokenizer_pre, progress)
+    report.seconds = time.perf_counter() - t0
+    report.file_bytes = out.stat().st_size
+    im_meta = qm.provenance.get("imatrix") or {}
+    man = provenance(qm, "gguf", extra={"gguf": {
+        "tensors": {r.name: {"hf": r.hf_name, "wanted": r.wanted, "used": r.used} for r in report.tensors},
+        "exact_int": report.exact, "reencoded": report.reencoded, "imatrix": im_meta}})
+    write_sidecar(out, man)
+    return report
+
+
+class _Blobs:
+    """The encoded tensors between encoding and writing (the header, which lists them all, is
+    written first): in memory, or for a layer-by-layer conversion (QuantizedModel.lazy) in a
+    spool file beside the output, appended as each is encoded and read back one at a time while
+    the file is written, so only one tensor is ever held. The spool is deleted on the way out."""
+
+    def __init__(self, out: Path | None):
+        self.mem: dict[str, np.ndarray] = {}
+        self.where: dict[str, tuple[int, np.dtype, tuple]] = {}
+        self.path = None if out is None else out.parent / f".{out.name}.blobs"
+        self.fh = None
+
+    def __enter__(self):
+        if self.path is not None:
+            self.fh = open(self.path, "w+b")
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            self.fh.close()
+            self.path.unlink(missing_ok=True)
+
+    def __setitem__(self, name: str, blob: np.ndarray) -> None:
+        if self.fh is None:
+            self.mem[name] = blob
+            return
+        self.where[name] = (self.fh.tell(), blob.dtype, blob.shape)
+        self.fh.write(memoryview(np.ascontiguousarray(blob)).cast("B"))
+
+    def pop(self, name: str) -> np.ndarray:
+        if self.fh is None:
+            return self.mem.pop(name)
+        off, dt, shape = self.where.pop(name)
+        self.fh.flush()
+        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        return np.fromfile(self.fh.name, dtype=dt, count=n, offset=off).reshape(shape)
+
+
+def _plan_and_encode(qm, params: dict, names, facts: dict, spec, reencode, report: GGUFReport,
+                     ternary_type: str, data: _Blobs) -> None:
+    """Every tensor's ggml type and bytes (report.tensors, in file order), its blob into `data`."""
     for hf_name, p in params.items():
         module = module_of(hf_name)
         shape = tuple(p.shape)
@@ -396,6 +445,14 @@ def write_quantized(qm, out: str | Path, *, source_gguf: str | Path | None = Non
         report.tensors.append(TensorRow(gname, hf_name, shape, wanted, used,
                                         n_rows * ggml_type(used).row_bytes(shape[-1]), im))
         data[gname] = np.ascontiguousarray(blob)
+
+
+def _write_file(qm, out: Path, config, spec, recipe: Recipe, report: GGUFReport, data: _Blobs, source_gguf,
+                tokenizer_pre, progress: bool) -> None:
+    import gguf
+
+    from lowbit.export.gguf.vocab import add_hf_tokenizer, kv_from_gguf
+    from lowbit.io import atomic_path
     quantized = any(r.used not in ("F32", "F16", "BF16") for r in report.tensors)
     im_meta = qm.provenance.get("imatrix") or {}
     with atomic_path(out) as tmp:
@@ -432,13 +489,6 @@ def write_quantized(qm, out: str | Path, *, source_gguf: str | Path | None = Non
         for r in it:
             w.write_tensor_data(data.pop(r.name))
         w.close()
-    report.seconds = time.perf_counter() - t0
-    report.file_bytes = out.stat().st_size
-    man = provenance(qm, "gguf", extra={"gguf": {
-        "tensors": {r.name: {"hf": r.hf_name, "wanted": r.wanted, "used": r.used} for r in report.tensors},
-        "exact_int": report.exact, "reencoded": report.reencoded, "imatrix": im_meta}})
-    write_sidecar(out, man)
-    return report
 
 
 def _logical_tensors(model, qm) -> dict:
