@@ -212,6 +212,24 @@ def test_stream_signround_same_bytes_as_in_memory_and_resumes(smollm2, windows, 
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("preset", ["w8a8-static", "w8a8-static-percentile-gptq"])
+def test_stream_static_input_activations_same_bytes_as_in_memory(smollm2, windows, tmp_path, preset):
+    """Static input scales (W8A8) streamed: a second pass block by block through the quantized
+    blocks (streaming_activations.py: re-quantized from the source for rtn, read from the resume
+    state's spool for gptq) gives every layer the scale the whole-model pass gives it, so the
+    manifests (which hold them) and every other file are the same bytes."""
+    from lowbit.recipe import Recipe, Rule, get_recipe
+    base = get_recipe(preset)
+    r = Recipe(preset, [Rule(r"model\.layers\.[01]\.", x.scheme, x.method, x.method_args, x.input_activations)
+                        for x in base.rules], calibration={"n_samples": 2, "seq_len": 64, "batch_size": 1})
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
+    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", tokens=windows)
+    rows = json.loads((s / "lowbit.json").read_text())["layers"]
+    assert len(rows) == 14 and all(row["input_scale"] > 0 for row in rows.values())
+    assert digests(s) == digests(mem)
+
+
+@pytest.mark.model
 def test_stream_gptq_resume_refuses_changed_calibration(smollm2, tmp_path):
     r = _gptq_blocks("0")
 

@@ -174,6 +174,10 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
         layers[layer] = row
         report.layers.append(layer_row(layer, qw, rule.method))
 
+    from lowbit.streaming_activations import activation_rules
+    wanted = activation_rules(recipe, [n for n, _, _ in targets])
+    act_rows = _data_free_activations(src, files, recipe, rules, wanted, tokens, calibration, dtype, log) \
+        if wanted else {}
     shards = shard_plan(sizes, max_shard_size)       # exactly as save_safetensors splits them
     with output_dir(out, overwrite) as tmp:
         for i, keys in enumerate(shards):
@@ -196,11 +200,52 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
             "source": {"model": str(source), "sha256": source_sha}, "calibration": {},
             "notes": list(report.notes), "layers": {}, "metrics": {}})
         rows = {n: layers[n] for n, _, _ in targets}
+        add_activation_rows(rows, report.layers, act_rows)
         manifest = provenance(qm, FORMAT, rows, {"format_version": FORMAT_VERSION, "tied": tied})
         copy_model_files(src, tmp, stream_config(src, untied))
         write_manifest(tmp, manifest, MANIFEST)
     log(f"streamed {len(targets)} layer(s) in {time.perf_counter() - t_start:.1f} s -> {out}")
     return Path(out)
+
+
+def _data_free_activations(src: Path, files, recipe, rules: dict, wanted: dict, tokens, calibration,
+                           dtype: torch.dtype, log) -> dict[str, dict]:
+    """A data-free run's static input scales (streaming_activations): the embedding read into a
+    skeleton, each block re-quantized from the source for the pass."""
+    from lowbit.export.common import empty_model, set_tensor
+    from lowbit.streaming_activations import needs_pass, requantized_blocks, stream_activations
+    if not needs_pass(wanted):
+        return stream_activations(None, recipe, wanted, None, 0, None)
+    from lowbit.arch import spec_for
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
+    from lowbit.errors import check_context
+    model = empty_model(src, dtype)
+    prefix = spec_for(model).blocks
+    head = f"{spec_for(model).lm_head}."
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.is_meta and not key.startswith(prefix + ".") and not key.startswith(head):
+            if key not in files:
+                raise LowbitError(f"{src}: tensor {key} is missing")
+            v = files.read(key)
+            set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
+    cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
+    if tokens is None:
+        from lowbit.models import load_tokenizer
+        tokens = calibration_tokens(load_tokenizer(src), cfg)
+    check_context(model.config, int(tokens.shape[1]), "calibration seq_len")
+    log(f"input activations: {len(wanted)} layer(s), {tokens.shape[0]} x {tokens.shape[1]} tokens")
+    return stream_activations(model, recipe, wanted, tokens, cfg.batch_size,
+                              requantized_blocks(files, str(src), model, prefix, rules, dtype), log)
+
+
+def add_activation_rows(rows: dict, report_rows: list[dict], act_rows: dict) -> None:
+    """The input-activation results into the manifest's layer rows (a static scale, as
+    export/native.py writes it) and the report's."""
+    for name, r in act_rows.items():
+        if r.get("input_scale") is not None:
+            rows[name]["input_scale"] = float(r["input_scale"])
+    for row in report_rows:
+        row.update({k: v for k, v in act_rows.get(row["name"], {}).items() if k != "input_scheme"})
 
 
 def rotated_source(files, src: Path, recipe, dtype: torch.dtype) -> tuple[object, list[str], bool]:

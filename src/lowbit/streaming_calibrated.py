@@ -138,8 +138,6 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     if not transformed and any(t.get("name") not in block_level_names() for t in recipe.transforms):
         raise LowbitError(f"streaming: recipe {recipe.name!r} has model-level transforms "
                           f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
-    if any(r.input_activations for r in recipe.rules):
-        raise LowbitError(f"streaming: recipe {recipe.name!r} quantizes input activations; not streamed")
     given = files is not None
     files = files if given else SafetensorsSource(src)
     model = empty_model(src, dtype)
@@ -198,6 +196,16 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     report.notes[:0] = list(transformed)
     heads = {n: qw for n, qw, _ in res.layers if qw is not None}
     del res
+    from lowbit.streaming_activations import activation_rules, stream_activations
+    wanted = activation_rules(recipe, list(stream.records))
+    act_rows = {}
+    if wanted:
+        from safetensors.torch import load_file
+
+        def spooled(b: int) -> tuple[dict, dict]:
+            floats = load_file(str(stream.path / f"floats-{b:04d}.safetensors"))
+            return floats, {n: qw for n, qw, _ in _read_block(stream.path / f"block-{b:04d}.safetensors")}
+        act_rows = stream_activations(model, recipe, wanted, tokens, cfg.batch_size, spooled, log)
     model_float = {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}
     del sd
     trim_heap()
@@ -229,7 +237,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
         plan[key] = (tuple(value.shape), dt, ("floats", b) if spooled else ("source", None))
     del skel
     names = sorted(plan)
-    from lowbit.streaming import _nbytes, stream_config
+    from lowbit.streaming import _nbytes, add_activation_rows, stream_config
     sizes = {k: _nbytes(plan[k][0], plan[k][1]) for k in names}
     cache = {"block": None, "layers": {}, "floats": {}}
 
@@ -292,6 +300,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
             row = dict(stream.records[name][3])
             row["kind"], row["method"] = "linear", stream.records[name][0]["method"]
             rows[name] = row
+        add_activation_rows(rows, report.layers, act_rows)
         qm = SimpleNamespace(recipe=recipe, qweights={}, provenance={
             "source": {"model": str(source), "sha256": sha}, "calibration": cfg.to_dict(),
             "notes": list(report.notes), "layers": {}, "metrics": {}})

@@ -44,27 +44,49 @@ def needs_calibration(layers: dict[str, QuantLinear]) -> bool:
                for m in layers.values())
 
 
+class LayerObserver:
+    """One layer's calibration: a forward pre-hook observing its inputs (activation quantization
+    off meanwhile), then result() sets its static scale / outlier counts and turns it back on."""
+
+    def __init__(self, name: str, mod: QuantLinear, calibrator_options: dict | None = None):
+        self.name, self.mod = name, mod
+        s = self.scheme = mod.act_quant.scheme
+        mod.act_quant.enabled = False
+        self.observer = None if s.dynamic else make_observer(
+            s.range_scheme(), s.calibrator, **(calibrator_options or {}) if s.calibrator != "minmax" else {})
+        self.hits = None
+
+    def hook(self, _m, args) -> None:
+        x = args[0].detach()
+        check_act(x, self.name)
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if self.observer is not None:
+            self.observer.update(x2.reshape(1, -1))
+        if self.scheme.outlier_threshold is not None:
+            c = outlier_columns(x2, self.scheme.outlier_threshold).to(torch.int64)
+            self.hits = c if self.hits is None else self.hits + c
+
+    def result(self) -> dict:
+        mod, row = self.mod, {}
+        mod.act_quant.enabled = True
+        if self.observer is not None:
+            if self.observer.n_updates == 0:
+                raise LowbitError(f"{self.name}: no calibration input reached this layer; its static "
+                                  "input scale cannot be calibrated")
+            lo, hi = self.observer.compute()
+            mod.act_quant.scale = static_scale(lo, hi, mod.act_quant.scheme)
+            row["input_scale"] = float(mod.act_quant.scale)
+        if self.hits is not None:
+            mod.act_quant.outlier_hits = self.hits
+            row["outlier_columns"] = int((self.hits > 0).sum())
+        return row
+
+
 def calibrate(model: nn.Module, layers: dict[str, QuantLinear], tokens: torch.Tensor, batch_size: int,
               calibrator_options: dict | None = None) -> dict[str, dict]:
     """Static scales and outlier counts from `tokens` (n, seq). Returns name -> info row."""
-    observers, hits, handles = {}, {}, []
-    for name, mod in layers.items():
-        s = mod.act_quant.scheme
-        mod.act_quant.enabled = False
-        if not s.dynamic:
-            observers[name] = make_observer(s.range_scheme(), s.calibrator, **(
-                calibrator_options or {}) if s.calibrator != "minmax" else {})
-
-        def hook(_m, args, _n=name, _s=s):
-            x = args[0].detach()
-            check_act(x, _n)
-            x2 = x.reshape(-1, x.shape[-1]).float()
-            if _n in observers:
-                observers[_n].update(x2.reshape(1, -1))
-            if _s.outlier_threshold is not None:
-                c = outlier_columns(x2, _s.outlier_threshold).to(torch.int64)
-                hits[_n] = c if _n not in hits else hits[_n] + c
-        handles.append(mod.register_forward_pre_hook(hook))
+    obs = {name: LayerObserver(name, mod, calibrator_options) for name, mod in layers.items()}
+    handles = [mod.register_forward_pre_hook(obs[name].hook) for name, mod in layers.items()]
     root = model.base_model if hasattr(model, "base_model") else model
     if any(n.endswith("lm_head") for n in layers):
         root = model
@@ -74,21 +96,13 @@ def calibrate(model: nn.Module, layers: dict[str, QuantLinear], tokens: torch.Te
     finally:
         for mod in layers.values():
             mod.act_quant.enabled = True
-    info = {}
-    for name, mod in layers.items():
-        row = {}
-        if name in observers:
-            if observers[name].n_updates == 0:
-                raise LowbitError(f"{name}: no calibration input reached this layer; its static "
-                                  "input scale cannot be calibrated")
-            lo, hi = observers[name].compute()
-            mod.act_quant.scale = static_scale(lo, hi, mod.act_quant.scheme)
-            row["input_scale"] = float(mod.act_quant.scale)
-        if name in hits:
-            mod.act_quant.outlier_hits = hits[name]
-            row["outlier_columns"] = int((hits[name] > 0).sum())
-        info[name] = row
-    return info
+    return {name: o.result() for name, o in obs.items()}
+
+
+def activation_row(mod: QuantLinear, row: dict) -> dict:
+    """The report's row for one layer's input activations."""
+    return {"input_activations": mod.act_quant.scheme.short_name(),
+            "input_scheme": mod.act_quant.scheme.to_dict(), **row}
 
 
 def quantize_activations(model: nn.Module, recipe, tokens_fn, batch_size: int = 8) -> dict[str, dict]:
@@ -100,7 +114,4 @@ def quantize_activations(model: nn.Module, recipe, tokens_fn, batch_size: int = 
     info = {n: {} for n in layers}
     if needs_calibration(layers):
         info = calibrate(model, layers, tokens_fn(), batch_size)
-    for n, m in layers.items():
-        info[n] = {"input_activations": m.act_quant.scheme.short_name(),
-                   "input_scheme": m.act_quant.scheme.to_dict(), **info[n]}
-    return info
+    return {n: activation_row(m, info[n]) for n, m in layers.items()}
