@@ -69,7 +69,9 @@ def main() -> int:
     if sys.argv[1] == "--child-whole":
         from lowbit import api
         src, fmt, dst = sys.argv[2:5]
-        api.export(api.load(src), None, dst, fmt, max_shard_size="1GB")
+        from lowbit.export.native import UNSHARDED
+        shard = {} if fmt in UNSHARDED else {"max_shard_size": "1GB"}    # gguf / onnx: one file
+        api.export(api.load(src), None, dst, fmt, **shard)
         return 0
     out = sys.argv[1]
     if sys.argv[2] == "--whole-export":

@@ -26,9 +26,9 @@ import torch
 from lowbit.errors import LowbitError
 
 STREAM_MAX_SHARD = "1GB"
-# formats a streamed run converts its native output to, byte-identical to the in-memory export
-# (tests/test_streaming.py); onnx is not tested
-STREAM_CONVERTED = ("gptq", "awq", "compressed-tensors", "gguf")
+# formats a streamed run converts its native output to, layer by layer (export.native.convert),
+# byte-identical to the in-memory export (tests/test_streaming.py)
+STREAM_CONVERTED = ("gptq", "awq", "compressed-tensors", "gguf", "onnx")
 
 
 def _plan_layer(name: str, shape: tuple[int, int], scheme) -> dict[str, tuple[tuple, torch.dtype]]:

@@ -380,15 +380,17 @@ def read_for_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
 
 
 # converted holding one layer at a time (gguf: each encoded tensor spooled to disk until the
-# header, which lists them all, is written)
-LAYER_BY_LAYER = ("gptq", "awq", "compressed-tensors", "gguf")
+# header, which lists them all, is written; onnx: each initializer written to the external data
+# file as the graph is built)
+LAYER_BY_LAYER = ("gptq", "awq", "compressed-tensors", "gguf", "onnx")
 CONVERT_MAX_SHARD = "1GB"       # the sharded formats' default there: a shard is built in memory
+UNSHARDED = ("gguf", "onnx")    # one weights file each: no max_shard_size
 
 
 def convert(path: str | os.PathLike, out, format: str, *, overwrite: bool = False, max_shard_size=None,
             name_or_path: str | None = None, **options) -> Path:
     """A quantized directory written in another format: a native directory to gptq / awq /
-    compressed-tensors / gguf layer by layer (read_for_export; CONVERT_MAX_SHARD shards unless
+    compressed-tensors / gguf / onnx layer by layer (read_for_export; CONVERT_MAX_SHARD shards unless
     max_shard_size says otherwise), anything else read back whole (api.load) and exported.
     name_or_path: the config's _name_or_path to write with (gguf's general.name is read from it)."""
     from lowbit import api
@@ -399,7 +401,7 @@ def convert(path: str | os.PathLike, out, format: str, *, overwrite: bool = Fals
     if name_or_path is not None:
         (qm or loaded).model.config._name_or_path = name_or_path
     if qm is not None:
-        if not fmt.suffix:               # single-file formats (gguf) take no shard size
+        if fmt.name not in UNSHARDED:
             options["max_shard_size"] = max_shard_size or CONVERT_MAX_SHARD
         elif max_shard_size is not None:
             options["max_shard_size"] = max_shard_size

@@ -78,6 +78,7 @@ FORMAT = "onnx"
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
 OPSET = 21
+SIZE_THRESHOLD = 1024                    # initializers at least this big go to DATA (onnx's rule)
 MNB_BITS = (2, 4, 8)                     # the widths MatMulNBits holds (onnxruntime >= 1.20 CPU)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 CHANNEL_BLOCKS = (256, 128, 64, 32, 16)  # block sizes a per-channel weight may be cut into
@@ -195,17 +196,33 @@ def dequantize_matmul_nbits(p: dict) -> np.ndarray:
 # the graph
 # ---------------------------------------------------------------------------------------------
 class _Graph:
-    """Nodes and initializers, named after the HF module they come from."""
+    """Nodes and initializers, named after the HF module they come from. data: an open binary
+    file (DATA) that each large initializer is appended to as soon as it is made, leaving a
+    reference to it in the graph: the layout onnx.save_model(save_as_external_data=True,
+    all_tensors_to_one_file=True, size_threshold=SIZE_THRESHOLD) gives (each tensor at the end
+    of the file, in initializer order, no gap; onnx.external_data_helper), written while the
+    graph is built so a layer-by-layer conversion holds one tensor's bytes at a time."""
 
-    def __init__(self):
+    def __init__(self, data=None):
         self.nodes, self.inits, self.layers = [], [], {}
+        self.data = data
 
     def init(self, name: str, arr) -> str:
+        import sys
+
         from onnx import numpy_helper
         arr = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise LowbitError(f"format onnx: tensor {name} contains NaN/inf; refusing to write a broken model")
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        # onnx's own test of what goes external: sys.getsizeof of the raw bytes object
+        if self.data is not None and sys.getsizeof(t.raw_data) >= SIZE_THRESHOLD:
+            from onnx.external_data_helper import set_external_data
+            offset = self.data.tell()
+            self.data.write(t.raw_data)
+            set_external_data(t, DATA, offset, len(t.raw_data))
+            t.ClearField("raw_data")
+        self.inits.append(t)
         return name
 
     def node(self, op: str, inputs, outputs, name: str, domain: str = "", **attrs):
@@ -303,16 +320,17 @@ def _check_model(qm):
     return head_dim
 
 
-def build_model(qm, max_seq_len: int | None = None, fuse: bool = True):
+def build_model(qm, max_seq_len: int | None = None, fuse: bool = True, data=None):
     """The onnx.ModelProto of `qm` (a QuantizedModel of the Llama family). fuse: q/k/v and
-    gate/up each as one MatMulNBits (when their schemes allow; exact either way)."""
+    gate/up each as one MatMulNBits (when their schemes allow; exact either way). data: an open
+    file the large initializers are written to as they are made (_Graph)."""
     onnx = _need_onnx()
     from onnx import TensorProto, helper
     head_dim = _check_model(qm)
     cfg, m = qm.config, qm.model
     L, nh, nkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     eps = float(cfg.rms_norm_eps)
-    g = _Graph()
+    g = _Graph(data)
 
     # rotary caches: HF's cos/sin(position * inv_freq) * attention_scaling, computed by torch
     # the way LlamaRotaryEmbedding does (one fp32 product per entry), for every position
@@ -427,20 +445,26 @@ def write(qm, out: str | os.PathLike, *, overwrite: bool = False, max_shard_size
     from lowbit.export.manifest import provenance, write_manifest
     if max_shard_size is not None:
         raise LowbitError("format onnx: max_shard_size does not apply (one external data file, no size limit)")
-    model, layers = build_model(qm, max_seq_len, fuse)
-    rows = qm.provenance.get("layers", {})
-    for name, row in layers.items():
-        row["method"] = rows.get(name, {}).get("method")
     cfg = qm.config
     io = {"inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key", "past_key_values.{i}.value"],
           "outputs": ["logits", "present.{i}.key", "present.{i}.value"], "kv_layout": "BNSH",
           "num_layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads,
           "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
           "max_seq_len": int(max_seq_len or cfg.max_position_embeddings)}
-    manifest = provenance(qm, FORMAT, layers, {"opset": OPSET, "graph_io": io, "onnx_version": onnx.__version__})
+    if not qm.lazy:
+        model, layers = build_model(qm, max_seq_len, fuse)
     with output_dir(out, overwrite) as tmp:
-        onnx.save_model(model, str(tmp / MODEL), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA, size_threshold=1024)
+        if qm.lazy:         # a layer-by-layer conversion: each initializer written as it is made
+            with open(tmp / DATA, "wb") as fh:
+                model, layers = build_model(qm, max_seq_len, fuse, data=fh)
+            onnx.save_model(model, str(tmp / MODEL))
+        else:
+            onnx.save_model(model, str(tmp / MODEL), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=DATA, size_threshold=SIZE_THRESHOLD)
+        rows = qm.provenance.get("layers", {})
+        for name, row in layers.items():
+            row["method"] = rows.get(name, {}).get("method")
+        manifest = provenance(qm, FORMAT, layers, {"opset": OPSET, "graph_io": io, "onnx_version": onnx.__version__})
         copy_model_files(qm.source_dir, tmp, source_config(qm))
         write_manifest(tmp, manifest)
     return Path(out)
