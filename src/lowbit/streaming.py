@@ -302,10 +302,10 @@ def _stream_then_convert(source, recipe, out, format: str, *, max_shard_size, ov
                          state_dir, **kw) -> Path:
     """Any other output format: stream into a native directory beside `out` (.OUT.native), then
     write it through the export layer's writer for that format (the same bytes as the in-memory
-    path), then delete it. gptq / awq / compressed-tensors are converted layer by layer
-    (native.convert: the float tensors, one quantized layer and the shard being written are in
-    memory; 1 GB shards unless max_shard_size says otherwise); gguf reads the quantized model back
-    whole (about the native output's size). The float model never exists."""
+    path), then delete it. Every format is converted layer by layer (native.convert: the float
+    tensors, one quantized layer and the shard being written are in memory; 1 GB shards unless
+    max_shard_size says otherwise; gguf and onnx, one weights file each, write or spool each
+    tensor as it is made). The float model never exists."""
     import shutil
 
     from lowbit.export import get_format
