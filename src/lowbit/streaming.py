@@ -65,16 +65,17 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
                        max_shard_size: str | int | None = STREAM_MAX_SHARD, overwrite: bool = False,
                        dtype: torch.dtype = torch.float32, log=None, tokens: torch.Tensor | None = None,
                        calibration: dict | None = None, state_dir=None, keep_state: bool = False,
-                       format: str = "native") -> Path:
+                       format: str = "native", metrics: dict | None = None) -> Path:
     """Quantize the Hugging Face directory `source` by `recipe` into a native directory.
     Calibrated recipes go block by block (streaming_calibrated.py): tokens / calibration as in
     api.quantize; state_dir holds the finished blocks and is the resume state (default
     .OUT.resume beside `out`), deleted at the end unless keep_state. Another `format`: see
-    _stream_then_convert."""
+    _stream_then_convert. metrics: recorded in the manifest (the CLI's budget plan)."""
     if format != "native":
         return _stream_then_convert(source, recipe, out, format, max_shard_size=max_shard_size,
                                     overwrite=overwrite, dtype=dtype, log=log, tokens=tokens,
-                                    calibration=calibration, state_dir=state_dir, keep_state=keep_state)
+                                    calibration=calibration, state_dir=state_dir, keep_state=keep_state,
+                                    metrics=metrics)
     import time
 
     from lowbit.api import QuantizeReport, _note_ragged, layer_row, quantize_targets
@@ -107,7 +108,7 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
                                              max_shard_size=max_shard_size, overwrite=overwrite, dtype=dtype,
                                              log=log, state_dir=state_dir, keep_state=keep_state,
                                              files=files, source_sha=source_sha, transformed=transformed,
-                                             untied=untied)
+                                             untied=untied, metrics=metrics)
     for name, mod, rule in targets:
         if isinstance(mod, torch.nn.Embedding) or rule.scheme.format != "int" or not isinstance(mod, torch.nn.Linear):
             raise LowbitError(f"streaming: layer {name}: only integer schemes on nn.Linear are streamed")
@@ -198,7 +199,7 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
         _note_ragged(report)
         qm = SimpleNamespace(recipe=recipe, qweights={}, provenance={
             "source": {"model": str(source), "sha256": source_sha}, "calibration": {},
-            "notes": list(report.notes), "layers": {}, "metrics": {}})
+            "notes": list(report.notes), "layers": {}, "metrics": dict(metrics or {})})
         rows = {n: layers[n] for n, _, _ in targets}
         add_activation_rows(rows, report.layers, act_rows)
         manifest = provenance(qm, FORMAT, rows, {"format_version": FORMAT_VERSION, "tied": tied})

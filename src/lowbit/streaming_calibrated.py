@@ -111,7 +111,7 @@ class _Stream(Checkpoint):
 def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None, calibration=None,
                                   max_shard_size=None, overwrite=False, dtype=torch.float32, log=None,
                                   state_dir=None, keep_state=False, files=None, source_sha=None,
-                                  transformed=(), untied=False) -> Path:
+                                  transformed=(), untied=False, metrics=None) -> Path:
     """Quantize the Hugging Face directory `src` by a calibrated `recipe`, block by block, into a
     native directory `out`. tokens: (n, seq) calibration windows (default: drawn by the recipe's
     calibration settings, overridden by `calibration`, with the source's tokenizer). files /
@@ -303,7 +303,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
         add_activation_rows(rows, report.layers, act_rows)
         qm = SimpleNamespace(recipe=recipe, qweights={}, provenance={
             "source": {"model": str(source), "sha256": sha}, "calibration": cfg.to_dict(),
-            "notes": list(report.notes), "layers": {}, "metrics": {}})
+            "notes": list(report.notes), "layers": {}, "metrics": dict(metrics or {})})
         manifest = provenance(qm, FORMAT, rows, {"format_version": FORMAT_VERSION, "tied": tied})
         copy_model_files(src, tmp, stream_config(src, untied))
         write_manifest(tmp, manifest, MANIFEST)

@@ -319,8 +319,15 @@ def default_anchor(candidates: list[str]) -> int | None:
 def sensitivity(model: nn.Module, tokens: torch.Tensor, *, candidates=None, fmt: str = "native",
                 fisher_samples: int = 8, batch_size: int = 8, grad_batch_size: int = 2,
                 source_dir: str | Path | None = None, exact_gptq: bool = False, anchor: str | None = None,
-                exact_blocks: int = 1, log: Callable[[str], None] | None = None) -> Sensitivity:
-    """The cost table of every block linear of `model` under every candidate (module docstring)."""
+                exact_blocks: int = 1, log: Callable[[str], None] | None = None, blocks_io=None,
+                shard: tuple[int, int] | None = None) -> Sensitivity:
+    """The cost table of every block linear of `model` under every candidate (module docstring).
+    blocks_io (budget/streamed.py): load(b, block) / release(b, block) around each block's use,
+    for a model whose blocks are read one at a time; the gradients then come from
+    blocks_io.output_grad_sq (the same sums, block by block). shard (rank, world): score only
+    the blocks b with b % world == rank (and the first exact_blocks, which fix the estimate's
+    correction, on every rank), then gather every rank's rows over the initialised
+    torch.distributed group (budget/distributed.py); every number is the single process's."""
     from lowbit.arch import get_blocks, spec_for
     from lowbit.budget.sizing import check_format, fixed_bytes
     from lowbit.calibration.capture import capture_block_inputs, run_block
@@ -340,7 +347,8 @@ def sensitivity(model: nn.Module, tokens: torch.Tensor, *, candidates=None, fmt:
     names = target_names(model)
     timing = {}
     t0 = time.perf_counter()
-    gsq, n_grad = output_grad_sq(model, tokens[:fisher_samples], names, batch_size=grad_batch_size)
+    grads = output_grad_sq if blocks_io is None else blocks_io.output_grad_sq
+    gsq, n_grad = grads(model, tokens[:fisher_samples], names, batch_size=grad_batch_size)
     timing["gradients_s"] = time.perf_counter() - t0
     log(f"output gradients: {n_grad} tokens, {timing['gradients_s']:.1f} s")
 
@@ -355,11 +363,21 @@ def sensitivity(model: nn.Module, tokens: torch.Tensor, *, candidates=None, fmt:
     correction: dict[int, float] = {}
     with torch.no_grad():
         acts = capture_block_inputs(model, blocks[0], tokens, batch_size)
+        if blocks_io is not None:
+            blocks_io.load(0, blocks[0])           # _block_groups may probe block 0
         per_block = _block_groups(model, arch, blocks, acts, names)
         gid = 0
         for b, block in enumerate(blocks):
             tb = time.perf_counter()
+            if blocks_io is not None and b:
+                blocks_io.load(b, block)
             groups = per_block[b]
+            if shard is not None and b >= exact_blocks and b % shard[1] != shard[0]:
+                acts = [run_block(block, a) for a in acts]        # another rank scores this block
+                gid += len(groups)
+                if blocks_io is not None:
+                    blocks_io.release(b, block)
+                continue
             sets = [StatSet({"hessian"}, linear_weight(g[0][1]).shape[1]) for g in groups]
             handles = [g[0][1].register_forward_pre_hook(lambda _m, args, _s=s: _s.update(args[0]))
                        for g, s in zip(groups, sets)]
@@ -384,11 +402,21 @@ def sensitivity(model: nn.Module, tokens: torch.Tensor, *, candidates=None, fmt:
                     oerr[name] = [float(0.5 * pc[k][0].sum()) for pc in per_cand]
                     nbytes[name] = [int(pc[k][1]) for pc in per_cand]
                 gid += 1
+            if blocks_io is not None:
+                blocks_io.release(b, block)
             if b == exact_blocks - 1 and ratios:   # geometric mean of real / estimate per candidate
                 correction = {k: float(torch.tensor(r, dtype=torch.float64).log().mean().exp())
                               for k, r in ratios.items()}
             log(f"block {b + 1}/{len(blocks)}: {len(candidates)} candidates, {time.perf_counter() - tb:.1f} s")
     timing["blocks_s"] = time.perf_counter() - t0
+    if shard is not None:
+        import torch.distributed as dist
+        parts = [None] * shard[1]
+        dist.all_gather_object(parts, (cost, oerr, nbytes, group_of))
+        for part in parts:
+            for mine, theirs in zip((cost, oerr, nbytes, group_of), part):
+                mine.update(theirs)
+        timing["world_size"] = shard[1]
     for n in names:
         bad = [c for c, v in zip(candidates, cost[n]) if v != v or v in (float("inf"), float("-inf"))]
         if bad:
@@ -416,18 +444,27 @@ def cache_key(fingerprint: str, tokens: torch.Tensor, candidates, fmt: str, fish
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def cache_path(fingerprint: str, tokens: torch.Tensor, candidates, fmt: str, fisher_samples: int,
+               exact_gptq: bool, anchor: str | None, exact_blocks: int, cache_root=None) -> tuple[str, Path]:
+    """(key, file) of a sensitivity table in the cache."""
+    from lowbit.io import cache_dir
+    key = cache_key(fingerprint, tokens, candidates, fmt, fisher_samples, exact_gptq, anchor) + f"-x{exact_blocks}"
+    return key, Path(cache_root or cache_dir()) / "sensitivity" / f"{key[:32]}.json"
+
+
 def load_or_compute(model: nn.Module, tokens: torch.Tensor, *, candidates=None, fmt: str = "native",
                     fisher_samples: int = 8, cache: bool = True, cache_root: str | Path | None = None,
                     exact_gptq: bool = False, anchor: str | None = None,
-                    log: Callable[[str], None] | None = None, **kw) -> Sensitivity:
+                    log: Callable[[str], None] | None = None, fingerprint: str | None = None,
+                    **kw) -> Sensitivity:
     """`sensitivity`, cached under cache_dir()/sensitivity/<key>.json (key: model weights' sha256,
-    the calibration tokens, candidates, format, gradient windows)."""
+    or `fingerprint` for a streamed model (its source's sha256), the calibration tokens,
+    candidates, format, gradient windows)."""
     from lowbit.eval.kl import model_fingerprint
-    from lowbit.io import cache_dir
-    fp = model_fingerprint(model)
+    fp = fingerprint or model_fingerprint(model)
     candidates = list(default_candidates(fmt) if candidates is None else candidates)
-    key = cache_key(fp, tokens, candidates, fmt, fisher_samples, exact_gptq, anchor) + f"-x{kw.get('exact_blocks', 1)}"
-    path = Path(cache_root or cache_dir()) / "sensitivity" / f"{key[:32]}.json"
+    key, path = cache_path(fp, tokens, candidates, fmt, fisher_samples, exact_gptq, anchor,
+                           kw.get("exact_blocks", 1), cache_root)
     if cache and path.is_file():
         s = Sensitivity.load(path)
         if s.meta.get("key") == key:

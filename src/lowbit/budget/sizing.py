@@ -54,8 +54,8 @@ def fixed_bytes(fmt: str, model: nn.Module, quantized: list[str], source_dir: st
     check_format(fmt)
     if fmt == "gguf":
         return _gguf_fixed_bytes(model, quantized, source_dir)
-    from lowbit.export.common import MODEL_FILES, float_tensors
-    floats, _ = float_tensors(model, set(quantized))
+    from lowbit.export.common import MODEL_FILES
+    floats = _unshared(model, set(quantized))
     tensor_bytes = sum(t.numel() * t.element_size() for t in floats.values())
     for name in quantized:
         b = getattr(model.get_submodule(name), "bias", None)
@@ -69,6 +69,23 @@ def fixed_bytes(fmt: str, model: nn.Module, quantized: list[str], source_dir: st
     overhead = OVERHEAD_FIXED + OVERHEAD_PER_LAYER * len(quantized)
     return {"tensor_bytes": int(tensor_bytes), "model_files_bytes": int(files),
             "overhead_bytes": int(overhead), "total": int(tensor_bytes + files + overhead)}
+
+
+def _unshared(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of `model` outside the modules `skip`, each storage once (a tied lm_head is
+    the embedding). A meta tensor (a streamed model's blocks not in memory) is its own: only its
+    shape and dtype are read."""
+    out, seen = {}, set()
+    for key, value in model.state_dict(keep_vars=False).items():
+        if key.rpartition(".")[0] in skip:
+            continue
+        ident = key if value.is_meta else (value.untyped_storage().data_ptr(), value.storage_offset(),
+                                          tuple(value.shape))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = value
+    return out
 
 
 def file_payload_bytes(out_dir: str | Path) -> dict:
@@ -97,10 +114,9 @@ def _gguf_fixed_bytes(model: nn.Module, quantized: list[str], source_dir) -> dic
     """GGUF: tensors outside `quantized` as the mixes store them (HEAD_TYPE above), and the header
     (tokenizer vocabulary and merges as strings, per-tensor info, alignment) estimated."""
     import json
-    from lowbit.export.common import float_tensors
     from lowbit.numerics.ggml.types import ggml_type
     from lowbit.presets.gguf_mixes import fallback_type
-    floats, _ = float_tensors(model, set(quantized))
+    floats = _unshared(model, set(quantized))
     tensor_bytes = 0
     for name, t in floats.items():
         if t.dim() == 2:

@@ -205,11 +205,36 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
 
     from lowbit.errors import LowbitError
     from lowbit.streaming import STREAM_MAX_SHARD, quantize_streaming
-    if args.budget:
-        raise LowbitError("--stream with --budget: the budget's sensitivity pass needs the whole model")
 
     def log(m):
         print(f"[lowbit quantize] {m}", file=sys.stderr, flush=True)
+    metrics = None
+    if args.budget:
+        # the sensitivity pass streamed too (budget/streamed.py): one block in memory at a time
+        from lowbit.budget import parse_budget
+        from lowbit.budget.sizing import check_format
+        from lowbit.budget.streamed import plan_budget_streaming
+        from lowbit.calibration import CalibrationConfig, calibration_tokens
+        from lowbit.models import load_tokenizer
+        parse_budget(args.budget)
+        check_format(fmt.name)
+        if fmt.name == "gguf":
+            raise LowbitError("--stream --budget --format gguf: the plan's ggml types are encoded with an "
+                              "imatrix of the whole model, which streaming does not collect; stream a "
+                              "native or gptq budget, or drop --stream")
+        cfg = CalibrationConfig.from_dict(overrides)
+        tokens = calibration_tokens(load_tokenizer(args.model), cfg)
+        t1 = time.perf_counter()
+        cands = args.candidates.split(",") if args.candidates else None
+        plan, _ = plan_budget_streaming(args.model, args.budget, tokens=tokens, fmt=fmt.name, candidates=cands,
+                                        tie=True if args.tie_shared_inputs else None, calibration=cfg.to_dict(),
+                                        cache=not args.no_sensitivity_cache, log=log)
+        recipe = plan.recipe()
+        log(f"budget {args.budget}: plan in {time.perf_counter() - t1:.1f} s (streamed); {recipe.description}")
+        if args.save_recipe:
+            recipe.save(args.save_recipe)
+            log(f"recipe written to {args.save_recipe}")
+        metrics = {"budget_plan": plan.to_dict()}
     state = out.parent / f".{out.name}.resume"
     if (args.fresh or args.no_resume) and state.exists():
         # the streamed run always keeps its finished blocks there (they are its spool): these two
@@ -220,6 +245,6 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
     # converted from the streamed native output with that format's own default, as without --stream
     shard = args.max_shard_size or (STREAM_MAX_SHARD if fmt.name == "native" else None)
     path = quantize_streaming(args.model, recipe, out, max_shard_size=shard, overwrite=args.overwrite,
-                              calibration=overrides, state_dir=state, log=log, format=fmt.name)
+                              calibration=overrides, state_dir=state, log=log, format=fmt.name, metrics=metrics)
     print(f"quantized {args.model} with {recipe.name}, streamed -> {path}")
     return 0

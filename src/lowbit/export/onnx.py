@@ -214,14 +214,27 @@ class _Graph:
         arr = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise LowbitError(f"format onnx: tensor {name} contains NaN/inf; refusing to write a broken model")
-        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        arr = np.ascontiguousarray(arr)
         # onnx's own test of what goes external: sys.getsizeof of the raw bytes object
-        if self.data is not None and sys.getsizeof(t.raw_data) >= SIZE_THRESHOLD:
-            from onnx.external_data_helper import set_external_data
+        if self.data is not None and sys.getsizeof(b"") + arr.nbytes >= SIZE_THRESHOLD:
+            # the tensor from_array would make, without its bytes ever in the message (a cleared
+            # bytes field keeps its memory in the message's arena: 9 GiB for a 7B conversion)
+            from onnx import TensorProto, helper
+            if sys.byteorder != "little":
+                raise LowbitError("format onnx: external data is little-endian; this machine is not")
+            t = TensorProto()
+            t.dims.extend(arr.shape)
+            t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            t.name = name
             offset = self.data.tell()
-            self.data.write(t.raw_data)
-            set_external_data(t, DATA, offset, len(t.raw_data))
-            t.ClearField("raw_data")
+            self.data.write(memoryview(arr.reshape(-1)).cast("B"))
+            # the entries onnx.external_data_helper.set_external_data writes, in its order
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", DATA), ("offset", offset), ("length", arr.nbytes)):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, str(v)
+        else:
+            t = numpy_helper.from_array(arr, name)
         self.inits.append(t)
         return name
 

@@ -1,0 +1,54 @@
+"""The budget's sensitivity pass streamed (budget/streamed.py: one decoder block in memory, the
+gradients by a block-by-block backward) on the bundled model's safetensors directory: the same
+costs, bytes and plan as the in-memory pass on the loaded model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.budget import load_or_compute, parse_budget, solve
+from lowbit.budget.streamed import plan_budget_streaming
+
+pytestmark = pytest.mark.model
+CANDIDATES = ["w4g128-rtn", "w8-rtn", "w3g64-rtn"]
+
+
+@pytest.fixture(scope="module")
+def tokens(smollm2):
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
+    return calibration_tokens(smollm2.tokenizer, CalibrationConfig.from_dict({"n_samples": 4, "seq_len": 64}))
+
+
+@pytest.mark.slow
+def test_streamed_sensitivity_and_plan_equal_the_in_memory_ones(smollm2, tokens):
+    mem = load_or_compute(smollm2.model, tokens, candidates=CANDIDATES, cache=False, fisher_samples=4,
+                          source_dir=smollm2.path)
+    plan_m = solve(mem, parse_budget("4.5bpw"))
+    plan_s, sens = plan_budget_streaming(smollm2.path, "4.5bpw", tokens=tokens, candidates=CANDIDATES,
+                                         cache=False)
+    assert [m["name"] for m in sens.modules] == [m["name"] for m in mem.modules]
+    assert sens.nbytes == mem.nbytes and sens.fixed == mem.fixed
+    assert sens.meta["gradient_tokens"] == mem.meta["gradient_tokens"]
+    # the same sums in the same order: equal up to float64 rounding of identical float32 inputs
+    c_s, c_m = torch.tensor(sens.cost, dtype=torch.float64), torch.tensor(mem.cost, dtype=torch.float64)
+    assert torch.allclose(c_s, c_m, rtol=1e-9, atol=0), float(((c_s - c_m).abs() / c_m.abs()).max())
+    assert torch.equal(torch.tensor(sens.output_error), torch.tensor(mem.output_error))
+    assert plan_s.recipe().to_dict() == plan_m.recipe().to_dict()
+    assert len(set(plan_s.choice.values())) > 1            # a real mix, not one preset everywhere
+
+
+def test_stream_budget_cli_writes_the_in_memory_bytes(smollm2, tmp_path):
+    """`lowbit quantize DIR --stream --budget 4.5bpw` plans on the streamed sensitivity pass and
+    streams the plan's recipe: every file, the manifest's budget plan included, equals the
+    in-memory command's."""
+    import hashlib
+
+    from lowbit.cli import main
+    args = ["quantize", str(smollm2.path), "--budget", "4.5bpw", "--candidates", ",".join(CANDIDATES),
+            "--samples", "4", "--seq-len", "64", "--no-sensitivity-cache"]
+    assert main(args + ["--out", str(tmp_path / "mem")]) == 0
+    assert main(args + ["--stream", "--out", str(tmp_path / "stream")]) == 0
+
+    def digests(d):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+    assert digests(tmp_path / "stream") == digests(tmp_path / "mem")
