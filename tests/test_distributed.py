@@ -22,7 +22,9 @@ SEQ, TOKENS = 128, 5 * 128          # 5 windows: an uneven split (rank 0 scores 
 def test_two_gloo_ranks_equal_single_process(smollm2, tmp_path):
     from lowbit.eval.perplexity import eval_windows, score_windows
     out = tmp_path / "ppl.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # a fresh cache: the GGUF's fp32 copy is made under torchrun (transformers saves on rank 0 only:
+    # rank 1 once wrote a copy without weights, and both ranks failed on it)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "LOWBIT_CACHE": str(tmp_path / "c")}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "lowbit.eval.distributed", "smollm2-135m", "--seq-len", str(SEQ),
                         "--max-tokens", str(TOKENS), "--threads", "1", "--out", str(out)],

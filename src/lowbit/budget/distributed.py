@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from lowbit.budget.sensitivity import cache_path, default_candidates, sensitivity, tokens_digest
     from lowbit.calibration import CalibrationConfig, calibration_tokens
+    from lowbit.eval.distributed import load_on_rank0_first
     from lowbit.eval.kl import model_fingerprint
-    from lowbit.models import load_model
     p = argparse.ArgumentParser(prog="python -m torch.distributed.run ... -m lowbit.budget.distributed",
                                 description="the budget's sensitivity pass with its blocks split across "
                                             "torch.distributed ranks")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        lm = load_model(a.model)
+        lm = load_on_rank0_first(a.model)
         overrides = {k: v for k, v in {"n_samples": a.samples, "seq_len": a.seq_len, "text": a.calib_text,
                                        "batch_size": a.batch_size}.items() if v is not None}
         tokens = calibration_tokens(lm.tokenizer, CalibrationConfig.from_dict(overrides))

@@ -81,11 +81,21 @@ def score_windows_distributed(model: torch.nn.Module, windows: torch.Tensor, *, 
         seconds=seconds, tokens_per_second=n * seq_len / seconds if seconds > 0 else float("inf"))
 
 
+def load_on_rank0_first(model: str):
+    """load_model on rank 0, then on the others: a GGUF's fp32 copy is made once, in the shared
+    cache, by rank 0 (transformers saves checkpoints on rank 0 only; the others wait for it)."""
+    import torch.distributed as dist
+
+    from lowbit.models import load_model
+    lm = load_model(model) if dist.get_rank() == 0 else None
+    dist.barrier()
+    return lm if lm is not None else load_model(model)
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from lowbit.eval.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, eval_windows
-    from lowbit.models import load_model
     p = argparse.ArgumentParser(prog="python -m torch.distributed.run ... -m lowbit.eval.distributed",
                                 description="perplexity with the windows split across torch.distributed ranks")
     p.add_argument("model", help="built-in name, .gguf, Hugging Face directory or any quantized output")
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     dist.init_process_group("gloo")
     try:
-        lm = load_model(a.model)
+        lm = load_on_rank0_first(a.model)
         windows = eval_windows(lm.tokenizer, a.text, a.seq_len, a.max_tokens)
         res = score_windows_distributed(lm.model, windows, score=a.score)
         if dist.get_rank() == 0:

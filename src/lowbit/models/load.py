@@ -87,12 +87,21 @@ def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    from lowbit.models.cache_check import cache_entry_ok, write_record
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
+            # transformers writes checkpoints on torch.distributed rank 0 only, silently
+            raise LowbitError(f"model file {gguf}: transformers wrote no weights for its fp32 copy (under "
+                              "torch.distributed it saves on rank 0 only): load the model on rank 0 first, "
+                              f"then on the other ranks (the copy at {out} is shared)")
         (tmp / "lowbit_source.txt").write_text(f"{gguf.name}\nsha256 {digest}\n")
-        from lowbit.models.cache_check import write_record
         write_record(tmp, gguf.name, digest)
+    why = cache_entry_ok(out, digest)       # another process may have won the race: check its copy
+    if why is not None:
+        raise LowbitError(f"model file {gguf}: the cached fp32 copy {out} is not usable ({why}); delete it "
+                          "and load again")
     return out, digest
 
 
