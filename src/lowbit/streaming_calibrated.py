@@ -61,6 +61,15 @@ class _Stream(Checkpoint):
     def release(self, b: int, block) -> None:
         block.to("meta")
 
+    def inputs_captured(self, head_needed: bool) -> None:
+        """The loop has the first block's inputs: the embedding has done its work (the writing
+        phase reads it from the source), unless a quantized lm_head is tied to it. Sent to the
+        meta device (Llama-2-7B: 0.5 GB fp32)."""
+        emb, out = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if head_needed and out is not None and out.weight is emb.weight:
+            return
+        emb.to("meta")
+
     # the state: every finished block's layers are recorded and dropped from memory
     def _record(self, name: str, qw, method: str, block: int) -> None:
         from lowbit.api import layer_row
@@ -157,16 +166,19 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
             outside.append(name)
     # the parameters outside the blocks: the embedding feeds the calibration; lm_head only if quantized
     sd = model.state_dict(keep_vars=True)
-    for key, t in sd.items():
-        if key.startswith(prefix + ".") or not t.is_meta:
-            continue
-        if key.rpartition(".")[0] == arch.lm_head and arch.lm_head not in outside:
-            continue
-        if key not in files:
-            raise LowbitError(f"{src}: tensor {key} is missing")
-        v = files.read(key)
-        set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
-    tie_by_config(model)
+
+    def read_outside() -> None:
+        for key, t in model.state_dict(keep_vars=True).items():
+            if key.startswith(prefix + ".") or not t.is_meta:
+                continue
+            if key.rpartition(".")[0] == arch.lm_head and arch.lm_head not in outside:
+                continue
+            if key not in files:
+                raise LowbitError(f"{src}: tensor {key} is missing")
+            v = files.read(key)
+            set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
+        tie_by_config(model)
+    read_outside()
 
     cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
     if tokens is None:
@@ -205,6 +217,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
         def spooled(b: int) -> tuple[dict, dict]:
             floats = load_file(str(stream.path / f"floats-{b:04d}.safetensors"))
             return floats, {n: qw for n, qw, _ in _read_block(stream.path / f"block-{b:04d}.safetensors")}
+        read_outside()                   # the embedding, released once the loop had its inputs
         act_rows = stream_activations(model, recipe, wanted, tokens, cfg.batch_size, spooled, log)
     model_float = {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}
     del sd

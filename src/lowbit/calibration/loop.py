@@ -157,6 +157,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, triples: list[tuple[st
                                   f"block's forward path (groups: {[list(g) for g in groups]})")
         res.timing.update(stats_s=0.0, solve_s=0.0, forward_s=0.0)
         head_targets = [t for t in outside if t.calibrated]
+        if blocks_io is not None and hasattr(blocks_io, "inputs_captured"):
+            blocks_io.inputs_captured(bool(head_targets))    # streaming: the embedding may go
         # blocks after the last targeted one only matter when lm_head needs their outputs
         last = len(blocks) - 1 if head_targets else max(per_block, default=-1)
         # block-level methods (signround, vq with block_steps) also carry the float model's block
