@@ -386,13 +386,16 @@ def write_quantized(qm, out: str | Path, *, source_gguf: str | Path | None = Non
 class _Blobs:
     """The encoded tensors between encoding and writing (the header, which lists them all, is
     written first): in memory, or for a layer-by-layer conversion (QuantizedModel.lazy) in a
-    spool file beside the output, appended as each is encoded and read back one at a time while
+    spool file beside the output (.NAME.tmp<pid>-blobs), appended as each is encoded and read back one at a time while
     the file is written, so only one tensor is ever held. The spool is deleted on the way out."""
 
     def __init__(self, out: Path | None):
         self.mem: dict[str, np.ndarray] = {}
         self.where: dict[str, tuple[int, np.dtype, tuple]] = {}
-        self.path = None if out is None else out.parent / f".{out.name}.blobs"
+        # named as lowbit.io's temporaries (.NAME.tmp<pid>-...): a killed run's spool is deleted by
+        # the next write of the same output (io.clean_stale)
+        from lowbit.io import tmp_prefix
+        self.path = None if out is None else out.parent / f"{tmp_prefix(out)}blobs"
         self.fh = None
 
     def __enter__(self):
