@@ -19,7 +19,6 @@ def tokens(smollm2):
     return calibration_tokens(smollm2.tokenizer, CalibrationConfig.from_dict({"n_samples": 4, "seq_len": 64}))
 
 
-@pytest.mark.slow
 def test_streamed_sensitivity_and_plan_equal_the_in_memory_ones(smollm2, tokens):
     mem = load_or_compute(smollm2.model, tokens, candidates=CANDIDATES, cache=False, fisher_samples=4,
                           source_dir=smollm2.path)
@@ -37,6 +36,7 @@ def test_streamed_sensitivity_and_plan_equal_the_in_memory_ones(smollm2, tokens)
     assert len(set(plan_s.choice.values())) > 1            # a real mix, not one preset everywhere
 
 
+@pytest.mark.slow
 def test_stream_budget_cli_writes_the_in_memory_bytes(smollm2, tmp_path):
     """`lowbit quantize DIR --stream --budget 4.5bpw` plans on the streamed sensitivity pass and
     streams the plan's recipe: every file, the manifest's budget plan included, equals the

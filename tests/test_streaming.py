@@ -95,6 +95,7 @@ def _rotated(method: str, **rotate):
                   calibration={"n_samples": 2, "seq_len": 64, "batch_size": 1})
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_stream_rotated_rtn_same_bytes_as_in_memory(smollm2, tmp_path):
     """A Hadamard rotation streamed (transforms/rotate.py RotatedSource: each block rotated as
@@ -145,6 +146,26 @@ def windows(smollm2):
     return calibration_tokens(smollm2.tokenizer, CalibrationConfig.from_dict(_gptq_blocks("0").calibration))
 
 
+class Killed(Exception):
+    pass
+
+
+def _killed_after_block_1_then_resumed(src, recipe, out: Path, expect_fp_acts: bool = False, **kw):
+    """A streamed run stopped (an exception from its log) once block 1's state is saved, then the
+    same call again. -> (the state the stopped run left, the restart's log, its output)."""
+    def die_after_first(msg):
+        if msg.startswith("block 1/"):
+            raise Killed
+    with pytest.raises(Killed):
+        quantize_streaming(src, recipe, out, log=die_after_first, **kw)
+    state_dir = out.parent / f".{out.name}.resume"
+    state = json.loads((state_dir / "state.json").read_text())
+    if expect_fp_acts:
+        assert (state_dir / state["fp_acts"]).is_file()
+    logs = []
+    return state, logs, quantize_streaming(src, recipe, out, log=logs.append, **kw)
+
+
 @pytest.mark.model
 def test_stream_gptq_same_bytes_as_in_memory_and_resumes(smollm2, windows, tmp_path):
     """GPTQ streamed one decoder block at a time (streaming_calibrated.py) writes the in-memory
@@ -156,20 +177,9 @@ def test_stream_gptq_same_bytes_as_in_memory_and_resumes(smollm2, windows, tmp_p
     assert digests(s) == digests(mem)
     assert len(list(Path(s).glob("model-*.safetensors"))) > 1
     assert not (tmp_path / ".stream.resume").exists()          # the state is dropped at the end
-
-    class Killed(Exception):
-        pass
-
-    def die_after_first(msg):
-        if msg.startswith("block 1/"):
-            raise Killed
-    with pytest.raises(Killed):
-        quantize_streaming(smollm2.path, r, tmp_path / "again", max_shard_size="60MB", tokens=windows,
-                           log=die_after_first)
-    assert json.loads((tmp_path / ".again.resume" / "state.json").read_text())["blocks_done"] == 1
-    logs = []
-    again = quantize_streaming(smollm2.path, r, tmp_path / "again", max_shard_size="60MB", tokens=windows,
-                               log=logs.append)
+    state, logs, again = _killed_after_block_1_then_resumed(smollm2.path, r, tmp_path / "again",
+                                                            max_shard_size="60MB", tokens=windows)
+    assert state["blocks_done"] == 1
     assert any(m.startswith("resuming after block 1/2") for m in logs)
     assert not any(m.startswith("block 1/") for m in logs) and any(m.startswith("block 2/2") for m in logs)
     assert digests(again) == digests(mem)
@@ -193,26 +203,17 @@ def test_stream_signround_same_bytes_as_in_memory_and_resumes(smollm2, windows, 
     mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
     man = json.loads((mem / "lowbit.json").read_text())
     assert any("signround_loss_best" in row["info"] for row in man["layers"].values())
-
-    class Killed(Exception):
-        pass
-
-    def die_after_first(msg):
-        if msg.startswith("block 1/"):
-            raise Killed
-    with pytest.raises(Killed):
-        quantize_streaming(smollm2.path, r, tmp_path / "s", tokens=windows, log=die_after_first)
-    state = json.loads((tmp_path / ".s.resume" / "state.json").read_text())
-    assert state["blocks_done"] == 1 and (tmp_path / ".s.resume" / state["fp_acts"]).is_file()
-    logs = []
-    again = quantize_streaming(smollm2.path, r, tmp_path / "s", tokens=windows, log=logs.append)
+    state, logs, again = _killed_after_block_1_then_resumed(smollm2.path, r, tmp_path / "s", tokens=windows,
+                                                            expect_fp_acts=True)
+    assert state["blocks_done"] == 1 and state["fp_acts"] == "fpacts-0000.safetensors"
     assert any(m.startswith("resuming after block 1/2") for m in logs)
     assert not any(m.startswith("block 1/") for m in logs)
     assert digests(again) == digests(mem)
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("preset", ["w8a8-static", "w8a8-static-percentile-gptq"])
+@pytest.mark.parametrize("preset", ["w8a8-static",
+                                    pytest.param("w8a8-static-percentile-gptq", marks=pytest.mark.slow)])
 def test_stream_static_input_activations_same_bytes_as_in_memory(smollm2, windows, tmp_path, preset):
     """Static input scales (W8A8) streamed: a second pass block by block through the quantized
     blocks (streaming_activations.py: re-quantized from the source for rtn, read from the resume

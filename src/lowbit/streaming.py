@@ -278,6 +278,20 @@ def stream_config(src: Path, untied: bool) -> dict:
     return cfg
 
 
+def read_block(model, files, base: str, block, dtype: torch.dtype, where: str) -> None:
+    """Fill `block` (the skeleton's module at `base`) with its tensors from `files`, the ones it
+    still has on the meta device, floating ones as `dtype`."""
+    from lowbit.export.common import set_tensor
+    for key, t in block.state_dict(keep_vars=True).items():
+        if not t.is_meta:
+            continue
+        full = f"{base}.{key}"
+        if full not in files:
+            raise LowbitError(f"{where}: tensor {full} is missing")
+        v = files.read(full)
+        set_tensor(model, full, v.to(dtype) if v.is_floating_point() else v, where)
+
+
 def open_source(source) -> tuple[Path, object, str | None]:
     """A float checkpoint to stream -> (config dir, tensor source, source sha256).
     A Hugging Face directory is read from its safetensors shards (models/shards.py). A GGUF

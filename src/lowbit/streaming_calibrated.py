@@ -47,16 +47,8 @@ class _Stream(Checkpoint):
 
     # blocks_io
     def load(self, b: int, block) -> None:
-        from lowbit.export.common import set_tensor
-        base = f"{self.prefix}.{b}"
-        for key, t in block.state_dict(keep_vars=True).items():
-            if not t.is_meta:
-                continue
-            full = f"{base}.{key}"
-            if full not in self.files:
-                raise LowbitError(f"{self.src}: tensor {full} is missing")
-            v = self.files.read(full)
-            set_tensor(self.model, full, v.to(self.dtype) if v.is_floating_point() else v, str(self.src))
+        from lowbit.streaming import read_block
+        read_block(self.model, self.files, f"{self.prefix}.{b}", block, self.dtype, str(self.src))
 
     def release(self, b: int, block) -> None:
         block.to("meta")

@@ -181,11 +181,7 @@ def output_grad_sq(model: nn.Module, tokens: torch.Tensor, names: list[str], *, 
             for b0 in range(0, tokens.shape[0], batch_size):
                 ids = tokens[b0:b0 + batch_size]
                 logits = model(input_ids=ids, use_cache=False).logits.float()       # (b, s, V)
-                with torch.no_grad():
-                    probs = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1])
-                    labels = torch.multinomial(probs, 1, generator=gen).reshape(-1)
-                    del probs
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
+                loss = sampled_nll(logits, gen)
                 loss.backward()
                 n_tok += ids.numel()
                 del logits, loss
@@ -198,6 +194,16 @@ def output_grad_sq(model: nn.Module, tokens: torch.Tensor, names: list[str], *, 
         if not torch.isfinite(a).all():
             raise LowbitError(f"sensitivity: non-finite output gradients at {n}")
     return {n: a / n_tok for n, a in acc.items()}, n_tok
+
+
+def sampled_nll(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The summed NLL of labels drawn from the model's own distribution (one draw per position,
+    from `gen`): the loss whose output gradients give the Fisher."""
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1])
+        labels = torch.multinomial(probs, 1, generator=gen).reshape(-1)
+        del probs
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
 
 
 def _accumulate(acc: torch.Tensor, g: torch.Tensor) -> None:

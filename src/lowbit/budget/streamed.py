@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 
@@ -37,18 +36,10 @@ class StreamedBlocks:
         self.loaded: int | None = None
 
     def load(self, b: int, block: nn.Module) -> None:
-        from lowbit.export.common import set_tensor
+        from lowbit.streaming import read_block
         if self.loaded == b:
             return
-        base = f"{self.prefix}.{b}"
-        for key, t in block.state_dict(keep_vars=True).items():
-            if not t.is_meta:
-                continue
-            full = f"{base}.{key}"
-            if full not in self.files:
-                raise LowbitError(f"{self.where}: tensor {full} is missing")
-            v = self.files.read(full)
-            set_tensor(self.model, full, v.to(self.dtype) if v.is_floating_point() else v, self.where)
+        read_block(self.model, self.files, f"{self.prefix}.{b}", block, self.dtype, self.where)
         block.requires_grad_(False)
         self.loaded = b
 
@@ -62,7 +53,7 @@ class StreamedBlocks:
         from safetensors.torch import load_file, save_file
 
         from lowbit.arch import get_blocks, get_module, spec_for
-        from lowbit.budget.sensitivity import _accumulate
+        from lowbit.budget.sensitivity import _accumulate, sampled_nll
         from lowbit.calibration.capture import capture_block_inputs, run_block
         from lowbit.calibration.paused import trim_heap
         arch = spec_for(model)
@@ -99,11 +90,7 @@ class StreamedBlocks:
                         if mod is not None:
                             h = mod(h)
                     logits = get_module(model, arch.lm_head)(h).float()
-                    with torch.no_grad():
-                        probs = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1])
-                        labels = torch.multinomial(probs, 1, generator=gen).reshape(-1)
-                        del probs
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
+                    loss = sampled_nll(logits, gen)
                     loss.backward()
                     grads.append(x.grad)
                     n_tok += int(tokens[i * batch_size:(i + 1) * batch_size].numel())
