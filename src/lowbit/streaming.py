@@ -62,7 +62,7 @@ def _nbytes(shape, dtype) -> int:
 
 
 def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike, *,
-                       max_shard_size: str | int | None = STREAM_MAX_SHARD, overwrite: bool = False,
+                       max_shard_size: str | int | None = None, overwrite: bool = False,
                        dtype: torch.dtype = torch.float32, log=None, tokens: torch.Tensor | None = None,
                        calibration: dict | None = None, state_dir=None, keep_state: bool = False,
                        format: str = "native", metrics: dict | None = None) -> Path:
@@ -70,12 +70,15 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
     Calibrated recipes go block by block (streaming_calibrated.py): tokens / calibration as in
     api.quantize; state_dir holds the finished blocks and is the resume state (default
     .OUT.resume beside `out`), deleted at the end unless keep_state. Another `format`: see
-    _stream_then_convert. metrics: recorded in the manifest (the CLI's budget plan)."""
+    _stream_then_convert. metrics: recorded in the manifest (the CLI's budget plan).
+    max_shard_size: default STREAM_MAX_SHARD for native, the format's own default otherwise."""
     if format != "native":
         return _stream_then_convert(source, recipe, out, format, max_shard_size=max_shard_size,
                                     overwrite=overwrite, dtype=dtype, log=log, tokens=tokens,
                                     calibration=calibration, state_dir=state_dir, keep_state=keep_state,
                                     metrics=metrics)
+    if max_shard_size is None:
+        max_shard_size = STREAM_MAX_SHARD
     import time
 
     from lowbit.api import QuantizeReport, _note_ragged, layer_row, quantize_targets
@@ -111,7 +114,10 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
                                              untied=untied, metrics=metrics)
     for name, mod, rule in targets:
         if isinstance(mod, torch.nn.Embedding) or rule.scheme.format != "int" or not isinstance(mod, torch.nn.Linear):
-            raise LowbitError(f"streaming: layer {name}: only integer schemes on nn.Linear are streamed")
+            from lowbit.numerics.scheme import GGUF_FORMATS
+            hint = " (ggml types: stream with --format gguf)" if rule.scheme.format in GGUF_FORMATS else ""
+            raise LowbitError(f"streaming: layer {name}: only integer schemes on nn.Linear are streamed into the "
+                              f"native format{hint}")
     t_start = time.perf_counter()
     qnames = {n for n, _, _ in targets}
     rules = {n: r for n, _, r in targets}
@@ -326,6 +332,15 @@ def _stream_then_convert(source, recipe, out, format: str, *, max_shard_size, ov
     from lowbit.export import get_format
     from lowbit.export.common import check_output
     fmt = get_format(format)
+    from lowbit.presets.gguf_mixes import is_ggml_recipe
+    from lowbit.recipe import get_recipe
+    if fmt.name == "gguf" and is_ggml_recipe(get_recipe(recipe)):
+        # ggml block types: no native spool can hold them, so straight into the GGUF
+        from lowbit.streaming_gguf import stream_gguf
+        if max_shard_size is not None:
+            raise LowbitError("GGUF export: max_shard_size is not supported (one file; llama.cpp's gguf-split splits it)")
+        return stream_gguf(source, recipe, out, overwrite=overwrite, dtype=kw.get("dtype", torch.float32),
+                           log=log, metrics=kw.get("metrics"))
     if fmt.name not in STREAM_CONVERTED:
         raise LowbitError(f"streaming: --format {fmt.name} is not streamed (converted: native, "
                           f"{', '.join(STREAM_CONVERTED)}); stream the native format, then `lowbit export` it")

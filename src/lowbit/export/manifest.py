@@ -42,7 +42,10 @@ def provenance(qm, fmt: str, layers: dict | None = None, extra: dict | None = No
 def _layer_rows(qm) -> dict:
     rows = qm.provenance.get("layers", {})
     out = {}
-    for name, qw in qm.qweights.items():
+    # a mapping that makes each layer on demand (streaming_gguf.QuantizedOnRead) describes it again
+    describe = getattr(qm.qweights, "describe", None)
+    for name in qm.qweights:
+        qw = describe(name) if describe is not None else qm.qweights[name]
         r = rows.get(name, {})
         out[name] = {"kind": qm.kinds[name], "scheme": qw.scheme.short_name(), "method": r.get("method"),
                      "shape": list(qw.shape), "bits_per_weight": round(qw.bits_per_weight, 6),

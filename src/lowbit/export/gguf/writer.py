@@ -502,7 +502,10 @@ def _logical_tensors(model, qm) -> dict:
         owner = key.rpartition(".")[0]
         if owner in qm.qweights and qm.kinds.get(owner) == "linear":
             if f"{owner}.weight" not in out:
-                out[f"{owner}.weight"] = _Shape(qm.qweights[owner].shape)
+                # a lazy model's layers are read or made when asked for: its skeleton has the shape
+                shape = (tuple(model.get_submodule(owner).weight.shape) if getattr(qm, "lazy", False)
+                         else qm.qweights[owner].shape)
+                out[f"{owner}.weight"] = _Shape(shape)
                 b = qm.bias(owner)
                 if b is not None:
                     out[f"{owner}.bias"] = b

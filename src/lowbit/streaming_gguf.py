@@ -1,0 +1,135 @@
+"""Streaming a recipe of ggml types (q4_k_m, q3_k_m, ... mixes; data-free) straight into a GGUF.
+
+    lowbit quantize HF_DIR --recipe q4_k_m --stream --format gguf --out OUT.gguf
+
+The native format holds no ggml block types, so these recipes cannot go through streaming.py's
+native spool. Here the GGUF writer (export/gguf/writer.py) gets a QuantizedModel whose model is
+the meta-device skeleton with only its float tensors read (norms; a float lm_head), and whose
+qweights quantize each layer from the source when the writer asks for it (one kept at a time).
+The writer, lazy (QuantizedModel.lazy), plans the file from the skeleton's shapes and spools each
+encoded tensor beside the output until the header is written, so one layer is in memory at a time;
+each layer is quantized once. The file is byte for byte what load_model + api.quantize + export
+write (tests/test_streaming.py). Calibrated ggml methods (gptq_ggml) and an imatrix are not
+streamed.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from lowbit.errors import LowbitError
+
+
+class QuantizedOnRead(Mapping):
+    """name -> the layer's quantized weight, made from the source when asked for (the last one
+    kept: the writer looks at a layer several times in a row). describe(name): what its manifest
+    row needs, kept for every layer already made."""
+
+    def __init__(self, files, targets: dict, dtype: torch.dtype, where: str, on_made=None):
+        self.files, self.targets, self.dtype, self.where, self.on_made = files, targets, dtype, where, on_made
+        self._last = (None, None)
+        self._made: dict[str, SimpleNamespace] = {}
+
+    def __getitem__(self, name: str):
+        from lowbit.methods import get_method
+        if self._last[0] != name:
+            if name not in self.targets:
+                raise KeyError(name)
+            self._last = (None, None)
+            rule = self.targets[name]
+            w = self.files.read(f"{name}.weight").to(self.dtype)
+            spec = get_method(rule.method)
+            try:
+                qw = spec.fn(w, rule.scheme, spec.make_config(rule.method_args), None)
+            except LowbitError as e:
+                raise LowbitError(f"{name}.weight: {e}") from None
+            del w
+            self._last = (name, qw)
+            if name not in self._made:
+                self._made[name] = SimpleNamespace(scheme=qw.scheme, shape=qw.shape, bits_per_weight=qw.bits_per_weight,
+                                                   ragged_last_group=qw.ragged_last_group)
+                if self.on_made is not None:
+                    self.on_made(name, qw, rule.method)
+        return self._last[1]
+
+    def describe(self, name: str):
+        if name not in self._made:
+            self[name]
+        return self._made[name]
+
+    def __iter__(self):
+        return iter(self.targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __contains__(self, name) -> bool:
+        return name in self.targets
+
+
+def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dtype = torch.float32,
+                log=None, metrics: dict | None = None) -> Path:
+    """Quantize the checkpoint `source` (streaming.open_source) by a data-free recipe of ggml types
+    into the GGUF file `out`, one layer in memory at a time (module docstring)."""
+    import time
+
+    from lowbit.api import layer_row, quantize_targets
+    from lowbit.export import QuantizedModel
+    from lowbit.export.common import check_output, empty_model, set_tensor, tie_by_config
+    from lowbit.export.gguf.writer import write_quantized
+    from lowbit.methods import get_method
+    from lowbit.numerics.scheme import GGUF_FORMATS
+    from lowbit.presets.gguf_mixes import bind_to_model
+    from lowbit.recipe import get_recipe
+    from lowbit.streaming import open_source
+    log = log or (lambda _m: None)
+    t0 = time.perf_counter()
+    src, files, sha = open_source(source)
+    out = Path(out)
+    check_output(out, overwrite, single_file=True)
+    model = empty_model(src, dtype)
+    tie_by_config(model)
+    recipe = bind_to_model(get_recipe(recipe), model)
+    triples = quantize_targets(model, recipe)
+    if not triples:
+        raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
+    for name, _, rule in triples:
+        if get_method(rule.method).needs:
+            raise LowbitError(f"streaming --format gguf: layer {name} uses calibrated method {rule.method!r}; "
+                              "only data-free ggml recipes stream straight into a GGUF")
+        if rule.scheme.format not in GGUF_FORMATS:
+            raise LowbitError(f"streaming --format gguf: layer {name} has scheme {rule.scheme.short_name()}, "
+                              "not a ggml type (int recipes stream through the native format)")
+    targets = {n: r for n, _, r in triples}
+    kinds = {n: ("embedding" if isinstance(m, torch.nn.Embedding) else "linear") for n, m, _ in triples}
+    # the float tensors: everything outside the quantized modules, and their biases
+    seen: set[int] = set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = key.rpartition(".")
+        tied = id(t) in seen                 # a tied lm_head: the embedding's tensor, listed twice
+        seen.add(id(t))
+        if not t.is_meta or tied or (owner in targets and leaf == "weight"):
+            continue
+        if key not in files:
+            raise LowbitError(f"{src}: tensor {key} is missing")
+        v = files.read(key)
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise LowbitError(f"{src}: tensor {key} contains NaN/inf; refusing to write a broken model")
+        set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
+    tie_by_config(model)
+    rows: dict[str, dict] = {}
+
+    def made(name, qw, method):
+        rows[name] = layer_row(name, qw, method)
+    qweights = QuantizedOnRead(files, targets, dtype, str(src), made)
+    # no notes: ggml types have no ragged groups (api.quantize's only data-free note)
+    prov = {"source": {"model": str(source), "sha256": sha}, "calibration": {}, "notes": [],
+            "layers": rows, "metrics": dict(metrics or {}), "imatrix": {}}
+    qm = QuantizedModel(model, None, Path(src), qweights, kinds, recipe, prov, lazy=True)
+    write_quantized(qm, out, progress=False, overwrite=overwrite)
+    log(f"streamed {len(targets)} layer(s) into {out} in {time.perf_counter() - t0:.1f} s")
+    return out
+
