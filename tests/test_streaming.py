@@ -339,20 +339,27 @@ def test_stream_from_gguf_into_gguf_same_bytes_cli(tmp_path):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("source", [pytest.param("gguf", marks=pytest.mark.slow), "hf"])
+@pytest.mark.parametrize("source", [pytest.param("gguf", marks=pytest.mark.slow), "hf",
+                                    pytest.param("hf+imatrix", marks=pytest.mark.slow)])
 def test_stream_ggml_mix_straight_into_gguf_same_bytes(smollm2, tmp_path, source):
     """A recipe of ggml types (q4_k_m) streams straight into a GGUF (streaming_gguf.py: each layer
     quantized from the source when the writer asks for it, spooled until the header is written):
     the file and its sidecar are the in-memory export's, from the GGUF itself or from an HF
     directory (whose tokenizer the header then carries)."""
     src = "smollm2-135m" if source == "gguf" else smollm2.path
-    s = quantize_streaming(src, "q4_k_m", tmp_path / "s.gguf", format="gguf")
+    im = None
+    if source.endswith("imatrix"):       # an importance matrix of a few windows, as llama-imatrix makes
+        from lowbit.calibration import CalibrationConfig, calibration_tokens
+        from lowbit.calibration.imatrix import collect_imatrix, imatrix_targets
+        windows = calibration_tokens(smollm2.tokenizer, CalibrationConfig.from_dict({"n_samples": 2, "seq_len": 64}))
+        im = collect_imatrix(smollm2.model, windows, imatrix_targets(smollm2.model), progress=False)
+    s = quantize_streaming(src, "q4_k_m", tmp_path / "s.gguf", format="gguf", imatrix=im)
     lm = load_model(src)
-    m = api.export(lm, api.quantize(lm.model, "q4_k_m", progress=False), tmp_path / "m.gguf", "gguf")
+    m = api.export(lm, api.quantize(lm.model, "q4_k_m", progress=False, imatrix=im), tmp_path / "m.gguf", "gguf")
     assert Path(s).read_bytes() == Path(m).read_bytes()
     man, ref = (json.loads(Path(f"{p}.lowbit.json").read_text()) for p in (s, m))
     assert list(man.pop("files").values()) == list(ref.pop("files").values())
-    assert man == ref
+    assert man == ref and bool(man["gguf"]["imatrix"]) == (im is not None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.lowbit.json", "s.gguf", "s.gguf.lowbit.json"]
     with pytest.raises(LowbitError, match="stream with --format gguf"):
         quantize_streaming(src, "q4_k_m", tmp_path / "native")

@@ -65,18 +65,21 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
                        max_shard_size: str | int | None = None, overwrite: bool = False,
                        dtype: torch.dtype = torch.float32, log=None, tokens: torch.Tensor | None = None,
                        calibration: dict | None = None, state_dir=None, keep_state: bool = False,
-                       format: str = "native", metrics: dict | None = None) -> Path:
+                       format: str = "native", metrics: dict | None = None, imatrix=None) -> Path:
     """Quantize the Hugging Face directory `source` by `recipe` into a native directory.
     Calibrated recipes go block by block (streaming_calibrated.py): tokens / calibration as in
     api.quantize; state_dir holds the finished blocks and is the resume state (default
     .OUT.resume beside `out`), deleted at the end unless keep_state. Another `format`: see
     _stream_then_convert. metrics: recorded in the manifest (the CLI's budget plan).
-    max_shard_size: default STREAM_MAX_SHARD for native, the format's own default otherwise."""
+    max_shard_size: default STREAM_MAX_SHARD for native, the format's own default otherwise.
+    imatrix: for a recipe of ggml types into a GGUF (streaming_gguf.py)."""
     if format != "native":
         return _stream_then_convert(source, recipe, out, format, max_shard_size=max_shard_size,
                                     overwrite=overwrite, dtype=dtype, log=log, tokens=tokens,
                                     calibration=calibration, state_dir=state_dir, keep_state=keep_state,
-                                    metrics=metrics)
+                                    metrics=metrics, imatrix=imatrix)
+    if imatrix is not None:
+        raise LowbitError("streaming: an imatrix applies to recipes of ggml types streamed with --format gguf")
     if max_shard_size is None:
         max_shard_size = STREAM_MAX_SHARD
     import time
@@ -334,13 +337,16 @@ def _stream_then_convert(source, recipe, out, format: str, *, max_shard_size, ov
     fmt = get_format(format)
     from lowbit.presets.gguf_mixes import is_ggml_recipe
     from lowbit.recipe import get_recipe
+    imatrix = kw.pop("imatrix", None)
     if fmt.name == "gguf" and is_ggml_recipe(get_recipe(recipe)):
         # ggml block types: no native spool can hold them, so straight into the GGUF
         from lowbit.streaming_gguf import stream_gguf
         if max_shard_size is not None:
             raise LowbitError("GGUF export: max_shard_size is not supported (one file; llama.cpp's gguf-split splits it)")
         return stream_gguf(source, recipe, out, overwrite=overwrite, dtype=kw.get("dtype", torch.float32),
-                           log=log, metrics=kw.get("metrics"))
+                           log=log, metrics=kw.get("metrics"), imatrix=imatrix)
+    if imatrix is not None:
+        raise LowbitError("streaming: an imatrix applies to recipes of ggml types streamed with --format gguf")
     if fmt.name not in STREAM_CONVERTED:
         raise LowbitError(f"streaming: --format {fmt.name} is not streamed (converted: native, "
                           f"{', '.join(STREAM_CONVERTED)}); stream the native format, then `lowbit export` it")

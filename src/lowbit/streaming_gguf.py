@@ -8,9 +8,9 @@ the meta-device skeleton with only its float tensors read (norms; a float lm_hea
 qweights quantize each layer from the source when the writer asks for it (one kept at a time).
 The writer, lazy (QuantizedModel.lazy), plans the file from the skeleton's shapes and spools each
 encoded tensor beside the output until the header is written, so one layer is in memory at a time;
-each layer is quantized once. The file is byte for byte what load_model + api.quantize + export
-write (tests/test_streaming.py). Calibrated ggml methods (gptq_ggml) and an imatrix are not
-streamed.
+each layer is quantized once. An imatrix (a file, as llama-quantize takes one) weights each
+tensor's encoder as api.quantize does. The file is byte for byte what load_model + api.quantize +
+export write (tests/test_streaming.py). Calibrated ggml methods (gptq_ggml) are not streamed.
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ class QuantizedOnRead(Mapping):
     kept: the writer looks at a layer several times in a row). describe(name): what its manifest
     row needs, kept for every layer already made."""
 
-    def __init__(self, files, targets: dict, dtype: torch.dtype, where: str, on_made=None):
+    def __init__(self, files, targets: dict, dtype: torch.dtype, where: str, on_made=None, stats: dict | None = None):
         self.files, self.targets, self.dtype, self.where, self.on_made = files, targets, dtype, where, on_made
+        self.stats = stats or {}              # name -> statistics given from outside (an imatrix's means)
         self._last = (None, None)
         self._made: dict[str, SimpleNamespace] = {}
 
@@ -43,7 +44,7 @@ class QuantizedOnRead(Mapping):
             w = self.files.read(f"{name}.weight").to(self.dtype)
             spec = get_method(rule.method)
             try:
-                qw = spec.fn(w, rule.scheme, spec.make_config(rule.method_args), None)
+                qw = spec.fn(w, rule.scheme, spec.make_config(rule.method_args), self.stats.get(name))
             except LowbitError as e:
                 raise LowbitError(f"{name}.weight: {e}") from None
             del w
@@ -71,12 +72,14 @@ class QuantizedOnRead(Mapping):
 
 
 def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dtype = torch.float32,
-                log=None, metrics: dict | None = None) -> Path:
+                log=None, metrics: dict | None = None, imatrix=None) -> Path:
     """Quantize the checkpoint `source` (streaming.open_source) by a data-free recipe of ggml types
-    into the GGUF file `out`, one layer in memory at a time (module docstring)."""
+    into the GGUF file `out`, one layer in memory at a time (module docstring). imatrix: an
+    importance matrix (calibration.imatrix.Imatrix or a llama-imatrix file), as api.quantize
+    takes it: each tensor's encoder weighted by its input means, the mix bound as with one."""
     import time
 
-    from lowbit.api import layer_row, quantize_targets
+    from lowbit.api import _imatrix, _imatrix_meta, _imatrix_stats, layer_row, quantize_targets
     from lowbit.export import QuantizedModel
     from lowbit.export.common import check_output, empty_model, set_tensor, tie_by_config
     from lowbit.export.gguf.writer import write_quantized
@@ -92,7 +95,8 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
     check_output(out, overwrite, single_file=True)
     model = empty_model(src, dtype)
     tie_by_config(model)
-    recipe = bind_to_model(get_recipe(recipe), model)
+    im, im_file = _imatrix(imatrix)
+    recipe = bind_to_model(get_recipe(recipe), model, im is not None)
     triples = quantize_targets(model, recipe)
     if not triples:
         raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
@@ -124,10 +128,10 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
 
     def made(name, qw, method):
         rows[name] = layer_row(name, qw, method)
-    qweights = QuantizedOnRead(files, targets, dtype, str(src), made)
+    qweights = QuantizedOnRead(files, targets, dtype, str(src), made, _imatrix_stats(model, triples, im))
     # no notes: ggml types have no ragged groups (api.quantize's only data-free note)
     prov = {"source": {"model": str(source), "sha256": sha}, "calibration": {}, "notes": [],
-            "layers": rows, "metrics": dict(metrics or {}), "imatrix": {}}
+            "layers": rows, "metrics": dict(metrics or {}), "imatrix": _imatrix_meta(im, im_file)}
     qm = QuantizedModel(model, None, Path(src), qweights, kinds, recipe, prov, lazy=True)
     write_quantized(qm, out, progress=False, overwrite=overwrite)
     log(f"streamed {len(targets)} layer(s) into {out} in {time.perf_counter() - t0:.1f} s")
