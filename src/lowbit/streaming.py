@@ -163,13 +163,7 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
             ready[key] = t.contiguous()
             return
         rule = rules[layer]
-        w = files.read(f"{layer}.weight").to(dtype)
-        spec = get_method(rule.method)
-        try:
-            qw = spec.fn(w, rule.scheme, spec.make_config(rule.method_args), None)
-        except LowbitError as e:
-            raise LowbitError(f"{layer}.weight: {e}") from None
-        del w
+        qw = quantize_from_source(files, layer, rule, dtype)
         t, row = _layer_tensors(layer, qw)
         row["kind"] = "linear"
         row["method"] = rule.method
@@ -222,7 +216,7 @@ def _data_free_activations(src: Path, files, recipe, rules: dict, wanted: dict, 
                            dtype: torch.dtype, log) -> dict[str, dict]:
     """A data-free run's static input scales (streaming_activations): the embedding read into a
     skeleton, each block re-quantized from the source for the pass."""
-    from lowbit.export.common import empty_model, set_tensor
+    from lowbit.export.common import empty_model
     from lowbit.streaming_activations import needs_pass, requantized_blocks, stream_activations
     if not needs_pass(wanted):
         return stream_activations(None, recipe, wanted, None, 0, None)
@@ -232,12 +226,7 @@ def _data_free_activations(src: Path, files, recipe, rules: dict, wanted: dict, 
     model = empty_model(src, dtype)
     prefix = spec_for(model).blocks
     head = f"{spec_for(model).lm_head}."
-    for key, t in model.state_dict(keep_vars=True).items():
-        if t.is_meta and not key.startswith(prefix + ".") and not key.startswith(head):
-            if key not in files:
-                raise LowbitError(f"{src}: tensor {key} is missing")
-            v = files.read(key)
-            set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
+    read_outside_blocks(model, files, prefix, dtype, str(src), skip=lambda key: key.startswith(head))
     cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
     if tokens is None:
         from lowbit.models import load_tokenizer
@@ -299,6 +288,31 @@ def read_block(model, files, base: str, block, dtype: torch.dtype, where: str) -
             raise LowbitError(f"{where}: tensor {full} is missing")
         v = files.read(full)
         set_tensor(model, full, v.to(dtype) if v.is_floating_point() else v, where)
+
+
+def read_outside_blocks(model, files, prefix: str, dtype: torch.dtype, where: str, skip=None) -> None:
+    """Fill the skeleton's tensors outside the decoder blocks (embedding, final norm, lm_head)
+    that are still on the meta device from `files`; skip(key) leaves one out."""
+    from lowbit.export.common import set_tensor
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key.startswith(prefix + ".") or not t.is_meta or (skip is not None and skip(key)):
+            continue
+        if key not in files:
+            raise LowbitError(f"{where}: tensor {key} is missing")
+        v = files.read(key)
+        set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, where)
+
+
+def quantize_from_source(files, layer: str, rule, dtype: torch.dtype, stats: dict | None = None):
+    """Layer `layer`'s weight read from `files` and quantized by its rule's data-free method, the
+    error naming the tensor (as api.quantize does)."""
+    from lowbit.methods import get_method
+    spec = get_method(rule.method)
+    w = files.read(f"{layer}.weight").to(dtype)
+    try:
+        return spec.fn(w, rule.scheme, spec.make_config(rule.method_args), stats)
+    except LowbitError as e:
+        raise LowbitError(f"{layer}.weight: {e}") from None
 
 
 def open_source(source) -> tuple[Path, object, str | None]:

@@ -110,7 +110,7 @@ def requantized_blocks(files, where: str, model: nn.Module, prefix: str, rules: 
     """block_layers for a data-free streamed run: block b's tensors (the ones the skeleton `model`
     expects) read from the source and its targeted linears quantized again by their rules (the
     values the write pass makes)."""
-    from lowbit.methods import get_method
+    from lowbit.streaming import quantize_from_source
 
     def block_layers(b: int) -> tuple[dict, dict]:
         base = f"{prefix}.{b}"
@@ -119,12 +119,7 @@ def requantized_blocks(files, where: str, model: nn.Module, prefix: str, rules: 
         for layer, rule in rules.items():
             if not layer.startswith(base + "."):
                 continue
-            spec = get_method(rule.method)
-            w = files.read(f"{layer}.weight").to(dtype)
-            try:
-                qws[layer] = spec.fn(w, rule.scheme, spec.make_config(rule.method_args), None)
-            except LowbitError as e:
-                raise LowbitError(f"{layer}.weight: {e}") from None
+            qws[layer] = quantize_from_source(files, layer, rule, dtype)
         for key in keys:
             owner, _, leaf = key.rpartition(".")
             if owner in qws and leaf == "weight":

@@ -126,8 +126,8 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     from lowbit.calibration.paused import trim_heap
     from lowbit.errors import check_context
     from lowbit.export import _source_sha256
-    from lowbit.export.common import (copy_model_files, empty_model, output_dir, set_tensor, shard_plan,
-                                      tie_by_config, write_index, write_shard)
+    from lowbit.export.common import (copy_model_files, empty_model, output_dir, shard_plan, tie_by_config,
+                                      write_index, write_shard)
     from lowbit.export.manifest import provenance, write_manifest
     from lowbit.export.native import FORMAT, FORMAT_VERSION, MANIFEST
     from lowbit.models.shards import SafetensorsSource
@@ -160,15 +160,8 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     sd = model.state_dict(keep_vars=True)
 
     def read_outside() -> None:
-        for key, t in model.state_dict(keep_vars=True).items():
-            if key.startswith(prefix + ".") or not t.is_meta:
-                continue
-            if key.rpartition(".")[0] == arch.lm_head and arch.lm_head not in outside:
-                continue
-            if key not in files:
-                raise LowbitError(f"{src}: tensor {key} is missing")
-            v = files.read(key)
-            set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
+        read_outside_blocks(model, files, prefix, dtype, str(src),
+                            skip=lambda key: key.rpartition(".")[0] == arch.lm_head and arch.lm_head not in outside)
         tie_by_config(model)
     read_outside()
 
@@ -242,7 +235,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
         plan[key] = (tuple(value.shape), dt, ("floats", b) if spooled else ("source", None))
     del skel
     names = sorted(plan)
-    from lowbit.streaming import _nbytes, add_activation_rows, stream_config
+    from lowbit.streaming import _nbytes, add_activation_rows, read_outside_blocks, stream_config
     sizes = {k: _nbytes(plan[k][0], plan[k][1]) for k in names}
     cache = {"block": None, "layers": {}, "floats": {}}
 

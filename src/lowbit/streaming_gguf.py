@@ -14,61 +14,41 @@ export write (tests/test_streaming.py). Calibrated ggml methods (gptq_ggml) are 
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.export.common import OnDemandLayers
 
 
-class QuantizedOnRead(Mapping):
-    """name -> the layer's quantized weight, made from the source when asked for (the last one
-    kept: the writer looks at a layer several times in a row). describe(name): what its manifest
-    row needs, kept for every layer already made."""
+class QuantizedOnRead(OnDemandLayers):
+    """name -> the layer's quantized weight, made from the source when asked for (only the last
+    one kept: export.common.OnDemandLayers). describe(name): what its manifest row needs, kept
+    for every layer already made."""
 
     def __init__(self, files, targets: dict, dtype: torch.dtype, where: str, on_made=None, stats: dict | None = None):
+        super().__init__(targets)
         self.files, self.targets, self.dtype, self.where, self.on_made = files, targets, dtype, where, on_made
         self.stats = stats or {}              # name -> statistics given from outside (an imatrix's means)
-        self._last = (None, None)
         self._made: dict[str, SimpleNamespace] = {}
 
-    def __getitem__(self, name: str):
-        from lowbit.methods import get_method
-        if self._last[0] != name:
-            if name not in self.targets:
-                raise KeyError(name)
-            self._last = (None, None)
-            rule = self.targets[name]
-            w = self.files.read(f"{name}.weight").to(self.dtype)
-            spec = get_method(rule.method)
-            try:
-                qw = spec.fn(w, rule.scheme, spec.make_config(rule.method_args), self.stats.get(name))
-            except LowbitError as e:
-                raise LowbitError(f"{name}.weight: {e}") from None
-            del w
-            self._last = (name, qw)
-            if name not in self._made:
-                self._made[name] = SimpleNamespace(scheme=qw.scheme, shape=qw.shape, bits_per_weight=qw.bits_per_weight,
-                                                   ragged_last_group=qw.ragged_last_group)
-                if self.on_made is not None:
-                    self.on_made(name, qw, rule.method)
-        return self._last[1]
+    def _make(self, name: str):
+        from lowbit.streaming import quantize_from_source
+        rule = self.targets[name]
+        qw = quantize_from_source(self.files, name, rule, self.dtype, self.stats.get(name))
+        if name not in self._made:
+            self._made[name] = SimpleNamespace(scheme=qw.scheme, shape=qw.shape, bits_per_weight=qw.bits_per_weight,
+                                               ragged_last_group=qw.ragged_last_group)
+            if self.on_made is not None:
+                self.on_made(name, qw, rule.method)
+        return qw
 
     def describe(self, name: str):
         if name not in self._made:
             self[name]
         return self._made[name]
-
-    def __iter__(self):
-        return iter(self.targets)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __contains__(self, name) -> bool:
-        return name in self.targets
 
 
 def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dtype = torch.float32,

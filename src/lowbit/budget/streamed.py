@@ -137,23 +137,16 @@ def plan_budget_streaming(source, budget, *, tokens: torch.Tensor, fmt: str = "n
     from lowbit.arch import spec_for
     from lowbit.budget import load_or_compute, parse_budget, solve
     from lowbit.budget.solver import TIED_FORMATS
-    from lowbit.export.common import empty_model, set_tensor, tie_by_config
-    from lowbit.streaming import open_source
+    from lowbit.export.common import empty_model, tie_by_config
+    from lowbit.streaming import open_source, read_outside_blocks
     b = parse_budget(budget) if isinstance(budget, str) else budget
     src, files, sha = open_source(source)
     model = empty_model(src, dtype)
     arch = spec_for(model)
     prefix, head = arch.blocks, f"{arch.lm_head}.weight"
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for key, t in model.state_dict(keep_vars=True).items():
-        if key.startswith(prefix + ".") or not t.is_meta:
-            continue
-        if key not in files:
-            if key == head and tied:         # the embedding, tied below
-                continue
-            raise LowbitError(f"{src}: tensor {key} is missing")
-        v = files.read(key)
-        set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
+    # a tied lm_head has no tensor of its own: the embedding, tied below
+    read_outside_blocks(model, files, prefix, dtype, str(src), skip=lambda key: key == head and tied and key not in files)
     tie_by_config(model)
     model.eval()
     io = StreamedBlocks(model, files, str(src), prefix, dtype)

@@ -8,6 +8,7 @@ writer made (it has a manifest), never an arbitrary path.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 import json
 import math
 import os
@@ -478,3 +479,31 @@ def check_vocab(model: nn.Module, tok, where) -> None:
     if rows is not None and n > rows:
         raise LowbitError(f"{where}: the tokenizer has {n} tokens but the model's embedding has {rows} rows "
                           "(vocab_size); tokenizer and weights do not belong together")
+
+
+class OnDemandLayers(Mapping):
+    """name -> a layer's quantized weight, made by _make(name) when asked for; only the last one
+    is kept (writers look at a layer several times in a row). `names`: the layers there are."""
+
+    def __init__(self, names):
+        self._names, self._last = names, (None, None)
+
+    def _make(self, name: str):
+        raise NotImplementedError
+
+    def __getitem__(self, name: str):
+        if self._last[0] != name:
+            if name not in self._names:
+                raise KeyError(name)
+            self._last = (None, None)            # the previous layer is freed before the next is made
+            self._last = (name, self._make(name))
+        return self._last[1]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names

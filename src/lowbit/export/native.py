@@ -69,14 +69,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import LowbitError
 from lowbit.export import Format, register_format
-from lowbit.export.common import (TensorFiles, copy_model_files, source_config, empty_model, finish, float_tensors,
+from lowbit.export.common import (OnDemandLayers, TensorFiles, copy_model_files, source_config, empty_model, finish, float_tensors,
                                   output_dir, place_quantized, retie, save_safetensors, scale_for_file,
                                   set_tensor)
 from lowbit.export.manifest import provenance, verify, write_manifest
@@ -312,29 +311,15 @@ def read(path: str | os.PathLike, dtype: torch.dtype = torch.float32, backend: s
     return finish(model, path, m, FORMAT, extra_meta={"qweights": qweights})
 
 
-class _LayersOnDisk(Mapping):
-    """name -> QuantizedWeight, read from the directory's safetensors on each use; only the last
-    one read is kept (writers look at a layer several times in a row)."""
+class _LayersOnDisk(OnDemandLayers):
+    """name -> QuantizedWeight, read from the directory's safetensors on each use."""
 
     def __init__(self, take, rows: dict, where: Path):
-        self._take, self._rows, self._where, self._last = take, rows, where, (None, None)
+        super().__init__(rows)
+        self._take, self._rows, self._where = take, rows, where
 
-    def __getitem__(self, name: str):
-        if self._last[0] != name:
-            if name not in self._rows:
-                raise KeyError(name)
-            self._last = (None, None)
-            self._last = (name, read_qweight(self._take, name, self._rows[name], self._where)[0])
-        return self._last[1]
-
-    def __iter__(self):
-        return iter(self._rows)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __contains__(self, name) -> bool:
-        return name in self._rows
+    def _make(self, name: str):
+        return read_qweight(self._take, name, self._rows[name], self._where)[0]
 
 
 def read_for_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -305,8 +305,8 @@ class RotatedSource:
             self.cache = (None, {})
             base = f"{self.prefix}.{b}"
             block = self.model.get_submodule(base)
-            for k in block.state_dict(keep_vars=True):
-                self._fill(f"{base}.{k}")
+            from lowbit.streaming import read_block
+            read_block(self.model, self.files, base, block, self.dtype, self.where)
             self.rotator.block(b, block)
             self.cache = (b, {f"{base}.{k}": v.detach() for k, v in block.state_dict().items()})
             block.to("meta")
