@@ -132,6 +132,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     from lowbit.export.native import FORMAT, FORMAT_VERSION, MANIFEST
     from lowbit.models.shards import SafetensorsSource
     from lowbit.recipe import Recipe
+    from lowbit.streaming import read_outside_blocks
     from lowbit.transforms import block_level_names
 
     log = log or (lambda _m: None)
@@ -235,7 +236,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
         plan[key] = (tuple(value.shape), dt, ("floats", b) if spooled else ("source", None))
     del skel
     names = sorted(plan)
-    from lowbit.streaming import _nbytes, add_activation_rows, read_outside_blocks, stream_config
+    from lowbit.streaming import _nbytes, add_activation_rows, stream_config
     sizes = {k: _nbytes(plan[k][0], plan[k][1]) for k in names}
     cache = {"block": None, "layers": {}, "floats": {}}
 
