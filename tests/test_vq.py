@@ -134,8 +134,9 @@ ISAS = [i for i in ("avx512vnni", "avx512", "avx2", "portable") if ext.load() an
 @pytest.mark.parametrize("shape", [(96, 576, 4, 256, 1, 64), (40, 192, 2, 64, 3, 32), (17, 72, 8, 256, 1, 24),
                                    (9, 40, 4, 256, 1, 40)])
 def test_table_lookup_matches_the_dequantized_matmul(shape):
-    """Every kernel path against x @ W_hat^T in float64: fp32 sums of <= 576 terms, each product
-    below max|T| max|scale|, stay within ~1e-6 of the largest output (tolerance 2e-5)."""
+    """Every float kernel path against x @ W_hat^T in float64: fp32 sums of <= 576 terms, each
+    product below max|T| max|scale|, stay within ~1e-6 of the largest output (tolerance 2e-5).
+    The 16-bit tables are off here (their own bound: test_16bit_tables_stay_within_their_rounding_bound)."""
     N, K_in, d, Kc, ncb, gs = shape
     vw = _random_vq(N, K_in, d, Kc, ncb, gs)
     m = VQLinear(vw)
@@ -146,9 +147,72 @@ def test_table_lookup_matches_the_dequantized_matmul(shape):
         m.use_ext = False
         assert float((m(x).double() - ref).abs().max()) <= tol
         m.use_ext = True
+        prev = torch.ops.lowbit_cpu.set_vq_i16(False) if ISAS else None
+        try:
+            for isa in ISAS:
+                with ext.use_isa(isa):
+                    assert float((m(x).double() - ref).abs().max()) <= tol, (isa, M)
+        finally:
+            if ISAS:
+                torch.ops.lowbit_cpu.set_vq_i16(prev)
+
+
+def _i8_bound(vw: VQWeight, x: torch.Tensor) -> torch.Tensor:
+    """kern_vq.h's 16-bit tables: each entry within ts[g] / 2 of the float table (ts[g] = max|T over
+    scale group g| / 32767), the int sums exact, so |y - y_exact| <= sum_g |scale[n, g]| ts[g] n_g / 2
+    for the n_g vectors of group g."""
+    M, (N, K_in), d = x.shape[0], vw.shape, vw.dim
+    V, vpg, G = K_in // d, vw.group_size // d, vw.scale.shape[1]
+    T = torch.einsum("mvd,vkd->mvk", x.double().view(M, V, d), vw.codebook.double()[vw.vector_codebook()])
+    ts = torch.stack([T[:, g * vpg:(g + 1) * vpg].abs().flatten(1).amax(1) for g in range(G)], 1) / 32767
+    n_g = torch.tensor([min(V, (g + 1) * vpg) - g * vpg for g in range(G)], dtype=torch.float64)
+    return (ts * n_g / 2) @ vw.scale.double().abs().t()
+
+
+@pytest.mark.parametrize("shape", [(96, 576, 4, 256, 1, 64), (40, 192, 2, 64, 3, 32), (17, 72, 8, 256, 1, 24),
+                                   (9, 40, 4, 256, 1, 40), (200, 128, 4, 128, 2, 128), (130, 2048, 8, 16, 1, 2048)])
+def test_16bit_tables_stay_within_their_rounding_bound(shape):
+    """The VBMI byte-permute path (where this CPU has it) against the float64 product, within the
+    bound of its rounded table plus fp32 slack, on every row count the row blocks split into
+    (tails of 64-row blocks, groups over 256 vectors); and set_vq_i16(False) returns the float path."""
+    op = torch.ops.lowbit_cpu if ext.load() else None
+    lut_isas = []
+    for isa in ISAS:
+        with ext.use_isa(isa):
+            if op.vq_kernel() == "i16-vbmi":
+                lut_isas.append(isa)
+    if not lut_isas:
+        pytest.skip("no 16-bit-table variant here (needs the compiled kernels, AVX-512 and VBMI)")
+    N, K_in, d, Kc, ncb, gs = shape
+    vw = _random_vq(N, K_in, d, Kc, ncb, gs)
+    m = VQLinear(vw)
+    for M in (1, 3):
+        x = torch.randn(M, K_in)
+        ref = x.double() @ vw.dequantize().double().t()
+        bound = _i8_bound(vw, x) + 2e-5 * float(ref.abs().max())
+        for isa in lut_isas:
+            with ext.use_isa(isa):
+                err = (m(x).double() - ref).abs()
+                assert bool((err <= bound).all()), (isa, M, float((err / bound).max()))
+                prev = op.set_vq_i16(False)
+                try:
+                    assert op.vq_kernel() == "f32"
+                    assert float((m(x).double() - ref).abs().max()) <= 2e-5 * float(ref.abs().max())
+                finally:
+                    op.set_vq_i16(prev)
+
+
+def test_table_lookup_never_turns_nan_or_inf_into_a_number():
+    vw = _random_vq(70, 192, 4, 256, 1, 64)
+    m = VQLinear(vw)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 192)
+        x[0, 5] = bad
         for isa in ISAS:
             with ext.use_isa(isa):
-                assert float((m(x).double() - ref).abs().max()) <= tol, (isa, M)
+                y = m(x)
+                assert not bool(torch.isfinite(y[0]).any()), (isa, bad)
+                assert bool(torch.isfinite(y[1]).all()), (isa, bad)
 
 
 def test_int16_indices_run_on_the_torch_path():

@@ -558,6 +558,6 @@ namespace lowbit {
 const KernTable kern_avx2 = {"avx2", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
                              gemv_q8<true>, gemv_q8<false>, gemm_q4q8c_blk,
                                    kGemmMR, kGemmNR, gemm_pack_x, gemm_f32_q4, gemm_f32_u8, gemv_t2q8,
-                                   w8_dot, quant_w8, kv_scores, kv_mix, vq_table, vq_gemv};
+                                   w8_dot, quant_w8, kv_scores, kv_mix, vq_table, vq_gemv, LOWBIT_VQ_I16};
 
 }  // namespace lowbit

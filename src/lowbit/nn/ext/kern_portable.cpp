@@ -296,6 +296,6 @@ void w8_dot(const uint8_t* codes, const int8_t* xq, int64_t M, int64_t K, int32_
 const KernTable kern_portable = {"portable", gemv_q4, gemv_u8, dequant_q4, dequant_u8, quant_q8,
                                  gemv_q8<true>, gemv_q8<false>, gemm_q4q8c,
                                  0, 0, nullptr, nullptr, nullptr, gemv_t2q8, w8_dot, quant_w8,
-                                 kv_scores, kv_mix, vq_table, vq_gemv};
+                                 kv_scores, kv_mix, vq_table, vq_gemv, LOWBIT_VQ_I16};
 
 }  // namespace lowbit

@@ -99,3 +99,174 @@ void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
     }
   }
 }
+
+// ---- 16-bit tables on byte permutes (AVX-512 VBMI) ---------------------------------------------
+// The table of each scale group g is rounded to int16 with one step ts[g] = max|T over g| / 32767
+// and split into two byte planes, q = 256 hi + lo (hi signed, lo unsigned), each looked up by a
+// byte permute of 64 rows' indices at once (vpermb: 64 entries, vpermi2b: 128, two of them and a
+// blend on the top index bit: 256), where the float path gathers 16 entries per instruction. The
+// planes' partial sums over at most 256 vectors are exact in 16 bits, their recombination in int32:
+//
+//   Tq[v 2KP + c] = hi, Tq[v 2KP + KP + c] = lo of round(T[v Kc + c] / ts[g]) for c < Kc,
+//                   0 up to KP = 64 | 128 | 256 >= Kc
+//   y[n]          = sum_g scaleT[g, n] ts[g] sum_{v in g} q[v, idxT[v, n]]
+//
+// so |y - y_f32| <= sum_g |scaleT[g, n]| ts[g] / 2 per vector of g (plus float rounding): 15 bits
+// of the table's range, where int8 tables (7 bits) moved the bundled model's decode by KL 2e-2.
+// A group whose table holds NaN or inf gets ts = NaN: its rows' outputs are NaN, never a number.
+#if defined(__AVX512F__)
+inline int64_t vq_kp(int64_t Kc) { return Kc <= 64 ? 64 : (Kc <= 128 ? 128 : 256); }
+
+void vq_qtable(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, int64_t g1, int8_t* Tq,
+               float* ts) {
+  const int64_t KP = vq_kp(Kc);
+  const __m512 inf = _mm512_set1_ps(__builtin_inff());
+  const __m512i lo_mask = _mm512_set1_epi32(255);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t va = g * vpg, vb = (g + 1) * vpg < V ? (g + 1) * vpg : V;
+    const float* t = T + va * Kc;
+    const int64_t n = (vb - va) * Kc;
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(t + i));
+      bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);            // NaN or inf
+      mx = _mm512_max_ps(mx, a);
+    }
+    if (i < n) {
+      const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, t + i));
+      bad |= _mm512_mask_cmp_ps_mask(k, a, inf, _CMP_NLT_UQ);
+      mx = _mm512_max_ps(mx, a);
+    }
+    const float m = _mm512_reduce_max_ps(mx);
+    if (bad) {
+      ts[g] = __builtin_nanf("");
+      for (int64_t v = va; v < vb; ++v)
+        for (int64_t c = 0; c < 2 * KP; ++c) Tq[v * 2 * KP + c] = 0;
+      continue;
+    }
+    ts[g] = m > 0.f ? m / 32767.f : 1.f;
+    const __m512 inv = _mm512_set1_ps(m > 0.f ? 32767.f / m : 0.f);
+    for (int64_t v = va; v < vb; ++v) {
+      const float* tv = T + v * Kc;
+      int8_t* hi = Tq + v * 2 * KP;
+      int8_t* lo = hi + KP;
+      for (int64_t c = 0; c < Kc; c += 16) {
+        const __mmask16 k = Kc - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (Kc - c)) - 1);
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, tv + c), inv));
+        q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(32767)), _mm512_set1_epi32(-32767));
+        _mm512_mask_cvtepi32_storeu_epi8(hi + c, k, _mm512_srai_epi32(q, 8));    // in [-128, 127]
+        _mm512_mask_cvtepi32_storeu_epi8(lo + c, k, _mm512_and_si512(q, lo_mask));   // the low byte
+      }
+      for (int64_t c = Kc; c < KP; ++c) hi[c] = lo[c] = 0;
+    }
+  }
+}
+
+#define LOWBIT_VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi")))
+
+template <int KP>
+LOWBIT_VBMI inline __m512i vq_look(const int8_t* tv, __m512i idx) {   // 64 rows' bytes of one plane
+  const __m512i t0 = _mm512_loadu_si512(tv);
+  if constexpr (KP == 64) {
+    return _mm512_permutexvar_epi8(idx, t0);
+  } else if constexpr (KP == 128) {
+    return _mm512_permutex2var_epi8(t0, idx, _mm512_loadu_si512(tv + 64));
+  } else {
+    const __m512i lo = _mm512_permutex2var_epi8(t0, idx, _mm512_loadu_si512(tv + 64));
+    const __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(tv + 128), idx, _mm512_loadu_si512(tv + 192));
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi);
+  }
+}
+
+LOWBIT_VBMI inline __m256i vq_half(__m512i s, int half) {
+  return half ? _mm512_extracti64x4_epi64(s, 1) : _mm512_castsi512_si256(s);
+}
+
+// R blocks of 64 rows from row n (rows of them in all, the last block possibly short: masked),
+// scale groups [g0, g1), accumulated onto y
+template <int KP, int R>
+LOWBIT_VBMI void vq_rows_i16(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N,
+                             int64_t vpg, const float* scaleT, float* y, int64_t n, int64_t rows, int64_t g0,
+                             int64_t g1) {
+  constexpr int64_t kPf = 16;                 // vectors ahead for the index prefetch
+  __mmask64 bm[R];
+  __mmask16 fm[R][4];
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r) {
+    int64_t cnt = rows - 64 * r;
+    cnt = cnt < 0 ? 0 : (cnt > 64 ? 64 : cnt);
+    bm[r] = cnt == 64 ? ~__mmask64(0) : ((__mmask64(1) << cnt) - 1);
+    for (int q = 0; q < 4; ++q) {
+      int64_t c = cnt - 16 * q;
+      c = c < 0 ? 0 : (c > 16 ? 16 : c);
+      fm[r][q] = static_cast<__mmask16>((1u << c) - 1);
+      acc[r][q] = _mm512_maskz_loadu_ps(fm[r][q], y + n + 64 * r + 16 * q);
+    }
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t va = g * vpg, vb = (g + 1) * vpg < V ? (g + 1) * vpg : V;
+    const __m512 tsg = _mm512_set1_ps(ts[g]);
+    for (int64_t c0 = va; c0 < vb; c0 += 256) {   // 16-bit partial sums of <= 256 entries: exact
+      const int64_t c1 = c0 + 256 < vb ? c0 + 256 : vb;
+      __m512i sh[R][2], sl[R][2];   // int16 sums of hi, uint16 sums of lo (rows 0-31, 32-63)
+      for (int r = 0; r < R; ++r) sh[r][0] = sh[r][1] = sl[r][0] = sl[r][1] = _mm512_setzero_si512();
+      for (int64_t v = c0; v < c1; ++v) {
+        const uint8_t* iv = idxT + v * N + n;
+        if (v + kPf < V)
+          for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(iv + kPf * N + 64 * r), _MM_HINT_T0);
+        const int8_t* tv = Tq + v * 2 * KP;
+        for (int r = 0; r < R; ++r) {
+          const __m512i idx = _mm512_maskz_loadu_epi8(bm[r], iv + 64 * r);
+          const __m512i eh = vq_look<KP>(tv, idx), el = vq_look<KP>(tv + KP, idx);
+          sh[r][0] = _mm512_add_epi16(sh[r][0], _mm512_cvtepi8_epi16(vq_half(eh, 0)));
+          sh[r][1] = _mm512_add_epi16(sh[r][1], _mm512_cvtepi8_epi16(vq_half(eh, 1)));
+          sl[r][0] = _mm512_add_epi16(sl[r][0], _mm512_cvtepu8_epi16(vq_half(el, 0)));
+          sl[r][1] = _mm512_add_epi16(sl[r][1], _mm512_cvtepu8_epi16(vq_half(el, 1)));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int q = 0; q < 4; ++q) {
+          const __m512i h = _mm512_cvtepi16_epi32(vq_half(sh[r][q / 2], q % 2));
+          const __m512i l = _mm512_cvtepu16_epi32(vq_half(sl[r][q / 2], q % 2));
+          const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l));   // exact
+          const __m512 sc = _mm512_mul_ps(_mm512_maskz_loadu_ps(fm[r][q], scaleT + g * N + n + 64 * r + 16 * q), tsg);
+          acc[r][q] = _mm512_fmadd_ps(sum, sc, acc[r][q]);
+        }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(y + n + 64 * r + 16 * q, fm[r][q], acc[r][q]);
+}
+
+template <int KP>
+LOWBIT_VBMI void vq_gemv_i16_kp(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N,
+                                int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1) {
+  const int64_t G = (V + vpg - 1) / vpg;
+  int64_t gpc = (32768 / (2 * KP)) / vpg;     // groups whose byte planes fit ~32 KB
+  if (gpc < 1) gpc = 1;
+  for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
+  for (int64_t g0 = 0; g0 < G; g0 += gpc) {
+    const int64_t g1 = g0 + gpc < G ? g0 + gpc : G;
+    int64_t n = n0;
+    for (; n + 128 <= n1; n += 128) vq_rows_i16<KP, 2>(Tq, ts, idxT, V, N, vpg, scaleT, y, n, 128, g0, g1);
+    for (; n < n1; n += 64) vq_rows_i16<KP, 1>(Tq, ts, idxT, V, N, vpg, scaleT, y, n, n1 - n, g0, g1);
+  }
+}
+
+// y[n] for n in [n0, n1) from vq_qtable's Tq / ts; the caller checks the CPU has VBMI
+void vq_gemv_i16(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
+                 int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1) {
+  switch (vq_kp(Kc)) {
+    case 64: vq_gemv_i16_kp<64>(Tq, ts, idxT, V, N, vpg, scaleT, y, n0, n1); break;
+    case 128: vq_gemv_i16_kp<128>(Tq, ts, idxT, V, N, vpg, scaleT, y, n0, n1); break;
+    default: vq_gemv_i16_kp<256>(Tq, ts, idxT, V, N, vpg, scaleT, y, n0, n1); break;
+  }
+}
+#undef LOWBIT_VBMI
+#define LOWBIT_VQ_I16 vq_qtable, vq_gemv_i16
+#else
+#define LOWBIT_VQ_I16 nullptr, nullptr
+#endif

@@ -55,6 +55,7 @@
 #include <cstring>
 #include <limits>
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <functional>
 #include <vector>
@@ -546,6 +547,34 @@ at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
   return out;
 }
 
+// The int8-table lookups (kern_vq.h) run where the variant has them and the CPU has VBMI, unless
+// turned off (LOWBIT_VQ_I16=0 in the environment at load, or set_vq_i16(false)).
+bool g_vq_i16 = [] {
+  const char* e = std::getenv("LOWBIT_VQ_I16");
+  return !(e && std::string(e) == "0");
+}();
+
+bool cpu_has_vbmi() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
+bool vq_i16_runs(const KernTable* kt) { return g_vq_i16 && kt->vq_gemv_i16 != nullptr && cpu_has_vbmi(); }
+
+// which table-lookup kernel vq_linear runs now: "i16-vbmi" (16-bit tables, byte permutes) or "f32" (float tables)
+std::string vq_kernel() { return vq_i16_runs(g_kern) ? "i16-vbmi" : "f32"; }
+
+// allow (true) or forbid (false) the 16-bit tables; returns the previous setting
+bool set_vq_i16(bool on) {
+  const bool prev = g_vq_i16;
+  g_vq_i16 = on;
+  return prev;
+}
+
 // Vector-codebook linear by table lookup (kern_vq.h), for the few rows of decode: per row of x,
 // the (V, Kc) table of its vectors against the codebooks, then each output row's indexed sum.
 // idxT (V, N) and scaleT (G, N): the indices and scales transposed (nn/vq.py keeps them so).
@@ -579,6 +608,24 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
   const float *xp = x.data_ptr<float>(), *cp = cbT.data_ptr<float>(), *sp = scaleT.data_ptr<float>();
   const uint8_t* ip = idxT.data_ptr<uint8_t>();
   float *tp = T.data_ptr<float>(), *yp = y.data_ptr<float>();
+  if (vq_i16_runs(kt)) {       // 16-bit tables in two byte planes, byte-permute lookups (kern_vq.h)
+    const int64_t KP = Kc <= 64 ? 64 : (Kc <= 128 ? 128 : 256);
+    at::Tensor Tq = at::empty({V * 2 * KP}, x.options().dtype(at::kChar));
+    at::Tensor ts = at::empty({G}, x.options());
+    int8_t* qp = Tq.data_ptr<int8_t>();
+    float* tsp = ts.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      at::parallel_for(0, G, std::max<int64_t>(1, 64 / vpg), [&](int64_t g0, int64_t g1) {
+        kt->vq_table(xp + m * Kin, cp, Kc, d, vpc, g0 * vpg, std::min(V, g1 * vpg), tp);
+        kt->vq_qtable(tp, V, Kc, vpg, g0, g1, qp, tsp);
+      });
+      const int64_t nb = (N + 127) / 128;      // row ranges in multiples of 128 (two 64-row blocks)
+      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+        kt->vq_gemv_i16(qp, tsp, ip, V, N, Kc, vpg, sp, yp + m * N, b0 * 128, std::min(N, b1 * 128));
+      });
+    }
+    return y;
+  }
   for (int64_t m = 0; m < M; ++m) {
     at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) { kt->vq_table(xp + m * Kin, cp, Kc, d, vpc, v0, v1, tp); });
     // row ranges in multiples of 32 (two AVX-512 gathers' lanes)
@@ -641,6 +688,8 @@ TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("vq_linear(Tensor x, Tensor codebook, Tensor indices, Tensor scale, int group_size) -> Tensor");
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("isa() -> str", &current_isa);
+  m.def("vq_kernel() -> str", &vq_kernel);
+  m.def("set_vq_i16(bool on) -> bool", &set_vq_i16);
   m.def("isa_supported(str name) -> bool", &isa_supported);
   m.def("decode_pool_spin_us() -> int", &decode_pool_spin_us);
   m.def("decode_pool_check(int runs, int threads) -> int", &decode_pool_check);

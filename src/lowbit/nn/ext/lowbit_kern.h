@@ -106,6 +106,14 @@ struct KernTable {
                    int64_t v1, float* T);
   void (*vq_gemv)(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
                   const float* scaleT, float* y, int64_t n0, int64_t n1);
+  // the same on 16-bit tables (kern_vq.h, AVX-512 VBMI byte permutes): vq_qtable rounds the float
+  // table of scale groups [g0, g1) to int16 (one step ts[g] per group) held as two byte planes
+  // (Tq: 2 KP bytes per vector, KP = 64 | 128 | 256 >= Kc), vq_gemv_i16 sums the indexed entries. nullptr: this variant has none;
+  // the caller also checks the CPU reports avx512vbmi.
+  void (*vq_qtable)(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, int64_t g1, int8_t* Tq,
+                    float* ts);
+  void (*vq_gemv_i16)(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
+                     int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1);
 };
 
 // A zero-initialised heap array for the ISA files' scratch buffers, with internal linkage (an
