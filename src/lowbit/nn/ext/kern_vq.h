@@ -17,12 +17,54 @@
 // The float weight is never formed: per d weights, one byte is read and one table entry added.
 // Summation order: per group, then over groups in order; the variants agree to float rounding.
 
+// one vector's table row, the d products of each codeword summed in registers (one pass over t)
+template <int D>
+inline void vq_table_row(const float* c, const float* xv, int64_t Kc, float* t) {
+  float xs[D];
+  for (int k = 0; k < D; ++k) xs[k] = xv[k];
+  for (int64_t j = 0; j < Kc; ++j) {
+    float a = c[j] * xs[0];
+    for (int k = 1; k < D; ++k) a += c[k * Kc + j] * xs[k];
+    t[j] = a;
+  }
+}
+
+#if defined(__AVX512F__)
+template <int D>   // the same, 16 codewords per step, fused multiply-adds (Kc a multiple of 16)
+inline void vq_table_row16(const float* c, const float* xv, int64_t Kc, float* t) {
+  __m512 xs[D];
+  for (int k = 0; k < D; ++k) xs[k] = _mm512_set1_ps(xv[k]);
+  for (int64_t j = 0; j < Kc; j += 16) {
+    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(c + j), xs[0]);
+    for (int k = 1; k < D; ++k) a = _mm512_fmadd_ps(_mm512_loadu_ps(c + k * Kc + j), xs[k], a);
+    _mm512_storeu_ps(t + j, a);
+  }
+}
+#endif
+
 void vq_table(const float* x, const float* cbT, int64_t Kc, int64_t d, int64_t vpc, int64_t v0, int64_t v1,
               float* T) {
   for (int64_t v = v0; v < v1; ++v) {
     const float* xv = x + v * d;
     const float* c = cbT + (v / vpc) * d * Kc;
     float* t = T + v * Kc;
+#if defined(__AVX512F__)
+    if (Kc % 16 == 0) {
+      switch (d) {
+        case 2: vq_table_row16<2>(c, xv, Kc, t); continue;
+        case 4: vq_table_row16<4>(c, xv, Kc, t); continue;
+        case 8: vq_table_row16<8>(c, xv, Kc, t); continue;
+        default: break;
+      }
+    }
+#endif
+    switch (d) {
+      case 1: vq_table_row<1>(c, xv, Kc, t); continue;
+      case 2: vq_table_row<2>(c, xv, Kc, t); continue;
+      case 4: vq_table_row<4>(c, xv, Kc, t); continue;
+      case 8: vq_table_row<8>(c, xv, Kc, t); continue;
+      default: break;
+    }
     for (int64_t j = 0; j < Kc; ++j) t[j] = c[j] * xv[0];
     for (int64_t k = 1; k < d; ++k) {
       const float xk = xv[k];
@@ -121,7 +163,6 @@ void vq_qtable(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, i
                float* ts) {
   const int64_t KP = vq_kp(Kc);
   const __m512 inf = _mm512_set1_ps(__builtin_inff());
-  const __m512i lo_mask = _mm512_set1_epi32(255);
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t va = g * vpg, vb = (g + 1) * vpg < V ? (g + 1) * vpg : V;
     const float* t = T + va * Kc;
@@ -153,19 +194,26 @@ void vq_qtable(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, i
       const float* tv = T + v * Kc;
       int8_t* hi = Tq + v * 2 * KP;
       int8_t* lo = hi + KP;
-      for (int64_t c = 0; c < Kc; c += 16) {
-        const __mmask16 k = Kc - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (Kc - c)) - 1);
-        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, tv + c), inv));
-        q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(32767)), _mm512_set1_epi32(-32767));
-        _mm512_mask_cvtepi32_storeu_epi8(hi + c, k, _mm512_srai_epi32(q, 8));    // in [-128, 127]
-        _mm512_mask_cvtepi32_storeu_epi8(lo + c, k, _mm512_and_si512(q, lo_mask));   // the low byte
+      // |T| <= m, so |T 32767 / m| rounds to at most 32767: q fits 16 bits without a clamp;
+      // vpmovdb truncates, keeping the low byte (lo) and the in-range hi
+      int64_t c = 0;
+      for (; c + 16 <= Kc; c += 16) {
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(tv + c), inv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + c), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 8)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + c), _mm512_cvtepi32_epi8(q));
+      }
+      if (c < Kc) {
+        const __mmask16 k = static_cast<__mmask16>((1u << (Kc - c)) - 1);
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, tv + c), inv));
+        _mm512_mask_cvtepi32_storeu_epi8(hi + c, k, _mm512_srai_epi32(q, 8));
+        _mm512_mask_cvtepi32_storeu_epi8(lo + c, k, q);
       }
       for (int64_t c = Kc; c < KP; ++c) hi[c] = lo[c] = 0;
     }
   }
 }
 
-#define LOWBIT_VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi")))
+#define LOWBIT_VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi,avx512vnni")))
 
 template <int KP>
 LOWBIT_VBMI inline __m512i vq_look(const int8_t* tv, __m512i idx) {   // 64 rows' bytes of one plane
@@ -181,12 +229,33 @@ LOWBIT_VBMI inline __m512i vq_look(const int8_t* tv, __m512i idx) {   // 64 rows
   }
 }
 
-LOWBIT_VBMI inline __m256i vq_half(__m512i s, int half) {
-  return half ? _mm512_extracti64x4_epi64(s, 1) : _mm512_castsi512_si256(s);
+// Four vectors' looked-up bytes e[0..3] (64 rows each) summed into int32 by vpdpbusd: interleaved
+// so that each dword holds one row's four bytes (dword j of 128-bit lane L of acc[k]: row
+// 16 L + 4 k + j); signed bytes against ones (hi plane), unsigned against ones (lo plane).
+template <bool Signed>
+LOWBIT_VBMI inline void vq_dot4(__m512i acc[4], const __m512i e[4]) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i u01l = _mm512_unpacklo_epi8(e[0], e[1]), u01h = _mm512_unpackhi_epi8(e[0], e[1]);
+  const __m512i u23l = _mm512_unpacklo_epi8(e[2], e[3]), u23h = _mm512_unpackhi_epi8(e[2], e[3]);
+  const __m512i w[4] = {_mm512_unpacklo_epi16(u01l, u23l), _mm512_unpackhi_epi16(u01l, u23l),
+                        _mm512_unpacklo_epi16(u01h, u23h), _mm512_unpackhi_epi16(u01h, u23h)};
+  for (int k = 0; k < 4; ++k)
+    acc[k] = Signed ? _mm512_dpbusd_epi32(acc[k], ones, w[k]) : _mm512_dpbusd_epi32(acc[k], w[k], ones);
+}
+
+// vq_dot4's row order back to rows 16 L .. 16 L + 15 in out[L]: a 4 x 4 transpose of 128-bit lanes
+LOWBIT_VBMI inline void vq_unshuffle(const __m512i a[4], __m512i out[4]) {
+  const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE);
+  const __m512i t2 = _mm512_shuffle_i32x4(a[2], a[3], 0x44), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
+  out[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+  out[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+  out[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+  out[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
 }
 
 // R blocks of 64 rows from row n (rows of them in all, the last block possibly short: masked),
-// scale groups [g0, g1), accumulated onto y
+// scale groups [g0, g1), accumulated onto y. Partial sums over <= 256 vectors: |256 hi + lo| <=
+// 256 * 32767 < 2^24, exact in int32 and in float.
 template <int KP, int R>
 LOWBIT_VBMI void vq_rows_i16(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N,
                              int64_t vpg, const float* scaleT, float* y, int64_t n, int64_t rows, int64_t g0,
@@ -209,32 +278,42 @@ LOWBIT_VBMI void vq_rows_i16(const int8_t* Tq, const float* ts, const uint8_t* i
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t va = g * vpg, vb = (g + 1) * vpg < V ? (g + 1) * vpg : V;
     const __m512 tsg = _mm512_set1_ps(ts[g]);
-    for (int64_t c0 = va; c0 < vb; c0 += 256) {   // 16-bit partial sums of <= 256 entries: exact
+    for (int64_t c0 = va; c0 < vb; c0 += 256) {
       const int64_t c1 = c0 + 256 < vb ? c0 + 256 : vb;
-      __m512i sh[R][2], sl[R][2];   // int16 sums of hi, uint16 sums of lo (rows 0-31, 32-63)
-      for (int r = 0; r < R; ++r) sh[r][0] = sh[r][1] = sl[r][0] = sl[r][1] = _mm512_setzero_si512();
-      for (int64_t v = c0; v < c1; ++v) {
-        const uint8_t* iv = idxT + v * N + n;
-        if (v + kPf < V)
-          for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(iv + kPf * N + 64 * r), _MM_HINT_T0);
-        const int8_t* tv = Tq + v * 2 * KP;
+      __m512i sh[R][4], sl[R][4];   // int32 sums of the hi and lo planes, vq_dot4's row order
+      for (int r = 0; r < R; ++r)
+        for (int k = 0; k < 4; ++k) sh[r][k] = sl[r][k] = _mm512_setzero_si512();
+      for (int64_t v = c0; v < c1; v += 4) {
+        __m512i eh[R][4], el[R][4];
+        for (int j = 0; j < 4; ++j) {
+          if (v + j >= c1) {           // past the chunk: zeros add nothing
+            for (int r = 0; r < R; ++r) eh[r][j] = el[r][j] = _mm512_setzero_si512();
+            continue;
+          }
+          const uint8_t* iv = idxT + (v + j) * N + n;
+          if (v + j + kPf < V)
+            for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(iv + kPf * N + 64 * r), _MM_HINT_T0);
+          const int8_t* tv = Tq + (v + j) * 2 * KP;
+          for (int r = 0; r < R; ++r) {
+            const __m512i idx = _mm512_maskz_loadu_epi8(bm[r], iv + 64 * r);
+            eh[r][j] = vq_look<KP>(tv, idx);
+            el[r][j] = vq_look<KP>(tv + KP, idx);
+          }
+        }
         for (int r = 0; r < R; ++r) {
-          const __m512i idx = _mm512_maskz_loadu_epi8(bm[r], iv + 64 * r);
-          const __m512i eh = vq_look<KP>(tv, idx), el = vq_look<KP>(tv + KP, idx);
-          sh[r][0] = _mm512_add_epi16(sh[r][0], _mm512_cvtepi8_epi16(vq_half(eh, 0)));
-          sh[r][1] = _mm512_add_epi16(sh[r][1], _mm512_cvtepi8_epi16(vq_half(eh, 1)));
-          sl[r][0] = _mm512_add_epi16(sl[r][0], _mm512_cvtepu8_epi16(vq_half(el, 0)));
-          sl[r][1] = _mm512_add_epi16(sl[r][1], _mm512_cvtepu8_epi16(vq_half(el, 1)));
+          vq_dot4<true>(sh[r], eh[r]);
+          vq_dot4<false>(sl[r], el[r]);
         }
       }
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
+        __m512i s32[4], rows32[4];
+        for (int k = 0; k < 4; ++k) s32[k] = _mm512_add_epi32(_mm512_slli_epi32(sh[r][k], 8), sl[r][k]);
+        vq_unshuffle(s32, rows32);
         for (int q = 0; q < 4; ++q) {
-          const __m512i h = _mm512_cvtepi16_epi32(vq_half(sh[r][q / 2], q % 2));
-          const __m512i l = _mm512_cvtepu16_epi32(vq_half(sl[r][q / 2], q % 2));
-          const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l));   // exact
           const __m512 sc = _mm512_mul_ps(_mm512_maskz_loadu_ps(fm[r][q], scaleT + g * N + n + 64 * r + 16 * q), tsg);
-          acc[r][q] = _mm512_fmadd_ps(sum, sc, acc[r][q]);
+          acc[r][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(rows32[q]), sc, acc[r][q]);
         }
+      }
     }
   }
   for (int r = 0; r < R; ++r)

@@ -557,7 +557,7 @@ bool g_vq_i16 = [] {
 bool cpu_has_vbmi() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vbmi");
+  return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
 #else
   return false;
 #endif
@@ -603,17 +603,22 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
   const KernTable* kt = g_kern;
   const int64_t vpc = V / ncb, vpg = gs / d;
   at::Tensor cbT = cb.transpose(1, 2).contiguous();        // (n, d, Kc): Kc * d floats per codebook
-  at::Tensor T = at::empty({V * Kc}, x.options());
+  // the tables live in per-thread buffers kept between calls: a fresh allocation of this size
+  // (hundreds of KB) is a fresh mmap, whose page faults cost as much as the lookups
+  thread_local std::vector<float> t_buf;
+  thread_local std::vector<int8_t> q_buf;
+  thread_local std::vector<float> s_buf;
+  if (static_cast<int64_t>(t_buf.size()) < V * Kc) t_buf.resize(V * Kc);
   at::Tensor y = at::empty({M, N}, x.options());
   const float *xp = x.data_ptr<float>(), *cp = cbT.data_ptr<float>(), *sp = scaleT.data_ptr<float>();
   const uint8_t* ip = idxT.data_ptr<uint8_t>();
-  float *tp = T.data_ptr<float>(), *yp = y.data_ptr<float>();
+  float *tp = t_buf.data(), *yp = y.data_ptr<float>();
   if (vq_i16_runs(kt)) {       // 16-bit tables in two byte planes, byte-permute lookups (kern_vq.h)
     const int64_t KP = Kc <= 64 ? 64 : (Kc <= 128 ? 128 : 256);
-    at::Tensor Tq = at::empty({V * 2 * KP}, x.options().dtype(at::kChar));
-    at::Tensor ts = at::empty({G}, x.options());
-    int8_t* qp = Tq.data_ptr<int8_t>();
-    float* tsp = ts.data_ptr<float>();
+    if (static_cast<int64_t>(q_buf.size()) < V * 2 * KP) q_buf.resize(V * 2 * KP);
+    if (static_cast<int64_t>(s_buf.size()) < G) s_buf.resize(G);
+    int8_t* qp = q_buf.data();
+    float* tsp = s_buf.data();
     for (int64_t m = 0; m < M; ++m) {
       at::parallel_for(0, G, std::max<int64_t>(1, 64 / vpg), [&](int64_t g0, int64_t g1) {
         kt->vq_table(xp + m * Kin, cp, Kc, d, vpc, g0 * vpg, std::min(V, g1 * vpg), tp);
