@@ -124,7 +124,10 @@ def worker(name: str, threads: int, pp: int, tg: int, runs: int) -> dict:
     rss_serving = psutil.Process().memory_info().rss   # every weight page touched by now
     wbytes = weight_bytes_per_token(model)
     from lowbit.nn import ext
-    return {"isa": ext.isa() if ext.load() else ext.status(), "variant": name, "threads": threads, "pp_tok_per_s": statistics.median(pps),
+    isa = ext.isa() if ext.load() else ext.status()
+    if ext.load() and name.startswith("native:"):    # the codebooks' lookup tables: i16-vbmi | f32
+        isa += f", vq tables {torch.ops.lowbit_cpu.vq_kernel()}"
+    return {"isa": isa, "variant": name, "threads": threads, "pp_tok_per_s": statistics.median(pps),
             "tg_tok_per_s": statistics.median(tgs), "rss_mb": rss_serving / 2**20,
             "rss_after_setup_mb": rss / 2**20, "setup_s": setup_s,
             "first_tokens": toks, "loadavg_1m": os.getloadavg()[0], "weight_bytes_per_token": wbytes}
@@ -306,7 +309,7 @@ def main() -> None:
         med[name]["pp_best"] = max(r["pp_tok_per_s"] for r in rs)
     bw, _ = run_child([sys.executable, __file__, "--bandwidth-worker", "--threads", str(args.threads)])
     base = med.get("fp32")
-    isa = next((r[0].get("isa") for r in results.values() if r and r[0].get("isa")), "-")
+    isa = max((r[0].get("isa") for r in results.values() if r and r[0].get("isa")), key=len, default="-")
     print(f"\nthreads {args.threads}, {args.repeats} repeats x {args.runs} runs, pp {args.pp}, tg {args.tg}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, lowbit kernels ISA variant {isa}\n")
     print("| variant | decode tok/s | vs fp32 | best decode | vs fp32 | prompt tok/s | vs fp32 | best prompt | vs fp32 "

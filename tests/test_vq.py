@@ -157,11 +157,11 @@ def test_table_lookup_matches_the_dequantized_matmul(shape):
                 torch.ops.lowbit_cpu.set_vq_i16(prev)
 
 
-def _i8_bound(vw: VQWeight, x: torch.Tensor) -> torch.Tensor:
+def _i16_bound(vw: VQWeight, x: torch.Tensor) -> torch.Tensor:
     """kern_vq.h's 16-bit tables: each entry within ts[g] / 2 of the float table (ts[g] = max|T over
     scale group g| / 32767), the int sums exact, so |y - y_exact| <= sum_g |scale[n, g]| ts[g] n_g / 2
     for the n_g vectors of group g."""
-    M, (N, K_in), d = x.shape[0], vw.shape, vw.dim
+    M, K_in, d = x.shape[0], vw.shape[1], vw.dim
     V, vpg, G = K_in // d, vw.group_size // d, vw.scale.shape[1]
     T = torch.einsum("mvd,vkd->mvk", x.double().view(M, V, d), vw.codebook.double()[vw.vector_codebook()])
     ts = torch.stack([T[:, g * vpg:(g + 1) * vpg].abs().flatten(1).amax(1) for g in range(G)], 1) / 32767
@@ -189,7 +189,7 @@ def test_16bit_tables_stay_within_their_rounding_bound(shape):
     for M in (1, 3):
         x = torch.randn(M, K_in)
         ref = x.double() @ vw.dequantize().double().t()
-        bound = _i8_bound(vw, x) + 2e-5 * float(ref.abs().max())
+        bound = _i16_bound(vw, x) + 2e-5 * float(ref.abs().max())
         for isa in lut_isas:
             with ext.use_isa(isa):
                 err = (m(x).double() - ref).abs()
