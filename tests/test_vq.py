@@ -3,6 +3,7 @@ method against GPTQ on real activations of the bundled model, the table-lookup k
 ISA against the dequantized matmul, the native round trip, and the formats that refuse it."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -165,16 +166,20 @@ def _i16_bound(vw: VQWeight, x: torch.Tensor) -> torch.Tensor:
     V, vpg, G = K_in // d, vw.group_size // d, vw.scale.shape[1]
     T = torch.einsum("mvd,vkd->mvk", x.double().view(M, V, d), vw.codebook.double()[vw.vector_codebook()])
     ts = torch.stack([T[:, g * vpg:(g + 1) * vpg].abs().flatten(1).amax(1) for g in range(G)], 1) / 32767
+    ts = ts.clamp(min=1 / 3.4028234663852886e38)          # the kernel's step never below 1 / FLT_MAX
     n_g = torch.tensor([min(V, (g + 1) * vpg) - g * vpg for g in range(G)], dtype=torch.float64)
     return (ts * n_g / 2) @ vw.scale.double().abs().t()
 
 
 @pytest.mark.parametrize("shape", [(96, 576, 4, 256, 1, 64), (40, 192, 2, 64, 3, 32), (17, 72, 8, 256, 1, 24),
-                                   (9, 40, 4, 256, 1, 40), (200, 128, 4, 128, 2, 128), (130, 2048, 8, 16, 1, 2048)])
+                                   (9, 40, 4, 256, 1, 40), (200, 128, 4, 128, 2, 128), (130, 2048, 8, 16, 1, 2048),
+                                   (70, 4096, 4, 16, 1, 4096), (65, 200, 4, 64, 1, 64), (63, 96, 1, 8, 2, 32),
+                                   (129, 150, 3, 4, 1, 48)])
 def test_16bit_tables_stay_within_their_rounding_bound(shape):
     """The VBMI byte-permute path (where this CPU has it) against the float64 product, within the
-    bound of its rounded table plus fp32 slack, on every row count the row blocks split into
-    (tails of 64-row blocks, groups over 256 vectors); and set_vq_i16(False) returns the float path."""
+    bound of its rounded table plus fp32 slack: tails of 64-row blocks, groups of exactly 256 and of
+    1024 vectors (four int32 chunks), short last groups, 4 to 256 entries, d = 1, 3, 8; inputs of
+    ~1e-36 too (the step capped at 1 / FLT_MAX); and set_vq_i16(False) returns the float path."""
     op = torch.ops.lowbit_cpu if ext.load() else None
     lut_isas = []
     for isa in ISAS:
@@ -186,8 +191,8 @@ def test_16bit_tables_stay_within_their_rounding_bound(shape):
     N, K_in, d, Kc, ncb, gs = shape
     vw = _random_vq(N, K_in, d, Kc, ncb, gs)
     m = VQLinear(vw)
-    for M in (1, 3):
-        x = torch.randn(M, K_in)
+    for M, mag in ((1, 1.0), (3, 1.0), (2, 1e-36)):
+        x = torch.randn(M, K_in) * mag
         ref = x.double() @ vw.dequantize().double().t()
         bound = _i16_bound(vw, x) + 2e-5 * float(ref.abs().max())
         for isa in lut_isas:
@@ -202,17 +207,29 @@ def test_16bit_tables_stay_within_their_rounding_bound(shape):
                     op.set_vq_i16(prev)
 
 
-def test_table_lookup_never_turns_nan_or_inf_into_a_number():
-    vw = _random_vq(70, 192, 4, 256, 1, 64)
+@pytest.mark.parametrize("shape", [(70, 192, 4, 256, 1, 64), (33, 40, 1, 2, 1, 5)])   # 5 x 2 entries: masked tails
+def test_table_lookup_never_turns_nan_or_inf_into_a_number(shape):
+    vw = _random_vq(*shape)
     m = VQLinear(vw)
-    for bad in (float("nan"), float("inf")):
-        x = torch.randn(2, 192)
-        x[0, 5] = bad
-        for isa in ISAS:
-            with ext.use_isa(isa):
-                y = m(x)
-                assert not bool(torch.isfinite(y[0]).any()), (isa, bad)
-                assert bool(torch.isfinite(y[1]).all()), (isa, bad)
+    K_in = shape[1]
+    for pos in (0, 5, K_in - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            x = torch.randn(2, K_in)
+            x[0, pos] = bad
+            m.use_ext = False                   # the torch path, then every kernel and table kind
+            paths = [("torch", None, None)] + [(isa, isa, t) for isa in ISAS for t in (True, False)]
+            for name, isa, i16 in paths:
+                m.use_ext = isa is not None
+                ctx = ext.use_isa(isa) if isa else contextlib.nullcontext()
+                with ctx:
+                    prev = torch.ops.lowbit_cpu.set_vq_i16(i16) if isa else None
+                    try:
+                        y = m(x)
+                    finally:
+                        if isa:
+                            torch.ops.lowbit_cpu.set_vq_i16(prev)
+                assert not bool(torch.isfinite(y[0]).any()), (name, i16, pos, bad)
+                assert bool(torch.isfinite(y[1]).all()), (name, i16, pos, bad)
 
 
 def test_int16_indices_run_on_the_torch_path():

@@ -35,21 +35,12 @@ class VQLinear(nn.Module):
         self.group_size = vweight.group_size
         self.info = dict(vweight.info)
         self.register_buffer("codebook", vweight.codebook.float().contiguous())
-        self._cb_t = None              # (n, d, K), the kernel's table layout: _codebook_t()
         # held transposed, as the table-lookup kernel reads them (one gather = consecutive rows)
         self.register_buffer("indices_t", vweight.indices.t().contiguous())
         self.register_buffer("scale_t", vweight.scale.float().t().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act_quant = None
         self.use_ext = True            # False: the torch paths only (tests compare both)
-
-    def _codebook_t(self) -> torch.Tensor:
-        """The codebooks as the kernel's table loop reads them, (n, d, K) contiguous, made once and
-        remade when the codebook buffer changes in place (load_state_dict) or is replaced (.to)."""
-        key = (self.codebook.data_ptr(), self.codebook._version)
-        if self._cb_t is None or self._cb_t[0] != key:
-            self._cb_t = (key, self.codebook.transpose(1, 2).contiguous())
-        return self._cb_t[1]
 
     @property
     def indices(self) -> torch.Tensor:
@@ -109,7 +100,7 @@ class VQLinear(nn.Module):
         elif x2.shape[0] <= LUT_MAX_M:
             op = _ext_op() if (self.use_ext and self.indices.dtype == torch.uint8) else None
             if op is not None:
-                y = op(x2.contiguous(), self._codebook_t().transpose(1, 2), self.indices_t, self.scale_t, self.group_size)
+                y = op(x2.contiguous(), self.codebook, self.indices_t, self.scale_t, self.group_size)
             else:
                 y = self._lut_torch(x2)
         else:

@@ -144,10 +144,11 @@ void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
 
 // ---- 16-bit tables on byte permutes (AVX-512 VBMI) ---------------------------------------------
 // The table of each scale group g is rounded to int16 with one step ts[g] = max|T over g| / 32767
+// (at least 1 / FLT_MAX)
 // and split into two byte planes, q = 256 hi + lo (hi signed, lo unsigned), each looked up by a
 // byte permute of 64 rows' indices at once (vpermb: 64 entries, vpermi2b: 128, two of them and a
 // blend on the top index bit: 256), where the float path gathers 16 entries per instruction. The
-// planes' partial sums over at most 256 vectors are exact in 16 bits, their recombination in int32:
+// planes' partial sums over at most 256 vectors and their recombination are exact in int32:
 //
 //   Tq[v 2KP + c] = hi, Tq[v 2KP + KP + c] = lo of round(T[v Kc + c] / ts[g]) for c < Kc,
 //                   0 up to KP = 64 | 128 | 256 >= Kc
@@ -188,8 +189,11 @@ void vq_qtable(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, i
         for (int64_t c = 0; c < 2 * KP; ++c) Tq[v * 2 * KP + c] = 0;
       continue;
     }
-    ts[g] = m > 0.f ? m / 32767.f : 1.f;
-    const __m512 inv = _mm512_set1_ps(m > 0.f ? 32767.f / m : 0.f);
+    // inv capped at FLT_MAX (max|T| below ~1e-34 would make it inf, and every q 0); ts = 1 / inv,
+    // so q ts stays within ts / 2 of T whichever step is taken
+    const float iv = m > 0.f ? (32767.f / m < 3.4028235e38f ? 32767.f / m : 3.4028235e38f) : 0.f;
+    ts[g] = m > 0.f ? 1.f / iv : 1.f;
+    const __m512 inv = _mm512_set1_ps(iv);
     for (int64_t v = va; v < vb; ++v) {
       const float* tv = T + v * Kc;
       int8_t* hi = Tq + v * 2 * KP;

@@ -602,7 +602,17 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
   TORCH_CHECK(V * Kc < (int64_t(1) << 31), "lowbit vq_linear: the lookup table (", V, " x ", Kc, ") is too large");
   const KernTable* kt = g_kern;
   const int64_t vpc = V / ncb, vpg = gs / d;
-  at::Tensor cbT = cb.transpose(1, 2).contiguous();        // (n, d, Kc): Kc * d floats per codebook
+  // (n, d, Kc): the codebooks transposed for the table loop, into a per-thread buffer (a torch
+  // copy per call cost ~5 us of dispatch and allocation; this is n Kc d floats)
+  thread_local std::vector<float> cb_buf;
+  if (static_cast<int64_t>(cb_buf.size()) < ncb * Kc * d) cb_buf.resize(ncb * Kc * d);
+  {
+    const at::Tensor cbc = cb.contiguous();
+    const float* src = cbc.data_ptr<float>();
+    for (int64_t i = 0; i < ncb; ++i)
+      for (int64_t c = 0; c < Kc; ++c)
+        for (int64_t k = 0; k < d; ++k) cb_buf[(i * d + k) * Kc + c] = src[(i * Kc + c) * d + k];
+  }
   // the tables live in per-thread buffers kept between calls: a fresh allocation of this size
   // (hundreds of KB) is a fresh mmap, whose page faults cost as much as the lookups
   thread_local std::vector<float> t_buf;
@@ -610,7 +620,7 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
   thread_local std::vector<float> s_buf;
   if (static_cast<int64_t>(t_buf.size()) < V * Kc) t_buf.resize(V * Kc);
   at::Tensor y = at::empty({M, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *cp = cbT.data_ptr<float>(), *sp = scaleT.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *cp = cb_buf.data(), *sp = scaleT.data_ptr<float>();
   const uint8_t* ip = idxT.data_ptr<uint8_t>();
   float *tp = t_buf.data(), *yp = y.data_ptr<float>();
   if (vq_i16_runs(kt)) {       // 16-bit tables in two byte planes, byte-permute lookups (kern_vq.h)
