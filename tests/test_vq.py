@@ -187,7 +187,7 @@ def test_16bit_tables_stay_within_their_rounding_bound(shape):
             if op.vq_kernel() == "i16-vbmi":
                 lut_isas.append(isa)
     if not lut_isas:
-        pytest.skip("no 16-bit-table variant here (needs the compiled kernels, AVX-512 and VBMI)")
+        pytest.skip("no 16-bit-table variant here (needs the compiled kernels, AVX-512 VBMI + VNNI, LOWBIT_VQ_I16 not 0)")
     N, K_in, d, Kc, ncb, gs = shape
     vw = _random_vq(N, K_in, d, Kc, ncb, gs)
     m = VQLinear(vw)
