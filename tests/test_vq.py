@@ -132,6 +132,16 @@ def test_vq_refuses_bad_input():
 ISAS = [i for i in ("avx512vnni", "avx512", "avx2", "portable") if ext.load() and ext.isa_status().get(i) == "ready"]
 
 
+@contextlib.contextmanager
+def _vq_tables(i16: bool):
+    """The compiled vq_linear with its 16-bit tables allowed (True) or not (False), restored after."""
+    prev = torch.ops.lowbit_cpu.set_vq_i16(i16)
+    try:
+        yield
+    finally:
+        torch.ops.lowbit_cpu.set_vq_i16(prev)
+
+
 @pytest.mark.parametrize("shape", [(96, 576, 4, 256, 1, 64), (40, 192, 2, 64, 3, 32), (17, 72, 8, 256, 1, 24),
                                    (9, 40, 4, 256, 1, 40)])
 def test_table_lookup_matches_the_dequantized_matmul(shape):
@@ -148,14 +158,9 @@ def test_table_lookup_matches_the_dequantized_matmul(shape):
         m.use_ext = False
         assert float((m(x).double() - ref).abs().max()) <= tol
         m.use_ext = True
-        prev = torch.ops.lowbit_cpu.set_vq_i16(False) if ISAS else None
-        try:
-            for isa in ISAS:
-                with ext.use_isa(isa):
-                    assert float((m(x).double() - ref).abs().max()) <= tol, (isa, M)
-        finally:
-            if ISAS:
-                torch.ops.lowbit_cpu.set_vq_i16(prev)
+        for isa in ISAS:
+            with ext.use_isa(isa), _vq_tables(False):
+                assert float((m(x).double() - ref).abs().max()) <= tol, (isa, M)
 
 
 def _i16_bound(vw: VQWeight, x: torch.Tensor) -> torch.Tensor:
@@ -199,12 +204,9 @@ def test_16bit_tables_stay_within_their_rounding_bound(shape):
             with ext.use_isa(isa):
                 err = (m(x).double() - ref).abs()
                 assert bool((err <= bound).all()), (isa, M, float((err / bound).max()))
-                prev = op.set_vq_i16(False)
-                try:
+                with _vq_tables(False):
                     assert op.vq_kernel() == "f32"
                     assert float((m(x).double() - ref).abs().max()) <= 2e-5 * float(ref.abs().max())
-                finally:
-                    op.set_vq_i16(prev)
 
 
 @pytest.mark.parametrize("shape", [(70, 192, 4, 256, 1, 64), (33, 40, 1, 2, 1, 5)])   # 5 x 2 entries: masked tails
@@ -216,18 +218,13 @@ def test_table_lookup_never_turns_nan_or_inf_into_a_number(shape):
         for bad in (float("nan"), float("inf"), float("-inf")):
             x = torch.randn(2, K_in)
             x[0, pos] = bad
-            m.use_ext = False                   # the torch path, then every kernel and table kind
+            # the torch path, then every kernel with each table kind
             paths = [("torch", None, None)] + [(isa, isa, t) for isa in ISAS for t in (True, False)]
             for name, isa, i16 in paths:
                 m.use_ext = isa is not None
-                ctx = ext.use_isa(isa) if isa else contextlib.nullcontext()
-                with ctx:
-                    prev = torch.ops.lowbit_cpu.set_vq_i16(i16) if isa else None
-                    try:
-                        y = m(x)
-                    finally:
-                        if isa:
-                            torch.ops.lowbit_cpu.set_vq_i16(prev)
+                with (ext.use_isa(isa) if isa else contextlib.nullcontext()), \
+                        (_vq_tables(i16) if isa else contextlib.nullcontext()):
+                    y = m(x)
                 assert not bool(torch.isfinite(y[0]).any()), (name, i16, pos, bad)
                 assert bool(torch.isfinite(y[1]).all()), (name, i16, pos, bad)
 

@@ -142,7 +142,7 @@ void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
   }
 }
 
-// ---- 16-bit tables on byte permutes (AVX-512 VBMI) ---------------------------------------------
+// ---- 16-bit tables on byte permutes (AVX-512 VBMI + VNNI) -----------------------------------------
 // The table of each scale group g is rounded to int16 with one step ts[g] = max|T over g| / 32767
 // (at least 1 / FLT_MAX)
 // and split into two byte planes, q = 256 hi + lo (hi signed, lo unsigned), each looked up by a
@@ -151,18 +151,16 @@ void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
 // planes' partial sums over at most 256 vectors and their recombination are exact in int32:
 //
 //   Tq[v 2KP + c] = hi, Tq[v 2KP + KP + c] = lo of round(T[v Kc + c] / ts[g]) for c < Kc,
-//                   0 up to KP = 64 | 128 | 256 >= Kc
+//                   0 up to KP = vq_table_width(Kc) (64 | 128 | 256 >= Kc)
 //   y[n]          = sum_g scaleT[g, n] ts[g] sum_{v in g} q[v, idxT[v, n]]
 //
 // so |y - y_f32| <= sum_g |scaleT[g, n]| ts[g] / 2 per vector of g (plus float rounding): 15 bits
 // of the table's range, where int8 tables (7 bits) moved the bundled model's decode by KL 2e-2.
 // A group whose table holds NaN or inf gets ts = NaN: its rows' outputs are NaN, never a number.
 #if defined(__AVX512F__)
-inline int64_t vq_kp(int64_t Kc) { return Kc <= 64 ? 64 : (Kc <= 128 ? 128 : 256); }
-
 void vq_qtable(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, int64_t g1, int8_t* Tq,
                float* ts) {
-  const int64_t KP = vq_kp(Kc);
+  const int64_t KP = vq_table_width(Kc);
   const __m512 inf = _mm512_set1_ps(__builtin_inff());
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t va = g * vpg, vb = (g + 1) * vpg < V ? (g + 1) * vpg : V;
@@ -339,10 +337,10 @@ LOWBIT_VBMI void vq_gemv_i16_kp(const int8_t* Tq, const float* ts, const uint8_t
   }
 }
 
-// y[n] for n in [n0, n1) from vq_qtable's Tq / ts; the caller checks the CPU has VBMI
+// y[n] for n in [n0, n1) from vq_qtable's Tq / ts; the caller checks the CPU has VBMI and VNNI
 void vq_gemv_i16(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
                  int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1) {
-  switch (vq_kp(Kc)) {
+  switch (vq_table_width(Kc)) {
     case 64: vq_gemv_i16_kp<64>(Tq, ts, idxT, V, N, vpg, scaleT, y, n0, n1); break;
     case 128: vq_gemv_i16_kp<128>(Tq, ts, idxT, V, N, vpg, scaleT, y, n0, n1); break;
     default: vq_gemv_i16_kp<256>(Tq, ts, idxT, V, N, vpg, scaleT, y, n0, n1); break;

@@ -547,23 +547,24 @@ at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
   return out;
 }
 
-// The int8-table lookups (kern_vq.h) run where the variant has them and the CPU has VBMI, unless
-// turned off (LOWBIT_VQ_I16=0 in the environment at load, or set_vq_i16(false)).
+// The 16-bit-table byte-permute lookups (kern_vq.h) run where the variant has them and the CPU has
+// VBMI and VNNI (read once: vq_linear asks on every call), unless turned off (LOWBIT_VQ_I16=0 in
+// the environment at load, or set_vq_i16(false)).
 bool g_vq_i16 = [] {
   const char* e = std::getenv("LOWBIT_VQ_I16");
   return !(e && std::string(e) == "0");
 }();
 
-bool cpu_has_vbmi() {
+const bool kCpuVbmiVnni = [] {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
 #else
   return false;
 #endif
-}
+}();
 
-bool vq_i16_runs(const KernTable* kt) { return g_vq_i16 && kt->vq_gemv_i16 != nullptr && cpu_has_vbmi(); }
+bool vq_i16_runs(const KernTable* kt) { return g_vq_i16 && kt->vq_gemv_i16 != nullptr && kCpuVbmiVnni; }
 
 // which table-lookup kernel vq_linear runs now: "i16-vbmi" (16-bit tables, byte permutes) or "f32" (float tables)
 std::string vq_kernel() { return vq_i16_runs(g_kern) ? "i16-vbmi" : "f32"; }
@@ -624,7 +625,7 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
   const uint8_t* ip = idxT.data_ptr<uint8_t>();
   float *tp = t_buf.data(), *yp = y.data_ptr<float>();
   if (vq_i16_runs(kt)) {       // 16-bit tables in two byte planes, byte-permute lookups (kern_vq.h)
-    const int64_t KP = Kc <= 64 ? 64 : (Kc <= 128 ? 128 : 256);
+    const int64_t KP = lowbit::vq_table_width(Kc);
     if (static_cast<int64_t>(q_buf.size()) < V * 2 * KP) q_buf.resize(V * 2 * KP);
     if (static_cast<int64_t>(s_buf.size()) < G) s_buf.resize(G);
     int8_t* qp = q_buf.data();

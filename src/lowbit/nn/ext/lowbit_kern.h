@@ -108,8 +108,8 @@ struct KernTable {
                   const float* scaleT, float* y, int64_t n0, int64_t n1);
   // the same on 16-bit tables (kern_vq.h, AVX-512 VBMI byte permutes): vq_qtable rounds the float
   // table of scale groups [g0, g1) to int16 (one step ts[g] per group) held as two byte planes
-  // (Tq: 2 KP bytes per vector, KP = 64 | 128 | 256 >= Kc), vq_gemv_i16 sums the indexed entries. nullptr: this variant has none;
-  // the caller also checks the CPU reports avx512vbmi.
+  // (Tq: 2 KP bytes per vector, KP = vq_table_width(Kc)), vq_gemv_i16 sums the indexed entries.
+  // nullptr: this variant has none; the caller also checks the CPU has avx512vbmi and avx512vnni.
   void (*vq_qtable)(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, int64_t g1, int8_t* Tq,
                     float* ts);
   void (*vq_gemv_i16)(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
@@ -123,6 +123,10 @@ struct KernTable {
 // SIGILL on a CPU without AVX-512 (seen as weak std::vector<signed char>::_M_default_append and
 // Q8Units::~Q8Units in kern_avx2.o and kern_avx512.o, which only link order kept safe).
 namespace {
+
+// Bytes per vector in each byte plane of vq_qtable's 16-bit tables: the table size a permute
+// takes (vpermb 64 entries, vpermi2b 128, two vpermi2b 256), the entries past Kc zero.
+inline int64_t vq_table_width(int64_t Kc) { return Kc <= 64 ? 64 : (Kc <= 128 ? 128 : 256); }
 
 // Software prefetch distance of the decode GEMVs, in bytes of a weight row stream (every ISA file):
 // with the hardware prefetcher alone, DRAM-resident rows streamed at a third to a half of the
