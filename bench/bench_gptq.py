@@ -75,6 +75,17 @@ for _b in (2, 3):
     CONFIGS[f"rotvq-w{_b}g64"] = (f"w{_b}g64-rot-vq", {})
     CONFIGS[f"vqft-w{_b}g64"] = (f"w{_b}g64-vq", {"block_steps": 20})      # + block fine-tuning
     CONFIGS[f"rotvqft-w{_b}g64"] = (f"w{_b}g64-rot-vq", {"block_steps": 20})
+# issue 20: then end-to-end fine-tuning of scales, codebooks and norms on the float model's KL
+# (recipe suffix -ft, lowbit.train.tune) over the same calibration windows
+for _b in (2, 3):
+    CONFIGS[f"vq-w{_b}g64-ft"] = (f"w{_b}g64-vq-ft", {})
+    CONFIGS[f"rotvq-w{_b}g64-ft"] = (f"w{_b}g64-rot-vq-ft", {})
+    CONFIGS[f"vqft-w{_b}g64-ft"] = (f"w{_b}g64-vq-ft", {"block_steps": 20})
+    CONFIGS[f"rotvqft-w{_b}g64-ft"] = (f"w{_b}g64-rot-vq-ft", {"block_steps": 20})
+for _b in (4, 3, 2):
+    CONFIGS[f"rotgptq-w{_b}g64-sym-ao-mse-ft"] = (f"w{_b}g64-sym-rot-gptq-actorder-mse-ft", {})
+    CONFIGS[f"gptq-w{_b}g64-ao-mse-ft"] = (f"w{_b}g64-gptq-actorder-mse-ft", {})
+    CONFIGS[f"rotgptq-w{_b}g64-sym-ao-mse-ft8"] = (f"w{_b}g64-sym-rot-gptq-actorder-mse-ft", {"ft_epochs": 8})
 # calibration-loop overrides per config (lowbit.calibration.CalibrationConfig fields)
 CALIBRATION = {"gptq-w4g128-nopause": {"pause_forward": False}, "gptq-w4g128-b2": {"batch_size": 2}}
 # llm-compressor runs: name -> runner arguments (bench/peers/llmc_gptq.py)
@@ -96,8 +107,11 @@ def _recipe(name: str):
     if extra:
         d = r.to_dict()
         d["name"] = f"{spec}+{','.join(f'{k}={v}' for k, v in extra.items())}"
+        ft = {k[3:]: v for k, v in extra.items() if k.startswith("ft_")}       # finetune options
+        if ft:
+            d["finetune"] = {**d.get("finetune", {}), **ft}
         for rule in d["rules"]:
-            rule["method_args"].update(extra)
+            rule["method_args"].update({k: v for k, v in extra.items() if not k.startswith("ft_")})
         r = Recipe.from_dict(d)
     return r
 
@@ -147,6 +161,7 @@ def run_config(name: str, work: Path, threads: int) -> None:
         wall = time.perf_counter() - t0
     api.save_quantized(lm, report, out, overwrite=True)
     res = {"config": name, "recipe": recipe.name, "wall_s": wall, "threads": threads,
+           "finetune": report.finetune,
            "rss_before_mb": rss.start_rss / 2**20, "rss_peak_mb": rss.peak / 2**20,
            "rss_peak_delta_mb": (rss.peak - rss.start_rss) / 2**20,
            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

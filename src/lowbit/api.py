@@ -36,6 +36,7 @@ class QuantizeReport:
     qweights: dict = field(default_factory=dict, repr=False)  # name -> QuantizedWeight (for export)
     imatrix: dict = field(default_factory=dict)       # the importance matrix used (ggml types): file, dataset
     activations: dict = field(default_factory=dict)   # name -> input-activation scheme, scale, outliers
+    finetune: dict = field(default_factory=dict)      # the end-to-end fine-tuning's figures (train/tune.py)
 
     @property
     def ragged(self) -> list[dict]:
@@ -73,6 +74,51 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
     from lowbit.presets.gguf_mixes import bind_to_model
     im, im_file = _imatrix(imatrix)
     recipe = bind_to_model(get_recipe(recipe), model, im is not None)
+    teacher = None
+    if recipe.finetune:          # the float model's view of the windows, before anything changes it
+        tokens = _calibration_tokens(model, recipe, tokenizer, tokens, calibration, "end-to-end fine-tuning")
+        from lowbit.train.tune import TuneConfig, teacher_of
+        teacher = teacher_of(model, tokens, TuneConfig.from_dict(recipe.finetune).batch_size)
+    report = _quantize(model, recipe, im, im_file, progress, tokenizer, tokens, calibration, log, checkpoint)
+    if teacher is not None:
+        _finetune(model, report, tokens, teacher, log)
+    return _with_activations(model, report, tokenizer, tokens, calibration)
+
+
+def _calibration_tokens(model, recipe: Recipe, tokenizer, tokens, calibration, what: str) -> torch.Tensor:
+    """The calibration windows (n, seq) the recipe asks for, or `tokens` as given."""
+    if tokens is not None:
+        return tokens
+    if tokenizer is None:
+        raise LowbitError(f"recipe {recipe.name!r}: {what} needs calibration data: pass tokenizer= (windows "
+                          "drawn from the recipe's calibration text) or tokens=")
+    from lowbit.calibration import CalibrationConfig, calibration_tokens
+    cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
+    check_context(getattr(model, "config", None), cfg.seq_len, "calibration seq_len")
+    return calibration_tokens(tokenizer, cfg)
+
+
+def _finetune(model, report: QuantizeReport, tokens, teacher, log) -> None:
+    """recipe.finetune: scales, codebooks and norms tuned end to end, codes fixed (train/tune.py)."""
+    from lowbit.train.tune import TuneConfig, finetune
+    res = finetune(model, tokens, teacher, TuneConfig.from_dict(report.recipe.finetune), qweights=report.qweights,
+                   log=log)
+    if res.kept:
+        for row in report.layers:
+            if row["name"] in report.qweights and not row["method"].endswith("+ft"):
+                row["method"] += "+ft"
+    if not report.calibration:       # a data-free recipe: the windows are the fine-tuning's
+        report.calibration = {"n_samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])}
+    report.timing["finetune"] = res.seconds
+    report.seconds += res.seconds
+    report.finetune = {k: v for k, v in res.to_dict().items() if k not in ("seconds", "config")}
+    report.notes.append(f"finetune: KL on the {tokens.shape[0]} calibration windows {res.loss_init:.4f} -> "
+                        f"{res.loss_final:.4f}" + ("" if res.kept else " (not lower: the start was kept)")
+                        + f" ({res.layers} linears, {res.norms} norm tensors, {len(res.epoch_losses)} epochs)")
+
+
+def _quantize(model, recipe: Recipe, im, im_file, progress, tokenizer, tokens, calibration, log,
+              checkpoint) -> QuantizeReport:
     transformed = _transform(model, recipe)
     targets = quantize_targets(model, recipe)
     if not targets:
@@ -86,7 +132,7 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
                                    checkpoint)
         rep.imatrix = _imatrix_meta(im, im_file)
         rep.notes[:0] = transformed
-        return _with_activations(model, rep, tokenizer, tokens, calibration)
+        return rep
     report = QuantizeReport(recipe, imatrix=_imatrix_meta(im, im_file), notes=list(transformed))
     t0 = time.perf_counter()
     it = targets
@@ -109,7 +155,7 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
                 mod.weight.data = qw.dequantize(mod.weight.dtype)
     report.seconds = time.perf_counter() - t0
     _note_ragged(report)
-    return _with_activations(model, report, tokenizer, tokens, calibration)
+    return report
 
 
 def _with_activations(model, report: QuantizeReport, tokenizer, tokens, calibration) -> QuantizeReport:

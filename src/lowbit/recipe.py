@@ -13,7 +13,7 @@ with scheme=None also keeps its modules in float.
 Named presets (`get_recipe("w4g128-gptq")`) follow a small grammar, so every combination a user
 may want has a name without a table of them:
 
-    w{bits}[g{group}][-sym][-rot]-{method}[-actorder[-static]][-mse]
+    w{bits}[g{group}][-sym][-rot]-{method}[-actorder[-static]][-mse][-ft]
         e.g. w2g64-vq (vector codebooks, methods/vq.py), w3g64-rot-gptq, w4g64-signround, w2g64-rot-signround, w8-rtn (per channel), w3g128-gptq, w2g64-gptq-actorder, w4g128-sym-rtn,
         w4g128-gptq-actorder-mse (GPTQ, act-order, MSE range search per group: the best 4-bit
         g128 point measured on the bundled model, BENCHMARKS.md), w4g128-gptq-actorder-static
@@ -23,6 +23,8 @@ may want has a name without a table of them:
   -static    gptq with -actorder: group qparams fixed up front on the original columns (no g_idx)
   -mse       rtn / gptq: each group's range shrunk to the ratio that minimises its (Hessian-
              weighted, for gptq) squared error, instead of the full min-max range
+  -ft        then every scale, codebook and norm fine-tuned end to end on the KL to the float
+             model over the calibration windows, codes fixed (lowbit.train.tune), e.g. w2g64-vq-ft
 Other preset families (GGUF mixes such as q4_k_m) register themselves with `register_preset`.
 """
 from __future__ import annotations
@@ -87,6 +89,15 @@ class Recipe:
     # before any rule (e.g. {"name": "rotate", "seed": 0}); block-level ones applied to each float
     # block before it is quantized ({"name": "awq" | "smoothquant", **options})
     transforms: list[dict] = field(default_factory=list)
+    # end-to-end fine-tuning after every code is chosen (lowbit.train.tune TuneConfig options:
+    # epochs, batch_size, lr, norm_lr, ...): scales, codebooks and norms on the float model's KL,
+    # over the calibration windows; empty: none
+    finetune: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.finetune:
+            from lowbit.train.tune import TuneConfig
+            TuneConfig.from_dict(self.finetune)      # validated up front
 
     def rule_for(self, module_name: str) -> Rule | None:
         """The rule that decides `module_name`, or None to keep it in float."""
@@ -108,6 +119,8 @@ class Recipe:
              "calibration": dict(self.calibration)}
         if self.transforms:       # absent when empty: recipes without transforms keep their bytes
             d["transforms"] = [dict(t) for t in self.transforms]
+        if self.finetune:         # likewise absent when empty
+            d["finetune"] = dict(self.finetune)
         return d
 
     @classmethod
@@ -118,7 +131,8 @@ class Recipe:
         return cls(name=d.get("name", "custom"), rules=[Rule.from_dict(r) for r in d.get("rules", [])],
                    ignore=list(d.get("ignore", [])), calibration=dict(d.get("calibration", {})),
                    description=d.get("description", ""),
-                   transforms=[dict(t) for t in d.get("transforms", [])])
+                   transforms=[dict(t) for t in d.get("transforms", [])],
+                   finetune=dict(d.get("finetune") or {}))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -150,7 +164,7 @@ class Recipe:
 # ---- presets ----------------------------------------------------------------------------------
 _PRESETS: dict[str, tuple[Callable[[], Recipe], str]] = {}
 _GRAMMAR = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym)?(?P<rot>-rot)?-(?P<method>[a-z0-9_]+)"
-                      r"(?P<actorder>-actorder(?P<static>-static)?)?(?P<mse>-mse)?$")
+                      r"(?P<actorder>-actorder(?P<static>-static)?)?(?P<mse>-mse)?(?P<ft>-ft)?$")
 # modules that register more presets when imported (kept lazy: importing lowbit stays cheap)
 PRESET_MODULES: list[str] = ["lowbit.presets.gguf_mixes", "lowbit.presets.activations"]
 # name -> Recipe | None parsers for preset families with a grammar of their own (AWQ, W8A8, ...),
@@ -210,8 +224,15 @@ def grammar_recipe(name: str) -> Recipe | None:
                 "stay in float")
         if transforms:
             desc = "Hadamard-rotated (lowbit.transforms.rotate), " + desc
+    finetune = {}
+    if m["ft"]:
+        from dataclasses import asdict
+        from lowbit.train.tune import TuneConfig
+        finetune = asdict(TuneConfig())
+        desc += ("; then scales, codebooks and norms fine-tuned end to end on the float model's KL "
+                 f"({finetune['epochs']} epochs over the calibration windows, codes fixed)")
     return Recipe(name=name, rules=[Rule(r".*", scheme, m["method"], args)],
-                  description=desc, transforms=transforms)
+                  description=desc, transforms=transforms, finetune=finetune)
 
 
 def get_recipe(spec: str | Path | Recipe) -> Recipe:
@@ -233,7 +254,7 @@ def get_recipe(spec: str | Path | Recipe) -> Recipe:
         return Recipe.load(s)
     raise LowbitError(f"recipe {s!r}: not a preset, preset grammar match or file. Presets: "
                       f"{', '.join(sorted(_PRESETS)) or '(none registered)'}; grammar: "
-                      "w{bits}[g{group}][-sym][-rot]-{method}[-actorder[-static]][-mse], e.g. w4g128-gptq, "
+                      "w{bits}[g{group}][-sym][-rot]-{method}[-actorder[-static]][-mse][-ft], e.g. w4g128-gptq, "
                       "w4g128-gptq-actorder-mse, w8-rtn")
 
 

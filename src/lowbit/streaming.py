@@ -95,6 +95,9 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
 
     log = log or (lambda _m: None)
     recipe = get_recipe(recipe)
+    if recipe.finetune:
+        raise LowbitError(f"streaming: recipe {recipe.name!r} fine-tunes end to end (finetune), which trains "
+                          "through the whole model at once; quantize without --stream")
     from lowbit.export.common import check_output
     src, files, source_sha = open_source(source)
     check_output(out, overwrite)

@@ -113,8 +113,9 @@ def run(args) -> int:
         check_format(fmt.name)
         cfg = CalibrationConfig.from_dict(overrides)
         tokens = calibration_tokens(load_tokenizer(args.model), cfg)
-    elif any(get_method(r.method).needs for r in recipe.rules if r.scheme is not None):
+    elif recipe.finetune or any(get_method(r.method).needs for r in recipe.rules if r.scheme is not None):
         # draw the calibration windows first: too short a text fails before the model is loaded
+        # (a -ft recipe fine-tunes on them, data-free methods included)
         cfg = CalibrationConfig.from_dict({**recipe.calibration, **overrides})
         tokens = calibration_tokens(load_tokenizer(args.model), cfg)
     t0 = time.perf_counter()
