@@ -76,7 +76,7 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
     recipe = bind_to_model(get_recipe(recipe), model, im is not None)
     teacher = None
     if recipe.finetune:          # the float model's view of the windows, before anything changes it
-        tokens = _calibration_tokens(model, recipe, tokenizer, tokens, calibration, "end-to-end fine-tuning")
+        tokens = _calibration_tokens(model, recipe, tokenizer, tokens, calibration, "end-to-end fine-tuning and its teacher")
         from lowbit.train.tune import TuneConfig, teacher_of
         teacher = teacher_of(model, tokens, TuneConfig.from_dict(recipe.finetune).batch_size)
     report = _quantize(model, recipe, im, im_file, progress, tokenizer, tokens, calibration, log, checkpoint)
@@ -90,7 +90,7 @@ def _calibration_tokens(model, recipe: Recipe, tokenizer, tokens, calibration, w
     if tokens is not None:
         return tokens
     if tokenizer is None:
-        raise LowbitError(f"recipe {recipe.name!r}: {what} needs calibration data: pass tokenizer= (windows "
+        raise LowbitError(f"recipe {recipe.name!r}: {what} need calibration data: pass tokenizer= (windows "
                           "drawn from the recipe's calibration text) or tokens=")
     from lowbit.calibration import CalibrationConfig, calibration_tokens
     cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
@@ -237,14 +237,11 @@ def _imatrix_stats(model, targets, im) -> dict:
 def _quantize_calibrated(model, recipe: Recipe, targets, tokenizer, tokens, calibration, log,
                          extra: dict | None = None, checkpoint=None) -> QuantizeReport:
     from lowbit.arch import spec_for
-    from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
+    from lowbit.calibration import CalibrationConfig, quantize_calibrated
     cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
     spec_for(model)  # an unknown architecture fails here, before any calibration work
     if tokens is None:
-        if tokenizer is None:
-            raise LowbitError(f"recipe {recipe.name!r}: calibrated method(s) need calibration data: "
-                              "pass tokenizer= (windows drawn from the recipe's calibration text) or tokens=")
-        tokens = calibration_tokens(tokenizer, cfg)
+        tokens = _calibration_tokens(model, recipe, tokenizer, None, calibration, "calibrated method(s)")
     else:
         cfg.n_samples, cfg.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
     check_context(getattr(model, "config", None), cfg.seq_len, "calibration seq_len")
