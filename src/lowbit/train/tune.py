@@ -209,8 +209,8 @@ def teacher_of(model: nn.Module, windows: torch.Tensor, batch_size: int = 2) -> 
                 again = F.linear(seen[0], head.weight.float(), None if head.bias is None else head.bias.float())
                 tol = 1e-4 * float(lg.abs().max()) + 1e-5
                 if again.shape != lg.shape or float((again - lg).abs().max()) > tol:
-                    raise LowbitError("finetune: the model's logits are not its output head applied to the head's input "
-                             "(logits post-processed after the head); not distilled")
+                    raise LowbitError("finetune: the model's logits are not its output head applied to the head's "
+                                      "input (logits post-processed after the head); not distilled")
                 hidden.append(seen[0])
     finally:
         hook.remove()
@@ -239,9 +239,9 @@ def finetune(model: nn.Module, windows: torch.Tensor, teacher: Teacher, cfg: Tun
              qweights: dict | None = None, log=None) -> TuneResult:
     """Tune `model` (quantized in place: QuantLinear / VQLinear modules) on `windows` (n, seq)
     against `teacher` (teacher_of the float model on the same windows, taken before it was
-    quantized). The
-    modules are replaced by ones holding the tuned weights (same codes); `qweights` (a report's
-    name -> weight dict), when given, is updated to them. Norm weights are tuned in place."""
+    quantized). The modules are replaced by ones holding the tuned weights (same codes);
+    `qweights` (a report's name -> weight dict), when given, is updated to them. Norm weights
+    and biases are tuned in place. On any failure the model is its quantized start again."""
     from lowbit.nn.qlinear import make_quant_module, set_submodule
     cfg = cfg or TuneConfig()
     if windows.dim() != 2 or tuple(teacher.hidden.shape[:2]) != tuple(windows.shape):
@@ -274,17 +274,17 @@ def finetune(model: nn.Module, windows: torch.Tensor, teacher: Teacher, cfg: Tun
     gen = torch.Generator().manual_seed(cfg.seed)
     was_training = model.training
     model.train(False)                 # no dropout: the file's forward is what is fitted
-    init = _mean_kl(model, windows, teacher, bs)
-    say(f"finetune: {len(mods)} linears, {len(norms)} norm tensors, {steps} steps; KL start {init:.4f}")
     epoch_losses, t = [], 0
 
     def restore() -> None:
         with torch.no_grad():
+            for name, p in norms:          # first: the linears' biases are among them, and are copied below
+                p.copy_(norm0[name])
             for name, m in mods.items():
                 set_submodule(model, name, make_quant_module(m.qweight0, m.bias))
-            for name, p in norms:
-                p.copy_(norm0[name])
     try:
+        init = _mean_kl(model, windows, teacher, bs)
+        say(f"finetune: {len(mods)} linears, {len(norms)} norm tensors, {steps} steps; KL start {init:.4f}")
         for ep in range(cfg.epochs):
             order = torch.randperm(n, generator=gen)
             tot = 0.0
