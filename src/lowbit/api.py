@@ -78,10 +78,11 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
     if recipe.finetune:          # the float model's view of the windows, before anything changes it
         tokens = _calibration_tokens(model, recipe, tokenizer, tokens, calibration, "end-to-end fine-tuning and its teacher")
         from lowbit.train.tune import TuneConfig, teacher_of
-        teacher = teacher_of(model, tokens, TuneConfig.from_dict(recipe.finetune).batch_size)
+        ft = TuneConfig.from_dict(recipe.finetune)
+        teacher = teacher_of(model, tokens, ft.batch_size)
     report = _quantize(model, recipe, im, im_file, progress, tokenizer, tokens, calibration, log, checkpoint)
     if teacher is not None:
-        _finetune(model, report, tokens, teacher, log)
+        _finetune(model, report, tokens, teacher, ft, log)
     return _with_activations(model, report, tokenizer, tokens, calibration)
 
 
@@ -98,11 +99,11 @@ def _calibration_tokens(model, recipe: Recipe, tokenizer, tokens, calibration, w
     return calibration_tokens(tokenizer, cfg)
 
 
-def _finetune(model, report: QuantizeReport, tokens, teacher, log) -> None:
-    """recipe.finetune: scales, codebooks and norms tuned end to end, codes fixed (train/tune.py)."""
-    from lowbit.train.tune import TuneConfig, finetune
-    res = finetune(model, tokens, teacher, TuneConfig.from_dict(report.recipe.finetune), qweights=report.qweights,
-                   log=log)
+def _finetune(model, report: QuantizeReport, tokens, teacher, cfg, log) -> None:
+    """recipe.finetune (cfg, its TuneConfig): scales, codebooks and norms tuned end to end, codes
+    fixed (train/tune.py)."""
+    from lowbit.train.tune import finetune
+    res = finetune(model, tokens, teacher, cfg, qweights=report.qweights, log=log)
     if res.kept:
         for row in report.layers:
             if row["name"] in report.qweights and not row["method"].endswith("+ft"):
