@@ -87,6 +87,11 @@ for _b in (4, 3, 2):
     CONFIGS[f"gptq-w{_b}g64-ao-mse-ft"] = (f"w{_b}g64-gptq-actorder-mse-ft", {})
     CONFIGS[f"rotgptq-w{_b}g64-sym-ao-mse-ft8"] = (f"w{_b}g64-sym-rot-gptq-actorder-mse-ft", {"ft_epochs": 8})
     CONFIGS[f"rotgptq-w{_b}g64-sym-ao-mse-ftlr3"] = (f"w{_b}g64-sym-rot-gptq-actorder-mse-ft", {"ft_lr": 3e-3})
+    # 2 epochs: for 64 calibration windows (4x the steps per epoch of 16)
+    CONFIGS[f"rotgptq-w{_b}g64-sym-ao-mse-ft2"] = (f"w{_b}g64-sym-rot-gptq-actorder-mse-ft", {"ft_epochs": 2})
+for _b in (2, 3):
+    CONFIGS[f"rotvq-w{_b}g64-ft2"] = (f"w{_b}g64-rot-vq-ft", {"ft_epochs": 2})
+    CONFIGS[f"vq-w{_b}g64-ft2"] = (f"w{_b}g64-vq-ft", {"ft_epochs": 2})
 # calibration-loop overrides per config (lowbit.calibration.CalibrationConfig fields)
 CALIBRATION = {"gptq-w4g128-nopause": {"pause_forward": False}, "gptq-w4g128-b2": {"batch_size": 2}}
 # llm-compressor runs: name -> runner arguments (bench/peers/llmc_gptq.py)

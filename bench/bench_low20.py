@@ -56,17 +56,20 @@ def main() -> int:
     ap.add_argument("--kl-windows", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--online-cost", action="store_true")
+    ap.add_argument("--work", default=str(WORK), help="holds gptq/ (bench_gptq.py --work WORK/gptq) and "
+                    "the autoround-* outputs")
     args = ap.parse_args()
+    work_root = Path(args.work)
     import bench_gptq as B
     import torch
-    work = WORK / "gptq"
+    work = work_root / "gptq"
     names = sorted(p.name for p in (work / "models").iterdir() if (p / "lowbit.json").is_file())
     evals = B.evaluate_all(work, names, [], args.eval_windows, args.kl_windows, args.threads)
     from lowbit.eval import evaluate, evaluate_reference
     from lowbit.models import load_model
     settings = {"max_tokens": args.eval_windows * 512, "kl_max_tokens": args.kl_windows * 512, "seq_len": 512,
                 "progress": False}
-    peers = sorted(p for p in WORK.glob("autoround-*") if (p / "peer.json").is_file())
+    peers = sorted(p for p in work_root.glob("autoround-*") if (p / "peer.json").is_file())
     if peers:
         fp = load_model("smollm2-135m")
         _, ref = evaluate_reference(fp.model, fp.tokenizer, metrics=["ppl", "kl"], **settings)
@@ -91,8 +94,8 @@ def main() -> int:
     if args.online_cost:
         res["online_cost"] = online_cost(args.threads)
         md += f"\n\nonline down_proj rotation: {res['online_cost']}"
-    (WORK / "results.md").write_text(md + "\n")
-    (WORK / "results.json").write_text(json.dumps(res, indent=1))
+    (work_root / "results.md").write_text(md + "\n")
+    (work_root / "results.json").write_text(json.dumps(res, indent=1))
     print(md)
     return 0
 

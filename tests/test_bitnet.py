@@ -105,6 +105,7 @@ def test_swap_covers_block_linears_only(bundled, swapped):
     assert trainable == {f"{n}.weight" for n in names}       # norms, embeddings frozen
 
 
+@pytest.mark.slow
 def test_two_train_steps_lower_the_loss_on_the_trained_windows(bundled, swapped):
     from lowbit.train.loop import TrainConfig, heldout_loss, text_windows, train
     m = copy.deepcopy(swapped[0])

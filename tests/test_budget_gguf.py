@@ -27,6 +27,7 @@ def test_gguf_candidates_are_checked_against_the_format():
     check_candidates("gguf", GGUF_CANDIDATES)
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_cli_quantize_gguf_budget(tmp_path, capsys):
     """Between Q4_0 (4.5 bits per weight) and Q8_0 (8.5) a 6.0 bpw budget mixes both; the file has

@@ -320,6 +320,7 @@ def test_wrong_bits_in_config(rtn, tmp_path):
         load_model(d)
 
 
+@pytest.mark.slow
 def test_ambiguous_zero_convention(smollm2, rtn, tmp_path):
     _, _, out = rtn
     # asymmetric zeros under a config that claims sym=True and gives no checkpoint_format

@@ -75,14 +75,14 @@ def test_resume_after_interrupt_gives_same_bytes_and_refuses_changes(smollm2, tm
     assert tree_digest(resumed) == tree_digest(whole)
 
 
-def _tiny_llama_runs(tmp_path, rec, other_tokens_refused: bool):
+def _tiny_llama_runs(tmp_path, rec, other_tokens_refused: bool, hidden: int = 64):
     """A 4-block Llama (transformers' class, random weights) quantized by `rec` without a
     checkpoint, then interrupted after block 2 and resumed on a fresh copy. -> (whole, resumed,
     the state the interrupted run left)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
                                         num_attention_heads=4, num_key_value_heads=2)).eval()
     tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
     ck = tmp_path / "ck"
@@ -130,6 +130,24 @@ def test_resume_a_vq_run_gives_the_same_codebooks(tmp_path):
         assert isinstance(r, VQWeight)
         assert torch.equal(r.indices, vw.indices) and torch.equal(r.codebook, vw.codebook)
         assert torch.equal(r.scale, vw.scale)
+
+
+def test_resume_a_gptq_ggml_run_gives_the_same_blocks(tmp_path):
+    """The resume state holds ggml blocks (GPTQ with a ggml type, methods/gptq_ggml.py): the
+    interrupted run resumed equals the uninterrupted one byte for byte, type for type (Q4_K:
+    every width here is a multiple of its 256-weight block)."""
+    import torch
+
+    from lowbit.numerics.ggml.weight import GGMLWeight
+    from lowbit.presets.gguf_mixes import ggml_scheme
+    rec = Recipe(name="t", rules=[Rule(r"layers\.", ggml_scheme("Q4_K"), "gptq")])
+    whole, resumed, _ = _tiny_llama_runs(tmp_path, rec, other_tokens_refused=False, hidden=256)
+    assert list(resumed.qweights) == list(whole.qweights)
+    assert {qw.type for qw in whole.qweights.values()} == {"Q4_K"}
+    for n, qw in whole.qweights.items():
+        r = resumed.qweights[n]
+        assert isinstance(r, GGMLWeight) and (r.type, r.wanted, r.shape) == (qw.type, qw.wanted, qw.shape)
+        assert torch.equal(r.data, qw.data) and r.info == qw.info
 
 
 def test_resume_a_signround_run_gives_the_same_rounding(tmp_path):

@@ -322,6 +322,7 @@ def test_stream_from_gguf_same_bytes_as_in_memory(windows, tmp_path, method):
     assert man["source"]["model"] == "smollm2-135m" and len(man["source"]["sha256"]) == 64
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_stream_from_gguf_into_gguf_same_bytes_cli(tmp_path):
     """`lowbit quantize smollm2-135m --stream --format gguf`: GGUF in, GGUF out, the float model
@@ -363,6 +364,56 @@ def test_stream_ggml_mix_straight_into_gguf_same_bytes(smollm2, tmp_path, source
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.lowbit.json", "s.gguf", "s.gguf.lowbit.json"]
     with pytest.raises(LowbitError, match="stream with --format gguf"):
         quantize_streaming(src, "q4_k_m", tmp_path / "native")
+
+
+def _gptq_ggml_blocks():
+    """GPTQ choosing ggml block codes on blocks 0-1 (Q4_0; Q4_K, which falls back to Q5_0 where
+    its 256-weight block does not divide the 576 columns, as llama.cpp's does), llama.cpp's
+    encoder (Q8_0) on the rest and the token embedding; the calibration of _gptq_blocks."""
+    from lowbit.presets.gguf_mixes import ggml_scheme
+    from lowbit.recipe import Recipe, Rule
+    return Recipe(name="gptq-ggml-01", rules=[Rule(r"model\.layers\.0\.", ggml_scheme("Q4_0"), "gptq"),
+                                              Rule(r"model\.layers\.1\.", ggml_scheme("Q4_K"), "gptq"),
+                                              Rule(r".*", ggml_scheme("Q8_0"), "ggml")],
+                  calibration=dict(_gptq_blocks("0").calibration))
+
+
+@pytest.fixture(scope="module")
+def gptq_ggml_in_memory(smollm2, windows, tmp_path_factory):
+    """_gptq_ggml_blocks by load + api.quantize + export gguf: the bytes a stream must give."""
+    lm = load_model(smollm2.path)
+    rep = api.quantize(lm.model, _gptq_ggml_blocks(), tokens=windows, progress=False)
+    return api.export(lm, rep, tmp_path_factory.mktemp("gptq-ggml") / "m.gguf", "gguf")
+
+
+@pytest.mark.model
+def test_stream_gptq_ggml_straight_into_gguf_same_bytes(smollm2, windows, gptq_ggml_in_memory, tmp_path):
+    """A calibrated recipe of ggml types streams into a GGUF (streaming_gguf.py: the block loop
+    of streaming_calibrated.py, the ggml blocks in its state, then the writer): the file and its
+    sidecar are load + api.quantize + export's, and the state is gone at the end."""
+    m = gptq_ggml_in_memory
+    s = quantize_streaming(smollm2.path, _gptq_ggml_blocks(), tmp_path / "s.gguf", format="gguf", tokens=windows)
+    assert Path(s).read_bytes() == Path(m).read_bytes()
+    man, ref = (json.loads(Path(f"{p}.lowbit.json").read_text()) for p in (s, m))
+    assert list(man.pop("files").values()) == list(ref.pop("files").values())
+    assert man == ref and man["layers"]["model.layers.0.mlp.up_proj"]["method"] == "gptq"
+    used = {v["used"] for k, v in man["gguf"]["tensors"].items() if k.startswith("blk.1.")}
+    assert {"Q4_K", "Q5_0"} <= used     # down_proj's 1536 columns take Q4_K; 576 fall back to Q5_0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gguf", "s.gguf.lowbit.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_stream_gptq_ggml_into_gguf_resumes_same_bytes(smollm2, windows, gptq_ggml_in_memory, tmp_path):
+    """Killed after block 1 and restarted with the same call, the GGUF stream resumes from the
+    state (ggml blocks included: calibration/resume.py) and writes the in-memory path's bytes."""
+    state, logs, again = _killed_after_block_1_then_resumed(smollm2.path, _gptq_ggml_blocks(), tmp_path / "a.gguf",
+                                                            format="gguf", tokens=windows)
+    assert state["blocks_done"] == 1
+    assert any(m.startswith("resuming after block 1/") for m in logs)
+    assert not any(m.startswith("block 1/") for m in logs)
+    assert Path(again).read_bytes() == Path(gptq_ggml_in_memory).read_bytes()
+    assert not (tmp_path / ".a.gguf.resume").exists()
 
 
 @pytest.mark.model

@@ -361,7 +361,9 @@ def _stream_then_convert(source, recipe, out, format: str, *, max_shard_size, ov
         if max_shard_size is not None:
             raise LowbitError("GGUF export: max_shard_size is not supported (one file; llama.cpp's gguf-split splits it)")
         return stream_gguf(source, recipe, out, overwrite=overwrite, dtype=kw.get("dtype", torch.float32),
-                           log=log, metrics=kw.get("metrics"), imatrix=imatrix)
+                           log=log, metrics=kw.get("metrics"), imatrix=imatrix, tokens=kw.get("tokens"),
+                           calibration=kw.get("calibration"), state_dir=state_dir,
+                           keep_state=kw.get("keep_state", False))
     if imatrix is not None:
         raise LowbitError("streaming: an imatrix applies to recipes of ggml types streamed with --format gguf")
     if fmt.name not in STREAM_CONVERTED:

@@ -40,10 +40,12 @@ from lowbit.errors import LowbitError
 class _Stream(Checkpoint):
     """The resume state, the spool of finished blocks, and the loop's blocks_io hooks in one."""
 
-    def __init__(self, path, key, model, files, src, prefix: str, dtype):
+    def __init__(self, path, key, model, files, src, prefix: str, dtype, native: bool = True):
         super().__init__(path, key)
         self.model, self.files, self.src, self.prefix, self.dtype = model, files, Path(src), prefix, dtype
-        self.records: dict[str, tuple] = {}     # layer -> (row for the report, native tensor plan, block)
+        self.native = native                    # False: into a GGUF (ggml blocks; no native tensor plan)
+        # layer -> (row for the report, native tensor plan, block, native manifest row)
+        self.records: dict[str, tuple] = {}
 
     # blocks_io
     def load(self, b: int, block) -> None:
@@ -66,11 +68,19 @@ class _Stream(Checkpoint):
     def _record(self, name: str, qw, method: str, block: int) -> None:
         from lowbit.api import layer_row
         from lowbit.export.native import _layer_tensors
+        from lowbit.numerics.ggml.weight import GGMLWeight
         from lowbit.numerics.qweight import QuantizedWeight
         from lowbit.numerics.vq import VQWeight
+        if not self.native:
+            if not isinstance(qw, GGMLWeight):
+                raise LowbitError(f"streaming --format gguf: layer {name} came out a {type(qw).__name__}, "
+                                  "not ggml blocks (int recipes stream through the native format)")
+            self.records[name] = (layer_row(name, qw, method), {}, block, {})
+            return
         if not isinstance(qw, (QuantizedWeight, VQWeight)):
+            hint = " (ggml types: stream with --format gguf)" if isinstance(qw, GGMLWeight) else ""
             raise LowbitError(f"streaming: layer {name} is a {type(qw).__name__}; the native format "
-                              "streams integer/float schemes and vector codebooks only")
+                              f"streams integer/float schemes and vector codebooks only{hint}")
         t, row = _layer_tensors(name, qw)
         self.records[name] = (layer_row(name, qw, method), {k: (tuple(v.shape), v.dtype) for k, v in t.items()},
                               block, row)
@@ -120,80 +130,19 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     `src` its weightless config directory); default src's safetensors shards. A rotating recipe's
     `files` give the rotated model's tensors (streaming.rotated_source): `transformed` are its
     report lines, `untied` whether lm_head is then its own tensor."""
-    from lowbit.api import QuantizeReport, _note_ragged, quantize_targets
-    from lowbit.arch import get_blocks, spec_for
-    from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
     from lowbit.calibration.paused import trim_heap
-    from lowbit.errors import check_context
-    from lowbit.export import _source_sha256
-    from lowbit.export.common import (copy_model_files, empty_model, output_dir, shard_plan, tie_by_config,
-                                      write_index, write_shard)
+    from lowbit.export.common import copy_model_files, empty_model, output_dir, shard_plan, tie_by_config, write_index, write_shard
     from lowbit.export.manifest import provenance, write_manifest
     from lowbit.export.native import FORMAT, FORMAT_VERSION, MANIFEST
-    from lowbit.models.shards import SafetensorsSource
-    from lowbit.recipe import Recipe
-    from lowbit.streaming import read_outside_blocks
-    from lowbit.transforms import block_level_names
 
     log = log or (lambda _m: None)
     out = Path(out)
-    if not transformed and any(t.get("name") not in block_level_names() for t in recipe.transforms):
-        raise LowbitError(f"streaming: recipe {recipe.name!r} has model-level transforms "
-                          f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
-    given = files is not None
-    files = files if given else SafetensorsSource(src)
-    model = empty_model(src, dtype)
-    model.config.tie_word_embeddings = model.config.tie_word_embeddings and not untied
-    tie_by_config(model)
-    arch = spec_for(model)
-    blocks = get_blocks(model, arch)
-    targets = quantize_targets(model, recipe)
-    if not targets:
-        raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
-    prefix = arch.blocks
-    outside = []
-    for name, mod, rule in targets:
-        if isinstance(mod, torch.nn.Embedding) or not isinstance(mod, torch.nn.Linear):
-            raise LowbitError(f"streaming: layer {name}: only nn.Linear modules are streamed")
-        if not name.startswith(prefix + "."):
-            outside.append(name)
-    # the parameters outside the blocks: the embedding feeds the calibration; lm_head only if quantized
-    sd = model.state_dict(keep_vars=True)
-
-    def read_outside() -> None:
-        read_outside_blocks(model, files, prefix, dtype, str(src),
-                            skip=lambda key: key.rpartition(".")[0] == arch.lm_head and arch.lm_head not in outside)
-        tie_by_config(model)
-    read_outside()
-
-    cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
-    if tokens is None:
-        from lowbit.models import load_tokenizer
-        tokens = calibration_tokens(load_tokenizer(src), cfg)
-    else:
-        cfg.n_samples, cfg.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
-    check_context(model.config, cfg.seq_len, "calibration seq_len")
-    recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
-    sha = source_sha if given else _source_sha256(src)
-    log(f"{src}: {len(blocks)} blocks; embedding read, source sha256 {str(sha)[:12]}; "
-        f"{cfg.n_samples} x {cfg.seq_len} calibration tokens")
-    state = Path(state_dir) if state_dir else out.parent / f".{out.name}.resume"
-    stream = _Stream(state, run_key(recipe, cfg.to_dict(), tokens, sha), model, files, src, prefix, dtype)
-    if stream.blocks_done:
-        log(f"resume state {state}: {stream.blocks_done} block(s) done")
-    t0 = time.perf_counter()
-    res = quantize_calibrated(model, recipe, targets, tokens, cfg, log=log, checkpoint=stream, blocks_io=stream)
-    for name, qw, method in res.layers:             # layers quantized outside the blocks (lm_head)
-        if qw is not None:
-            stream._record(name, qw, method, None)
-    report = QuantizeReport(recipe, seconds=time.perf_counter() - t0, notes=list(res.notes),
-                            calibration=cfg.to_dict())
-    order = {n: i for i, (n, _, _) in enumerate(targets)}
-    report.layers = [stream.records[n][0] for n in sorted(stream.records, key=lambda n: order[n])]
-    _note_ragged(report)
-    report.notes[:0] = list(transformed)
-    heads = {n: qw for n, qw, _ in res.layers if qw is not None}
-    del res
+    run = calibrate_streamed(src, recipe, out, tokens=tokens, calibration=calibration, dtype=dtype, log=log,
+                             state_dir=state_dir, files=files, source_sha=source_sha, transformed=transformed,
+                             untied=untied)
+    stream, model, report, heads, cfg, recipe, sha = (run.stream, run.model, run.report, run.heads, run.cfg,
+                                                      run.recipe, run.sha)
+    files, prefix, order, t0 = run.files, run.prefix, run.order, run.t0
     from lowbit.streaming_activations import activation_rules, stream_activations
     wanted = activation_rules(recipe, list(stream.records))
     act_rows = {}
@@ -203,12 +152,10 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
         def spooled(b: int) -> tuple[dict, dict]:
             floats = load_file(str(stream.path / f"floats-{b:04d}.safetensors"))
             return floats, {n: qw for n, qw, _ in _read_block(stream.path / f"block-{b:04d}.safetensors")}
-        read_outside()                   # the embedding, released once the loop had its inputs
-        act_rows = stream_activations(model, recipe, wanted, tokens, cfg.batch_size, spooled, log)
-    model_float = {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}
-    del sd
+        run.read_outside()               # the embedding, released once the loop had its inputs
+        act_rows = stream_activations(model, recipe, wanted, run.tokens, cfg.batch_size, spooled, log)
+    model_float = run.model_float
     trim_heap()
-
     # the output's tensors: (shape, dtype, where from)
     qnames = set(stream.records)
     plan: dict[str, tuple] = {}
@@ -310,6 +257,97 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
         stream.discard()
     log(f"streamed {len(stream.records)} layer(s) in {time.perf_counter() - t0:.1f} s -> {out}")
     return out
+
+
+def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration=None, dtype=torch.float32, log,
+                       state_dir=None, files=None, source_sha=None, transformed=(), untied=False,
+                       native: bool = True, extra_stats: dict | None = None) -> SimpleNamespace:
+    """The calibration half of a streamed run (quantize_streaming_calibrated's arguments): every
+    nn.Linear target quantized block by block, each finished block in the state directory.
+    native=False (streaming_gguf): the layers are ggml blocks, and data-free embeddings are left
+    out of the loop (`on_read`: the GGUF writer makes them from the source). extra_stats: as
+    calibration.quantize_calibrated takes them (an imatrix's means)."""
+    from lowbit.api import QuantizeReport, _note_ragged, quantize_targets
+    from lowbit.arch import get_blocks, spec_for
+    from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
+    from lowbit.errors import check_context
+    from lowbit.export import _source_sha256
+    from lowbit.export.common import empty_model, tie_by_config
+    from lowbit.methods import get_method
+    from lowbit.models.shards import SafetensorsSource
+    from lowbit.recipe import Recipe
+    from lowbit.streaming import read_outside_blocks
+    from lowbit.transforms import block_level_names
+
+    if not transformed and any(t.get("name") not in block_level_names() for t in recipe.transforms):
+        raise LowbitError(f"streaming: recipe {recipe.name!r} has model-level transforms "
+                          f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
+    given = files is not None
+    files = files if given else SafetensorsSource(src)
+    model = empty_model(src, dtype)
+    model.config.tie_word_embeddings = model.config.tie_word_embeddings and not untied
+    tie_by_config(model)
+    arch = spec_for(model)
+    blocks = get_blocks(model, arch)
+    targets = quantize_targets(model, recipe)
+    if not targets:
+        raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
+    prefix = arch.blocks
+    outside = []
+    on_read = []
+    for name, mod, rule in targets:
+        if not native and isinstance(mod, torch.nn.Embedding) and not get_method(rule.method).needs:
+            on_read.append(name)         # a GGUF's embedding: made from the source when written
+            continue
+        if isinstance(mod, torch.nn.Embedding) or not isinstance(mod, torch.nn.Linear):
+            raise LowbitError(f"streaming: layer {name}: only nn.Linear modules are streamed"
+                              + ("" if native else " (and data-free embeddings into a GGUF)"))
+        if not name.startswith(prefix + "."):
+            outside.append(name)
+    targets = [t for t in targets if t[0] not in on_read]
+    # the parameters outside the blocks: the embedding feeds the calibration; lm_head only if quantized
+    sd = model.state_dict(keep_vars=True)
+
+    def read_outside() -> None:
+        read_outside_blocks(model, files, prefix, dtype, str(src),
+                            skip=lambda key: key.rpartition(".")[0] == arch.lm_head and arch.lm_head not in outside)
+        tie_by_config(model)
+    read_outside()
+
+    cfg = CalibrationConfig.from_dict({**recipe.calibration, **(calibration or {})})
+    if tokens is None:
+        from lowbit.models import load_tokenizer
+        tokens = calibration_tokens(load_tokenizer(src), cfg)
+    else:
+        cfg.n_samples, cfg.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
+    check_context(model.config, cfg.seq_len, "calibration seq_len")
+    recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
+    sha = source_sha if given else _source_sha256(src)
+    log(f"{src}: {len(blocks)} blocks; embedding read, source sha256 {str(sha)[:12]}; "
+        f"{cfg.n_samples} x {cfg.seq_len} calibration tokens")
+    state = Path(state_dir) if state_dir else out.parent / f".{out.name}.resume"
+    stream = _Stream(state, run_key(recipe, cfg.to_dict(), tokens, sha), model, files, src, prefix, dtype, native)
+    if stream.blocks_done:
+        log(f"resume state {state}: {stream.blocks_done} block(s) done")
+    t0 = time.perf_counter()
+    res = quantize_calibrated(model, recipe, targets, tokens, cfg, log=log, checkpoint=stream, blocks_io=stream,
+                              extra_stats=extra_stats)
+    for name, qw, method in res.layers:             # layers quantized outside the blocks (lm_head)
+        if qw is not None:
+            stream._record(name, qw, method, None)
+    report = QuantizeReport(recipe, seconds=time.perf_counter() - t0, notes=list(res.notes),
+                            calibration=cfg.to_dict())
+    order = {n: i for i, (n, _, _) in enumerate(targets)}
+    report.layers = [stream.records[n][0] for n in sorted(stream.records, key=lambda n: order[n])]
+    _note_ragged(report)
+    report.notes[:0] = list(transformed)
+    heads = {n: qw for n, qw, _ in res.layers if qw is not None}
+    del res
+    model_float = {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}
+    del sd
+    return SimpleNamespace(stream=stream, model=model, report=report, heads=heads, cfg=cfg, recipe=recipe, sha=sha,
+                           files=files, prefix=prefix, order=order, t0=t0, tokens=tokens, on_read=on_read,
+                           read_outside=read_outside, model_float=model_float, targets=targets)
 
 
 def _block_index(key: str, prefix: str) -> int | None:

@@ -10,7 +10,13 @@ The writer, lazy (QuantizedModel.lazy), plans the file from the skeleton's shape
 encoded tensor beside the output until the header is written, so one layer is in memory at a time;
 each layer is quantized once. An imatrix (a file, as llama-quantize takes one) weights each
 tensor's encoder as api.quantize does. The file is byte for byte what load_model + api.quantize +
-export write (tests/test_streaming.py). Calibrated ggml methods (gptq_ggml) are not streamed.
+export write (tests/test_streaming.py).
+
+A calibrated recipe of ggml types (`q4_k_m-gptq`: GPTQ choosing ggml block codes,
+methods/gptq_ggml.py) runs the block loop first, as streaming_calibrated.py does for the native
+format (one decoder block of the float model at a time; each finished block's ggml blocks and
+rewritten floats in the state directory, which a killed run resumes from); the writer then takes
+each layer from that state, and each data-free layer (the token embedding) from the source.
 """
 from __future__ import annotations
 
@@ -28,16 +34,20 @@ class QuantizedOnRead(OnDemandLayers):
     one kept: export.common.OnDemandLayers). describe(name): what its manifest row needs, kept
     for every layer already made."""
 
-    def __init__(self, files, targets: dict, dtype: torch.dtype, where: str, on_made=None, stats: dict | None = None):
+    def __init__(self, files, targets: dict, dtype: torch.dtype, where: str, on_made=None, stats: dict | None = None,
+                 spooled=None):
         super().__init__(targets)
         self.files, self.targets, self.dtype, self.where, self.on_made = files, targets, dtype, where, on_made
         self.stats = stats or {}              # name -> statistics given from outside (an imatrix's means)
+        self.spooled = spooled                # name -> the layer a calibrated run already made, or None
         self._made: dict[str, SimpleNamespace] = {}
 
     def _make(self, name: str):
         from lowbit.streaming import quantize_from_source
         rule = self.targets[name]
-        qw = quantize_from_source(self.files, name, rule, self.dtype, self.stats.get(name))
+        qw = self.spooled(name) if self.spooled is not None else None
+        if qw is None:
+            qw = quantize_from_source(self.files, name, rule, self.dtype, self.stats.get(name))
         if name not in self._made:
             self._made[name] = SimpleNamespace(scheme=qw.scheme, shape=qw.shape, bits_per_weight=qw.bits_per_weight,
                                                ragged_last_group=qw.ragged_last_group)
@@ -52,11 +62,14 @@ class QuantizedOnRead(OnDemandLayers):
 
 
 def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dtype = torch.float32,
-                log=None, metrics: dict | None = None, imatrix=None) -> Path:
-    """Quantize the checkpoint `source` (streaming.open_source) by a data-free recipe of ggml types
-    into the GGUF file `out`, one layer in memory at a time (module docstring). imatrix: an
+                log=None, metrics: dict | None = None, imatrix=None, tokens=None, calibration=None,
+                state_dir=None, keep_state: bool = False) -> Path:
+    """Quantize the checkpoint `source` (streaming.open_source) by a recipe of ggml types into
+    the GGUF file `out`, one layer in memory at a time (module docstring). imatrix: an
     importance matrix (calibration.imatrix.Imatrix or a llama-imatrix file), as api.quantize
-    takes it: each tensor's encoder weighted by its input means, the mix bound as with one."""
+    takes it: each tensor's encoder weighted by its input means, the mix bound as with one.
+    A calibrated recipe (gptq): tokens / calibration as in api.quantize; state_dir the resume
+    state (default .OUT.resume beside `out`), deleted at the end unless keep_state."""
     import time
 
     from lowbit.api import _imatrix, _imatrix_meta, _imatrix_stats, layer_row, quantize_targets
@@ -81,15 +94,23 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
     if not triples:
         raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
     for name, _, rule in triples:
-        if get_method(rule.method).needs:
-            raise LowbitError(f"streaming --format gguf: layer {name} uses calibrated method {rule.method!r}; "
-                              "only data-free ggml recipes stream straight into a GGUF")
         if rule.scheme.format not in GGUF_FORMATS:
             raise LowbitError(f"streaming --format gguf: layer {name} has scheme {rule.scheme.short_name()}, "
                               "not a ggml type (int recipes stream through the native format)")
     targets = {n: r for n, _, r in triples}
     kinds = {n: ("embedding" if isinstance(m, torch.nn.Embedding) else "linear") for n, m, _ in triples}
-    # the float tensors: everything outside the quantized modules, and their biases
+    stats = _imatrix_stats(model, triples, im)
+    run = None
+    if any(get_method(r.method).needs for r in targets.values()):
+        # the block loop first (streaming_calibrated.py), its layers then read back from the state
+        from lowbit.streaming_calibrated import calibrate_streamed
+        run = calibrate_streamed(src, recipe, out, tokens=tokens, calibration=calibration, dtype=dtype, log=log,
+                                 state_dir=state_dir, files=files, source_sha=sha, native=False, extra_stats=stats)
+        recipe = run.recipe                  # the calibration actually used, as api.quantize records it
+        del run.model
+    floats = _StateFloats(run)
+    # the float tensors: everything outside the quantized modules, and their biases (a calibrated
+    # run's block-level transforms may have rewritten a block's: those come from its state)
     seen: set[int] = set()
     for key, t in model.state_dict(keep_vars=True).items():
         owner, _, leaf = key.rpartition(".")
@@ -97,23 +118,78 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
         seen.add(id(t))
         if not t.is_meta or tied or (owner in targets and leaf == "weight"):
             continue
-        if key not in files:
-            raise LowbitError(f"{src}: tensor {key} is missing")
-        v = files.read(key)
+        v = floats.get(key)
+        if v is None:
+            if key not in files:
+                raise LowbitError(f"{src}: tensor {key} is missing")
+            v = files.read(key)
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise LowbitError(f"{src}: tensor {key} contains NaN/inf; refusing to write a broken model")
         set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
+    floats.clear()
     tie_by_config(model)
     rows: dict[str, dict] = {}
 
     def made(name, qw, method):
-        rows[name] = layer_row(name, qw, method)
-    qweights = QuantizedOnRead(files, targets, dtype, str(src), made, _imatrix_stats(model, triples, im))
-    # no notes: ggml types have no ragged groups (api.quantize's only data-free note)
-    prov = {"source": {"model": str(source), "sha256": sha}, "calibration": {}, "notes": [],
+        rows[name] = (run.stream.records[name][0] if run is not None and name in run.stream.records
+                      else layer_row(name, qw, method))
+    qweights = QuantizedOnRead(files, targets, dtype, str(src), made, stats,
+                               spooled=None if run is None else _StateLayers(run))
+    # data-free: no notes (ggml types have no ragged groups, api.quantize's only data-free note)
+    prov = {"source": {"model": str(source), "sha256": sha},
+            "calibration": {} if run is None else run.cfg.to_dict(),
+            "notes": [] if run is None else list(run.report.notes),
             "layers": rows, "metrics": dict(metrics or {}), "imatrix": _imatrix_meta(im, im_file)}
     qm = QuantizedModel(model, None, Path(src), qweights, kinds, recipe, prov, lazy=True)
     write_quantized(qm, out, progress=False, overwrite=overwrite)
+    if run is not None and not keep_state:
+        run.stream.discard()
     log(f"streamed {len(targets)} layer(s) into {out} in {time.perf_counter() - t0:.1f} s")
     return out
+
+
+class _StateLayers:
+    """name -> the ggml weight a calibrated streamed run left in its state (one block's layers
+    read at a time), or None for a layer it did not make (made from the source instead)."""
+
+    def __init__(self, run):
+        self.run, self.block, self.layers = run, None, {}
+
+    def __call__(self, name: str):
+        from lowbit.calibration.resume import _read_block
+        rec = self.run.stream.records.get(name)
+        if rec is None:
+            return None
+        b = rec[2]
+        if b is None:                        # quantized after the blocks (lm_head): kept in memory
+            return self.run.heads[name]
+        if self.block != b:
+            self.block, self.layers = None, {}
+            self.layers = {n: qw for n, qw, _ in _read_block(self.run.stream.path / f"block-{b:04d}.safetensors")}
+            self.block = b
+        return self.layers[name]
+
+
+class _StateFloats:
+    """key -> a decoder block's float tensor (norms, biases) from a calibrated run's state, the
+    last block's file kept; None outside the blocks, or with no run."""
+
+    def __init__(self, run):
+        self.run, self.block, self.tensors = run, None, {}
+
+    def get(self, key: str):
+        if self.run is None:
+            return None
+        from lowbit.streaming_calibrated import _block_index
+        b = _block_index(key, self.run.prefix)
+        f = None if b is None else self.run.stream.path / f"floats-{b:04d}.safetensors"
+        if f is None or not f.is_file():
+            return None
+        if self.block != b:
+            from safetensors.torch import load_file
+            self.block, self.tensors = b, load_file(str(f))
+        return self.tensors.get(key)
+
+    def clear(self) -> None:
+        self.block, self.tensors = None, {}
 

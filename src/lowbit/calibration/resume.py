@@ -166,9 +166,14 @@ def _put(tensors: dict, name: str, qw, method: str) -> dict:
             tensors[f"{name}.{k}"] = getattr(qw, k).contiguous()
         return {"name": name, "method": method, "kind": "vq", "shape": list(qw.shape),
                 "group_size": qw.group_size, "info": info}
+    from lowbit.numerics.ggml.weight import GGMLWeight
+    if isinstance(qw, GGMLWeight):               # ggml blocks (gptq with a ggml type): the GGUF bytes
+        tensors[f"{name}.ggml_data"] = qw.data.contiguous()
+        return {"name": name, "method": method, "kind": "ggml", "type": qw.type, "wanted": qw.wanted,
+                "shape": list(qw.shape), "info": info}
     if not isinstance(qw, QuantizedWeight):
         raise LowbitError(f"resume: layer {name} is a {type(qw).__name__}; resume state holds "
-                          "integer/float schemes and vector codebooks only (run without resume for ggml types)")
+                          "integer/float schemes, vector codebooks and ggml blocks only")
     tensors[f"{name}.qdata"] = qw.qdata.contiguous()
     tensors[f"{name}.scale"] = qw.scale.contiguous()
     if qw.zero_point is not None:
@@ -191,6 +196,11 @@ def _read_block(f: Path) -> list:
             for row in meta:
                 n = row["name"]
                 get = (lambda k, n=n: h.get_tensor(f"{n}.{k}") if f"{n}.{k}" in h.keys() else None)
+                if row.get("kind") == "ggml":
+                    from lowbit.numerics.ggml.weight import GGMLWeight
+                    out.append((n, GGMLWeight(get("ggml_data"), row["type"], tuple(row["shape"]), row["wanted"],
+                                              dict(row["info"])), row["method"]))
+                    continue
                 if row.get("kind") == "vq":
                     out.append((n, VQWeight(get("codebook"), get("indices"), get("scale"), tuple(row["shape"]),
                                             int(row["group_size"]), dict(row["info"])), row["method"]))
