@@ -51,3 +51,40 @@ def test_stream_budget_cli_writes_the_in_memory_bytes(smollm2, tmp_path):
     def digests(d):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
     assert digests(tmp_path / "stream") == digests(tmp_path / "mem")
+
+
+def test_streamed_imatrix_equals_the_whole_model_one(smollm2, tokens):
+    """The imatrix `--stream --budget --format gguf` encodes with, collected one decoder block at a
+    time from the safetensors directory (calibration.imatrix.collect_imatrix_streamed), is
+    collect_imatrix's on the loaded model: the same sums, counts and order, bit for bit."""
+    import numpy as np
+
+    from lowbit.calibration.imatrix import collect_imatrix, imatrix_targets
+    from lowbit.cli.quantize import _streamed_imatrix
+    mem = collect_imatrix(smollm2.model, tokens, imatrix_targets(smollm2.model), dataset="wiki", progress=False)
+    s = _streamed_imatrix(smollm2.path, tokens, "wiki")
+    assert list(s.sums) == list(mem.sums) and len(mem.sums) == 7 * smollm2.model.config.num_hidden_layers
+    assert s.counts == mem.counts and s.chunk_count == mem.chunk_count and s.datasets == mem.datasets
+    for name, v in mem.sums.items():
+        assert np.array_equal(s.sums[name], v), name
+
+
+@pytest.mark.slow
+def test_stream_budget_gguf_cli_writes_the_in_memory_bytes(smollm2, tmp_path):
+    """`lowbit quantize DIR --stream --budget 6.0bpw --format gguf`: the streamed sensitivity
+    pass, an imatrix collected block by block, the plan's ggml types streamed into the GGUF: the
+    file equals the in-memory command's, and the sidecars differ only in the files' names."""
+    import json
+    from pathlib import Path
+
+    from lowbit.cli import main
+    args = ["quantize", str(smollm2.path), "--budget", "6.0bpw", "--format", "gguf", "--candidates",
+            "gguf-q4_0,gguf-q8_0", "--samples", "2", "--seq-len", "64", "--no-sensitivity-cache"]
+    assert main(args + ["--out", str(tmp_path / "mem.gguf")]) == 0
+    assert main(args + ["--stream", "--out", str(tmp_path / "stream.gguf")]) == 0
+    assert (tmp_path / "stream.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+    man, ref = (json.loads(Path(f"{tmp_path / n}.gguf.lowbit.json").read_text()) for n in ("stream", "mem"))
+    assert list(man.pop("files").values()) == list(ref.pop("files").values())
+    assert man == ref and man["gguf"]["imatrix"] and man["metrics"]["budget_plan"]
+    used = {v["used"] for k, v in man["gguf"]["tensors"].items() if k.startswith("blk.")}
+    assert {"Q4_0", "Q8_0"} <= used                      # a mix of the two

@@ -230,6 +230,61 @@ def collect_imatrix(model, batches, name_of: dict[str, str], chunk_size: int | N
     return im
 
 
+def collect_imatrix_streamed(model, batches, name_of: dict[str, str], blocks_io, chunk_size: int | None = None,
+                             dataset: str = "") -> Imatrix:
+    """collect_imatrix with one decoder block in memory at a time (`lowbit quantize --stream
+    --budget --format gguf`): `model` is a skeleton holding its embedding; blocks_io.load(b,
+    block) reads block b before it runs and blocks_io.release(b, block) drops it after
+    (budget/streamed.py StreamedBlocks). Each window goes through the blocks one at a time, as
+    collect_imatrix runs them one window per forward, and every sum gets the windows in the same
+    order, so the matrix is collect_imatrix's (tests/test_budget_stream.py)."""
+    import torch
+
+    from lowbit.arch import get_blocks, spec_for
+    from lowbit.calibration.capture import capture_block_inputs, run_block
+    arch = spec_for(model)
+    blocks = get_blocks(model, arch)
+    prefix = arch.blocks
+    by_block: dict[int, list[tuple[str, str]]] = {}
+    for hf_name, gname in name_of.items():
+        idx = hf_name[len(prefix) + 1:].partition(".")[0] if hf_name.startswith(prefix + ".") else ""
+        if not idx.isdigit() or int(idx) >= len(blocks):
+            raise LowbitError(f"imatrix (streamed): module {hf_name!r} is not inside a decoder block")
+        by_block.setdefault(int(idx), []).append((hf_name, gname))
+    im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=chunk_size or int(batches.shape[1]))
+    acc: dict[str, torch.Tensor] = {}
+    ntok: dict[str, int] = {}
+
+    def make_hook(gname: str):
+        def hook(_mod, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            s = (x * x).sum(dim=0)
+            acc[gname] = s if gname not in acc else acc[gname] + s
+            ntok[gname] = ntok.get(gname, 0) + x.shape[0]
+        return hook
+
+    with torch.no_grad():
+        acts = capture_block_inputs(model, blocks[0], batches, 1)      # one window per batch
+        for b, block in enumerate(blocks):
+            blocks_io.load(b, block)
+            hooks = [block.get_submodule(h[len(f"{prefix}.{b}."):]).register_forward_pre_hook(make_hook(g))
+                     for h, g in by_block.get(b, [])]
+            try:
+                acts = [run_block(block, a) for a in acts]
+            finally:
+                for hd in hooks:
+                    hd.remove()
+            blocks_io.release(b, block)
+    del acts
+    for gname, s in acc.items():         # hook order, as collect_imatrix adds them
+        v = s.cpu().numpy()
+        if not np.isfinite(v).all():
+            raise LowbitError(f"imatrix {gname}: non-finite activations during collection")
+        im.add(gname, v, ntok[gname])
+    im.chunk_count = int(batches.shape[0])
+    return im
+
+
 def imatrix_targets(model) -> dict[str, str]:
     """HF module name -> GGUF tensor name for every nn.Linear inside the transformer blocks
     (what llama-imatrix collects: src0 names starting with "blk.")."""

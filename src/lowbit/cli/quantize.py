@@ -204,12 +204,11 @@ def _checkpoint(out, loaded, fresh: bool, log):
 def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
     import shutil
 
-    from lowbit.errors import LowbitError
     from lowbit.streaming import STREAM_MAX_SHARD, quantize_streaming
 
     def log(m):
         print(f"[lowbit quantize] {m}", file=sys.stderr, flush=True)
-    metrics = None
+    metrics, imatrix = None, None
     if args.budget:
         # the sensitivity pass streamed too (budget/streamed.py): one block in memory at a time
         from lowbit.budget import parse_budget
@@ -219,10 +218,6 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
         from lowbit.models import load_tokenizer
         parse_budget(args.budget)
         check_format(fmt.name)
-        if fmt.name == "gguf":
-            raise LowbitError("--stream --budget --format gguf: the plan's ggml types are encoded with an "
-                              "imatrix of the whole model, which streaming does not collect; stream a "
-                              "native or gptq budget, or drop --stream")
         cfg = CalibrationConfig.from_dict(overrides)
         tokens = calibration_tokens(load_tokenizer(args.model), cfg)
         t1 = time.perf_counter()
@@ -236,6 +231,12 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
             recipe.save(args.save_recipe)
             log(f"recipe written to {args.save_recipe}")
         metrics = {"budget_plan": plan.to_dict()}
+        if fmt.name == "gguf":
+            # as without --stream: the plan's costs were measured with llama.cpp's encoders weighted
+            # by each input's mean x^2, so an imatrix of the same windows encodes the file; collected
+            # here one decoder block at a time
+            imatrix = _streamed_imatrix(args.model, tokens, str(cfg.text))
+            log(f"imatrix of {tokens.shape[0]} windows collected block by block")
     state = out.parent / f".{out.name}.resume"
     if (args.fresh or args.no_resume) and state.exists():
         # the streamed run always keeps its finished blocks there (they are its spool): these two
@@ -246,6 +247,30 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
     # converted from the streamed native output with that format's own default, as without --stream
     shard = args.max_shard_size or (STREAM_MAX_SHARD if fmt.name == "native" else None)
     path = quantize_streaming(args.model, recipe, out, max_shard_size=shard, overwrite=args.overwrite,
-                              calibration=overrides, state_dir=state, log=log, format=fmt.name, metrics=metrics)
+                              calibration=overrides, state_dir=state, log=log, format=fmt.name, metrics=metrics,
+                              imatrix=imatrix)
     print(f"quantized {args.model} with {recipe.name}, streamed -> {path}")
     return 0
+
+
+def _streamed_imatrix(source, tokens, dataset: str):
+    """The imatrix of `tokens` over the checkpoint `source`, one decoder block read at a time
+    (calibration.imatrix.collect_imatrix_streamed): what collect_imatrix gives on the loaded model."""
+    import torch
+
+    from lowbit.arch import spec_for
+    from lowbit.budget.streamed import StreamedBlocks
+    from lowbit.calibration.imatrix import collect_imatrix_streamed, imatrix_targets
+    from lowbit.export.common import empty_model, tie_by_config
+    from lowbit.streaming import open_source, read_outside_blocks
+    src, files, _ = open_source(source)
+    model = empty_model(src, torch.float32)
+    prefix = spec_for(model).blocks
+    # only the embedding is read: it feeds the blocks, and the head is not collected (llama-imatrix)
+    emb = model.get_input_embeddings()
+    emb_key = next(f"{n}.weight" for n, m in model.named_modules() if m is emb)
+    read_outside_blocks(model, files, prefix, torch.float32, str(src), skip=lambda key: key != emb_key)
+    tie_by_config(model)
+    model.eval()
+    return collect_imatrix_streamed(model, tokens, imatrix_targets(model),
+                                    StreamedBlocks(model, files, str(src), prefix), dataset=dataset)
