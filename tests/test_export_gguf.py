@@ -184,6 +184,24 @@ def test_gptq_gguf_holds_exactly_the_quantized_model(q4km_gptq):
     assert verify(out)["files"] == 1
 
 
+def test_cli_gptq_gguf_with_its_resume_state_writes_the_same_file(smollm2, q4km_gptq, tmp_path):
+    """`lowbit quantize --recipe <ggml gptq recipe> --format gguf` keeps a resume state after every
+    block (calibration/resume.py, which once refused ggml blocks, so the command failed at its
+    first block): its tensors are api.quantize + write_quantized's, bit for bit, and the state is
+    dropped at the end."""
+    from lowbit.cli import main
+    lm, rep, out, _ = q4km_gptq
+    rep.recipe.save(tmp_path / "r.json")
+    cli = tmp_path / "cli.gguf"
+    assert main(["quantize", str(smollm2.path), "--recipe", str(tmp_path / "r.json"), "--format", "gguf",
+                 "--out", str(cli)]) == 0
+    got, want = read_tensors(cli), read_tensors(out)
+    assert list(got) == list(want)
+    for name, v in want.items():
+        assert np.array_equal(got[name], v), name
+    assert not (tmp_path / ".cli.gguf.resume").exists()
+
+
 def test_int_model_to_gguf_exact_and_reencoded(smollm2, tmp_path):
     """A w4g32-sym RTN model goes in as Q4_0 unchanged; a g128 layer is re-encoded and reported."""
     model = copy.deepcopy(smollm2.model)
