@@ -46,6 +46,27 @@ class _Stream(Checkpoint):
         self.native = native                    # False: into a GGUF (ggml blocks; no native tensor plan)
         # layer -> (row for the report, native tensor plan, block, native manifest row)
         self.records: dict[str, tuple] = {}
+        self._cache: dict[str, tuple] = {}      # kind -> (block, what block_layers / block_floats read)
+
+    def block_layers(self, b: int) -> dict:
+        """Finished block b's layers from the state (name -> its quantized weight); the last
+        block asked for is kept, as the writers take a block's tensors in a row."""
+        return self._spooled("layers", b, lambda: {n: qw for n, qw, _ in
+                                                   _read_block(self.path / f"block-{b:04d}.safetensors")})
+
+    def block_floats(self, b: int) -> dict:
+        """Finished block b's float tensors (norms, biases) from the state, by name; {} if none."""
+        from safetensors.torch import load_file
+        f = self.path / f"floats-{b:04d}.safetensors"
+        return self._spooled("floats", b, lambda: load_file(str(f)) if f.is_file() else {})
+
+    def _spooled(self, kind: str, b: int, read):
+        if self._cache.get(kind, (None,))[0] != b:
+            from lowbit.calibration.paused import trim_heap
+            self._cache.pop(kind, None)          # the previous block freed first
+            trim_heap()
+            self._cache[kind] = (b, read())
+        return self._cache[kind][1]
 
     # blocks_io
     def load(self, b: int, block) -> None:
@@ -147,13 +168,9 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     wanted = activation_rules(recipe, list(stream.records))
     act_rows = {}
     if wanted:
-        from safetensors.torch import load_file
-
-        def spooled(b: int) -> tuple[dict, dict]:
-            floats = load_file(str(stream.path / f"floats-{b:04d}.safetensors"))
-            return floats, {n: qw for n, qw, _ in _read_block(stream.path / f"block-{b:04d}.safetensors")}
         run.read_outside()               # the embedding, released once the loop had its inputs
-        act_rows = stream_activations(model, recipe, wanted, run.tokens, cfg.batch_size, spooled, log)
+        act_rows = stream_activations(model, recipe, wanted, run.tokens, cfg.batch_size,
+                                      lambda b: (stream.block_floats(b), stream.block_layers(b)), log)
     model_float = run.model_float
     trim_heap()
     # the output's tensors: (shape, dtype, where from)
@@ -185,24 +202,12 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     names = sorted(plan)
     from lowbit.streaming import _nbytes, add_activation_rows, stream_config
     sizes = {k: _nbytes(plan[k][0], plan[k][1]) for k in names}
-    cache = {"block": None, "layers": {}, "floats": {}}
-
-    def block_file(kind: str, b: int) -> dict:
-        if cache["block"] != b:
-            cache["block"], cache["layers"], cache["floats"] = b, {}, {}
-            trim_heap()
-            fname = f"block-{b:04d}.safetensors"
-            cache["layers"] = {n: qw for n, qw, _ in _read_block(stream.path / fname)}
-            from safetensors.torch import load_file
-            cache["floats"] = load_file(str(stream.path / f"floats-{b:04d}.safetensors"))
-        return cache[kind]
-
     def produce(key: str, ready: dict) -> None:
         from lowbit.export.native import _layer_tensors
         shape, dt, (kind, arg) = plan[key]
         if kind == "layer":
             b = stream.records[arg][2]
-            qw = heads[arg] if b is None else block_file("layers", b)[arg]
+            qw = heads[arg] if b is None else stream.block_layers(b)[arg]
             t, _ = _layer_tensors(arg, qw)
             for k, v in t.items():
                 if (tuple(v.shape), v.dtype) != plan[k][:2]:
@@ -211,7 +216,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
                 ready[k] = v
             return
         if kind == "floats":
-            t = block_file("floats", arg).get(key)
+            t = stream.block_floats(arg).get(key)
             if t is None:
                 raise LowbitError(f"streaming: state {stream.path}: tensor {key} is missing; delete it to start over")
         else:

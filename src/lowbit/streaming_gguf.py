@@ -81,6 +81,7 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
     from lowbit.presets.gguf_mixes import bind_to_model
     from lowbit.recipe import get_recipe
     from lowbit.streaming import open_source
+    from lowbit.streaming_calibrated import _block_index
     log = log or (lambda _m: None)
     t0 = time.perf_counter()
     src, files, sha = open_source(source)
@@ -108,7 +109,7 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
                                  state_dir=state_dir, files=files, source_sha=sha, native=False, extra_stats=stats)
         recipe = run.recipe                  # the calibration actually used, as api.quantize records it
         del run.model
-    floats = _StateFloats(run)
+    blocks = run.stream if run is not None else None
     # the float tensors: everything outside the quantized modules, and their biases (a calibrated
     # run's block-level transforms may have rewritten a block's: those come from its state)
     seen: set[int] = set()
@@ -118,7 +119,8 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
         seen.add(id(t))
         if not t.is_meta or tied or (owner in targets and leaf == "weight"):
             continue
-        v = floats.get(key)
+        b = None if blocks is None else _block_index(key, run.prefix)
+        v = None if b is None else blocks.block_floats(b).get(key)
         if v is None:
             if key not in files:
                 raise LowbitError(f"{src}: tensor {key} is missing")
@@ -126,15 +128,19 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise LowbitError(f"{src}: tensor {key} contains NaN/inf; refusing to write a broken model")
         set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, str(src))
-    floats.clear()
     tie_by_config(model)
     rows: dict[str, dict] = {}
 
     def made(name, qw, method):
         rows[name] = (run.stream.records[name][0] if run is not None and name in run.stream.records
                       else layer_row(name, qw, method))
-    qweights = QuantizedOnRead(files, targets, dtype, str(src), made, stats,
-                               spooled=None if run is None else _StateLayers(run))
+    def spooled(name: str):
+        """The layer the block loop made (read back from its state), or None: made from the source."""
+        rec = run.stream.records.get(name) if run is not None else None
+        if rec is None:
+            return None
+        return run.heads[name] if rec[2] is None else run.stream.block_layers(rec[2])[name]
+    qweights = QuantizedOnRead(files, targets, dtype, str(src), made, stats, spooled=spooled)
     # data-free: no notes (ggml types have no ragged groups, api.quantize's only data-free note)
     prov = {"source": {"model": str(source), "sha256": sha},
             "calibration": {} if run is None else run.cfg.to_dict(),
@@ -146,50 +152,3 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
         run.stream.discard()
     log(f"streamed {len(targets)} layer(s) into {out} in {time.perf_counter() - t0:.1f} s")
     return out
-
-
-class _StateLayers:
-    """name -> the ggml weight a calibrated streamed run left in its state (one block's layers
-    read at a time), or None for a layer it did not make (made from the source instead)."""
-
-    def __init__(self, run):
-        self.run, self.block, self.layers = run, None, {}
-
-    def __call__(self, name: str):
-        from lowbit.calibration.resume import _read_block
-        rec = self.run.stream.records.get(name)
-        if rec is None:
-            return None
-        b = rec[2]
-        if b is None:                        # quantized after the blocks (lm_head): kept in memory
-            return self.run.heads[name]
-        if self.block != b:
-            self.block, self.layers = None, {}
-            self.layers = {n: qw for n, qw, _ in _read_block(self.run.stream.path / f"block-{b:04d}.safetensors")}
-            self.block = b
-        return self.layers[name]
-
-
-class _StateFloats:
-    """key -> a decoder block's float tensor (norms, biases) from a calibrated run's state, the
-    last block's file kept; None outside the blocks, or with no run."""
-
-    def __init__(self, run):
-        self.run, self.block, self.tensors = run, None, {}
-
-    def get(self, key: str):
-        if self.run is None:
-            return None
-        from lowbit.streaming_calibrated import _block_index
-        b = _block_index(key, self.run.prefix)
-        f = None if b is None else self.run.stream.path / f"floats-{b:04d}.safetensors"
-        if f is None or not f.is_file():
-            return None
-        if self.block != b:
-            from safetensors.torch import load_file
-            self.block, self.tensors = b, load_file(str(f))
-        return self.tensors.get(key)
-
-    def clear(self) -> None:
-        self.block, self.tensors = None, {}
-
