@@ -231,6 +231,21 @@ def test_stream_static_input_activations_same_bytes_as_in_memory(smollm2, window
 
 
 @pytest.mark.model
+def test_stream_vq_codebooks_same_bytes_as_in_memory(smollm2, windows, tmp_path):
+    """Vector codebooks (methods/vq.py, a calibrated method whose layers are codebook + indices)
+    stream block by block into the native format: the in-memory path's bytes."""
+    from lowbit.numerics.vq import vq_scheme
+    from lowbit.recipe import Recipe, Rule
+    r = Recipe(name="vq-01", rules=[Rule(r"model\.layers\.[01]\.", vq_scheme(2, 64), "vq", {"kmeans_iters": 3})],
+               calibration=dict(_gptq_blocks("0").calibration))
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", "60MB", windows)
+    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", max_shard_size="60MB", tokens=windows)
+    assert digests(s) == digests(mem)
+    man = json.loads((Path(s) / "lowbit.json").read_text())
+    assert man["layers"]["model.layers.1.mlp.down_proj"]["method"] == "vq"
+
+
+@pytest.mark.model
 def test_stream_gptq_resume_refuses_changed_calibration(smollm2, tmp_path):
     r = _gptq_blocks("0")
 
