@@ -60,9 +60,9 @@ def test_streamed_imatrix_equals_the_whole_model_one(smollm2, tokens):
     import numpy as np
 
     from lowbit.calibration.imatrix import collect_imatrix, imatrix_targets
-    from lowbit.cli.quantize import _streamed_imatrix
+    from lowbit.budget.streamed import streamed_imatrix
     mem = collect_imatrix(smollm2.model, tokens, imatrix_targets(smollm2.model), dataset="wiki", progress=False)
-    s = _streamed_imatrix(smollm2.path, tokens, "wiki")
+    s = streamed_imatrix(smollm2.path, tokens, "wiki")
     assert list(s.sums) == list(mem.sums) and len(mem.sums) == 7 * smollm2.model.config.num_hidden_layers
     assert s.counts == mem.counts and s.chunk_count == mem.chunk_count and s.datasets == mem.datasets
     for name, v in mem.sums.items():

@@ -154,3 +154,23 @@ def plan_budget_streaming(source, budget, *, tokens: torch.Tensor, fmt: str = "n
                            cache=cache, source_dir=src, log=log, fingerprint=f"source:{sha}", blocks_io=io)
     plan = solve(sens, b, tie=fmt in TIED_FORMATS if tie is None else tie, calibration=calibration)
     return plan, sens
+
+
+def streamed_imatrix(source, tokens, dataset: str):
+    """The imatrix of `tokens` over the checkpoint `source`, one decoder block read at a time
+    (calibration.imatrix.collect_imatrix_streamed): what collect_imatrix gives on the loaded model."""
+    from lowbit.arch import spec_for
+    from lowbit.calibration.imatrix import collect_imatrix_streamed, imatrix_targets
+    from lowbit.export.common import empty_model, tie_by_config
+    from lowbit.streaming import open_source, read_outside_blocks
+    src, files, _ = open_source(source)
+    model = empty_model(src, torch.float32)
+    prefix = spec_for(model).blocks
+    # only the embedding is read: it feeds the blocks, and the head is not collected (llama-imatrix)
+    emb = model.get_input_embeddings()
+    emb_key = next(f"{n}.weight" for n, m in model.named_modules() if m is emb)
+    read_outside_blocks(model, files, prefix, torch.float32, str(src), skip=lambda key: key != emb_key)
+    tie_by_config(model)
+    model.eval()
+    return collect_imatrix_streamed(model, tokens, imatrix_targets(model),
+                                    StreamedBlocks(model, files, str(src), prefix), dataset=dataset)

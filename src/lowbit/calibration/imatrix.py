@@ -192,24 +192,13 @@ def collect_imatrix(model, batches, name_of: dict[str, str], chunk_size: int | N
     As llama-imatrix, only the transformer blocks' linears are collected (not the output head);
     sums are accumulated in float64."""
     import torch
-    im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=chunk_size or int(batches.shape[1]))
-    acc: dict[str, torch.Tensor] = {}
-    ntok: dict[str, int] = {}
+    sums = _SumSq()
     hooks = []
-
-    def make_hook(gname: str):
-        def hook(_mod, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            s = (x * x).sum(dim=0)
-            acc[gname] = s if gname not in acc else acc[gname] + s
-            ntok[gname] = ntok.get(gname, 0) + x.shape[0]
-        return hook
-
     mods = dict(model.named_modules())
     for hf_name, gname in name_of.items():
         if hf_name not in mods:
             raise LowbitError(f"imatrix: module {hf_name!r} not in the model")
-        hooks.append(mods[hf_name].register_forward_pre_hook(make_hook(gname)))
+        hooks.append(mods[hf_name].register_forward_pre_hook(sums.hook(gname)))
     it = range(batches.shape[0])
     if progress:
         from tqdm.auto import tqdm
@@ -221,13 +210,35 @@ def collect_imatrix(model, batches, name_of: dict[str, str], chunk_size: int | N
     finally:
         for h in hooks:
             h.remove()
-    for gname, s in acc.items():
-        v = s.cpu().numpy()
-        if not np.isfinite(v).all():
-            raise LowbitError(f"imatrix {gname}: non-finite activations during collection")
-        im.add(gname, v, ntok[gname])
-    im.chunk_count = int(batches.shape[0])
-    return im
+    return sums.imatrix(batches, chunk_size, dataset)
+
+
+class _SumSq:
+    """Per-column sums of x^2 of each hooked linear's input (float64), and the tokens seen; added
+    to an Imatrix in the order the hooks first fired."""
+
+    def __init__(self):
+        self.acc, self.ntok = {}, {}
+
+    def hook(self, gname: str):
+        import torch
+
+        def pre_hook(_mod, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            s = (x * x).sum(dim=0)
+            self.acc[gname] = s if gname not in self.acc else self.acc[gname] + s
+            self.ntok[gname] = self.ntok.get(gname, 0) + x.shape[0]
+        return pre_hook
+
+    def imatrix(self, batches, chunk_size: int | None, dataset: str) -> Imatrix:
+        im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=chunk_size or int(batches.shape[1]))
+        for gname, s in self.acc.items():
+            v = s.cpu().numpy()
+            if not np.isfinite(v).all():
+                raise LowbitError(f"imatrix {gname}: non-finite activations during collection")
+            im.add(gname, v, self.ntok[gname])
+        im.chunk_count = int(batches.shape[0])
+        return im
 
 
 def collect_imatrix_streamed(model, batches, name_of: dict[str, str], blocks_io, chunk_size: int | None = None,
@@ -251,23 +262,12 @@ def collect_imatrix_streamed(model, batches, name_of: dict[str, str], blocks_io,
         if not idx.isdigit() or int(idx) >= len(blocks):
             raise LowbitError(f"imatrix (streamed): module {hf_name!r} is not inside a decoder block")
         by_block.setdefault(int(idx), []).append((hf_name, gname))
-    im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=chunk_size or int(batches.shape[1]))
-    acc: dict[str, torch.Tensor] = {}
-    ntok: dict[str, int] = {}
-
-    def make_hook(gname: str):
-        def hook(_mod, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            s = (x * x).sum(dim=0)
-            acc[gname] = s if gname not in acc else acc[gname] + s
-            ntok[gname] = ntok.get(gname, 0) + x.shape[0]
-        return hook
-
+    sums = _SumSq()
     with torch.no_grad():
         acts = capture_block_inputs(model, blocks[0], batches, 1)      # one window per batch
         for b, block in enumerate(blocks):
             blocks_io.load(b, block)
-            hooks = [block.get_submodule(h[len(f"{prefix}.{b}."):]).register_forward_pre_hook(make_hook(g))
+            hooks = [block.get_submodule(h[len(f"{prefix}.{b}."):]).register_forward_pre_hook(sums.hook(g))
                      for h, g in by_block.get(b, [])]
             try:
                 acts = [run_block(block, a) for a in acts]
@@ -276,13 +276,7 @@ def collect_imatrix_streamed(model, batches, name_of: dict[str, str], blocks_io,
                     hd.remove()
             blocks_io.release(b, block)
     del acts
-    for gname, s in acc.items():         # hook order, as collect_imatrix adds them
-        v = s.cpu().numpy()
-        if not np.isfinite(v).all():
-            raise LowbitError(f"imatrix {gname}: non-finite activations during collection")
-        im.add(gname, v, ntok[gname])
-    im.chunk_count = int(batches.shape[0])
-    return im
+    return sums.imatrix(batches, chunk_size, dataset)
 
 
 def imatrix_targets(model) -> dict[str, str]:

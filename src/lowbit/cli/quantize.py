@@ -235,7 +235,8 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
             # as without --stream: the plan's costs were measured with llama.cpp's encoders weighted
             # by each input's mean x^2, so an imatrix of the same windows encodes the file; collected
             # here one decoder block at a time
-            imatrix = _streamed_imatrix(args.model, tokens, str(cfg.text))
+            from lowbit.budget.streamed import streamed_imatrix
+            imatrix = streamed_imatrix(args.model, tokens, str(cfg.text))
             log(f"imatrix of {tokens.shape[0]} windows collected block by block")
     state = out.parent / f".{out.name}.resume"
     if (args.fresh or args.no_resume) and state.exists():
@@ -252,25 +253,3 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
     print(f"quantized {args.model} with {recipe.name}, streamed -> {path}")
     return 0
 
-
-def _streamed_imatrix(source, tokens, dataset: str):
-    """The imatrix of `tokens` over the checkpoint `source`, one decoder block read at a time
-    (calibration.imatrix.collect_imatrix_streamed): what collect_imatrix gives on the loaded model."""
-    import torch
-
-    from lowbit.arch import spec_for
-    from lowbit.budget.streamed import StreamedBlocks
-    from lowbit.calibration.imatrix import collect_imatrix_streamed, imatrix_targets
-    from lowbit.export.common import empty_model, tie_by_config
-    from lowbit.streaming import open_source, read_outside_blocks
-    src, files, _ = open_source(source)
-    model = empty_model(src, torch.float32)
-    prefix = spec_for(model).blocks
-    # only the embedding is read: it feeds the blocks, and the head is not collected (llama-imatrix)
-    emb = model.get_input_embeddings()
-    emb_key = next(f"{n}.weight" for n, m in model.named_modules() if m is emb)
-    read_outside_blocks(model, files, prefix, torch.float32, str(src), skip=lambda key: key != emb_key)
-    tie_by_config(model)
-    model.eval()
-    return collect_imatrix_streamed(model, tokens, imatrix_targets(model),
-                                    StreamedBlocks(model, files, str(src), prefix), dataset=dataset)
