@@ -130,6 +130,7 @@ def test_config_refuses_eval_text_and_bad_options():
         QATConfig(optimizer="sgd").check()
 
 
+@pytest.mark.slow
 def test_qat_on_bundled_model_trains_freezes_and_exports(tmp_path):
     """RTN w4g128 -> 3 KD steps (lr large enough to flip codes) -> QuantLinear again -> native
     export -> lowbit.load gives the same logits; the teacher is the float model."""
