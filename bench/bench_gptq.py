@@ -89,6 +89,7 @@ for _b in (4, 3, 2):
     CONFIGS[f"rotgptq-w{_b}g64-sym-ao-mse-ftlr3"] = (f"w{_b}g64-sym-rot-gptq-actorder-mse-ft", {"ft_lr": 3e-3})
     # 2 epochs: for 64 calibration windows (4x the steps per epoch of 16)
     CONFIGS[f"rotgptq-w{_b}g64-sym-ao-mse-ft2"] = (f"w{_b}g64-sym-rot-gptq-actorder-mse-ft", {"ft_epochs": 2})
+    CONFIGS[f"rotgptq-w{_b}g64-sym-ao-mse-ft1"] = (f"w{_b}g64-sym-rot-gptq-actorder-mse-ft", {"ft_epochs": 1})
 for _b in (2, 3):
     CONFIGS[f"rotvq-w{_b}g64-ft2"] = (f"w{_b}g64-rot-vq-ft", {"ft_epochs": 2})
     CONFIGS[f"vq-w{_b}g64-ft2"] = (f"w{_b}g64-vq-ft", {"ft_epochs": 2})
