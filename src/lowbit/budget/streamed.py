@@ -134,22 +134,16 @@ def plan_budget_streaming(source, budget, *, tokens: torch.Tensor, fmt: str = "n
     """api.plan_budget for a checkpoint streamed from disk (streaming.open_source: a safetensors
     directory or a GGUF): the model is a skeleton holding its embedding, final norm and lm_head;
     blocks are read one at a time. The cache is keyed by the source's sha256. -> (Plan, Sensitivity)."""
-    from lowbit.arch import spec_for
     from lowbit.budget import load_or_compute, parse_budget, solve
     from lowbit.budget.solver import TIED_FORMATS
-    from lowbit.export.common import empty_model, tie_by_config
-    from lowbit.streaming import open_source, read_outside_blocks
     b = parse_budget(budget) if isinstance(budget, str) else budget
-    src, files, sha = open_source(source)
-    model = empty_model(src, dtype)
-    arch = spec_for(model)
-    prefix, head = arch.blocks, f"{arch.lm_head}.weight"
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    # a tied lm_head has no tensor of its own: the embedding, tied below
-    read_outside_blocks(model, files, prefix, dtype, str(src), skip=lambda key: key == head and tied and key not in files)
-    tie_by_config(model)
-    model.eval()
-    io = StreamedBlocks(model, files, str(src), prefix, dtype)
+
+    from lowbit.arch import spec_for
+
+    def skip(model, files, key):         # a tied lm_head has no tensor of its own: the embedding, tied
+        arch_head = f"{spec_for(model).lm_head}.weight"
+        return key == arch_head and bool(getattr(model.config, "tie_word_embeddings", False)) and key not in files
+    model, io, src, sha = streamed_skeleton(source, dtype, skip)
     sens = load_or_compute(model, tokens, candidates=list(candidates) if candidates else None, fmt=fmt,
                            cache=cache, source_dir=src, log=log, fingerprint=f"source:{sha}", blocks_io=io)
     plan = solve(sens, b, tie=fmt in TIED_FORMATS if tie is None else tie, calibration=calibration)
@@ -159,18 +153,26 @@ def plan_budget_streaming(source, budget, *, tokens: torch.Tensor, fmt: str = "n
 def streamed_imatrix(source, tokens, dataset: str):
     """The imatrix of `tokens` over the checkpoint `source`, one decoder block read at a time
     (calibration.imatrix.collect_imatrix_streamed): what collect_imatrix gives on the loaded model."""
-    from lowbit.arch import spec_for
     from lowbit.calibration.imatrix import collect_imatrix_streamed, imatrix_targets
+
+    def skip(model, _files, key):        # only the embedding: it feeds the blocks; no head (llama-imatrix)
+        emb = model.get_input_embeddings()
+        return key != next(f"{n}.weight" for n, m in model.named_modules() if m is emb)
+    model, io, _, _ = streamed_skeleton(source, torch.float32, skip)
+    return collect_imatrix_streamed(model, tokens, imatrix_targets(model), io, dataset=dataset)
+
+
+def streamed_skeleton(source, dtype: torch.dtype, skip) -> tuple[nn.Module, StreamedBlocks, object, str | None]:
+    """The checkpoint `source` (streaming.open_source) as a meta-device skeleton holding the tensors
+    outside its decoder blocks that skip(model, files, key) keeps, and the StreamedBlocks that
+    read each block into it. -> (model, blocks_io, config dir, source sha256)."""
+    from lowbit.arch import spec_for
     from lowbit.export.common import empty_model, tie_by_config
     from lowbit.streaming import open_source, read_outside_blocks
-    src, files, _ = open_source(source)
-    model = empty_model(src, torch.float32)
+    src, files, sha = open_source(source)
+    model = empty_model(src, dtype)
     prefix = spec_for(model).blocks
-    # only the embedding is read: it feeds the blocks, and the head is not collected (llama-imatrix)
-    emb = model.get_input_embeddings()
-    emb_key = next(f"{n}.weight" for n, m in model.named_modules() if m is emb)
-    read_outside_blocks(model, files, prefix, torch.float32, str(src), skip=lambda key: key != emb_key)
+    read_outside_blocks(model, files, prefix, dtype, str(src), skip=lambda key: skip(model, files, key))
     tie_by_config(model)
     model.eval()
-    return collect_imatrix_streamed(model, tokens, imatrix_targets(model),
-                                    StreamedBlocks(model, files, str(src), prefix), dataset=dataset)
+    return model, StreamedBlocks(model, files, str(src), prefix, dtype), src, sha

@@ -252,4 +252,3 @@ def _run_streaming(args, recipe, fmt, out, overrides: dict) -> int:
                               imatrix=imatrix)
     print(f"quantized {args.model} with {recipe.name}, streamed -> {path}")
     return 0
-

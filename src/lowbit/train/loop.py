@@ -89,12 +89,16 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -
     return total / n
 
 
+def cosine_decay(frac: float, min_ratio: float) -> float:
+    """The learning-rate factor at fraction `frac` of the decay: 1 at 0, cosine down to
+    min_ratio at 1 (and after)."""
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    lo = cfg.lr * cfg.min_lr_ratio
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(1.0, t)))
+    return cfg.lr * cosine_decay((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps), cfg.min_lr_ratio)
 
 
 def _peak_rss() -> int | None:

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.train.loop import cosine_decay
 
 FP16_TINY = 2.0 ** -24
 
@@ -291,9 +292,9 @@ def finetune(model: nn.Module, windows: torch.Tensor, teacher: Teacher, cfg: Tun
             tot = 0.0
             for i in range(0, n, bs):
                 idx = order[i:i + bs]
-                frac = t / max(1, steps - 1)
+                factor = cosine_decay(t / max(1, steps - 1), cfg.min_lr_ratio)
                 for g in opt.param_groups:
-                    g["lr"] = g["base"] * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+                    g["lr"] = g["base"] * factor
                 opt.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     loss = _kl(model, windows[idx], teacher.log_probs(idx))
