@@ -4,7 +4,8 @@ pass's wall time against one GPTQ run.
     .venv/bin/python bench/bench_budget.py sens            # sensitivity + one GPTQ run, timed back to back
     .venv/bin/python bench/bench_budget.py measure --pairs 24   # measured single-module KL vs the proxies
     .venv/bin/python bench/bench_budget.py run NAME...     # quantize + write + evaluate configs:
-                                                           #   a preset name, or budget:<B> (e.g. budget:3.5bpw)
+                                                           #   a preset name, budget:<B> (e.g. budget:3.5bpw), or budget:@<candidate>
+                                                           #   (the mix at that uniform candidate's size)
     .venv/bin/python bench/bench_budget.py table           # the markdown table of every finished run
     .venv/bin/python bench/bench_budget.py gguf [--model M] [q3_k_m q4_k_m]
                                             # the GGUF budget mix vs llama.cpp's mixes at their sizes
@@ -90,7 +91,13 @@ def _recipe_for(name: str, a, lm, toks):
     if not name.startswith("budget:"):
         return get_recipe(name), None
     sens = Sensitivity.load(a.work / "sens.json")
-    plan = solve(sens, parse_budget(name.split(":", 1)[1]))
+    spec = name.split(":", 1)[1]
+    if spec.startswith("@"):         # budget:@PRESET: the mix at that uniform candidate's own size
+        if spec[1:] not in sens.candidates:
+            raise SystemExit(f"{name}: {spec[1:]} is not a candidate of the sensitivity table ({sens.candidates})")
+        c = sens.candidates.index(spec[1:])
+        spec = f"{8 * sum(row[c] for row in sens.nbytes) / sens.weights():.12f}bpw"
+    plan = solve(sens, parse_budget(spec))
     return plan.recipe(), plan
 
 
@@ -98,9 +105,8 @@ def step_run(a) -> None:
     from lowbit import api
     from lowbit.budget.sizing import file_payload_bytes
     from lowbit.eval import evaluate
-    from lowbit.eval.kl import reference_logprobs
     for name in a.names:
-        out = a.work / name.replace(":", "-")
+        out = a.work / name.replace(":", "-").replace("@", "at-")
         if (out / "eval.json").is_file() and not a.redo:
             print(f"{name}: done already")
             continue
@@ -120,7 +126,6 @@ def step_run(a) -> None:
         metrics = {"budget_plan": plan.to_dict()} if plan is not None else None
         api.export(lm, rep, out, "native", metrics=metrics, overwrite=True)
         ref_lm = _load()
-        from lowbit.eval import perplexity as _p  # noqa: F401  (windows come from evaluate's text)
         rec = evaluate(lm.model, lm.tokenizer, reference=ref_lm.model, metrics=["ppl", "kl", "size"],
                        max_tokens=512 * a.eval_windows, kl_max_tokens=512 * a.kl_windows, path=out,
                        label=name, progress=False)
@@ -128,12 +133,12 @@ def step_run(a) -> None:
         rec["file"] = file_payload_bytes(out)
         if plan is not None:
             rec["plan"] = {k: v for k, v in plan.to_dict().items() if k != "choice"}
-        _write(a.work / (name.replace(":", "-") + ".eval.json"), rec)
+        _write(a.work / (out.name + ".eval.json"), rec)
         _write(out.parent / (out.name + ".json"), rec)
         (out / "eval.json").parent.mkdir(exist_ok=True)
         _write(out / "eval.json", rec)
         print(name, rec["ppl"]["ppl"], rec["kl"]["mean"], rec["file"])
-        del lm, ref_lm, reference_logprobs
+        del lm, ref_lm
 
 
 RTN_CANDIDATES = ["w2g32-rtn", "w2g64-rtn", "w3-rtn", "w3g128-rtn", "w3g64-rtn", "w3g32-rtn", "w4-rtn",

@@ -245,6 +245,70 @@ def test_stream_vq_codebooks_same_bytes_as_in_memory(smollm2, windows, tmp_path)
     assert man["layers"]["model.layers.1.mlp.down_proj"]["method"] == "vq"
 
 
+def _finetuned(rules, **ft):
+    from lowbit.recipe import Recipe
+    return Recipe(name="ft", rules=rules, calibration={"n_samples": 2, "seq_len": 64, "batch_size": 1},
+                  finetune={"epochs": 2, "batch_size": 1, **ft}, ignore=[])
+
+
+@pytest.mark.model
+def test_stream_finetune_same_bytes_as_in_memory_and_resumes(smollm2, windows, tmp_path):
+    """-ft streamed (streaming_finetune.py): the end-to-end fine-tuning runs one decoder block at a
+    time (each block rebuilt from the state for its forward and again for its backward), and
+    gives the in-memory run's steps, so its bytes; a run killed in the middle of the tuning
+    restarts it from the state's finished blocks (no block calibrated again): the same bytes."""
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Rule
+    r = _finetuned([Rule(r"model\.layers\.[01]\.", int_scheme(2, 64), "gptq")])
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
+    man = json.loads((mem / "lowbit.json").read_text())
+    assert all(row["method"] == "gptq+ft" for row in man["layers"].values())     # kept: the KL went down
+    assert any(n.startswith("finetune: KL on the 2 calibration windows") for n in man["notes"])
+
+    def die_while_tuning(msg):
+        if msg.startswith("finetune epoch 1/"):
+            raise Killed
+    with pytest.raises(Killed):
+        quantize_streaming(smollm2.path, r, tmp_path / "s", tokens=windows, log=die_while_tuning)
+    assert json.loads((tmp_path / ".s.resume" / "state.json").read_text())["blocks_done"] == 2
+    logs = []
+    s = quantize_streaming(smollm2.path, r, tmp_path / "s", tokens=windows, log=logs.append)
+    assert not any(m.startswith("block ") for m in logs) and any(m.startswith("finetune epoch 2/2") for m in logs)
+    assert digests(s) == digests(mem)
+
+
+@pytest.mark.model
+def test_stream_finetune_vq_and_tied_lm_head_same_bytes(smollm2, windows, tmp_path):
+    """-ft streamed over vector codebooks (their codebooks trained too) and a GPTQ lm_head tied to
+    the embedding (tuned outside the blocks, in memory): the in-memory bytes. Both failed before:
+    the codebook gradient came from advanced indexing, whose backward accumulates in thread order
+    (two in-memory runs differed), and a quantized tied lm_head was looked for in the checkpoint."""
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.numerics.vq import vq_scheme
+    from lowbit.recipe import Rule
+    r = _finetuned([Rule(r"model\.layers\.0\.", vq_scheme(2, 64), "vq", {"kmeans_iters": 3}),
+                    Rule(r"^lm_head$", int_scheme(4, 64), "gptq")], lr=2e-4, norm_lr=2e-4)
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
+    man = json.loads((mem / "lowbit.json").read_text())
+    assert man["layers"]["lm_head"]["method"] == "gptq+ft" and man["layers"]["model.layers.0.mlp.up_proj"]["method"] == "vq+ft"
+    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", tokens=windows)
+    assert digests(s) == digests(mem)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_stream_finetune_rotated_same_bytes(smollm2, windows, tmp_path):
+    """-ft after a Hadamard rotation, streamed: the teacher is the float model before the rotation
+    (as in memory), read block by block from the source; the student's blocks come rotated."""
+    from lowbit.numerics.vq import vq_scheme
+    from lowbit.recipe import Rule
+    r = _finetuned([Rule(r"model\.layers\.0\.", vq_scheme(2, 64), "vq", {"kmeans_iters": 3})], lr=2e-4, norm_lr=2e-4)
+    r.transforms = [{"name": "rotate", "seed": 3}]
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
+    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", tokens=windows)
+    assert digests(s) == digests(mem)
+
+
 @pytest.mark.model
 def test_stream_gptq_resume_refuses_changed_calibration(smollm2, tmp_path):
     r = _gptq_blocks("0")

@@ -99,14 +99,16 @@ def _calibration_tokens(model, recipe: Recipe, tokenizer, tokens, calibration, w
     return calibration_tokens(tokenizer, cfg)
 
 
-def _finetune(model, report: QuantizeReport, tokens, teacher, cfg, log) -> None:
+def _finetune(model, report: QuantizeReport, tokens, teacher, cfg, log, runner=None, tuned=None) -> None:
     """recipe.finetune (cfg, its TuneConfig): scales, codebooks and norms tuned end to end, codes
-    fixed (train/tune.py)."""
+    fixed (train/tune.py). runner / tuned: a streamed run's (streaming_finetune.py) runner and the
+    names of its quantized layers (in memory: report.qweights)."""
     from lowbit.train.tune import finetune
-    res = finetune(model, tokens, teacher, cfg, qweights=report.qweights, log=log)
+    res = finetune(model, tokens, teacher, cfg, qweights=report.qweights, log=log, runner=runner)
+    tuned = report.qweights if tuned is None else tuned
     if res.kept:
         for row in report.layers:
-            if row["name"] in report.qweights and not row["method"].endswith("+ft"):
+            if row["name"] in tuned and not row["method"].endswith("+ft"):
                 row["method"] += "+ft"
     if not report.calibration:       # a data-free recipe: the windows are the fine-tuning's
         report.calibration = {"n_samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])}

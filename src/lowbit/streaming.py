@@ -95,12 +95,10 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
 
     log = log or (lambda _m: None)
     recipe = get_recipe(recipe)
-    if recipe.finetune:
-        raise LowbitError(f"streaming: recipe {recipe.name!r} fine-tunes end to end (finetune), which trains "
-                          "through the whole model at once; quantize without --stream")
     from lowbit.export.common import check_output
     src, files, source_sha = open_source(source)
     check_output(out, overwrite)
+    float_files = files                # the -ft teacher: the float model before any rotation
     files, transformed, untied = rotated_source(files, src, recipe, dtype)
     skeleton = empty_model(src, dtype)
     if untied:                         # the rotated model's lm_head is its own tensor
@@ -117,7 +115,10 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
                                              max_shard_size=max_shard_size, overwrite=overwrite, dtype=dtype,
                                              log=log, state_dir=state_dir, keep_state=keep_state,
                                              files=files, source_sha=source_sha, transformed=transformed,
-                                             untied=untied, metrics=metrics)
+                                             untied=untied, metrics=metrics, teacher_files=float_files)
+    if recipe.finetune:
+        raise LowbitError(f"streaming: recipe {recipe.name!r} fine-tunes a data-free recipe end to end (finetune); "
+                          "streamed, -ft follows a calibrated method (e.g. gptq); quantize without --stream")
     for name, mod, rule in targets:
         if isinstance(mod, torch.nn.Embedding) or rule.scheme.format != "int" or not isinstance(mod, torch.nn.Linear):
             from lowbit.numerics.scheme import GGUF_FORMATS

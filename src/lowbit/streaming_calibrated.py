@@ -47,18 +47,28 @@ class _Stream(Checkpoint):
         # layer -> (row for the report, native tensor plan, block, native manifest row)
         self.records: dict[str, tuple] = {}
         self._cache: dict[str, tuple] = {}      # kind -> (block, what block_layers / block_floats read)
+        # after -ft (streaming_finetune.py): the tuned layers' files, and the tuned float tensors
+        # (norms, biases) by name, which take the place of the state's and the source's
+        self.tuned = False
+        self.overrides: dict[str, torch.Tensor] = {}
 
-    def block_layers(self, b: int) -> dict:
+    def block_layers(self, b: int, tuned: bool | None = None) -> dict:
         """Finished block b's layers from the state (name -> its quantized weight); the last
-        block asked for is kept, as the writers take a block's tensors in a row."""
-        return self._spooled("layers", b, lambda: {n: qw for n, qw, _ in
-                                                   _read_block(self.path / f"block-{b:04d}.safetensors")})
+        block asked for is kept, as the writers take a block's tensors in a row. Once -ft has
+        kept its result (or with tuned=True), the tuned ones."""
+        tuned = self.tuned if tuned is None else tuned
+        f = self.path / (self.TUNED if tuned else "") / f"block-{b:04d}.safetensors"
+        return self._spooled("tuned" if tuned else "layers", b, lambda: {n: qw for n, qw, _ in _read_block(f)})
+
+    TUNED = "tuned"                             # the state's subdirectory of -ft's layers
 
     def block_floats(self, b: int) -> dict:
-        """Finished block b's float tensors (norms, biases) from the state, by name; {} if none."""
+        """Finished block b's float tensors (norms, biases) from the state, by name (-ft's tuned
+        values in place); {} if none."""
         from safetensors.torch import load_file
         f = self.path / f"floats-{b:04d}.safetensors"
-        return self._spooled("floats", b, lambda: load_file(str(f)) if f.is_file() else {})
+        floats = self._spooled("floats", b, lambda: load_file(str(f)) if f.is_file() else {})
+        return {k: self.overrides.get(k, t) for k, t in floats.items()}
 
     def _spooled(self, kind: str, b: int, read):
         if self._cache.get(kind, (None,))[0] != b:
@@ -143,14 +153,15 @@ class _Stream(Checkpoint):
 def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None, calibration=None,
                                   max_shard_size=None, overwrite=False, dtype=torch.float32, log=None,
                                   state_dir=None, keep_state=False, files=None, source_sha=None,
-                                  transformed=(), untied=False, metrics=None) -> Path:
+                                  transformed=(), untied=False, metrics=None, teacher_files=None) -> Path:
     """Quantize the Hugging Face directory `src` by a calibrated `recipe`, block by block, into a
     native directory `out`. tokens: (n, seq) calibration windows (default: drawn by the recipe's
     calibration settings, overridden by `calibration`, with the source's tokenizer). files /
     source_sha: the tensor source and its sha256 (streaming.open_source: a GGUF's tensors, with
     `src` its weightless config directory); default src's safetensors shards. A rotating recipe's
     `files` give the rotated model's tensors (streaming.rotated_source): `transformed` are its
-    report lines, `untied` whether lm_head is then its own tensor."""
+    report lines, `untied` whether lm_head is then its own tensor. teacher_files: the float
+    model's tensors before any rotation (the -ft teacher; default `files`)."""
     from lowbit.calibration.paused import trim_heap
     from lowbit.export.common import copy_model_files, empty_model, output_dir, shard_plan, tie_by_config, write_index, write_shard
     from lowbit.export.manifest import provenance, write_manifest
@@ -164,6 +175,9 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     stream, model, report, heads, cfg, recipe, sha = (run.stream, run.model, run.report, run.heads, run.cfg,
                                                       run.recipe, run.sha)
     files, prefix, order, t0 = run.files, run.prefix, run.order, run.t0
+    if recipe.finetune:                  # end to end, codes fixed: block by block (streaming_finetune.py)
+        from lowbit.streaming_finetune import finetune_streamed
+        finetune_streamed(run, src, teacher_files if teacher_files is not None else files, dtype, log)
     from lowbit.streaming_activations import activation_rules, stream_activations
     wanted = activation_rules(recipe, list(stream.records))
     act_rows = {}
@@ -220,9 +234,12 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
             if t is None:
                 raise LowbitError(f"streaming: state {stream.path}: tensor {key} is missing; delete it to start over")
         else:
-            if key not in files:
+            if key in stream.overrides:           # tuned by -ft
+                t = stream.overrides[key]
+            elif key not in files:
                 raise LowbitError(f"{src}: tensor {key} is missing")
-            t = files.read(key)
+            else:
+                t = files.read(key)
             t = t.to(dt) if t.is_floating_point() else t
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise LowbitError(f"{src}: tensor {key} contains NaN/inf; refusing to write a broken model")
@@ -312,10 +329,13 @@ def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration
     targets = [t for t in targets if t[0] not in on_read]
     # the parameters outside the blocks: the embedding feeds the calibration; lm_head only if quantized
     sd = model.state_dict(keep_vars=True)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and emb is not None and head.weight is emb.weight   # lm_head is the embedding
 
     def read_outside() -> None:
         read_outside_blocks(model, files, prefix, dtype, str(src),
-                            skip=lambda key: key.rpartition(".")[0] == arch.lm_head and arch.lm_head not in outside)
+                            skip=lambda key: key.rpartition(".")[0] == arch.lm_head and
+                            (arch.lm_head not in outside or tied))
         tie_by_config(model)
     read_outside()
 
@@ -352,7 +372,8 @@ def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration
     del sd
     return SimpleNamespace(stream=stream, model=model, report=report, heads=heads, cfg=cfg, recipe=recipe, sha=sha,
                            files=files, prefix=prefix, order=order, t0=t0, tokens=tokens, on_read=on_read,
-                           read_outside=read_outside, model_float=model_float, targets=targets)
+                           read_outside=read_outside, model_float=model_float, targets=targets, arch=arch,
+                           blocks=blocks)
 
 
 def _block_index(key: str, prefix: str) -> int | None:

@@ -91,6 +91,9 @@ def stream_gguf(source, recipe, out, *, overwrite: bool = False, dtype: torch.dt
     tie_by_config(model)
     im, im_file = _imatrix(imatrix)
     recipe = bind_to_model(get_recipe(recipe), model, im is not None)
+    if recipe.finetune:
+        raise LowbitError(f"streaming --format gguf: recipe {recipe.name!r} fine-tunes (finetune), and ggml "
+                          "blocks keep their scales inside each block: nothing to tune")
     triples = quantize_targets(model, recipe)
     if not triples:
         raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")

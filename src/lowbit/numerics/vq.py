@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.scheme import Scheme
@@ -40,7 +41,9 @@ def decode(codebook: torch.Tensor, flat_idx: torch.Tensor, scale: torch.Tensor, 
     and scales (r, G): the one formula dequantize, the codebook update and the block fine-tuning
     share (differentiable in codebook and scale)."""
     d = codebook.shape[-1]
-    w = codebook.reshape(-1, d)[flat_idx].reshape(flat_idx.shape[0], cols)
+    # a gather whose backward is deterministic (embedding's sums each codeword's gradient in index
+    # order; advanced indexing's index_put_ accumulates in whatever order the threads reach it)
+    w = F.embedding(flat_idx, codebook.reshape(-1, d)).reshape(flat_idx.shape[0], cols)
     return w * scale.repeat_interleave(group_size, dim=1)[:, :cols]
 
 

@@ -98,8 +98,10 @@ class _TunedLinear(nn.Module):
         super().__init__()
         from lowbit.numerics.qweight import QuantizedWeight
         from lowbit.numerics.vq import VQWeight
-        self.qweight0 = qweight
         self.vq = isinstance(qweight, VQWeight)
+        if not self.vq and not isinstance(qweight, QuantizedWeight):
+            raise LowbitError(f"finetune: {type(qweight).__name__} weights are not tuned (ggml blocks keep "
+                              "their scales inside each block)")
         s0 = qweight.scale.detach().float()
         self.register_buffer("s0", s0.clone())
         # lowbit's methods store fp16 numbers (the files hold fp16): the tuned ones are rounded so too
@@ -107,20 +109,31 @@ class _TunedLinear(nn.Module):
         self.u = nn.Parameter(torch.zeros_like(s0))
         self.bias = bias
         if self.vq:
-            self.register_buffer("flat_idx", qweight.flat_indices())
             self.codebook = nn.Parameter(qweight.codebook.detach().float().clone())
-        elif isinstance(qweight, QuantizedWeight):
-            from lowbit.numerics.affine import codec_for, expand_qparams
-            shape, scheme, g_idx = tuple(qweight.shape), qweight.scheme, qweight.g_idx
-            z = None if qweight.zero_point is None else expand_qparams(qweight.zero_point.float(), shape, scheme, g_idx)
-            ones = expand_qparams(torch.ones_like(s0), shape, scheme, g_idx)
-            v = codec_for(scheme).decode(qweight.qdata, ones, z, scheme)       # the unit-scale values
-            # integer grid values are exact in bf16 (|v| <= 256): half the memory of fp32
-            exact16 = qweight.scheme.format == "int" and qweight.scheme.bits <= 8
-            self.register_buffer("v", v.to(torch.bfloat16 if exact16 else torch.float32))
-        else:
-            raise LowbitError(f"finetune: {type(qweight).__name__} weights are not tuned (ggml blocks keep "
-                              "their scales inside each block)")
+        self.attach(qweight)
+
+    def attach(self, qweight) -> None:
+        """Hold `qweight` (the codes) and what the forward decodes from it: the unit-scale values
+        (int) or the flat indices (vq). A streamed run attaches a block's layers while it runs and
+        detaches them after, so only the small trained numbers stay in memory."""
+        self.qweight0 = qweight
+        if self.vq:
+            self.register_buffer("flat_idx", qweight.flat_indices())
+            return
+        from lowbit.numerics.affine import codec_for, expand_qparams
+        shape, scheme, g_idx = tuple(qweight.shape), qweight.scheme, qweight.g_idx
+        z = None if qweight.zero_point is None else expand_qparams(qweight.zero_point.float(), shape, scheme, g_idx)
+        ones = expand_qparams(torch.ones_like(self.s0), shape, scheme, g_idx)
+        v = codec_for(scheme).decode(qweight.qdata, ones, z, scheme)       # the unit-scale values
+        # integer grid values are exact in bf16 (|v| <= 256): half the memory of fp32
+        exact16 = qweight.scheme.format == "int" and qweight.scheme.bits <= 8
+        self.register_buffer("v", v.to(torch.bfloat16 if exact16 else torch.float32))
+
+    def detach_codes(self) -> None:
+        """Drop what attach() holds (the trained numbers stay)."""
+        self.qweight0 = None
+        for k in ("v", "flat_idx"):
+            self._buffers.pop(k, None)
 
     def scale(self) -> torch.Tensor:
         return self.s0 * (1 + self.u)
@@ -221,71 +234,121 @@ def teacher_of(model: nn.Module, windows: torch.Tensor, batch_size: int = 2) -> 
     return Teacher(torch.cat(hidden, 0), w, b)
 
 
-def _kl(model: nn.Module, ids: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    s = model(input_ids=ids, use_cache=False).logits.float()
+def kl_of_logits(logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(P_teacher || Q) per token (batchmean over the flattened positions), logits (..., vocab)."""
+    s = logits.float()
     log_q = F.log_softmax(s.reshape(-1, s.shape[-1]), dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
-def _mean_kl(model, windows, teacher, bs) -> float:
-    n = windows.shape[0]
-    with torch.no_grad():
+def batches(n: int, bs: int) -> list[torch.Tensor]:
+    """The windows of an evaluation pass, in order, bs at a time."""
+    return [torch.arange(i, min(n, i + bs)) for i in range(0, n, bs)]
+
+
+class InMemory:
+    """The runner of finetune() for a model held whole: its own forward, autograd through it all.
+    A runner installs the tuned modules, names the norm parameters, gives the training loss with
+    its backward, the mean KL of the windows, and installs the fp16 results (or the start again);
+    streaming_finetune.Streamed is the block-by-block one."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def begin(self) -> dict:
+        from lowbit.nn.qlinear import set_submodule
+        targets = _tunable(self.model)
+        if not targets:
+            raise LowbitError("finetune: the model has no quantized linear (QuantLinear / VQLinear) to tune")
+        self.grads = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.was_training = self.model.training
+        self.model.train(False)            # no dropout: the file's forward is what is fitted
+        mods = {}
+        for name, mod in targets:
+            mods[name] = _TunedLinear(mod.qweight, mod.bias)
+            set_submodule(self.model, name, mods[name])
+        return mods
+
+    def norm_params(self, tuned: set[str]) -> list[tuple[str, nn.Parameter]]:
+        return _norm_params(self.model, tuned)
+
+    def loss(self, ids: torch.Tensor, log_p: torch.Tensor):
+        loss = kl_of_logits(self.model(input_ids=ids, use_cache=False).logits, log_p)
+        return loss, loss.backward
+
+    def mean_kl(self, windows: torch.Tensor, teacher: "Teacher", bs: int) -> float:
         tot = 0.0
-        for i in range(0, n, bs):
-            idx = torch.arange(i, min(n, i + bs))
-            tot += float(_kl(model, windows[idx], teacher.log_probs(idx))) * len(idx)
-    return tot / n
+        with torch.no_grad():
+            for idx in batches(windows.shape[0], bs):
+                tot += float(kl_of_logits(self.model(input_ids=windows[idx], use_cache=False).logits,
+                                          teacher.log_probs(idx))) * len(idx)
+        return tot / windows.shape[0]
+
+    def install_results(self, mods: dict) -> tuple[dict, bool]:
+        """The fp16-rounded results in place of the tuned modules -> (name -> weight, all finite)."""
+        from lowbit.nn.qlinear import make_quant_module, set_submodule
+        results = {name: m.result() for name, m in mods.items()}
+        ok = all(_finite(r) for r in results.values())
+        for name, r in results.items():
+            set_submodule(self.model, name, make_quant_module(r, mods[name].bias))
+        return results, ok
+
+    def restore(self, mods: dict) -> None:
+        from lowbit.nn.qlinear import make_quant_module, set_submodule
+        for name, m in mods.items():
+            set_submodule(self.model, name, make_quant_module(m.qweight0, m.bias))
+
+    def keep(self, results: dict, qweights: dict | None) -> None:
+        if qweights is not None:
+            qweights.update(results)
+
+    def end(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self.grads.get(name, False))
+        self.model.train(self.was_training)
+
+
+def _finite(r) -> bool:
+    from lowbit.numerics.vq import VQWeight
+    return bool(torch.isfinite(r.scale).all()) and (not isinstance(r, VQWeight) or bool(torch.isfinite(r.codebook).all()))
 
 
 def finetune(model: nn.Module, windows: torch.Tensor, teacher: Teacher, cfg: TuneConfig | None = None,
-             qweights: dict | None = None, log=None) -> TuneResult:
+             qweights: dict | None = None, log=None, runner=None) -> TuneResult:
     """Tune `model` (quantized in place: QuantLinear / VQLinear modules) on `windows` (n, seq)
     against `teacher` (teacher_of the float model on the same windows, taken before it was
     quantized). The modules are replaced by ones holding the tuned weights (same codes);
     `qweights` (a report's name -> weight dict), when given, is updated to them. Norm weights
-    and biases are tuned in place. On any failure the model is its quantized start again."""
-    from lowbit.nn.qlinear import make_quant_module, set_submodule
+    and biases are tuned in place. On any failure the model is its quantized start again.
+    runner: how the model is run (default InMemory(model); streaming_finetune.Streamed runs a
+    streamed model's blocks one at a time, the same numbers)."""
     cfg = cfg or TuneConfig()
     if windows.dim() != 2 or tuple(teacher.hidden.shape[:2]) != tuple(windows.shape):
         raise LowbitError(f"finetune: the teacher's states {tuple(teacher.hidden.shape)} do not match the windows "
                           f"{tuple(windows.shape)} (expected (n, seq, hidden) for (n, seq))")
-    targets = _tunable(model)
-    if not targets:
-        raise LowbitError("finetune: the model has no quantized linear (QuantLinear / VQLinear) to tune")
+    runner = runner or InMemory(model)
     t0 = time.perf_counter()
     say = log or (lambda m: None)
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mods = {}
-    for name, mod in targets:
-        mods[name] = _TunedLinear(mod.qweight, mod.bias)
-        set_submodule(model, name, mods[name])
-    norms = _norm_params(model, set(mods)) if cfg.norm_lr > 0 else []
-    norm0 = {n: p.detach().clone() for n, p in norms}
-    groups = [{"params": [m.u for m in mods.values()] + [m.codebook for m in mods.values() if m.vq],
-               "lr": cfg.lr, "base": cfg.lr}]
-    if norms:
-        for _, p in norms:
-            p.requires_grad_(True)
-        groups.append({"params": [p for _, p in norms], "lr": cfg.norm_lr, "base": cfg.norm_lr})
-    opt = torch.optim.Adam(groups)
-    bs = min(cfg.batch_size, windows.shape[0])
-    n = windows.shape[0]
-    steps = cfg.epochs * math.ceil(n / bs)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    was_training = model.training
-    model.train(False)                 # no dropout: the file's forward is what is fitted
-    epoch_losses, t = [], 0
-
-    def restore() -> None:
-        with torch.no_grad():
-            for name, p in norms:          # first: the linears' biases are among them, and are copied below
-                p.copy_(norm0[name])
-            for name, m in mods.items():
-                set_submodule(model, name, make_quant_module(m.qweight0, m.bias))
+    mods = runner.begin()
+    norms, norm0 = [], {}
     try:
-        init = _mean_kl(model, windows, teacher, bs)
+        norms = runner.norm_params(set(mods)) if cfg.norm_lr > 0 else []
+        norm0 = {n: p.detach().clone() for n, p in norms}
+        groups = [{"params": [m.u for m in mods.values()] + [m.codebook for m in mods.values() if m.vq],
+                   "lr": cfg.lr, "base": cfg.lr}]
+        if norms:
+            for _, p in norms:
+                p.requires_grad_(True)
+            groups.append({"params": [p for _, p in norms], "lr": cfg.norm_lr, "base": cfg.norm_lr})
+        opt = torch.optim.Adam(groups)
+        bs = min(cfg.batch_size, windows.shape[0])
+        n = windows.shape[0]
+        steps = cfg.epochs * math.ceil(n / bs)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        epoch_losses, t = [], 0
+        init = runner.mean_kl(windows, teacher, bs)
         say(f"finetune: {len(mods)} linears, {len(norms)} norm tensors, {steps} steps; KL start {init:.4f}")
         for ep in range(cfg.epochs):
             order = torch.randperm(n, generator=gen)
@@ -297,11 +360,11 @@ def finetune(model: nn.Module, windows: torch.Tensor, teacher: Teacher, cfg: Tun
                     g["lr"] = g["base"] * factor
                 opt.zero_grad(set_to_none=True)
                 with torch.enable_grad():
-                    loss = _kl(model, windows[idx], teacher.log_probs(idx))
+                    loss, backward = runner.loss(windows[idx], teacher.log_probs(idx))
                     if not torch.isfinite(loss):
                         raise LowbitError(f"finetune: the KL became {float(loss)} at step {t}; lower lr "
                                           f"(now {cfg.lr})")
-                    loss.backward()
+                    backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
                 opt.step()
@@ -311,25 +374,25 @@ def finetune(model: nn.Module, windows: torch.Tensor, teacher: Teacher, cfg: Tun
             say(f"finetune epoch {ep + 1}/{cfg.epochs}: KL {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
         # the file's numbers: fp16 scales and codebooks, then the loss they give
         with torch.no_grad():
-            results = {name: m.result() for name, m in mods.items()}
-            ok = all(bool(torch.isfinite(r.scale).all()) and (not m.vq or bool(torch.isfinite(r.codebook).all()))
-                     for m, r in zip(mods.values(), results.values()))
+            results, ok = runner.install_results(mods)
             ok = ok and all(bool(torch.isfinite(p).all()) for _, p in norms)
-            for name, r in results.items():
-                set_submodule(model, name, make_quant_module(r, mods[name].bias))
-        final = _mean_kl(model, windows, teacher, bs) if ok else float("inf")
+        final = runner.mean_kl(windows, teacher, bs) if ok else float("inf")
         kept = ok and final < init
-        if not kept:
-            restore()
+        if kept:
+            runner.keep(results, qweights)
+        else:
+            _restore(runner, mods, norms, norm0)
             say(f"finetune: KL {final:.4f} after rounding is not below the start {init:.4f}; the start is kept")
-        elif qweights is not None:
-            for name, r in results.items():
-                qweights[name] = r
     except BaseException:
-        restore()          # never half-tuned: the model is the quantized start again
+        _restore(runner, mods, norms, norm0)     # never half-tuned: the model is the quantized start again
         raise
     finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(grads.get(name, False))
-        model.train(was_training)
+        runner.end()
     return TuneResult(init, final, kept, epoch_losses, len(mods), len(norms), time.perf_counter() - t0, asdict(cfg))
+
+
+def _restore(runner, mods: dict, norms: list, norm0: dict) -> None:
+    with torch.no_grad():
+        for name, p in norms:          # first: the linears' biases are among them, and are copied below
+            p.copy_(norm0[name])
+        runner.restore(mods)
