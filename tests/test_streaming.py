@@ -87,6 +87,19 @@ def test_stream_whole_model_same_bytes_cli(smollm2, tmp_path):
     assert digests(tmp_path / "cli") == digests(m)
 
 
+@pytest.mark.model
+def test_stream_quantized_tied_lm_head_same_bytes(smollm2, tmp_path):
+    """SmolLM2's lm_head is its embedding (the checkpoint holds the tensor once, as
+    model.embed_tokens.weight): quantized by a rule of its own and streamed, it is read under the
+    embedding's key (streaming.weight_key); it was looked for as lm_head.weight and refused."""
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Recipe, Rule
+    r = Recipe(name="head", rules=[Rule(r"model\.layers\.0\.", int_scheme(4, 64)), Rule(r"^lm_head$", int_scheme(4, 64))],
+               ignore=[])
+    out = _same_bytes(smollm2.path, r, tmp_path, None)
+    assert "lm_head" in json.loads((out / "lowbit.json").read_text())["layers"]
+
+
 def _rotated(method: str, **rotate):
     from lowbit.numerics.scheme import int_scheme
     from lowbit.recipe import Recipe, Rule
@@ -217,16 +230,18 @@ def test_stream_signround_same_bytes_as_in_memory_and_resumes(smollm2, windows, 
 def test_stream_static_input_activations_same_bytes_as_in_memory(smollm2, windows, tmp_path, preset):
     """Static input scales (W8A8) streamed: a second pass block by block through the quantized
     blocks (streaming_activations.py: re-quantized from the source for rtn, read from the resume
-    state's spool for gptq) gives every layer the scale the whole-model pass gives it, so the
-    manifests (which hold them) and every other file are the same bytes."""
+    state's spool for gptq) gives every layer the scale the whole-model pass gives it, the output
+    head included (its input: the final norm of the last block's output; tied to the embedding
+    here), so the manifests (which hold them) and every other file are the same bytes."""
     from lowbit.recipe import Recipe, Rule, get_recipe
     base = get_recipe(preset)
-    r = Recipe(preset, [Rule(r"model\.layers\.[01]\.", x.scheme, x.method, x.method_args, x.input_activations)
-                        for x in base.rules], calibration={"n_samples": 2, "seq_len": 64, "batch_size": 1})
+    r = Recipe(preset, [Rule(pattern, x.scheme, x.method, x.method_args, x.input_activations)
+                        for x in base.rules for pattern in (r"model\.layers\.[01]\.", r"^lm_head$")],
+               calibration={"n_samples": 2, "seq_len": 64, "batch_size": 1}, ignore=[])
     mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
     s = quantize_streaming(smollm2.path, r, tmp_path / "stream", tokens=windows)
     rows = json.loads((s / "lowbit.json").read_text())["layers"]
-    assert len(rows) == 14 and all(row["input_scale"] > 0 for row in rows.values())
+    assert len(rows) == 15 and all(row["input_scale"] > 0 for row in rows.values()) and "lm_head" in rows
     assert digests(s) == digests(mem)
 
 

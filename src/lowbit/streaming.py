@@ -167,7 +167,7 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
             ready[key] = t.contiguous()
             return
         rule = rules[layer]
-        qw = quantize_from_source(files, layer, rule, dtype)
+        qw = quantize_from_source(files, layer, rule, dtype, key=weight_key(skeleton, layer, files))
         t, row = _layer_tensors(layer, qw)
         row["kind"] = "linear"
         row["method"] = rule.method
@@ -307,12 +307,27 @@ def read_outside_blocks(model, files, prefix: str, dtype: torch.dtype, where: st
         set_tensor(model, key, v.to(dtype) if v.is_floating_point() else v, where)
 
 
-def quantize_from_source(files, layer: str, rule, dtype: torch.dtype, stats: dict | None = None):
-    """Layer `layer`'s weight read from `files` and quantized by its rule's data-free method, the
-    error naming the tensor (as api.quantize does)."""
+def weight_key(model: torch.nn.Module, layer: str, files) -> str:
+    """The key `layer`'s weight is read under from `files`: its own, or for an output head tied to
+    the embedding in the config (a tied checkpoint holds the tensor once) the embedding's."""
+    own = f"{layer}.weight"
+    if own in files or not getattr(model.config, "tie_word_embeddings", False):
+        return own
+    emb = model.get_input_embeddings()
+    if model.get_submodule(layer) is model.get_output_embeddings() and emb is not None:
+        for name, mod in model.named_modules():
+            if mod is emb:
+                return f"{name}.weight"
+    return own
+
+
+def quantize_from_source(files, layer: str, rule, dtype: torch.dtype, stats: dict | None = None,
+                         key: str | None = None):
+    """Layer `layer`'s weight read from `files` (under `key`, default its own; weight_key) and
+    quantized by its rule's data-free method, the error naming the tensor (as api.quantize does)."""
     from lowbit.methods import get_method
     spec = get_method(rule.method)
-    w = files.read(f"{layer}.weight").to(dtype)
+    w = files.read(key or f"{layer}.weight").to(dtype)
     try:
         return spec.fn(w, rule.scheme, spec.make_config(rule.method_args), stats)
     except LowbitError as e:

@@ -50,7 +50,7 @@ def stream_activations(model: nn.Module, recipe, wanted: dict[str, dict], tokens
     calibration.activations.quantize_activations computes them on the whole model. model: the
     streamed skeleton with its embedding read; block_layers(b) -> (float tensors of block b by
     full name, {full layer name: QuantizedWeight}). -> name -> row (the report's)."""
-    from lowbit.arch import get_blocks, spec_for
+    from lowbit.arch import get_blocks, head_input, spec_for
     from lowbit.calibration.activations import LayerObserver, activation_row
     from lowbit.calibration.capture import capture_block_inputs, run_block
     from lowbit.calibration.paused import trim_heap
@@ -68,16 +68,20 @@ def stream_activations(model: nn.Module, recipe, wanted: dict[str, dict], tokens
     arch = spec_for(model)
     prefix = arch.blocks
     per_block: dict[int, list[str]] = {}
+    heads: list[str] = []
     for name in wanted:
         idx = name[len(prefix) + 1:].partition(".")[0] if name.startswith(prefix + ".") else ""
         if not idx.isdigit():
-            raise LowbitError(f"streaming: layer {name}: calibrated input activations outside the "
-                              "decoder blocks are not streamed")
+            if name != arch.lm_head:
+                raise LowbitError(f"streaming: layer {name}: calibrated input activations outside the "
+                                  "decoder blocks are streamed for the output head only")
+            heads.append(name)
+            continue
         per_block.setdefault(int(idx), []).append(name)
     blocks = get_blocks(model, arch)
     with torch.no_grad():
         acts = capture_block_inputs(model, blocks[0], tokens, batch_size)
-        last = max(per_block)
+        last = len(blocks) - 1 if heads else max(per_block)
         for b, block in enumerate(blocks[:last + 1]):
             floats, qws = block_layers(b)
             for key, t in floats.items():
@@ -103,31 +107,54 @@ def stream_activations(model: nn.Module, recipe, wanted: dict[str, dict], tokens
             del floats, qws, obs
             trim_heap()
             log(f"input activations: block {b + 1}/{last + 1}")
+        if heads:                        # the output head: its input is the final norm's output
+            floats, qws = block_layers(None)
+            for name in heads:
+                float_mod = model.get_submodule(name)
+                mod = make_quant_module(qws[name], floats.get(f"{name}.bias"))
+                mod.act_quant = ActQuant(ActScheme.from_dict(wanted[name]))
+                o = LayerObserver(name, mod)
+                handle = mod.register_forward_pre_hook(o.hook)
+                set_submodule(model, name, mod)
+                try:
+                    for a in acts:
+                        mod(head_input(model, arch, a.hidden))
+                finally:
+                    handle.remove()
+                    set_submodule(model, name, float_mod)
+                rows[name] = activation_row(o.mod, o.result())
     return rows
 
 
 def requantized_blocks(files, where: str, model: nn.Module, prefix: str, rules: dict, dtype: torch.dtype):
     """block_layers for a data-free streamed run: block b's tensors (the ones the skeleton `model`
     expects) read from the source and its targeted linears quantized again by their rules (the
-    values the write pass makes)."""
-    from lowbit.streaming import quantize_from_source
+    values the write pass makes); b=None: the targeted layers outside the blocks (lm_head)."""
+    from lowbit.streaming import quantize_from_source, weight_key
 
-    def block_layers(b: int) -> tuple[dict, dict]:
-        base = f"{prefix}.{b}"
-        keys = [f"{base}.{k}" for k, t in model.get_submodule(base).state_dict(keep_vars=True).items() if t.is_meta]
-        floats, qws = {}, {}
-        for layer, rule in rules.items():
-            if not layer.startswith(base + "."):
-                continue
-            qws[layer] = quantize_from_source(files, layer, rule, dtype)
-        for key in keys:
-            owner, _, leaf = key.rpartition(".")
-            if owner in qws and leaf == "weight":
-                continue
-            if key not in files:
-                raise LowbitError(f"{where}: tensor {key} is missing")
-            t = files.read(key)
-            floats[key] = t.to(dtype) if t.is_floating_point() else t
-        return floats, qws
+    def block_layers(b: int | None) -> tuple[dict, dict]:
+        inside = (lambda n: n.startswith(f"{prefix}.{b}.")) if b is not None else \
+            (lambda n: not n.startswith(prefix + "."))
+        qws = {layer: quantize_from_source(files, layer, rule, dtype, key=weight_key(model, layer, files))
+               for layer, rule in rules.items() if inside(layer)}
+        if b is None:
+            return {k: files.read(k).to(dtype) for k in (f"{n}.bias" for n in qws) if k in files}, qws
+        return source_floats(model, files, f"{prefix}.{b}", dtype, where, skip=qws), qws
     return block_layers
+
+
+def source_floats(model: nn.Module, files, base: str, dtype: torch.dtype, where: str, skip=()) -> dict:
+    """The tensors of the skeleton's block `base` read from the source, by full name, floating ones
+    as `dtype`; the weights of the layers in `skip` (quantized) left out."""
+    floats = {}
+    for key, t in model.get_submodule(base).state_dict(keep_vars=True).items():
+        full = f"{base}.{key}"
+        owner, _, leaf = full.rpartition(".")
+        if not t.is_meta or (owner in skip and leaf == "weight"):
+            continue
+        if full not in files:
+            raise LowbitError(f"{where}: tensor {full} is missing")
+        v = files.read(full)
+        floats[full] = v.to(dtype) if v.is_floating_point() else v
+    return floats
 

@@ -184,7 +184,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     if wanted:
         run.read_outside()               # the embedding, released once the loop had its inputs
         act_rows = stream_activations(model, recipe, wanted, run.tokens, cfg.batch_size,
-                                      lambda b: (stream.block_floats(b), stream.block_layers(b)), log)
+                                      lambda b: _block_io(run, b, dtype, src), log)
     model_float = run.model_float
     trim_heap()
     # the output's tensors: (shape, dtype, where from)
@@ -374,6 +374,18 @@ def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration
                            files=files, prefix=prefix, order=order, t0=t0, tokens=tokens, on_read=on_read,
                            read_outside=read_outside, model_float=model_float, targets=targets, arch=arch,
                            blocks=blocks)
+
+
+def _block_io(run, b: int | None, dtype, src) -> tuple[dict, dict]:
+    """(float tensors, quantized layers) of block b as the state holds them, the source's floats
+    for a block no rule quantized, or (b=None) the layers quantized outside the blocks."""
+    from lowbit.streaming_activations import source_floats
+    if b is None:
+        biases = {f"{n}.bias": run.model.get_submodule(n).bias for n in run.heads}
+        return {k: v for k, v in biases.items() if v is not None}, dict(run.heads)
+    if not (run.stream.path / f"block-{b:04d}.safetensors").is_file():
+        return source_floats(run.model, run.files, f"{run.prefix}.{b}", dtype, str(src)), {}
+    return run.stream.block_floats(b), run.stream.block_layers(b)
 
 
 def _block_index(key: str, prefix: str) -> int | None:

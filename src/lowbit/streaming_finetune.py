@@ -35,7 +35,7 @@ from lowbit.errors import LowbitError
 def streamed_teacher(src, files, prefix: str, windows: torch.Tensor, batch_size: int, dtype) -> "object":
     """tune.teacher_of for a model read one block at a time from `files` (the float model): the
     same batches, the same block calls, the same head input."""
-    from lowbit.arch import get_blocks, spec_for
+    from lowbit.arch import get_blocks, head_input, spec_for
     from lowbit.calibration.capture import capture_block_inputs, run_block
     from lowbit.calibration.paused import trim_heap
     from lowbit.export.common import empty_model, tie_by_config
@@ -61,16 +61,6 @@ def streamed_teacher(src, files, prefix: str, windows: torch.Tensor, batch_size:
     head = model.get_output_embeddings()
     return Teacher(hidden, head.weight.detach().float().clone(),
                    None if head.bias is None else head.bias.detach().float().clone())
-
-
-def head_input(model: nn.Module, arch, h: torch.Tensor) -> torch.Tensor:
-    """The output head's input from the last block's output: the architecture's final norm(s)."""
-    if not arch.head:
-        raise LowbitError(f"finetune --stream: {arch.name}: the modules between the decoder blocks and the "
-                          "output head are not known for this architecture; quantize without --stream")
-    for name in arch.head:
-        h = model.get_submodule(name)(h)
-    return h
 
 
 def _check_head(model: nn.Module) -> None:
@@ -330,6 +320,7 @@ class Streamed:
         trim_heap()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        from lowbit.arch import head_input
         return self.model.get_output_embeddings()(head_input(self.model, self.arch, h))
 
 

@@ -64,6 +64,17 @@ def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     return blocks
 
 
+def head_input(model: nn.Module, spec: ArchSpec, h):
+    """The output head's input from the last decoder block's output: the spec's final norm(s),
+    as the model's own forward applies them (streamed passes run the blocks one at a time)."""
+    if not spec.head:
+        raise LowbitError(f"architecture {spec.name!r}: the modules between the decoder blocks and the "
+                          "output head are not known; this pass needs the whole model (no --stream)")
+    for name in spec.head:
+        h = get_module(model, name)(h)
+    return h
+
+
 def _spec_fits(model: nn.Module, spec: ArchSpec) -> bool:
     blocks = get_module(model, spec.blocks)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
