@@ -293,6 +293,21 @@ def test_stream_finetune_same_bytes_as_in_memory_and_resumes(smollm2, windows, t
 
 
 @pytest.mark.model
+def test_stream_finetune_after_data_free_rtn_same_bytes(smollm2, windows, tmp_path):
+    """-ft after plain RTN, streamed: the block loop makes the state (the layers quantized as
+    without calibration) and the manifest is the data-free path's (no calibration settings)."""
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Rule
+    r = _finetuned([Rule(r"model\.layers\.[01]\.", int_scheme(3, 64))])
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
+    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", tokens=windows)
+    assert digests(s) == digests(mem)
+    man = json.loads((s / "lowbit.json").read_text())
+    assert man["calibration"] == {"n_samples": 2, "seq_len": 64}
+    assert all(row["method"] == "rtn+ft" for row in man["layers"].values())
+
+
+@pytest.mark.model
 def test_stream_finetune_vq_and_tied_lm_head_same_bytes(smollm2, windows, tmp_path):
     """-ft streamed over vector codebooks (their codebooks trained too) and a GPTQ lm_head tied to
     the embedding (tuned outside the blocks, in memory): the in-memory bytes. Both failed before:

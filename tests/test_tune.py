@@ -167,6 +167,10 @@ def test_refused_where_it_cannot_run(smollm2, tmp_path):
     with pytest.raises(LowbitError, match="do not match the windows"):
         finetune(copy.deepcopy(smollm2.model), ids[:1], t)
     from lowbit.streaming import quantize_streaming
-    with pytest.raises(LowbitError, match="fine-tunes a data-free recipe"):   # streamed: after a calibrated method
-        quantize_streaming(smollm2.path, "w4g64-rtn-ft", tmp_path / "o")
-    assert not (tmp_path / "o").exists()
+    from lowbit.recipe import Recipe, get_recipe
+    ggml = Recipe.from_dict({**get_recipe("q4_k_m").to_dict(), "finetune": {"epochs": 1}})
+    with pytest.raises(LowbitError, match="nothing to tune"):     # ggml blocks hold their own scales
+        quantize_streaming(smollm2.path, ggml, tmp_path / "o.gguf", format="gguf")
+    assert not (tmp_path / "o.gguf").exists()
+    with pytest.raises(LowbitError, match="nothing to tune"):     # in memory: before any work
+        api.quantize(copy.deepcopy(smollm2.model), ggml, tokens=ids, progress=False)

@@ -75,6 +75,10 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, t
     im, im_file = _imatrix(imatrix)
     recipe = bind_to_model(get_recipe(recipe), model, im is not None)
     teacher = None
+    from lowbit.presets.gguf_mixes import is_ggml_recipe
+    if recipe.finetune and is_ggml_recipe(recipe):
+        raise LowbitError(f"recipe {recipe.name!r}: finetune with ggml types: the blocks keep their scales "
+                          "inside each block, nothing to tune")
     if recipe.finetune:          # the float model's view of the windows, before anything changes it
         tokens = _calibration_tokens(model, recipe, tokenizer, tokens, calibration, "end-to-end fine-tuning and its teacher")
         from lowbit.train.tune import TuneConfig, teacher_of

@@ -108,17 +108,16 @@ def quantize_streaming(source: str | os.PathLike, recipe, out: str | os.PathLike
     if not targets:
         raise LowbitError(f"recipe {recipe.name!r}: matched no module of this model")
     from lowbit.transforms import block_level_names
-    if any(get_method(r.method).needs for _, _, r in targets) or any(
-            t.get("name") in block_level_names() for t in recipe.transforms):
+    calibrated = any(get_method(r.method).needs for _, _, r in targets) or any(
+        t.get("name") in block_level_names() for t in recipe.transforms)
+    if calibrated or recipe.finetune:        # -ft needs the block loop's state (data-free: as without calibration)
         from lowbit.streaming_calibrated import quantize_streaming_calibrated
         return quantize_streaming_calibrated(src, source, recipe, out, tokens=tokens, calibration=calibration,
                                              max_shard_size=max_shard_size, overwrite=overwrite, dtype=dtype,
                                              log=log, state_dir=state_dir, keep_state=keep_state,
                                              files=files, source_sha=source_sha, transformed=transformed,
-                                             untied=untied, metrics=metrics, teacher_files=float_files)
-    if recipe.finetune:
-        raise LowbitError(f"streaming: recipe {recipe.name!r} fine-tunes a data-free recipe end to end (finetune); "
-                          "streamed, -ft follows a calibrated method (e.g. gptq); quantize without --stream")
+                                             untied=untied, metrics=metrics, teacher_files=float_files,
+                                             data_free=not calibrated)
     for name, mod, rule in targets:
         if isinstance(mod, torch.nn.Embedding) or rule.scheme.format != "int" or not isinstance(mod, torch.nn.Linear):
             from lowbit.numerics.scheme import GGUF_FORMATS

@@ -153,7 +153,8 @@ class _Stream(Checkpoint):
 def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None, calibration=None,
                                   max_shard_size=None, overwrite=False, dtype=torch.float32, log=None,
                                   state_dir=None, keep_state=False, files=None, source_sha=None,
-                                  transformed=(), untied=False, metrics=None, teacher_files=None) -> Path:
+                                  transformed=(), untied=False, metrics=None, teacher_files=None,
+                                  data_free: bool = False) -> Path:
     """Quantize the Hugging Face directory `src` by a calibrated `recipe`, block by block, into a
     native directory `out`. tokens: (n, seq) calibration windows (default: drawn by the recipe's
     calibration settings, overridden by `calibration`, with the source's tokenizer). files /
@@ -161,7 +162,9 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     `src` its weightless config directory); default src's safetensors shards. A rotating recipe's
     `files` give the rotated model's tensors (streaming.rotated_source): `transformed` are its
     report lines, `untied` whether lm_head is then its own tensor. teacher_files: the float
-    model's tensors before any rotation (the -ft teacher; default `files`)."""
+    model's tensors before any rotation (the -ft teacher; default `files`). data_free: a data-free
+    recipe with -ft, run through the block loop for its state (the layers are quantized as without
+    calibration), its report and manifest the data-free path's."""
     from lowbit.calibration.paused import trim_heap
     from lowbit.export.common import copy_model_files, empty_model, output_dir, shard_plan, tie_by_config, write_index, write_shard
     from lowbit.export.manifest import provenance, write_manifest
@@ -171,7 +174,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     out = Path(out)
     run = calibrate_streamed(src, recipe, out, tokens=tokens, calibration=calibration, dtype=dtype, log=log,
                              state_dir=state_dir, files=files, source_sha=source_sha, transformed=transformed,
-                             untied=untied)
+                             untied=untied, data_free=data_free)
     stream, model, report, heads, cfg, recipe, sha = (run.stream, run.model, run.report, run.heads, run.cfg,
                                                       run.recipe, run.sha)
     files, prefix, order, t0 = run.files, run.prefix, run.order, run.t0
@@ -270,7 +273,7 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
             rows[name] = row
         add_activation_rows(rows, report.layers, act_rows)
         qm = SimpleNamespace(recipe=recipe, qweights={}, provenance={
-            "source": {"model": str(source), "sha256": sha}, "calibration": cfg.to_dict(),
+            "source": {"model": str(source), "sha256": sha}, "calibration": dict(report.calibration),
             "notes": list(report.notes), "layers": {}, "metrics": dict(metrics or {})})
         manifest = provenance(qm, FORMAT, rows, {"format_version": FORMAT_VERSION, "tied": tied})
         copy_model_files(src, tmp, stream_config(src, untied))
@@ -283,12 +286,15 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
 
 def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration=None, dtype=torch.float32, log,
                        state_dir=None, files=None, source_sha=None, transformed=(), untied=False,
-                       native: bool = True, extra_stats: dict | None = None) -> SimpleNamespace:
+                       native: bool = True, extra_stats: dict | None = None,
+                       data_free: bool = False) -> SimpleNamespace:
     """The calibration half of a streamed run (quantize_streaming_calibrated's arguments): every
     nn.Linear target quantized block by block, each finished block in the state directory.
     native=False (streaming_gguf): the layers are ggml blocks, and data-free embeddings are left
     out of the loop (`on_read`: the GGUF writer makes them from the source). extra_stats: as
-    calibration.quantize_calibrated takes them (an imatrix's means)."""
+    calibration.quantize_calibrated takes them (an imatrix's means). data_free: the recipe has no
+    calibrated method (it streams here for -ft): the report is what api.quantize's data-free path
+    gives (no calibration settings, no loop notes, the recipe as given)."""
     from lowbit.api import QuantizeReport, _note_ragged, quantize_targets
     from lowbit.arch import get_blocks, spec_for
     from lowbit.calibration import CalibrationConfig, calibration_tokens, quantize_calibrated
@@ -346,6 +352,7 @@ def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration
     else:
         cfg.n_samples, cfg.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
     check_context(model.config, cfg.seq_len, "calibration seq_len")
+    given_recipe = recipe
     recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": cfg.to_dict()})
     sha = source_sha if given else _source_sha256(src)
     log(f"{src}: {len(blocks)} blocks; embedding read, source sha256 {str(sha)[:12]}; "
@@ -360,8 +367,10 @@ def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration
     for name, qw, method in res.layers:             # layers quantized outside the blocks (lm_head)
         if qw is not None:
             stream._record(name, qw, method, None)
-    report = QuantizeReport(recipe, seconds=time.perf_counter() - t0, notes=list(res.notes),
-                            calibration=cfg.to_dict())
+    if data_free:
+        recipe = given_recipe
+    report = QuantizeReport(recipe, seconds=time.perf_counter() - t0, notes=[] if data_free else list(res.notes),
+                            calibration={} if data_free else cfg.to_dict())
     order = {n: i for i, (n, _, _) in enumerate(targets)}
     report.layers = [stream.records[n][0] for n in sorted(stream.records, key=lambda n: order[n])]
     _note_ragged(report)

@@ -25,7 +25,7 @@ and F16 when even that does not fit. SmolLM2 (hidden 576) falls back on every 57
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.ggml.types import ggml_type
@@ -133,10 +133,9 @@ EMBED = r"embed_tokens$"
 
 def with_refine(recipe: Recipe) -> Recipe:
     """The same recipe with lowbit's block refinement on every llama.cpp-encoder (ggml) rule."""
-    return Recipe(recipe.name, [Rule(r.targets, r.scheme, r.method,
-                                     {**r.method_args, **({"refine": True} if r.method == "ggml" else {})})
-                                for r in recipe.rules], list(recipe.ignore), dict(recipe.calibration),
-                  recipe.description)
+    return replace(recipe, rules=[Rule(r.targets, r.scheme, r.method,
+                                       {**r.method_args, **({"refine": True} if r.method == "ggml" else {})})
+                                  for r in recipe.rules])
 
 
 def is_ggml_recipe(recipe: Recipe) -> bool:
@@ -166,8 +165,7 @@ def bind_to_model(recipe: Recipe, model, has_imatrix: bool = False) -> Recipe:
         rules.insert(0, Rule(EMBED, src.scheme, "ggml"))
     if tied and r"^lm_head$" not in ignore:
         ignore.append(r"^lm_head$")
-    return Recipe(name=r.name, rules=rules, ignore=ignore, calibration=dict(r.calibration),
-                  description=r.description)
+    return replace(r, rules=rules, ignore=ignore)      # transforms, finetune, calibration kept
 
 
 # ---- binding layer sets to a model ----------------------------------------------------------------
@@ -202,8 +200,8 @@ def bind_mix(recipe: Recipe, n_layers: int, n_head: int, n_head_kv: int, has_ima
         raise LowbitError(f"recipe {recipe.name}: unknown placeholder <{key}> in a rule target")
 
     rules = [Rule(_PLACEHOLDER.sub(sub, r.targets), r.scheme, r.method, dict(r.method_args)) for r in recipe.rules]
-    return Recipe(name=recipe.name, rules=rules, ignore=list(recipe.ignore), calibration=dict(recipe.calibration),
-                  description=recipe.description + f" (bound: {n_layers} layers, {n_head}/{n_head_kv} heads)")
+    return replace(recipe, rules=rules, description=recipe.description +
+                   f" (bound: {n_layers} layers, {n_head}/{n_head_kv} heads)")
 
 
 def fallback_type(type_name: str, n_per_row: int) -> str:
