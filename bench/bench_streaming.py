@@ -15,6 +15,10 @@ tokenizer's (SmolLM2) windows of wiki-calibration, ids taken modulo the checkpoi
 (the weights are random, so which ids does not matter; the shapes and the work are the real
 ones). The child prints each block's time with its current and peak RSS (VmRSS / VmHWM).
 
+A recipe with `-ft` (its "finetune" options): the peak RSS (VmHWM) is reset when the fine-tuning
+starts (/proc/self/clear_refs), so the last log lines' "peak" is the fine-tuning's own; the
+getrusage figure stays the whole run's.
+
 The conversion of a native directory to gptq / awq / compressed-tensors, layer by layer (what
 `lowbit export` and `--stream --format` do) against reading the model back whole first (api.load
 + api.export, the conversion before native.read_for_export), the same 1 GB shards:
@@ -58,6 +62,11 @@ def child(src: str, dst: str, recipe: str, samples: int, seq_len: int) -> int:
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:8.1f} s] {msg} ({_rss()}; load {os.getloadavg()[0]:.1f})", flush=True)
+        if msg.startswith("finetune: the float model"):
+            # -ft's own peak from here on: the kernel's peak RSS (VmHWM) restarts at the current RSS
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            print(f"[{time.perf_counter() - t0:8.1f} s] peak RSS reset for the -ft phase ({_rss()})", flush=True)
     quantize_streaming(src, recipe, dst, tokens=tokens, log=log)
     return 0
 
