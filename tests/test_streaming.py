@@ -292,6 +292,7 @@ def test_stream_finetune_same_bytes_as_in_memory_and_resumes(smollm2, windows, t
     assert digests(s) == digests(mem)
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_stream_finetune_after_data_free_rtn_same_bytes(smollm2, windows, tmp_path):
     """-ft after plain RTN, streamed: the block loop makes the state (the layers quantized as
@@ -321,6 +322,24 @@ def test_stream_finetune_vq_and_tied_lm_head_same_bytes(smollm2, windows, tmp_pa
     mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
     man = json.loads((mem / "lowbit.json").read_text())
     assert man["layers"]["lm_head"]["method"] == "gptq+ft" and man["layers"]["model.layers.0.mlp.up_proj"]["method"] == "vq+ft"
+    s = quantize_streaming(smollm2.path, r, tmp_path / "stream", tokens=windows)
+    assert digests(s) == digests(mem)
+
+
+@pytest.mark.model
+def test_stream_finetune_then_static_input_scales_same_bytes(smollm2, windows, tmp_path):
+    """-ft, then static input scales (W2A8 blocks 0-1, W4A8 on the tied lm_head): the activation
+    pass runs on the tuned blocks, the tuned norms (the final one included) and the tuned head,
+    as in memory. Blocks 2-29 have state files with no layer (the loop ran on for lm_head's
+    inputs); the source's norms for them are the tuned ones too."""
+    from lowbit.numerics.scheme import int_scheme
+    from lowbit.recipe import Rule, get_recipe
+    ia = get_recipe("w8a8-static").rules[0].input_activations
+    r = _finetuned([Rule(r"model\.layers\.[01]\.", int_scheme(2, 64), "gptq", {}, ia),
+                    Rule(r"^lm_head$", int_scheme(4, 64), "gptq", {}, ia)], lr=2e-4, norm_lr=2e-4)
+    mem = _in_memory(smollm2.path, r, tmp_path / "mem", None, windows)
+    man = json.loads((mem / "lowbit.json").read_text())
+    assert man["layers"]["lm_head"]["method"] == "gptq+ft" and man["layers"]["lm_head"]["input_scale"] > 0
     s = quantize_streaming(smollm2.path, r, tmp_path / "stream", tokens=windows)
     assert digests(s) == digests(mem)
 

@@ -186,6 +186,10 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     act_rows = {}
     if wanted:
         run.read_outside()               # the embedding, released once the loop had its inputs
+        from lowbit.export.common import set_tensor
+        for key, t in stream.overrides.items():      # -ft's final norm (the blocks' come with them)
+            if _block_index(key, prefix) is None:
+                set_tensor(model, key, t, "finetune")
         act_rows = stream_activations(model, recipe, wanted, run.tokens, cfg.batch_size,
                                       lambda b: _block_io(run, b, dtype, src), log)
     model_float = run.model_float
@@ -393,7 +397,8 @@ def _block_io(run, b: int | None, dtype, src) -> tuple[dict, dict]:
         biases = {f"{n}.bias": run.model.get_submodule(n).bias for n in run.heads}
         return {k: v for k, v in biases.items() if v is not None}, dict(run.heads)
     if not (run.stream.path / f"block-{b:04d}.safetensors").is_file():
-        return source_floats(run.model, run.files, f"{run.prefix}.{b}", dtype, str(src)), {}
+        floats = source_floats(run.model, run.files, f"{run.prefix}.{b}", dtype, str(src))
+        return {k: run.stream.overrides.get(k, t) for k, t in floats.items()}, {}     # -ft's norms
     return run.stream.block_floats(b), run.stream.block_layers(b)
 
 

@@ -211,9 +211,10 @@ class Streamed:
         where = self.stream.path / self.stream.TUNED
         where.mkdir(parents=True, exist_ok=True)
         methods = {n: self.stream.records[n][0]["method"] for n in mods}
-        for b, names in self.layers_of.items():
-            if b is None:
+        for b in range(len(self.blocks)):    # every block the state holds (some with no layer)
+            if not (self.stream.path / f"block-{b:04d}.safetensors").is_file():
                 continue
+            names = self.layers_of.get(b, [])
             qws = self.stream.block_layers(b, tuned=False)
             tensors, meta = {}, []
             for name in names:
@@ -256,7 +257,12 @@ class Streamed:
             set_submodule(self.model, name, self.meta_mods[name])
         for p in self.persistent.values():
             p.requires_grad_(False)
-        self.model.to("meta")
+        # what begin() read goes back to the meta device (the writer reads the source or the
+        # overrides); the skeleton's own buffers (rotary frequencies) stay
+        for mod in [self.model.get_input_embeddings(), self.model.get_output_embeddings(),
+                    *(self.model.get_submodule(n) for n in self.arch.head)]:
+            if mod is not None:
+                mod.to("meta")
         self.stream._cache.clear()
 
     # -- blocks ------------------------------------------------------------------------------------
