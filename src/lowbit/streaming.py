@@ -279,18 +279,28 @@ def stream_config(src: Path, untied: bool) -> dict:
     return cfg
 
 
-def read_block(model, files, base: str, block, dtype: torch.dtype, where: str) -> None:
+def read_block(model, files, base: str, block, dtype: torch.dtype, where: str, check_finite: bool = True) -> None:
     """Fill `block` (the skeleton's module at `base`) with its tensors from `files`, the ones it
     still has on the meta device, floating ones as `dtype`."""
     from lowbit.export.common import set_tensor
-    for key, t in block.state_dict(keep_vars=True).items():
-        if not t.is_meta:
-            continue
+    for full, v in source_floats(model, files, base, dtype, where).items():
+        set_tensor(model, full, v, where, check_finite)
+
+
+def source_floats(model, files, base: str, dtype: torch.dtype, where: str, skip=()) -> dict:
+    """The tensors of the skeleton's module `base` still on the meta device, read from `files`, by
+    full name, floating ones as `dtype`; the weights of the layers in `skip` (quantized) left out."""
+    out = {}
+    for key, t in model.get_submodule(base).state_dict(keep_vars=True).items():
         full = f"{base}.{key}"
+        owner, _, leaf = full.rpartition(".")
+        if not t.is_meta or (owner in skip and leaf == "weight"):
+            continue
         if full not in files:
             raise LowbitError(f"{where}: tensor {full} is missing")
         v = files.read(full)
-        set_tensor(model, full, v.to(dtype) if v.is_floating_point() else v, where)
+        out[full] = v.to(dtype) if v.is_floating_point() else v
+    return out
 
 
 def read_outside_blocks(model, files, prefix: str, dtype: torch.dtype, where: str, skip=None) -> None:

@@ -130,7 +130,7 @@ def requantized_blocks(files, where: str, model: nn.Module, prefix: str, rules: 
     """block_layers for a data-free streamed run: block b's tensors (the ones the skeleton `model`
     expects) read from the source and its targeted linears quantized again by their rules (the
     values the write pass makes); b=None: the targeted layers outside the blocks (lm_head)."""
-    from lowbit.streaming import quantize_from_source, weight_key
+    from lowbit.streaming import quantize_from_source, source_floats, weight_key
 
     def block_layers(b: int | None) -> tuple[dict, dict]:
         inside = (lambda n: n.startswith(f"{prefix}.{b}.")) if b is not None else \
@@ -141,20 +141,4 @@ def requantized_blocks(files, where: str, model: nn.Module, prefix: str, rules: 
             return {k: files.read(k).to(dtype) for k in (f"{n}.bias" for n in qws) if k in files}, qws
         return source_floats(model, files, f"{prefix}.{b}", dtype, where, skip=qws), qws
     return block_layers
-
-
-def source_floats(model: nn.Module, files, base: str, dtype: torch.dtype, where: str, skip=()) -> dict:
-    """The tensors of the skeleton's block `base` read from the source, by full name, floating ones
-    as `dtype`; the weights of the layers in `skip` (quantized) left out."""
-    floats = {}
-    for key, t in model.get_submodule(base).state_dict(keep_vars=True).items():
-        full = f"{base}.{key}"
-        owner, _, leaf = full.rpartition(".")
-        if not t.is_meta or (owner in skip and leaf == "weight"):
-            continue
-        if full not in files:
-            raise LowbitError(f"{where}: tensor {full} is missing")
-        v = files.read(full)
-        floats[full] = v.to(dtype) if v.is_floating_point() else v
-    return floats
 

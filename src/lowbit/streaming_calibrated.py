@@ -37,10 +37,29 @@ from lowbit.calibration.resume import Checkpoint, _read_block, run_key
 from lowbit.errors import LowbitError
 
 
+class _WithOverrides:
+    """A tensor source whose tensors named in `overrides` (-ft's tuned norms and biases, once it
+    has kept them) are read from there: every reader of the source sees the tuned model."""
+
+    def __init__(self, files, overrides: dict):
+        self.files, self.overrides = files, overrides
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.overrides or key in self.files
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.overrides[key] if key in self.overrides else self.files.read(key)
+
+    def __getattr__(self, name: str):
+        return getattr(self.files, name)
+
+
 class _Stream(Checkpoint):
     """The resume state, the spool of finished blocks, and the loop's blocks_io hooks in one."""
 
-    def __init__(self, path, key, model, files, src, prefix: str, dtype, native: bool = True):
+    TUNED = "tuned"                             # the state's subdirectory of -ft's layers
+
+    def __init__(self, path, key, model, files, src, prefix: str, dtype, native: bool = True, overrides=None):
         super().__init__(path, key)
         self.model, self.files, self.src, self.prefix, self.dtype = model, files, Path(src), prefix, dtype
         self.native = native                    # False: into a GGUF (ggml blocks; no native tensor plan)
@@ -48,9 +67,9 @@ class _Stream(Checkpoint):
         self.records: dict[str, tuple] = {}
         self._cache: dict[str, tuple] = {}      # kind -> (block, what block_layers / block_floats read)
         # after -ft (streaming_finetune.py): the tuned layers' files, and the tuned float tensors
-        # (norms, biases) by name, which take the place of the state's and the source's
+        # (norms, biases) by name, which take the place of the state's and (_WithOverrides) the source's
         self.tuned = False
-        self.overrides: dict[str, torch.Tensor] = {}
+        self.overrides: dict[str, torch.Tensor] = {} if overrides is None else overrides
 
     def block_layers(self, b: int, tuned: bool | None = None) -> dict:
         """Finished block b's layers from the state (name -> its quantized weight); the last
@@ -59,8 +78,6 @@ class _Stream(Checkpoint):
         tuned = self.tuned if tuned is None else tuned
         f = self.path / (self.TUNED if tuned else "") / f"block-{b:04d}.safetensors"
         return self._spooled("tuned" if tuned else "layers", b, lambda: {n: qw for n, qw, _ in _read_block(f)})
-
-    TUNED = "tuned"                             # the state's subdirectory of -ft's layers
 
     def block_floats(self, b: int) -> dict:
         """Finished block b's float tensors (norms, biases) from the state, by name (-ft's tuned
@@ -186,10 +203,6 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
     act_rows = {}
     if wanted:
         run.read_outside()               # the embedding, released once the loop had its inputs
-        from lowbit.export.common import set_tensor
-        for key, t in stream.overrides.items():      # -ft's final norm (the blocks' come with them)
-            if _block_index(key, prefix) is None:
-                set_tensor(model, key, t, "finetune")
         act_rows = stream_activations(model, recipe, wanted, run.tokens, cfg.batch_size,
                                       lambda b: _block_io(run, b, dtype, src), log)
     model_float = run.model_float
@@ -241,12 +254,9 @@ def quantize_streaming_calibrated(src: Path, source, recipe, out, *, tokens=None
             if t is None:
                 raise LowbitError(f"streaming: state {stream.path}: tensor {key} is missing; delete it to start over")
         else:
-            if key in stream.overrides:           # tuned by -ft
-                t = stream.overrides[key]
-            elif key not in files:
+            if key not in files:
                 raise LowbitError(f"{src}: tensor {key} is missing")
-            else:
-                t = files.read(key)
+            t = files.read(key)
             t = t.to(dt) if t.is_floating_point() else t
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise LowbitError(f"{src}: tensor {key} contains NaN/inf; refusing to write a broken model")
@@ -315,7 +325,8 @@ def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration
         raise LowbitError(f"streaming: recipe {recipe.name!r} has model-level transforms "
                           f"({[t.get('name') for t in recipe.transforms]}), which need the whole model")
     given = files is not None
-    files = files if given else SafetensorsSource(src)
+    overrides: dict[str, torch.Tensor] = {}       # -ft's tuned tensors, once kept
+    files = _WithOverrides(files if given else SafetensorsSource(src), overrides)
     model = empty_model(src, dtype)
     model.config.tie_word_embeddings = model.config.tie_word_embeddings and not untied
     tie_by_config(model)
@@ -362,7 +373,8 @@ def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration
     log(f"{src}: {len(blocks)} blocks; embedding read, source sha256 {str(sha)[:12]}; "
         f"{cfg.n_samples} x {cfg.seq_len} calibration tokens")
     state = Path(state_dir) if state_dir else out.parent / f".{out.name}.resume"
-    stream = _Stream(state, run_key(recipe, cfg.to_dict(), tokens, sha), model, files, src, prefix, dtype, native)
+    stream = _Stream(state, run_key(recipe, cfg.to_dict(), tokens, sha), model, files, src, prefix, dtype, native,
+                     overrides)
     if stream.blocks_done:
         log(f"resume state {state}: {stream.blocks_done} block(s) done")
     t0 = time.perf_counter()
@@ -392,13 +404,12 @@ def calibrate_streamed(src: Path, recipe, out: Path, *, tokens=None, calibration
 def _block_io(run, b: int | None, dtype, src) -> tuple[dict, dict]:
     """(float tensors, quantized layers) of block b as the state holds them, the source's floats
     for a block no rule quantized, or (b=None) the layers quantized outside the blocks."""
-    from lowbit.streaming_activations import source_floats
+    from lowbit.streaming import source_floats
     if b is None:
         biases = {f"{n}.bias": run.model.get_submodule(n).bias for n in run.heads}
         return {k: v for k, v in biases.items() if v is not None}, dict(run.heads)
     if not (run.stream.path / f"block-{b:04d}.safetensors").is_file():
-        floats = source_floats(run.model, run.files, f"{run.prefix}.{b}", dtype, str(src))
-        return {k: run.stream.overrides.get(k, t) for k, t in floats.items()}, {}     # -ft's norms
+        return source_floats(run.model, run.files, f"{run.prefix}.{b}", dtype, str(src)), {}
     return run.stream.block_floats(b), run.stream.block_layers(b)
 
 

@@ -72,10 +72,6 @@ def _check_head(model: nn.Module) -> None:
         raise LowbitError("finetune: the model's logits are soft-capped after the head; not distilled")
 
 
-def _is_norm(mod: nn.Module) -> bool:
-    return "norm" in type(mod).__name__.lower() or isinstance(mod, nn.LayerNorm)
-
-
 class Streamed:
     """tune.finetune's runner for a streamed run (module docstring). run: what
     streaming_calibrated.calibrate_streamed returns; files: the student's tensors (rotated when
@@ -92,7 +88,7 @@ class Streamed:
     # -- what finetune() asks of a runner -------------------------------------------------------
     def begin(self) -> dict:
         from lowbit.nn.qlinear import set_submodule
-        from lowbit.train.tune import _TunedLinear
+        from lowbit.train.tune import _norm_params, _TunedLinear
         model, stream = self.model, self.stream
         # the embedding, the final norm, and a float lm_head untied from it (a quantized one is tuned)
         self.run.read_outside()
@@ -106,42 +102,34 @@ class Streamed:
         self.mods: dict[str, _TunedLinear] = {}
         self.persistent: dict[str, nn.Parameter] = {}   # norm weights and biases, by full name
         for b, names in self.layers_of.items():
-            if b is None:
+            if b is None:                    # lm_head: tuned in place the whole time
+                for name in names:
+                    self.meta_mods[name] = model.get_submodule(name)
+                    self.mods[name] = _TunedLinear(self.run.heads[name], self.meta_mods[name].bias)
+                    set_submodule(model, name, self.mods[name])
                 continue
             qws, floats = stream.block_layers(b), stream.block_floats(b)
             for name in names:
                 if f"{name}.bias" in floats:
                     self.persistent[f"{name}.bias"] = nn.Parameter(floats[f"{name}.bias"].clone(), requires_grad=False)
                 self.meta_mods[name] = model.get_submodule(name)
-                m = _TunedLinear(qws[name], self.persistent.get(f"{name}.bias"))
-                m.detach_codes()
-                self.mods[name] = m
-        for name in self.layers_of.get(None, []):      # lm_head: tuned in place the whole time
-            qw = self.run.heads[name]
-            old = model.get_submodule(name)
-            self.meta_mods[name] = old
-            self.mods[name] = _TunedLinear(qw, old.bias)
-            set_submodule(model, name, self.mods[name])
+                self.mods[name] = _TunedLinear(qws[name], self.persistent.get(f"{name}.bias"))
+                self.mods[name].detach_codes()
         if not self.mods:
             raise LowbitError("finetune: the model has no quantized linear (QuantLinear / VQLinear) to tune")
-        ordered = {n: self.mods[n] for n in sorted(self.mods, key=lambda n: self.run.order[n])}
-        self.mods = ordered
-        # every norm of every block (a block without state: from the source)
-        self.norm_keys: list[str] = []
-        for mname, mod in model.named_modules():
-            for pname, _ in mod.named_parameters(recurse=False):
-                key = f"{mname}.{pname}" if mname else pname
-                if (_is_norm(mod) and pname in ("weight", "bias")) or (mname in self.mods and pname == "bias"):
-                    self.norm_keys.append(key)
-                    if key not in self.persistent:
-                        self.persistent[key] = self._initial(key)
-        self.norm_slots = {}                 # key -> (owner module, leaf, its meta placeholder)
+        self.mods = {n: self.mods[n] for n in sorted(self.mods, key=lambda n: self.run.order[n])}
+        # every norm of every block (a block without state: from the source), named as the in-memory
+        # run names them
+        self.norm_keys = [key for key, _ in _norm_params(model, set(self.mods))]
+        self.slots_of: dict[int, list] = {}  # block -> (key, owner module, leaf, its meta placeholder)
         for key in self.norm_keys:
+            if key not in self.persistent:
+                self.persistent[key] = self._initial(key)
             owner, _, leaf = key.rpartition(".")
-            if owner in self.mods:
-                continue                     # a tuned linear's bias: the module holds it
-            mod = model.get_submodule(owner)
-            self.norm_slots[key] = (mod, leaf, mod._parameters[leaf])
+            if owner not in self.mods and self._block_of(key) is not None:   # a tuned linear holds its bias
+                mod = model.get_submodule(owner)
+                self.slots_of.setdefault(self._block_of(key), []).append((key, mod, leaf, mod._parameters[leaf]))
+        self._checked: set[int] = set()      # blocks whose source tensors were checked for NaN/inf
         # the first block with a trained number: gradients flow from its output on (none before)
         self._first_trained = min((b for b in self.layers_of if b is not None), default=len(self.blocks))
         return self.mods
@@ -153,7 +141,7 @@ class Streamed:
         return [(k, self.persistent[k]) for k in self.norm_keys]
 
     def loss(self, ids: torch.Tensor, log_p: torch.Tensor):
-        from lowbit.calibration.capture import capture_block_inputs
+        from lowbit.calibration.capture import block_hidden, capture_block_inputs
         from lowbit.train.tune import kl_of_logits
         x = capture_block_inputs(self.model, self.blocks[0], ids, ids.shape[0])[0]
         kw, h, saved = x.kwargs, x.hidden, []
@@ -162,7 +150,7 @@ class Streamed:
             block = self._build(b)
             saved.append(h)
             # each block's input needs a gradient where it would in the whole model's graph
-            h = _out(block(h, **kw)).detach().requires_grad_(b >= first)
+            h = block_hidden(block(h, **kw)).detach().requires_grad_(b >= first)
             self._release(b)
         last = h
         loss = kl_of_logits(self._logits(last), log_p)
@@ -176,7 +164,7 @@ class Streamed:
                 block = self._build(b)
                 inp = saved[b]
                 with torch.enable_grad():
-                    out = _out(block(inp, **kw))
+                    out = block_hidden(block(inp, **kw))
                 torch.autograd.backward(out, g)
                 g = inp.grad
                 saved[b] = None
@@ -200,13 +188,9 @@ class Streamed:
     def install_results(self, mods: dict) -> tuple[dict, bool]:
         """Each block's fp16-rounded layers written to the state's tuned/ directory (one block at
         a time); the next passes run on them."""
-        from lowbit.calibration.resume import _put
-        from lowbit.io import atomic_path
+        from lowbit.calibration.resume import write_block
         from lowbit.nn.qlinear import make_quant_module, set_submodule
         from lowbit.train.tune import _finite
-        import json
-
-        from safetensors.torch import save_file
         ok = True
         where = self.stream.path / self.stream.TUNED
         where.mkdir(parents=True, exist_ok=True)
@@ -214,19 +198,14 @@ class Streamed:
         for b in range(len(self.blocks)):    # every block the state holds (some with no layer)
             if not (self.stream.path / f"block-{b:04d}.safetensors").is_file():
                 continue
-            names = self.layers_of.get(b, [])
-            qws = self.stream.block_layers(b, tuned=False)
-            tensors, meta = {}, []
-            for name in names:
-                m = mods[name]
-                m.attach(qws[name])
-                r = m.result()
-                m.detach_codes()
-                ok = ok and _finite(r)
-                meta.append(_put(tensors, name, r, methods[name]))
-            with atomic_path(where / f"block-{b:04d}.safetensors") as tmp:
-                save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta, sort_keys=True)})
-            del qws, tensors
+            qws, results = self.stream.block_layers(b, tuned=False), []
+            for name in self.layers_of.get(b, []):
+                mods[name].attach(qws[name])
+                results.append((name, mods[name].result(), methods[name]))
+                mods[name].detach_codes()
+                ok = ok and _finite(results[-1][1])
+            write_block(where / f"block-{b:04d}.safetensors", results)
+            del qws, results
         self.heads = {}
         for name in self.layers_of.get(None, []):
             r = mods[name].result()
@@ -238,7 +217,7 @@ class Streamed:
 
     def restore(self, mods: dict) -> None:
         from lowbit.nn.qlinear import make_quant_module, set_submodule
-        self.phase = "start"
+        self.phase = "tune"
         for name in self.layers_of.get(None, []):
             set_submodule(self.model, name, make_quant_module(self.run.heads[name], mods[name].bias))
         import shutil
@@ -281,22 +260,22 @@ class Streamed:
         return nn.Parameter(t.clone(), requires_grad=False)
 
     def _build(self, b: int) -> nn.Module:
-        """Block b runnable: its float tensors, its layers (tuned modules, or the rounded results,
-        or the start), the trained norms."""
+        """Block b runnable: its float tensors, its layers (the tuned modules, or the rounded
+        results), the trained norms."""
         from lowbit.export.common import set_tensor
         from lowbit.nn.qlinear import make_quant_module, set_submodule
         from lowbit.streaming import read_block
         block, names = self.blocks[b], self.layers_of.get(b, [])
-        floats = self.stream.block_floats(b)
+        floats, check = self.stream.block_floats(b), b not in self._checked   # NaN/inf: once per block
         if floats:
             for key, t in floats.items():
                 if key.rpartition(".")[0] not in names and key not in self.persistent:
-                    set_tensor(self.model, key, t, f"block {b}")
+                    set_tensor(self.model, key, t, f"block {b}", check)
         else:                                 # a block no rule quantizes: the source's
-            read_block(self.model, self.files, f"{self.prefix}.{b}", block, self.dtype, str(self.src))
-        for key, (mod, leaf, _) in self.norm_slots.items():
-            if self._block_of(key) == b:
-                mod._parameters[leaf] = self.persistent[key]
+            read_block(self.model, self.files, f"{self.prefix}.{b}", block, self.dtype, str(self.src), check)
+        self._checked.add(b)
+        for key, mod, leaf, _ in self.slots_of.get(b, []):
+            mod._parameters[leaf] = self.persistent[key]
         if names:
             if self.phase == "results":
                 qws = self.stream.block_layers(b, tuned=True)
@@ -305,12 +284,8 @@ class Streamed:
             else:
                 qws = self.stream.block_layers(b, tuned=False)
                 for name in names:
-                    m = self.mods[name]
-                    if self.phase == "tune":
-                        m.attach(qws[name])
-                        set_submodule(self.model, name, m)
-                    else:
-                        set_submodule(self.model, name, make_quant_module(qws[name], m.bias))
+                    self.mods[name].attach(qws[name])
+                    set_submodule(self.model, name, self.mods[name])
         return block
 
     def _release(self, b: int) -> None:
@@ -319,19 +294,14 @@ class Streamed:
         for name in self.layers_of.get(b, []):
             self.mods[name].detach_codes()
             set_submodule(self.model, name, self.meta_mods[name])
-        for key, (mod, leaf, placeholder) in self.norm_slots.items():
-            if self._block_of(key) == b:
-                mod._parameters[leaf] = placeholder
+        for _, mod, leaf, placeholder in self.slots_of.get(b, []):
+            mod._parameters[leaf] = placeholder
         self.blocks[b].to("meta")
         trim_heap()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         from lowbit.arch import head_input
         return self.model.get_output_embeddings()(head_input(self.model, self.arch, h))
-
-
-def _out(o):
-    return o[0] if isinstance(o, (tuple, list)) else o
 
 
 def finetune_streamed(run, src, float_files, dtype, log) -> None:

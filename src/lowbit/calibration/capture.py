@@ -126,9 +126,11 @@ def forward_batches(model: nn.Module, tokens: torch.Tensor, batch_size: int, hoo
             h.remove()
 
 
+def block_hidden(out):
+    """A decoder block's hidden-state output (blocks that return a tuple give it first)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def run_block(block: nn.Module, x: BlockInput) -> BlockInput:
     """The block's output for one batch, as the next block's input (kwargs carried over)."""
-    out = block(x.hidden, **x.kwargs)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return BlockInput(out.detach(), x.kwargs)
+    return BlockInput(block_hidden(block(x.hidden, **x.kwargs)).detach(), x.kwargs)

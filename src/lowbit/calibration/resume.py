@@ -131,11 +131,7 @@ class Checkpoint:
         self.path.mkdir(parents=True, exist_ok=True)
         new = res.layers[self.saved_layers:]
         bname, aname = f"block-{block:04d}.safetensors", f"acts-{block:04d}.safetensors"
-        tensors, meta = {}, []
-        for name, qw, method in new:
-            meta.append(_put(tensors, name, qw, method))
-        with atomic_path(self.path / bname) as tmp:
-            save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta, sort_keys=True)})
+        write_block(self.path / bname, new)
         named = [(aname, acts)] + ([(f"fp{aname}", fp_acts)] if fp_acts is not None else [])
         for fname, batches in named:
             with atomic_path(self.path / fname) as tmp:
@@ -155,6 +151,16 @@ class Checkpoint:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_block(f: Path, layers) -> None:
+    """A block's (name, weight, method) layers as one safetensors file (_read_block reads it), atomically."""
+    from safetensors.torch import save_file
+    tensors, meta = {}, []
+    for name, qw, method in layers:
+        meta.append(_put(tensors, name, qw, method))
+    with atomic_path(f) as tmp:
+        save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta, sort_keys=True)})
 
 
 def _put(tensors: dict, name: str, qw, method: str) -> dict:

@@ -374,7 +374,9 @@ def empty_model(config_dir: Path, dtype: torch.dtype, config=None):
     return model
 
 
-def set_tensor(model: nn.Module, key: str, value: torch.Tensor, where: str = "") -> None:
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor, where: str = "", check_finite: bool = True) -> None:
+    """Put `value` at `key` in `model` (a parameter or buffer it has), its shape checked, NaN/inf
+    refused (check_finite=False: a tensor already checked in this run)."""
     owner, _, leaf = key.rpartition(".")
     try:
         mod = model.get_submodule(owner) if owner else model
@@ -383,7 +385,7 @@ def set_tensor(model: nn.Module, key: str, value: torch.Tensor, where: str = "")
     cur = mod._parameters.get(leaf, mod._buffers.get(leaf))
     if leaf not in mod._parameters and leaf not in mod._buffers:
         raise LowbitError(f"{where}: tensor {key} does not belong to the model built from config.json")
-    if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+    if check_finite and value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
         raise LowbitError(f"{where}: tensor {key} contains {int((~torch.isfinite(value)).sum())} NaN/inf "
                           "value(s); refusing to load a broken model")
     if cur is not None and tuple(cur.shape) != tuple(value.shape):
