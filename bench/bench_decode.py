@@ -125,8 +125,9 @@ def worker(name: str, threads: int, pp: int, tg: int, runs: int) -> dict:
     wbytes = weight_bytes_per_token(model)
     from lowbit.nn import ext
     isa = ext.isa() if ext.load() else ext.status()
-    if ext.load() and name.startswith("native:"):    # the codebooks' lookup tables: i16-vbmi | f32
-        isa += f", vq tables {torch.ops.lowbit_cpu.vq_kernel()}"
+    from lowbit.nn.vq import table_kernels
+    if table_kernels(model):          # the codebooks' lookup tables: i16-vbmi | i16-shuffle | f32
+        isa += f", vq tables {table_kernels(model)}"
     return {"isa": isa, "variant": name, "threads": threads, "pp_tok_per_s": statistics.median(pps),
             "tg_tok_per_s": statistics.median(tgs), "rss_mb": rss_serving / 2**20,
             "rss_after_setup_mb": rss / 2**20, "setup_s": setup_s,

@@ -1,6 +1,7 @@
 """The vector codebooks' two decode tables side by side on a saved lowbit model: the 16-bit tables
-on byte permutes (AVX-512 VBMI + VNNI) against the float tables (gathers), token by token through
-the KV cache, as decode runs them (one row of x per linear).
+(byte permutes on AVX-512 VBMI + VNNI, AVX2 byte shuffles for codebooks of <= 64 entries) against
+the float tables (gathers), token by token through the KV cache, as decode runs them (one row of x
+per linear). LOWBIT_ISA=avx2 in the environment runs the AVX2 variant.
 
     .venv/bin/python bench/bench_vq_tables.py bench/_work/low20/gptq/models/vq-w2g64 --tokens 128
 
@@ -16,6 +17,7 @@ import torch
 from lowbit import api
 from lowbit.data.text import load_text
 from lowbit.nn import ext
+from lowbit.nn.vq import table_kernels
 
 
 def main() -> None:
@@ -35,7 +37,7 @@ def main() -> None:
     def run(i16: bool) -> tuple[str, torch.Tensor]:
         prev = op.set_vq_i16(i16)
         try:
-            kernel, out, cache = op.vq_kernel(), [], None
+            kernel, out, cache = table_kernels(model), [], None
             with torch.no_grad():
                 for t in range(ids.shape[1]):
                     r = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
@@ -45,17 +47,18 @@ def main() -> None:
         finally:
             op.set_vq_i16(prev)
 
-    ka, a = run(False)
+    _, a = run(False)
     kb, b = run(True)
-    if kb != "i16-vbmi":
-        print(f"note: this CPU runs {kb} tables only (16-bit tables need AVX-512 VBMI + VNNI)")
+    if "i16" not in kb:
+        print(f"note: this CPU runs float tables only here ({kb}; 16-bit tables need AVX-512 VBMI + VNNI, "
+              f"or AVX2 for codebooks of <= 64 entries)")
     kl = (a.exp() * (a - b)).sum(-1)
     tgt = ids[0, 1:, None]
     ppl_a = float((-a[:-1].gather(1, tgt).mean()).exp())
     ppl_b = float((-b[:-1].gather(1, tgt).mean()).exp())
     agree = float((a.argmax(-1) == b.argmax(-1)).double().mean())
-    print(f"{ids.shape[1]} tokens: KL({ka} || {kb}) mean {float(kl.mean()):.2e} max {float(kl.max()):.2e}, "
-          f"top-1 agreement {agree:.4f}, PPL {ka} {ppl_a:.3f} / {kb} {ppl_b:.3f}")
+    print(f"{ext.isa()}, {ids.shape[1]} tokens: KL(float tables || {kb}) mean {float(kl.mean()):.2e} max {float(kl.max()):.2e}, "
+          f"top-1 agreement {agree:.4f}, PPL float tables {ppl_a:.3f} / 16-bit {ppl_b:.3f}")
 
 
 if __name__ == "__main__":

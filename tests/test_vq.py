@@ -133,13 +133,17 @@ ISAS = [i for i in ("avx512vnni", "avx512", "avx2", "portable") if ext.load() an
 
 
 @contextlib.contextmanager
-def _vq_tables(i16: bool):
-    """The compiled vq_linear with its 16-bit tables allowed (True) or not (False), restored after."""
-    prev = torch.ops.lowbit_cpu.set_vq_i16(i16)
+def _vq_tables(i16: bool, vbmi: bool = True):
+    """The compiled vq_linear with its 16-bit tables allowed (True) or not (False), and the VBMI
+    permutes among them allowed or not (not: the AVX2 shuffles serve, as on a CPU without VBMI),
+    restored after."""
+    op = torch.ops.lowbit_cpu
+    prev, prev_vbmi = op.set_vq_i16(i16), op.set_vq_vbmi(vbmi)
     try:
         yield
     finally:
-        torch.ops.lowbit_cpu.set_vq_i16(prev)
+        op.set_vq_i16(prev)
+        op.set_vq_vbmi(prev_vbmi)
 
 
 @pytest.mark.parametrize("shape", [(96, 576, 4, 256, 1, 64), (40, 192, 2, 64, 3, 32), (17, 72, 8, 256, 1, 24),
@@ -181,32 +185,37 @@ def _i16_bound(vw: VQWeight, x: torch.Tensor) -> torch.Tensor:
                                    (70, 4096, 4, 16, 1, 4096), (65, 200, 4, 64, 1, 64), (63, 96, 1, 8, 2, 32),
                                    (129, 150, 3, 4, 1, 48)])
 def test_16bit_tables_stay_within_their_rounding_bound(shape):
-    """The VBMI byte-permute path (where this CPU has it) against the float64 product, within the
-    bound of its rounded table plus fp32 slack: tails of 64-row blocks, groups of exactly 256 and of
+    """Every 16-bit-table path here (the VBMI byte permutes where this CPU has them; the AVX2 byte
+    shuffles, on every AVX2 / AVX-512 variant, for at most 64 entries) against the float64 product,
+    within the bound of its rounded table plus fp32 slack: tails of 32- and 64-row blocks, groups of exactly 256 and of
     1024 vectors (four int32 chunks), short last groups, 4 to 256 entries, d = 1, 3, 8; inputs of
     ~1e-36 too (the step capped at 1 / FLT_MAX); and set_vq_i16(False) returns the float path."""
-    op = torch.ops.lowbit_cpu if ext.load() else None
-    lut_isas = []
-    for isa in ISAS:
-        with ext.use_isa(isa):
-            if op.vq_kernel() == "i16-vbmi":
-                lut_isas.append(isa)
-    if not lut_isas:
-        pytest.skip("no 16-bit-table variant here (needs the compiled kernels, AVX-512 VBMI + VNNI, LOWBIT_VQ_I16 not 0)")
     N, K_in, d, Kc, ncb, gs = shape
+    op = torch.ops.lowbit_cpu if ext.load() else None
+    paths = []                      # (isa, VBMI allowed, the kernel that runs): every 16-bit path here
+    for isa in ISAS:
+        for vbmi in (True, False):
+            with ext.use_isa(isa), _vq_tables(True, vbmi):
+                kern = op.vq_kernel(Kc)
+            if kern.startswith("i16-") and (isa, kern) not in [(p[0], p[2]) for p in paths]:
+                paths.append((isa, vbmi, kern))
+    if not paths:
+        pytest.skip(f"no 16-bit-table path here for {Kc} entries (needs the compiled kernels: AVX-512 VBMI + VNNI, "
+                    f"or AVX2 for at most 64 entries; LOWBIT_VQ_I16 not 0)")
     vw = _random_vq(N, K_in, d, Kc, ncb, gs)
     m = VQLinear(vw)
     for M, mag in ((1, 1.0), (3, 1.0), (2, 1e-36)):
         x = torch.randn(M, K_in) * mag
         ref = x.double() @ vw.dequantize().double().t()
         bound = _i16_bound(vw, x) + 2e-5 * float(ref.abs().max())
-        for isa in lut_isas:
-            with ext.use_isa(isa):
+        for isa, vbmi, kern in paths:
+            with ext.use_isa(isa), _vq_tables(True, vbmi):
+                assert op.vq_kernel(Kc) == kern
                 err = (m(x).double() - ref).abs()
-                assert bool((err <= bound).all()), (isa, M, float((err / bound).max()))
-                with _vq_tables(False):
-                    assert op.vq_kernel() == "f32"
-                    assert float((m(x).double() - ref).abs().max()) <= 2e-5 * float(ref.abs().max())
+                assert bool((err <= bound).all()), (isa, kern, M, float((err / bound).max()))
+            with ext.use_isa(isa), _vq_tables(False, vbmi):
+                assert op.vq_kernel(Kc) == "f32"
+                assert float((m(x).double() - ref).abs().max()) <= 2e-5 * float(ref.abs().max())
 
 
 @pytest.mark.parametrize("shape", [(70, 192, 4, 256, 1, 64), (33, 40, 1, 2, 1, 5)])   # 5 x 2 entries: masked tails
@@ -219,11 +228,12 @@ def test_table_lookup_never_turns_nan_or_inf_into_a_number(shape):
             x = torch.randn(2, K_in)
             x[0, pos] = bad
             # the torch path, then every kernel with each table kind
-            paths = [("torch", None, None)] + [(isa, isa, t) for isa in ISAS for t in (True, False)]
-            for name, isa, i16 in paths:
+            paths = [("torch", None, None, True)] + [(isa, isa, t, vbmi) for isa in ISAS for t in (True, False)
+                                                       for vbmi in (True, False)]
+            for name, isa, i16, vbmi in paths:
                 m.use_ext = isa is not None
                 with (ext.use_isa(isa) if isa else contextlib.nullcontext()), \
-                        (_vq_tables(i16) if isa else contextlib.nullcontext()):
+                        (_vq_tables(i16, vbmi) if isa else contextlib.nullcontext()):
                     y = m(x)
                 assert not bool(torch.isfinite(y[0]).any()), (name, i16, pos, bad)
                 assert bool(torch.isfinite(y[1]).all()), (name, i16, pos, bad)

@@ -6,8 +6,10 @@ The float weight is never built whole. Decode (few rows of x) runs the table-loo
     y[m, n]    = sum_g scale[n, g] * sum_{v in g} T[m, v, idx[n, v]]
 
 one gather and add per d weights, on the compiled op `lowbit_cpu.vq_linear` (nn/ext) when the
-extension is loaded and the indices are bytes (K <= 256), else the same sum in torch. Longer inputs (prefill) dequantize `tile_rows`
-rows of the weight at a time and multiply them (a tile of the float weight, never all of it).
+extension is loaded and the indices are bytes (K <= 256), else the same sum in torch. The op's
+tables are 16-bit where the CPU allows (byte permutes on AVX-512 VBMI; AVX2 byte shuffles for K <= 64)
+and float otherwise: `table_kernels(model)` says which runs. Longer inputs (prefill) dequantize
+`tile_rows` rows of the weight at a time and multiply them (a tile of the float weight, never all of it).
 """
 from __future__ import annotations
 
@@ -26,6 +28,16 @@ def _ext_op():
     if not ext.load():
         return None
     return getattr(torch.ops.lowbit_cpu, "vq_linear", None)
+
+
+def table_kernels(model: nn.Module) -> str:
+    """Which table-lookup kernel decode runs for each codebook size in `model`, e.g. "64 entries:
+    i16-shuffle" ("" without VQLinear layers; "torch" without the compiled op)."""
+    sizes = sorted({int(m.codebook.shape[1]) for m in model.modules() if isinstance(m, VQLinear)})
+    if not sizes:
+        return ""
+    op = _ext_op()
+    return ", ".join(f"{k} entries: {torch.ops.lowbit_cpu.vq_kernel(k) if op is not None else 'torch'}" for k in sizes)
 
 
 class VQLinear(nn.Module):
@@ -98,7 +110,7 @@ class VQLinear(nn.Module):
         if x2.dtype != torch.float32:
             y = self._tiled(x2.float()).to(x.dtype)
         elif x2.shape[0] <= LUT_MAX_M:
-            op = _ext_op() if (self.use_ext and self.indices.dtype == torch.uint8) else None
+            op = _ext_op() if (self.use_ext and self.indices_t.dtype == torch.uint8) else None
             if op is not None:
                 y = op(x2.contiguous(), self.codebook, self.indices_t, self.scale_t, self.group_size)
             else:

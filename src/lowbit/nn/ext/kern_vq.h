@@ -12,7 +12,7 @@
 //   vq_table:  T[v Kc + c] = sum_k cbT[(v / vpc) d Kc + k Kc + c] * x[v d + k]   for v in [v0, v1)
 //              (cbT: the codebooks transposed to (n, d, Kc), so the sum over c is contiguous)
 //   vq_gemv:   y[n] = sum_g scaleT[g, n] * sum_{v in g} T[v Kc + idxT[v, n]]     for n in [n0, n1)
-//              groups taken in chunks whose table slices fit ~32 KB, y accumulated per chunk
+//              groups taken in chunks of ~16 vectors (vq_chunk_groups), y accumulated per chunk
 //
 // The float weight is never formed: per d weights, one byte is read and one table entry added.
 // Summation order: per group, then over groups in order; the variants agree to float rounding.
@@ -30,14 +30,27 @@ inline void vq_table_row(const float* c, const float* xv, int64_t Kc, float* t) 
 }
 
 #if defined(__AVX512F__)
+constexpr int64_t kVqRowStep = 16;
 template <int D>   // the same, 16 codewords per step, fused multiply-adds (Kc a multiple of 16)
-inline void vq_table_row16(const float* c, const float* xv, int64_t Kc, float* t) {
+inline void vq_table_rowv(const float* c, const float* xv, int64_t Kc, float* t) {
   __m512 xs[D];
   for (int k = 0; k < D; ++k) xs[k] = _mm512_set1_ps(xv[k]);
   for (int64_t j = 0; j < Kc; j += 16) {
     __m512 a = _mm512_mul_ps(_mm512_loadu_ps(c + j), xs[0]);
     for (int k = 1; k < D; ++k) a = _mm512_fmadd_ps(_mm512_loadu_ps(c + k * Kc + j), xs[k], a);
     _mm512_storeu_ps(t + j, a);
+  }
+}
+#elif defined(__AVX2__)
+constexpr int64_t kVqRowStep = 8;
+template <int D>   // the same, 8 codewords per step (Kc a multiple of 8)
+inline void vq_table_rowv(const float* c, const float* xv, int64_t Kc, float* t) {
+  __m256 xs[D];
+  for (int k = 0; k < D; ++k) xs[k] = _mm256_set1_ps(xv[k]);
+  for (int64_t j = 0; j < Kc; j += 8) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(c + j), xs[0]);
+    for (int k = 1; k < D; ++k) a = _mm256_fmadd_ps(_mm256_loadu_ps(c + k * Kc + j), xs[k], a);
+    _mm256_storeu_ps(t + j, a);
   }
 }
 #endif
@@ -48,12 +61,12 @@ void vq_table(const float* x, const float* cbT, int64_t Kc, int64_t d, int64_t v
     const float* xv = x + v * d;
     const float* c = cbT + (v / vpc) * d * Kc;
     float* t = T + v * Kc;
-#if defined(__AVX512F__)
-    if (Kc % 16 == 0) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    if (Kc % kVqRowStep == 0) {
       switch (d) {
-        case 2: vq_table_row16<2>(c, xv, Kc, t); continue;
-        case 4: vq_table_row16<4>(c, xv, Kc, t); continue;
-        case 8: vq_table_row16<8>(c, xv, Kc, t); continue;
+        case 2: vq_table_rowv<2>(c, xv, Kc, t); continue;
+        case 4: vq_table_rowv<4>(c, xv, Kc, t); continue;
+        case 8: vq_table_rowv<8>(c, xv, Kc, t); continue;
         default: break;
       }
     }
@@ -73,6 +86,15 @@ void vq_table(const float* x, const float* cbT, int64_t Kc, int64_t d, int64_t v
     }
   }
 }
+
+// Scale groups per chunk of the row loops (every path): ~16 vectors, at least one group. The
+// indices are read transposed, so a chunk of c vectors walks c strided streams of idxT through
+// all its rows: with the ~32 KB table chunks of before (128-256 vectors), each row block's index
+// bytes came from as many streams, more than the prefetchers follow, and a layer not in cache
+// (decode: every layer) took 1.5-2.5x its in-cache time (the gate projection of SmolLM2 at 3 bits:
+// 170 -> 80 us on AVX2's shuffles, 273 -> 130 us on its float gathers; the VBMI path, reading
+// whole lines per row block, moved within noise).
+inline int64_t vq_chunk_groups(int64_t vpg) { return 16 / vpg > 1 ? 16 / vpg : 1; }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #if defined(__AVX512F__)
@@ -119,8 +141,7 @@ void vq_rows(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
 void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
              const float* scaleT, float* y, int64_t n0, int64_t n1) {
   const int64_t G = (V + vpg - 1) / vpg;
-  int64_t gpc = (32768 / (4 * Kc)) / vpg;
-  if (gpc < 1) gpc = 1;
+  const int64_t gpc = vq_chunk_groups(vpg);
   for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
   for (int64_t g0 = 0; g0 < G; g0 += gpc) {
     const int64_t g1 = g0 + gpc < G ? g0 + gpc : G;
@@ -326,8 +347,7 @@ template <int KP>
 LOWBIT_VBMI void vq_gemv_i16_kp(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N,
                                 int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1) {
   const int64_t G = (V + vpg - 1) / vpg;
-  int64_t gpc = (32768 / (2 * KP)) / vpg;     // groups whose byte planes fit ~32 KB
-  if (gpc < 1) gpc = 1;
+  const int64_t gpc = vq_chunk_groups(vpg);
   for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
   for (int64_t g0 = 0; g0 < G; g0 += gpc) {
     const int64_t g1 = g0 + gpc < G ? g0 + gpc : G;
@@ -347,7 +367,188 @@ void vq_gemv_i16(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t
   }
 }
 #undef LOWBIT_VBMI
-#define LOWBIT_VQ_I16 vq_qtable, vq_gemv_i16
+#endif
+
+// ---- the same 16-bit tables on in-lane byte shuffles (AVX2 vpshufb), for CPUs without VBMI ------
+// vq_qtable's planes (below for AVX2; the AVX-512 one above runs on any AVX-512F CPU) for codebooks
+// of at most 64 entries, each 64-byte plane's 16-byte slices differenced (vq_diff_slices: slice k
+// holds D_k = T_k - T_(k-1) mod 256), looked up 32 rows at a time: slice k is broadcast to both
+// lanes and indexed by vpshufb with idx - 16 k, which is negative (bit 7 set: the shuffle gives 0)
+// for an index in an earlier slice, and has idx's low 4 bits otherwise; so the byte sum over k is
+// D_0 + .. + D_j = T_j at idx's slice j: 4 shuffles, 3 adds (mod 256) and 3 subtractions, shared
+// by the two planes, per 32 lookups (for 128 or 256 entries, 8 or 16 shuffles per plane cost more
+// than the float gathers' 4 instructions). The planes' bytes are summed as int16 halves (even rows,
+// odd rows), exact over a chunk of <= 128 vectors (lo <= 255 x 128 = 32640, |hi| <= 128 x 128), and
+// each chunk's 256 hi + lo (|.| <= 128 x 32767 < 2^24) goes to float exactly: the same arithmetic as
+// the VBMI path, so the same bound.
+#if defined(__AVX2__)
+#if !defined(__AVX512F__)
+void vq_qtable(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, int64_t g1, int8_t* Tq,
+               float* ts) {
+  const int64_t KP = vq_table_width(Kc);
+  const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(__builtin_inff());
+  const __m128i lomask = _mm_set1_epi16(0x00FF);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t va = g * vpg, vb = (g + 1) * vpg < V ? (g + 1) * vpg : V;
+    const float* t = T + va * Kc;
+    const int64_t n = (vb - va) * Kc;
+    __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(t + i), absm);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));   // NaN or inf
+      mx = _mm256_max_ps(mx, a);
+    }
+    float lane[8];
+    _mm256_storeu_ps(lane, mx);
+    float m = 0.f;
+    for (int k = 0; k < 8; ++k) m = lane[k] > m ? lane[k] : m;
+    bool isbad = _mm256_movemask_ps(bad) != 0;
+    for (; i < n; ++i) {
+      const float a = __builtin_fabsf(t[i]);
+      isbad |= !(a < __builtin_inff());
+      m = a > m ? a : m;
+    }
+    if (isbad) {
+      ts[g] = __builtin_nanf("");
+      for (int64_t v = va; v < vb; ++v)
+        for (int64_t c = 0; c < 2 * KP; ++c) Tq[v * 2 * KP + c] = 0;
+      continue;
+    }
+    // as the AVX-512 vq_qtable: inv capped at FLT_MAX, ts = 1 / inv, |q| <= 32767 without a clamp
+    const float iv = m > 0.f ? (32767.f / m < 3.4028235e38f ? 32767.f / m : 3.4028235e38f) : 0.f;
+    ts[g] = m > 0.f ? 1.f / iv : 1.f;
+    const __m256 inv = _mm256_set1_ps(iv);
+    for (int64_t v = va; v < vb; ++v) {
+      const float* tv = T + v * Kc;
+      int8_t* hi = Tq + v * 2 * KP;
+      int8_t* lo = hi + KP;
+      int64_t c = 0;
+      for (; c + 8 <= Kc; c += 8) {
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(tv + c), inv));
+        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(hi + c), _mm_packs_epi16(_mm_srai_epi16(q16, 8), q16));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(lo + c), _mm_packus_epi16(_mm_and_si128(q16, lomask), q16));
+      }
+      for (; c < Kc; ++c) {             // the same rounding (to nearest even, as cvtps) one by one
+        const int32_t q = static_cast<int32_t>(__builtin_nearbyintf(tv[c] * iv));
+        hi[c] = static_cast<int8_t>(q >> 8);
+        lo[c] = static_cast<int8_t>(q & 0xFF);
+      }
+      for (int64_t c = Kc; c < KP; ++c) hi[c] = lo[c] = 0;
+    }
+  }
+}
+#endif
+
+constexpr int64_t kVqShuffleMaxKc = 64;
+
+// 32 rows' bytes of one differenced 64-entry plane; xs[k] = idx - 16 k
+inline __m256i vq_look32(const int8_t* tv, const __m256i* xs) {
+  __m256i r = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tv))), xs[0]);
+  for (int k = 1; k < 4; ++k)
+    r = _mm256_add_epi8(r, _mm256_shuffle_epi8(
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tv + 16 * k))), xs[k]));
+  return r;
+}
+
+// y[n .. n + 32) += the scaled sums of scale groups [g0, g1) (32 full rows; vq_gemv_i16s does tails)
+void vq_rows32_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t vpg,
+                    const float* scaleT, float* y, int64_t n, int64_t g0, int64_t g1) {
+  constexpr int64_t kPf = 16, KP = 64;
+  const __m256i s16 = _mm256_set1_epi8(16), lom = _mm256_set1_epi16(0x00FF);
+  __m256 acc[4];
+  for (int q = 0; q < 4; ++q) acc[q] = _mm256_loadu_ps(y + n + 8 * q);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t va = g * vpg, vb = (g + 1) * vpg < V ? (g + 1) * vpg : V;
+    const __m256 tsg = _mm256_set1_ps(ts[g]);
+    for (int64_t c0 = va; c0 < vb; c0 += 128) {
+      const int64_t c1 = c0 + 128 < vb ? c0 + 128 : vb;
+      __m256i he = _mm256_setzero_si256(), ho = he, le = he, lo = he;   // int16 sums: even / odd rows
+      for (int64_t v = c0; v < c1; ++v) {
+        const uint8_t* iv = idxT + v * N + n;
+        if (v + kPf < V) _mm_prefetch(reinterpret_cast<const char*>(iv + kPf * N), _MM_HINT_T0);
+        const int8_t* tv = Tq + v * 2 * KP;
+        __m256i xs[4];               // the index less 16 k: slice k's shuffle indices
+        xs[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(iv));
+        for (int k = 1; k < 4; ++k) xs[k] = _mm256_sub_epi8(xs[k - 1], s16);
+        const __m256i h = vq_look32(tv, xs), l = vq_look32(tv + KP, xs);
+        he = _mm256_add_epi16(he, _mm256_srai_epi16(_mm256_slli_epi16(h, 8), 8));
+        ho = _mm256_add_epi16(ho, _mm256_srai_epi16(h, 8));
+        le = _mm256_add_epi16(le, _mm256_and_si256(l, lom));
+        lo = _mm256_add_epi16(lo, _mm256_srli_epi16(l, 8));
+      }
+      {
+        // 256 hi + lo per row in int32, even and odd rows interleaved back: s32[q] = rows 8 q .. 8 q + 7
+        __m256i s32[4];
+        for (int hh = 0; hh < 2; ++hh) {
+          const __m128i he128 = hh ? _mm256_extracti128_si256(he, 1) : _mm256_castsi256_si128(he);
+          const __m128i ho128 = hh ? _mm256_extracti128_si256(ho, 1) : _mm256_castsi256_si128(ho);
+          const __m128i le128 = hh ? _mm256_extracti128_si256(le, 1) : _mm256_castsi256_si128(le);
+          const __m128i lo128 = hh ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo);
+          const __m256i e = _mm256_add_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(he128), 8), _mm256_cvtepi16_epi32(le128));
+          const __m256i o = _mm256_add_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(ho128), 8), _mm256_cvtepi16_epi32(lo128));
+          // e: rows 16 hh + 0, 2, .., 14; o: rows 16 hh + 1, 3, .., 15
+          const __m256i a = _mm256_unpacklo_epi32(e, o), b = _mm256_unpackhi_epi32(e, o);   // 0-3 | 8-11, 4-7 | 12-15
+          s32[2 * hh] = _mm256_permute2x128_si256(a, b, 0x20);
+          s32[2 * hh + 1] = _mm256_permute2x128_si256(a, b, 0x31);
+        }
+        for (int q = 0; q < 4; ++q) {
+          const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(scaleT + g * N + n + 8 * q), tsg);
+          acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[q]), sc, acc[q]);
+        }
+      }
+    }
+  }
+  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(y + n + 8 * q, acc[q]);
+}
+
+// y[n] for n in [n0, n1) from vq_qtable's Tq / ts, slices differenced (vq_diff_slices), by byte
+// shuffles; Kc <= kVqShuffleMaxKc (planes of 64 bytes)
+void vq_gemv_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
+                  int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1) {
+  (void)Kc;
+  constexpr int64_t KP = 64;
+  const int64_t G = (V + vpg - 1) / vpg;
+  const int64_t gpc = vq_chunk_groups(vpg);
+  for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
+  for (int64_t g0 = 0; g0 < G; g0 += gpc) {
+    const int64_t g1 = g0 + gpc < G ? g0 + gpc : G;
+    int64_t n = n0;
+    for (; n + 32 <= n1; n += 32) vq_rows32_i16s(Tq, ts, idxT, V, N, vpg, scaleT, y, n, g0, g1);
+    for (; n < n1; ++n) {            // the last < 32 rows, one at a time, the same sums
+      float acc = y[n];
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t va = g * vpg, vb = (g + 1) * vpg < V ? (g + 1) * vpg : V;
+        for (int64_t c0 = va; c0 < vb; c0 += 128) {
+          const int64_t c1 = c0 + 128 < vb ? c0 + 128 : vb;
+          int32_t s = 0;
+          for (int64_t v = c0; v < c1; ++v) {
+            const int8_t* tv = Tq + v * 2 * KP;
+            const int c = idxT[v * N + n];
+            uint8_t hb = 0, lb = 0;          // the slices added back, as the shuffles do
+            for (int k = 0; k <= (c >> 4); ++k) {
+              hb = static_cast<uint8_t>(hb + static_cast<uint8_t>(tv[16 * k + (c & 15)]));
+              lb = static_cast<uint8_t>(lb + static_cast<uint8_t>(tv[KP + 16 * k + (c & 15)]));
+            }
+            s += 256 * static_cast<int8_t>(hb) + lb;
+          }
+          acc += static_cast<float>(s) * (scaleT[g * N + n] * ts[g]);
+        }
+      }
+      y[n] = acc;
+    }
+  }
+}
+
+#endif
+
+// the KernTable entries: vq_qtable, vq_gemv_i16 (VBMI), vq_gemv_i16s (shuffles), its largest Kc
+#if defined(__AVX512F__)
+#define LOWBIT_VQ_I16 vq_qtable, vq_gemv_i16, vq_gemv_i16s, kVqShuffleMaxKc
+#elif defined(__AVX2__)
+#define LOWBIT_VQ_I16 vq_qtable, nullptr, vq_gemv_i16s, kVqShuffleMaxKc
 #else
-#define LOWBIT_VQ_I16 nullptr, nullptr
+#define LOWBIT_VQ_I16 nullptr, nullptr, nullptr, 0
 #endif

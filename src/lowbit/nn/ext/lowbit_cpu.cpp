@@ -547,13 +547,16 @@ at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
   return out;
 }
 
-// The 16-bit-table byte-permute lookups (kern_vq.h) run where the variant has them and the CPU has
-// VBMI and VNNI (read once: vq_linear asks on every call), unless turned off (LOWBIT_VQ_I16=0 in
-// the environment at load, or set_vq_i16(false)).
+// The 16-bit tables (kern_vq.h) run where the variant has them, unless turned off (LOWBIT_VQ_I16=0
+// in the environment at load, or set_vq_i16(false)): the VBMI byte permutes where the CPU has VBMI
+// and VNNI (read once: vq_linear asks on every call) and set_vq_vbmi(false) does not forbid them,
+// else the AVX2 byte shuffles for codebooks of at most the variant's vq_i16s_max_kc entries, else
+// the float tables.
 bool g_vq_i16 = [] {
   const char* e = std::getenv("LOWBIT_VQ_I16");
   return !(e && std::string(e) == "0");
 }();
+bool g_vq_vbmi = true;
 
 const bool kCpuVbmiVnni = [] {
 #if defined(__x86_64__)
@@ -564,15 +567,37 @@ const bool kCpuVbmiVnni = [] {
 #endif
 }();
 
-bool vq_i16_runs(const KernTable* kt) { return g_vq_i16 && kt->vq_gemv_i16 != nullptr && kCpuVbmiVnni; }
+enum class VqPath { kF32, kVbmi, kShuffle };
 
-// which table-lookup kernel vq_linear runs now: "i16-vbmi" (16-bit tables, byte permutes) or "f32" (float tables)
-std::string vq_kernel() { return vq_i16_runs(g_kern) ? "i16-vbmi" : "f32"; }
+VqPath vq_path(const KernTable* kt, int64_t Kc) {
+  if (!g_vq_i16 || kt->vq_qtable == nullptr) return VqPath::kF32;
+  if (g_vq_vbmi && kt->vq_gemv_i16 != nullptr && kCpuVbmiVnni) return VqPath::kVbmi;
+  if (kt->vq_gemv_i16s != nullptr && Kc <= kt->vq_i16s_max_kc) return VqPath::kShuffle;
+  return VqPath::kF32;
+}
+
+// which table-lookup kernel vq_linear runs now for codebooks of kc entries: "i16-vbmi" (16-bit
+// tables, byte permutes), "i16-shuffle" (16-bit tables, AVX2 byte shuffles) or "f32" (float tables)
+std::string vq_kernel(int64_t kc) {
+  switch (vq_path(g_kern, kc)) {
+    case VqPath::kVbmi: return "i16-vbmi";
+    case VqPath::kShuffle: return "i16-shuffle";
+    default: return "f32";
+  }
+}
 
 // allow (true) or forbid (false) the 16-bit tables; returns the previous setting
 bool set_vq_i16(bool on) {
   const bool prev = g_vq_i16;
   g_vq_i16 = on;
+  return prev;
+}
+
+// allow (true) or forbid (false) the VBMI permutes (forbidden: the shuffles serve as on a CPU
+// without VBMI); returns the previous setting
+bool set_vq_vbmi(bool on) {
+  const bool prev = g_vq_vbmi;
+  g_vq_vbmi = on;
   return prev;
 }
 
@@ -624,7 +649,8 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
   const float *xp = x.data_ptr<float>(), *cp = cb_buf.data(), *sp = scaleT.data_ptr<float>();
   const uint8_t* ip = idxT.data_ptr<uint8_t>();
   float *tp = t_buf.data(), *yp = y.data_ptr<float>();
-  if (vq_i16_runs(kt)) {       // 16-bit tables in two byte planes, byte-permute lookups (kern_vq.h)
+  const VqPath path = vq_path(kt, Kc);
+  if (path != VqPath::kF32) {   // 16-bit tables in two byte planes, byte permutes or shuffles (kern_vq.h)
     const int64_t KP = lowbit::vq_table_width(Kc);
     if (static_cast<int64_t>(q_buf.size()) < V * 2 * KP) q_buf.resize(V * 2 * KP);
     if (static_cast<int64_t>(s_buf.size()) < G) s_buf.resize(G);
@@ -634,10 +660,15 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
       at::parallel_for(0, G, std::max<int64_t>(1, 64 / vpg), [&](int64_t g0, int64_t g1) {
         kt->vq_table(xp + m * Kin, cp, Kc, d, vpc, g0 * vpg, std::min(V, g1 * vpg), tp);
         kt->vq_qtable(tp, V, Kc, vpg, g0, g1, qp, tsp);
+        if (path == VqPath::kShuffle) {
+          const int64_t va = g0 * vpg, vb = std::min(V, g1 * vpg);
+          lowbit::vq_diff_slices(qp + va * 2 * KP, 2 * (vb - va));
+        }
       });
       const int64_t nb = (N + 127) / 128;      // row ranges in multiples of 128 (two 64-row blocks)
       at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-        kt->vq_gemv_i16(qp, tsp, ip, V, N, Kc, vpg, sp, yp + m * N, b0 * 128, std::min(N, b1 * 128));
+        (path == VqPath::kVbmi ? kt->vq_gemv_i16 : kt->vq_gemv_i16s)(qp, tsp, ip, V, N, Kc, vpg, sp, yp + m * N,
+                                                                      b0 * 128, std::min(N, b1 * 128));
       });
     }
     return y;
@@ -704,8 +735,9 @@ TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("vq_linear(Tensor x, Tensor codebook, Tensor indices, Tensor scale, int group_size) -> Tensor");
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("isa() -> str", &current_isa);
-  m.def("vq_kernel() -> str", &vq_kernel);
+  m.def("vq_kernel(int kc=256) -> str", &vq_kernel);
   m.def("set_vq_i16(bool on) -> bool", &set_vq_i16);
+  m.def("set_vq_vbmi(bool on) -> bool", &set_vq_vbmi);
   m.def("isa_supported(str name) -> bool", &isa_supported);
   m.def("decode_pool_spin_us() -> int", &decode_pool_spin_us);
   m.def("decode_pool_check(int runs, int threads) -> int", &decode_pool_check);

@@ -110,10 +110,15 @@ struct KernTable {
   // table of scale groups [g0, g1) to int16 (one step ts[g] per group) held as two byte planes
   // (Tq: 2 KP bytes per vector, KP = vq_table_width(Kc)), vq_gemv_i16 sums the indexed entries.
   // nullptr: this variant has none; the caller also checks the CPU has avx512vbmi and avx512vnni.
+  // vq_gemv_i16s: the same sums on AVX2 byte shuffles (any AVX2 or AVX-512 CPU), for codebooks of
+  // at most vq_i16s_max_kc entries (above it the float gathers are cheaper).
   void (*vq_qtable)(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, int64_t g1, int8_t* Tq,
                     float* ts);
   void (*vq_gemv_i16)(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
                      int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1);
+  void (*vq_gemv_i16s)(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
+                      int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1);
+  int64_t vq_i16s_max_kc;
 };
 
 // A zero-initialised heap array for the ISA files' scratch buffers, with internal linkage (an
@@ -127,6 +132,16 @@ namespace {
 // Bytes per vector in each byte plane of vq_qtable's 16-bit tables: the table size a permute
 // takes (vpermb 64 entries, vpermi2b 128, two vpermi2b 256), the entries past Kc zero.
 inline int64_t vq_table_width(int64_t Kc) { return Kc <= 64 ? 64 : (Kc <= 128 ? 128 : 256); }
+
+// The byte-shuffle path's layout of those planes (kern_vq.h vq_gemv_i16s, 64 entries): in each
+// 64-byte plane, every 16-byte slice after the first minus the slice before it, bytewise mod 256,
+// so that the shuffles' slices add back to the entry (planes [0, n_planes) from p).
+inline void vq_diff_slices(int8_t* p, int64_t n_planes) {
+  for (int64_t i = 0; i < n_planes; ++i, p += 64)
+    for (int k = 3; k >= 1; --k)
+      for (int j = 0; j < 16; ++j)
+        p[16 * k + j] = static_cast<int8_t>(static_cast<uint8_t>(p[16 * k + j]) - static_cast<uint8_t>(p[16 * (k - 1) + j]));
+}
 
 // Software prefetch distance of the decode GEMVs, in bytes of a weight row stream (every ISA file):
 // with the hardware prefetcher alone, DRAM-resident rows streamed at a third to a half of the
