@@ -30,6 +30,18 @@ def _ext_op():
     return getattr(torch.ops.lowbit_cpu, "vq_linear", None)
 
 
+IDX_BLOCK = 64         # rows per block of the kernel's index layout (nn/ext/lowbit_kern.h kVqIdxBlock)
+
+
+def _blocked(indices: torch.Tensor) -> torch.Tensor:
+    """(rows, V) indices -> (ceil(rows / IDX_BLOCK), V, IDX_BLOCK), the last block's spare rows 0."""
+    rows, V = indices.shape
+    nb = -(-rows // IDX_BLOCK)
+    padded = indices.new_zeros(nb * IDX_BLOCK, V)
+    padded[:rows] = indices
+    return padded.view(nb, IDX_BLOCK, V).transpose(1, 2).contiguous()
+
+
 def table_kernels(model: nn.Module) -> str:
     """Which table-lookup kernel decode runs for each codebook size in `model`, e.g. "64 entries:
     i16-shuffle" ("" without VQLinear layers; "torch" without the compiled op)."""
@@ -47,8 +59,9 @@ class VQLinear(nn.Module):
         self.group_size = vweight.group_size
         self.info = dict(vweight.info)
         self.register_buffer("codebook", vweight.codebook.float().contiguous())
-        # held transposed, as the table-lookup kernel reads them (one gather = consecutive rows)
-        self.register_buffer("indices_t", vweight.indices.t().contiguous())
+        # held as the table-lookup kernel reads them: blocks of IDX_BLOCK rows, (blocks, V, IDX_BLOCK)
+        # (one gather = consecutive rows of one vector; one row block = one contiguous stream)
+        self.register_buffer("indices_b", _blocked(vweight.indices))
         self.register_buffer("scale_t", vweight.scale.float().t().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act_quant = None
@@ -56,8 +69,9 @@ class VQLinear(nn.Module):
 
     @property
     def indices(self) -> torch.Tensor:
-        """(rows, V): a view of the transposed buffer."""
-        return self.indices_t.t()
+        """(rows, V), from the blocked buffer (a copy)."""
+        nb, V, blk = self.indices_b.shape
+        return self.indices_b.transpose(1, 2).reshape(nb * blk, V)[:self.out_features]
 
     @property
     def scale(self) -> torch.Tensor:
@@ -74,7 +88,7 @@ class VQLinear(nn.Module):
 
     @property
     def backend(self) -> str:
-        ext_ok = self.use_ext and self.indices.dtype == torch.uint8 and _ext_op() is not None
+        ext_ok = self.use_ext and self.indices_b.dtype == torch.uint8 and _ext_op() is not None
         return "vq-ext" if ext_ok else "vq-torch"
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -110,9 +124,9 @@ class VQLinear(nn.Module):
         if x2.dtype != torch.float32:
             y = self._tiled(x2.float()).to(x.dtype)
         elif x2.shape[0] <= LUT_MAX_M:
-            op = _ext_op() if (self.use_ext and self.indices_t.dtype == torch.uint8) else None
+            op = _ext_op() if (self.use_ext and self.indices_b.dtype == torch.uint8) else None
             if op is not None:
-                y = op(x2.contiguous(), self.codebook, self.indices_t, self.scale_t, self.group_size)
+                y = op(x2.contiguous(), self.codebook, self.indices_b, self.scale_t, self.group_size)
             else:
                 y = self._lut_torch(x2)
         else:

@@ -5,13 +5,14 @@
 //
 // A weight row n is V indices into a codebook of Kc codewords of d floats (uint8, Kc <= 256),
 // vector v in scale group v / vpg:  W[n, v d + k] = scale[n, v / vpg] * cb[cbv(v), idx[n, v], k].
-// The kernel reads the indices and scales transposed, idxT (V, N) and scaleT (G, N), so that the
-// lanes of one gather are 16 / 8 consecutive rows at the same vector v, and the table slice of v
-// (Kc floats) stays in L1 while every row block reads it.
+// The kernel reads the indices in blocks of 64 rows, idxB (ceil(N / 64), V, 64) (lowbit_kern.h
+// vq_idx), and the scales transposed, scaleT (G, N), so that the lanes of one gather are 16 / 8
+// consecutive rows at the same vector v, a row block's indices are one contiguous stream, and the
+// table slice of v (Kc floats) stays in L1 while every row block reads it.
 //
 //   vq_table:  T[v Kc + c] = sum_k cbT[(v / vpc) d Kc + k Kc + c] * x[v d + k]   for v in [v0, v1)
 //              (cbT: the codebooks transposed to (n, d, Kc), so the sum over c is contiguous)
-//   vq_gemv:   y[n] = sum_g scaleT[g, n] * sum_{v in g} T[v Kc + idxT[v, n]]     for n in [n0, n1)
+//   vq_gemv:   y[n] = sum_g scaleT[g, n] * sum_{v in g} T[v Kc + idx[n, v]]      for n in [n0, n1)
 //              groups taken in chunks of ~16 vectors (vq_chunk_groups), y accumulated per chunk
 //
 // The float weight is never formed: per d weights, one byte is read and one table entry added.
@@ -87,13 +88,12 @@ void vq_table(const float* x, const float* cbT, int64_t Kc, int64_t d, int64_t v
   }
 }
 
-// Scale groups per chunk of the row loops (every path): ~16 vectors, at least one group. The
-// indices are read transposed, so a chunk of c vectors walks c strided streams of idxT through
-// all its rows: with the ~32 KB table chunks of before (128-256 vectors), each row block's index
-// bytes came from as many streams, more than the prefetchers follow, and a layer not in cache
-// (decode: every layer) took 1.5-2.5x its in-cache time (the gate projection of SmolLM2 at 3 bits:
-// 170 -> 80 us on AVX2's shuffles, 273 -> 130 us on its float gathers; the VBMI path, reading
-// whole lines per row block, moved within noise).
+// Scale groups per chunk of the row loops (every path): ~16 vectors, at least one group. With
+// the transposed (V, N) index layout of before, a chunk of c vectors walked c strided streams, and
+// the ~32 KB table chunks (128-256 vectors) made a layer not in cache (decode: every layer) take
+// 1.5-2.5x its in-cache time; 16 vectors fixed most of it (SmolLM2's 3-bit gate projection: 170 ->
+// 80 us on AVX2's shuffles). With the blocked layout (vq_idx) a chunk is one stream per row block,
+// and 16 vectors still measured best on decode (64, 256 and all groups: 2-10% slower on AVX2).
 inline int64_t vq_chunk_groups(int64_t vpg) { return 16 / vpg > 1 ? 16 / vpg : 1; }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -123,7 +123,7 @@ inline VqVec vq_gather_add(VqVec acc, const float* t, const uint8_t* idx) {   //
 
 // R row blocks of kVqLanes rows at once (R gathers in flight per vector), groups [g0, g1)
 template <int R>
-void vq_rows(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
+void vq_rows(const float* T, const uint8_t* idxB, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
              const float* scaleT, float* y, int64_t n, int64_t g0, int64_t g1) {
   VqVec acc[R], ag[R];
   for (int r = 0; r < R; ++r) acc[r] = vq_load(y + n + r * kVqLanes);
@@ -131,14 +131,14 @@ void vq_rows(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
     for (int r = 0; r < R; ++r) ag[r] = vq_zero();
     const int64_t ve = (g + 1) * vpg < V ? (g + 1) * vpg : V;
     for (int64_t v = g * vpg; v < ve; ++v)
-      for (int r = 0; r < R; ++r) ag[r] = vq_gather_add(ag[r], T + v * Kc, idxT + v * N + n + r * kVqLanes);
+      for (int r = 0; r < R; ++r) ag[r] = vq_gather_add(ag[r], T + v * Kc, vq_idx(idxB, V, v, n + r * kVqLanes));
     for (int r = 0; r < R; ++r) acc[r] = vq_fma(ag[r], vq_load(scaleT + g * N + n + r * kVqLanes), acc[r]);
   }
   for (int r = 0; r < R; ++r) vq_store(y + n + r * kVqLanes, acc[r]);
 }
 #endif
 
-void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
+void vq_gemv(const float* T, const uint8_t* idxB, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
              const float* scaleT, float* y, int64_t n0, int64_t n1) {
   const int64_t G = (V + vpg - 1) / vpg;
   const int64_t gpc = vq_chunk_groups(vpg);
@@ -147,15 +147,15 @@ void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
     const int64_t g1 = g0 + gpc < G ? g0 + gpc : G;
     int64_t n = n0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-    for (; n + 2 * kVqLanes <= n1; n += 2 * kVqLanes) vq_rows<2>(T, idxT, V, N, Kc, vpg, scaleT, y, n, g0, g1);
-    for (; n + kVqLanes <= n1; n += kVqLanes) vq_rows<1>(T, idxT, V, N, Kc, vpg, scaleT, y, n, g0, g1);
+    for (; n + 2 * kVqLanes <= n1; n += 2 * kVqLanes) vq_rows<2>(T, idxB, V, N, Kc, vpg, scaleT, y, n, g0, g1);
+    for (; n + kVqLanes <= n1; n += kVqLanes) vq_rows<1>(T, idxB, V, N, Kc, vpg, scaleT, y, n, g0, g1);
 #endif
     for (; n < n1; ++n) {
       float acc = y[n];
       for (int64_t g = g0; g < g1; ++g) {
         float ag = 0.f;
         const int64_t ve = (g + 1) * vpg < V ? (g + 1) * vpg : V;
-        for (int64_t v = g * vpg; v < ve; ++v) ag += T[v * Kc + idxT[v * N + n]];
+        for (int64_t v = g * vpg; v < ve; ++v) ag += T[v * Kc + *vq_idx(idxB, V, v, n)];
         acc += ag * scaleT[g * N + n];
       }
       y[n] = acc;
@@ -173,7 +173,7 @@ void vq_gemv(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t 
 //
 //   Tq[v 2KP + c] = hi, Tq[v 2KP + KP + c] = lo of round(T[v Kc + c] / ts[g]) for c < Kc,
 //                   0 up to KP = vq_table_width(Kc) (64 | 128 | 256 >= Kc)
-//   y[n]          = sum_g scaleT[g, n] ts[g] sum_{v in g} q[v, idxT[v, n]]
+//   y[n]          = sum_g scaleT[g, n] ts[g] sum_{v in g} q[v, idx[n, v]]
 //
 // so |y - y_f32| <= sum_g |scaleT[g, n]| ts[g] / 2 per vector of g (plus float rounding): 15 bits
 // of the table's range, where int8 tables (7 bits) moved the bundled model's decode by KL 2e-2.
@@ -280,7 +280,7 @@ LOWBIT_VBMI inline void vq_unshuffle(const __m512i a[4], __m512i out[4]) {
 // scale groups [g0, g1), accumulated onto y. Partial sums over <= 256 vectors: |256 hi + lo| <=
 // 256 * 32767 < 2^24, exact in int32 and in float.
 template <int KP, int R>
-LOWBIT_VBMI void vq_rows_i16(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N,
+LOWBIT_VBMI void vq_rows_i16(const int8_t* Tq, const float* ts, const uint8_t* idxB, int64_t V, int64_t N,
                              int64_t vpg, const float* scaleT, float* y, int64_t n, int64_t rows, int64_t g0,
                              int64_t g1) {
   constexpr int64_t kPf = 16;                 // vectors ahead for the index prefetch
@@ -313,12 +313,12 @@ LOWBIT_VBMI void vq_rows_i16(const int8_t* Tq, const float* ts, const uint8_t* i
             for (int r = 0; r < R; ++r) eh[r][j] = el[r][j] = _mm512_setzero_si512();
             continue;
           }
-          const uint8_t* iv = idxT + (v + j) * N + n;
           if (v + j + kPf < V)
-            for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(iv + kPf * N + 64 * r), _MM_HINT_T0);
+            for (int r = 0; r < R; ++r)
+              _mm_prefetch(reinterpret_cast<const char*>(vq_idx(idxB, V, v + j + kPf, n + 64 * r)), _MM_HINT_T0);
           const int8_t* tv = Tq + (v + j) * 2 * KP;
           for (int r = 0; r < R; ++r) {
-            const __m512i idx = _mm512_maskz_loadu_epi8(bm[r], iv + 64 * r);
+            const __m512i idx = _mm512_maskz_loadu_epi8(bm[r], vq_idx(idxB, V, v + j, n + 64 * r));
             eh[r][j] = vq_look<KP>(tv, idx);
             el[r][j] = vq_look<KP>(tv + KP, idx);
           }
@@ -344,7 +344,7 @@ LOWBIT_VBMI void vq_rows_i16(const int8_t* Tq, const float* ts, const uint8_t* i
 }
 
 template <int KP>
-LOWBIT_VBMI void vq_gemv_i16_kp(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N,
+LOWBIT_VBMI void vq_gemv_i16_kp(const int8_t* Tq, const float* ts, const uint8_t* idxB, int64_t V, int64_t N,
                                 int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1) {
   const int64_t G = (V + vpg - 1) / vpg;
   const int64_t gpc = vq_chunk_groups(vpg);
@@ -352,18 +352,18 @@ LOWBIT_VBMI void vq_gemv_i16_kp(const int8_t* Tq, const float* ts, const uint8_t
   for (int64_t g0 = 0; g0 < G; g0 += gpc) {
     const int64_t g1 = g0 + gpc < G ? g0 + gpc : G;
     int64_t n = n0;
-    for (; n + 128 <= n1; n += 128) vq_rows_i16<KP, 2>(Tq, ts, idxT, V, N, vpg, scaleT, y, n, 128, g0, g1);
-    for (; n < n1; n += 64) vq_rows_i16<KP, 1>(Tq, ts, idxT, V, N, vpg, scaleT, y, n, n1 - n, g0, g1);
+    for (; n + 128 <= n1; n += 128) vq_rows_i16<KP, 2>(Tq, ts, idxB, V, N, vpg, scaleT, y, n, 128, g0, g1);
+    for (; n < n1; n += 64) vq_rows_i16<KP, 1>(Tq, ts, idxB, V, N, vpg, scaleT, y, n, n1 - n, g0, g1);
   }
 }
 
 // y[n] for n in [n0, n1) from vq_qtable's Tq / ts; the caller checks the CPU has VBMI and VNNI
-void vq_gemv_i16(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
+void vq_gemv_i16(const int8_t* Tq, const float* ts, const uint8_t* idxB, int64_t V, int64_t N, int64_t Kc,
                  int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1) {
   switch (vq_table_width(Kc)) {
-    case 64: vq_gemv_i16_kp<64>(Tq, ts, idxT, V, N, vpg, scaleT, y, n0, n1); break;
-    case 128: vq_gemv_i16_kp<128>(Tq, ts, idxT, V, N, vpg, scaleT, y, n0, n1); break;
-    default: vq_gemv_i16_kp<256>(Tq, ts, idxT, V, N, vpg, scaleT, y, n0, n1); break;
+    case 64: vq_gemv_i16_kp<64>(Tq, ts, idxB, V, N, vpg, scaleT, y, n0, n1); break;
+    case 128: vq_gemv_i16_kp<128>(Tq, ts, idxB, V, N, vpg, scaleT, y, n0, n1); break;
+    default: vq_gemv_i16_kp<256>(Tq, ts, idxB, V, N, vpg, scaleT, y, n0, n1); break;
   }
 }
 #undef LOWBIT_VBMI
@@ -454,7 +454,7 @@ inline __m256i vq_look32(const int8_t* tv, const __m256i* xs) {
 }
 
 // y[n .. n + 32) += the scaled sums of scale groups [g0, g1) (32 full rows; vq_gemv_i16s does tails)
-void vq_rows32_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t vpg,
+void vq_rows32_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxB, int64_t V, int64_t N, int64_t vpg,
                     const float* scaleT, float* y, int64_t n, int64_t g0, int64_t g1) {
   constexpr int64_t kPf = 16, KP = 64;
   const __m256i s16 = _mm256_set1_epi8(16), lom = _mm256_set1_epi16(0x00FF);
@@ -467,8 +467,8 @@ void vq_rows32_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxT, int6
       const int64_t c1 = c0 + 128 < vb ? c0 + 128 : vb;
       __m256i he = _mm256_setzero_si256(), ho = he, le = he, lo = he;   // int16 sums: even / odd rows
       for (int64_t v = c0; v < c1; ++v) {
-        const uint8_t* iv = idxT + v * N + n;
-        if (v + kPf < V) _mm_prefetch(reinterpret_cast<const char*>(iv + kPf * N), _MM_HINT_T0);
+        const uint8_t* iv = vq_idx(idxB, V, v, n);
+        if (v + kPf < V) _mm_prefetch(reinterpret_cast<const char*>(iv + kPf * kVqIdxBlock), _MM_HINT_T0);
         const int8_t* tv = Tq + v * 2 * KP;
         __m256i xs[4];               // the index less 16 k: slice k's shuffle indices
         xs[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(iv));
@@ -506,7 +506,7 @@ void vq_rows32_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxT, int6
 
 // y[n] for n in [n0, n1) from vq_qtable's Tq / ts, slices differenced (vq_diff_slices), by byte
 // shuffles; Kc <= kVqShuffleMaxKc (planes of 64 bytes)
-void vq_gemv_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
+void vq_gemv_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxB, int64_t V, int64_t N, int64_t Kc,
                   int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1) {
   (void)Kc;
   constexpr int64_t KP = 64;
@@ -516,7 +516,7 @@ void vq_gemv_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_
   for (int64_t g0 = 0; g0 < G; g0 += gpc) {
     const int64_t g1 = g0 + gpc < G ? g0 + gpc : G;
     int64_t n = n0;
-    for (; n + 32 <= n1; n += 32) vq_rows32_i16s(Tq, ts, idxT, V, N, vpg, scaleT, y, n, g0, g1);
+    for (; n + 32 <= n1; n += 32) vq_rows32_i16s(Tq, ts, idxB, V, N, vpg, scaleT, y, n, g0, g1);
     for (; n < n1; ++n) {            // the last < 32 rows, one at a time, the same sums
       float acc = y[n];
       for (int64_t g = g0; g < g1; ++g) {
@@ -526,7 +526,7 @@ void vq_gemv_i16s(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_
           int32_t s = 0;
           for (int64_t v = c0; v < c1; ++v) {
             const int8_t* tv = Tq + v * 2 * KP;
-            const int c = idxT[v * N + n];
+            const int c = *vq_idx(idxB, V, v, n);
             uint8_t hb = 0, lb = 0;          // the slices added back, as the shuffles do
             for (int k = 0; k <= (c >> 4); ++k) {
               hb = static_cast<uint8_t>(hb + static_cast<uint8_t>(tv[16 * k + (c & 15)]));

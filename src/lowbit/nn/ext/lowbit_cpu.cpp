@@ -603,8 +603,9 @@ bool set_vq_vbmi(bool on) {
 
 // Vector-codebook linear by table lookup (kern_vq.h), for the few rows of decode: per row of x,
 // the (V, Kc) table of its vectors against the codebooks, then each output row's indexed sum.
-// idxT (V, N) and scaleT (G, N): the indices and scales transposed (nn/vq.py keeps them so).
-at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor& idxT, const at::Tensor& scaleT,
+// idxB (ceil(N / 64), V, 64): the indices in blocks of 64 rows (lowbit_kern.h vq_idx); scaleT
+// (G, N): the scales transposed (nn/vq.py keeps both so).
+at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor& idxB, const at::Tensor& scaleT,
                      int64_t gs) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "lowbit vq_linear: x must be a contiguous 2-D float32 tensor, got ", x.sizes(), " ", x.scalar_type());
@@ -616,10 +617,13 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
               Kc, ")");
   const int64_t V = Kin / d;
   TORCH_CHECK(ncb >= 1 && V % ncb == 0, "lowbit vq_linear: ", ncb, " codebooks do not split ", V, " vectors evenly");
-  TORCH_CHECK(idxT.dim() == 2 && idxT.scalar_type() == at::kByte && idxT.is_contiguous() && idxT.size(0) == V,
-              "lowbit vq_linear: indices must be contiguous uint8 (", V, ", N) (transposed), got ", idxT.sizes(), " ",
-              idxT.scalar_type());
-  const int64_t N = idxT.size(1);
+  TORCH_CHECK(scaleT.dim() == 2, "lowbit vq_linear: scale must be 2-D (groups, N) (transposed), got ", scaleT.sizes());
+  const int64_t N = scaleT.size(1);
+  const int64_t nblk = (N + lowbit::kVqIdxBlock - 1) / lowbit::kVqIdxBlock;
+  TORCH_CHECK(idxB.dim() == 3 && idxB.scalar_type() == at::kByte && idxB.is_contiguous() && idxB.size(0) == nblk &&
+                  idxB.size(1) == V && idxB.size(2) == lowbit::kVqIdxBlock,
+              "lowbit vq_linear: indices must be contiguous uint8 in blocks of 64 rows (", nblk, ", ", V, ", 64), got ",
+              idxB.sizes(), " ", idxB.scalar_type());
   TORCH_CHECK(gs > 0 && gs % d == 0, "lowbit vq_linear: group size ", gs, " must be a positive multiple of d = ", d);
   const int64_t G = (Kin + gs - 1) / gs;
   TORCH_CHECK(scaleT.scalar_type() == at::kFloat && scaleT.is_contiguous() && scaleT.dim() == 2 &&
@@ -647,7 +651,7 @@ at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor
   if (static_cast<int64_t>(t_buf.size()) < V * Kc) t_buf.resize(V * Kc);
   at::Tensor y = at::empty({M, N}, x.options());
   const float *xp = x.data_ptr<float>(), *cp = cb_buf.data(), *sp = scaleT.data_ptr<float>();
-  const uint8_t* ip = idxT.data_ptr<uint8_t>();
+  const uint8_t* ip = idxB.data_ptr<uint8_t>();
   float *tp = t_buf.data(), *yp = y.data_ptr<float>();
   const VqPath path = vq_path(kt, Kc);
   if (path != VqPath::kF32) {   // 16-bit tables in two byte planes, byte permutes or shuffles (kern_vq.h)

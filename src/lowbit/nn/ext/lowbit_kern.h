@@ -104,7 +104,7 @@ struct KernTable {
   // codebooks, then per row the scaled sum of its indexed table entries
   void (*vq_table)(const float* x, const float* cbT, int64_t Kc, int64_t d, int64_t vpc, int64_t v0,
                    int64_t v1, float* T);
-  void (*vq_gemv)(const float* T, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
+  void (*vq_gemv)(const float* T, const uint8_t* idxB, int64_t V, int64_t N, int64_t Kc, int64_t vpg,
                   const float* scaleT, float* y, int64_t n0, int64_t n1);
   // the same on 16-bit tables (kern_vq.h, AVX-512 VBMI byte permutes): vq_qtable rounds the float
   // table of scale groups [g0, g1) to int16 (one step ts[g] per group) held as two byte planes
@@ -114,9 +114,9 @@ struct KernTable {
   // at most vq_i16s_max_kc entries (above it the float gathers are cheaper).
   void (*vq_qtable)(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, int64_t g1, int8_t* Tq,
                     float* ts);
-  void (*vq_gemv_i16)(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
+  void (*vq_gemv_i16)(const int8_t* Tq, const float* ts, const uint8_t* idxB, int64_t V, int64_t N, int64_t Kc,
                      int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1);
-  void (*vq_gemv_i16s)(const int8_t* Tq, const float* ts, const uint8_t* idxT, int64_t V, int64_t N, int64_t Kc,
+  void (*vq_gemv_i16s)(const int8_t* Tq, const float* ts, const uint8_t* idxB, int64_t V, int64_t N, int64_t Kc,
                       int64_t vpg, const float* scaleT, float* y, int64_t n0, int64_t n1);
   int64_t vq_i16s_max_kc;
 };
@@ -132,6 +132,15 @@ namespace {
 // Bytes per vector in each byte plane of vq_qtable's 16-bit tables: the table size a permute
 // takes (vpermb 64 entries, vpermi2b 128, two vpermi2b 256), the entries past Kc zero.
 inline int64_t vq_table_width(int64_t Kc) { return Kc <= 64 ? 64 : (Kc <= 128 ? 128 : 256); }
+
+// The indices of a vector-codebook weight as the kernels read them: blocks of 64 rows, each block's
+// V vectors one after another, its 64 rows' bytes contiguous per vector: (ceil(N / 64), V, 64),
+// the last block's rows past N zero (nn/vq.py VQLinear.indices_b). A row block walks its indices
+// as one contiguous stream, where the transposed (V, N) layout of before made it V strided ones.
+constexpr int64_t kVqIdxBlock = 64;
+inline const uint8_t* vq_idx(const uint8_t* idxB, int64_t V, int64_t v, int64_t n) {
+  return idxB + ((n / kVqIdxBlock) * V + v) * kVqIdxBlock + n % kVqIdxBlock;
+}
 
 // The byte-shuffle path's layout of those planes (kern_vq.h vq_gemv_i16s, 64 entries): in each
 // 64-byte plane, every 16-byte slice after the first minus the slice before it, bytewise mod 256,
