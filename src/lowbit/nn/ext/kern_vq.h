@@ -163,6 +163,23 @@ void vq_gemv(const float* T, const uint8_t* idxB, int64_t V, int64_t N, int64_t 
   }
 }
 
+// vq_qtable's shared steps (every variant that has one). The step of a group of max|T| = m:
+// returns inv = 32767 / m capped at FLT_MAX (max|T| below ~1e-34 would make it inf, and every q 0),
+// and sets *ts = 1 / inv, so q ts stays within ts / 2 of T whichever step is taken; |T inv| <= 32767,
+// so q fits 16 bits without a clamp.
+inline float vq_inv_step(float m, float* ts) {
+  const float iv = m > 0.f ? (32767.f / m < 3.4028235e38f ? 32767.f / m : 3.4028235e38f) : 0.f;
+  *ts = m > 0.f ? 1.f / iv : 1.f;
+  return iv;
+}
+
+// a group whose table holds NaN or inf: its planes zero, and its step NaN (returned), so its rows'
+// outputs are NaN
+inline float vq_bad_group(int8_t* Tq, int64_t KP, int64_t va, int64_t vb) {
+  for (int64_t i = va * 2 * KP; i < vb * 2 * KP; ++i) Tq[i] = 0;
+  return __builtin_nanf("");
+}
+
 // ---- 16-bit tables on byte permutes (AVX-512 VBMI + VNNI) -----------------------------------------
 // The table of each scale group g is rounded to int16 with one step ts[g] = max|T over g| / 32767
 // (at least 1 / FLT_MAX)
@@ -203,15 +220,10 @@ void vq_qtable(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, i
     }
     const float m = _mm512_reduce_max_ps(mx);
     if (bad) {
-      ts[g] = __builtin_nanf("");
-      for (int64_t v = va; v < vb; ++v)
-        for (int64_t c = 0; c < 2 * KP; ++c) Tq[v * 2 * KP + c] = 0;
+      ts[g] = vq_bad_group(Tq, KP, va, vb);
       continue;
     }
-    // inv capped at FLT_MAX (max|T| below ~1e-34 would make it inf, and every q 0); ts = 1 / inv,
-    // so q ts stays within ts / 2 of T whichever step is taken
-    const float iv = m > 0.f ? (32767.f / m < 3.4028235e38f ? 32767.f / m : 3.4028235e38f) : 0.f;
-    ts[g] = m > 0.f ? 1.f / iv : 1.f;
+    const float iv = vq_inv_step(m, ts + g);
     const __m512 inv = _mm512_set1_ps(iv);
     for (int64_t v = va; v < vb; ++v) {
       const float* tv = T + v * Kc;
@@ -411,14 +423,10 @@ void vq_qtable(const float* T, int64_t V, int64_t Kc, int64_t vpg, int64_t g0, i
       m = a > m ? a : m;
     }
     if (isbad) {
-      ts[g] = __builtin_nanf("");
-      for (int64_t v = va; v < vb; ++v)
-        for (int64_t c = 0; c < 2 * KP; ++c) Tq[v * 2 * KP + c] = 0;
+      ts[g] = vq_bad_group(Tq, KP, va, vb);
       continue;
     }
-    // as the AVX-512 vq_qtable: inv capped at FLT_MAX, ts = 1 / inv, |q| <= 32767 without a clamp
-    const float iv = m > 0.f ? (32767.f / m < 3.4028235e38f ? 32767.f / m : 3.4028235e38f) : 0.f;
-    ts[g] = m > 0.f ? 1.f / iv : 1.f;
+    const float iv = vq_inv_step(m, ts + g);
     const __m256 inv = _mm256_set1_ps(iv);
     for (int64_t v = va; v < vb; ++v) {
       const float* tv = T + v * Kc;
