@@ -1,4 +1,4 @@
-"""Budget-chosen mixes vs uniform presets on the bundled model (issue 22), and the sensitivity
+"""Budget-chosen mixes vs uniform presets (issue 22; the bundled model, or --model), and the sensitivity
 pass's wall time against one GPTQ run.
 
     .venv/bin/python bench/bench_budget.py sens            # sensitivity + one GPTQ run, timed back to back
@@ -37,9 +37,9 @@ def _tokens(lm, n: int):
     return calibration_tokens(lm.tokenizer, CalibrationConfig(n_samples=n, seq_len=512))
 
 
-def _load():
+def _load(a):
     from lowbit.models import load_model
-    return load_model("smollm2-135m")
+    return load_model(a.model)
 
 
 def _write(path: Path, obj) -> None:
@@ -50,7 +50,7 @@ def _write(path: Path, obj) -> None:
 def step_sens(a) -> None:
     from lowbit import api
     from lowbit.budget import load_or_compute
-    lm = _load()
+    lm = _load(a)
     toks = _tokens(lm, a.calib)
     t0 = time.perf_counter()
     sens = load_or_compute(lm.model, toks, cache=False, fisher_samples=a.fisher, batch_size=8,
@@ -72,7 +72,7 @@ def step_measure(a) -> None:
     from lowbit.budget import Sensitivity
     from lowbit.budget.measure import measure_pairs, rank_correlation, sample_pairs
     sens = Sensitivity.load(a.work / "sens.json")
-    lm = _load()
+    lm = _load(a)
     toks = _tokens(lm, a.calib)
     pairs = sample_pairs(sens, a.pairs, seed=0)
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def step_run(a) -> None:
         if (out / "eval.json").is_file() and not a.redo:
             print(f"{name}: done already")
             continue
-        lm = _load()
+        lm = _load(a)
         if name == "fp32":
             from lowbit.eval import evaluate as ev
             rec = ev(lm.model, lm.tokenizer, metrics=["ppl", "size"], max_tokens=512 * a.eval_windows,
@@ -125,7 +125,7 @@ def step_run(a) -> None:
         t_q = time.perf_counter() - t0
         metrics = {"budget_plan": plan.to_dict()} if plan is not None else None
         api.export(lm, rep, out, "native", metrics=metrics, overwrite=True)
-        ref_lm = _load()
+        ref_lm = _load(a)
         rec = evaluate(lm.model, lm.tokenizer, reference=ref_lm.model, metrics=["ppl", "kl", "size"],
                        max_tokens=512 * a.eval_windows, kl_max_tokens=512 * a.kl_windows, path=out,
                        label=name, progress=False)
@@ -161,7 +161,7 @@ def step_rtn(a) -> None:
     from lowbit.eval.report_html import kl_histogram
     from lowbit.models.base import LoadedModel
     from lowbit.recipe import get_recipe
-    lm = _load()
+    lm = _load(a)
     toks = _tokens(lm, a.calib)
     t0 = time.perf_counter()
     sens = load_or_compute(lm.model, toks, candidates=RTN_CANDIDATES, fisher_samples=a.fisher,
@@ -354,7 +354,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--kl-windows", type=int, default=8)
     ap.add_argument("--redo", action="store_true")
-    ap.add_argument("--model", default="smollm2-135m", help="gguf step: the model (smollm2-135m, qwen2.5-coder-1.5b)")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="the model of every step (smollm2-135m, qwen2.5-coder-1.5b: give it a --work of its own)")
     ap.add_argument("--threads", type=int, default=2, help="gguf step: llama.cpp's threads")
     ap.add_argument("--candidates", help="gguf step: comma-separated gguf-<type> candidates (default GGUF_CANDIDATES)")
     ap.add_argument("--tag", default="", help="gguf step: suffix of the results file (one per candidate set)")
