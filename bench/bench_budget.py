@@ -228,13 +228,18 @@ def step_gguf(a) -> None:
     llama.cpp's perplexity. Both sides: llama.cpp's block encoders and one imatrix collected by
     lowbit on the same --calib windows; llama.cpp's file from llama_model_quantize on lowbit's F32
     GGUF; ours from the plan (candidates GGUF_CANDIDATES, sensitivity on the same windows) under a
-    budget of exactly llama.cpp's block-linear bytes, token embedding Q6_K (its fallback) as theirs."""
+    budget of exactly llama.cpp's block-linear bytes, the token embedding and output in llama.cpp's
+    types for that mix (read from its file), so the two files are the same size."""
     import copy
 
     from lowbit import api
     from lowbit.budget import Budget, load_or_compute, solve
     from lowbit.budget.sizing import file_payload_bytes
-    from lowbit.calibration.imatrix import collect_imatrix, imatrix_targets
+    from dataclasses import replace
+
+    from lowbit.calibration.imatrix import Imatrix, collect_imatrix, imatrix_targets
+    from lowbit.presets.gguf_mixes import EMBED, HEAD, ggml_scheme
+    from lowbit.recipe import Rule
     from lowbit.export.gguf.reader import tensor_types
     from lowbit.export.gguf.writer import write_gguf
     from lowbit.models import LoadedModel, load_model, resolve_source
@@ -249,18 +254,29 @@ def step_gguf(a) -> None:
     f32 = work / f"{a.model}-f32.gguf"
     if not f32.is_file():
         write_gguf(lm.model, f32, "f32", hf_dir=lm.path, source_gguf=source_gguf, progress=False)
-    im = collect_imatrix(lm.model, toks, imatrix_targets(lm.model), dataset="wiki-calibration", progress=False)
     im_path = work / f"{a.model}.imatrix.gguf"
-    im.save(im_path)
+    if a.reuse and im_path.is_file():
+        im = Imatrix.load(im_path)
+    else:
+        im = collect_imatrix(lm.model, toks, imatrix_targets(lm.model), dataset="wiki-calibration", progress=False)
+        im.save(im_path)
     t0 = time.perf_counter()
     cands = a.candidates.split(",") if a.candidates else None
     sens = load_or_compute(lm.model, toks, fmt="gguf", candidates=cands, fisher_samples=a.fisher,
                            source_dir=lm.path, log=print)
     t_sens = time.perf_counter() - t0
     sens.save(work / f"{a.model}-sens.json")
-    ppl = lambda p: peer("ppl", str(p), "--n-ctx", "512", "--max-windows", str(a.eval_windows),  # noqa: E731
-                         "--threads", str(a.threads))
     res_path = work / f"{a.model}{a.tag}.json"
+    memo_path = work / f"{a.model}.ppl-memo.json"      # --reuse: llama.cpp's ppl of a file not changed since
+    memo = json.loads(memo_path.read_text()) if a.reuse and memo_path.is_file() else {}
+
+    def ppl(p: Path) -> dict:
+        key = f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns} {a.eval_windows}"
+        if key not in memo:
+            memo[key] = peer("ppl", str(p), "--n-ctx", "512", "--max-windows", str(a.eval_windows),
+                             "--threads", str(a.threads))
+            _write(memo_path, memo)
+        return memo[key]
     res = {"model": a.model, "candidates": sens.candidates, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "calib_windows": a.calib,
            "fisher_windows": a.fisher, "eval_windows": a.eval_windows, "sens_s": round(t_sens, 1),
            "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()), "rows": []}
@@ -270,12 +286,22 @@ def step_gguf(a) -> None:
     print(f"F32 (llama.cpp): ppl {base['ppl']:.4f}", flush=True)
     for mix in (a.names or GGUF_MIXES):
         theirs = work / f"{a.model}-{mix}-llamacpp.gguf"
-        peer("quantize", str(f32), str(theirs), "--ftype", mix.upper(), "--imatrix", str(im_path),
-             "--threads", str(a.threads))
+        if not (a.reuse and theirs.is_file()):
+            peer("quantize", str(f32), str(theirs), "--ftype", mix.upper(), "--imatrix", str(im_path),
+                 "--threads", str(a.threads))
         lin = _blk_linear_bytes(theirs)
         plan = solve(sens, Budget("bpw", 8 * lin / sens.weights(), f"{mix}-size"))
+        # the tensors outside the plan (token embedding, output) in llama.cpp's types for this mix,
+        # so that the two files match in size and differ only in the blocks' per-tensor choice
+        their_types = tensor_types(theirs)
+        recipe = plan.recipe(f"budget-{mix}-size")
+        outside = {EMBED: their_types["token_embd.weight"].lower()}
+        if "output.weight" in their_types:
+            outside[HEAD] = their_types["output.weight"].lower()
+        recipe = replace(recipe, rules=[r for r in recipe.rules if r.targets not in outside]
+                         + [Rule(t, ggml_scheme(ty), "ggml") for t, ty in outside.items()])
         model = copy.deepcopy(lm.model)
-        rep = api.quantize(model, plan.recipe(f"budget-{mix}-size"), imatrix=im, progress=False)
+        rep = api.quantize(model, recipe, imatrix=im, progress=False)
         rep.imatrix["file"] = str(im_path)
         ours = work / f"{a.model}-budget{a.tag}-at-{mix}.gguf"
         api.export(LoadedModel(model, lm.tokenizer, lm.path, lm.source, lm.source_sha256), rep, ours, "gguf",
@@ -290,6 +316,7 @@ def step_gguf(a) -> None:
                "llamacpp_linear_bytes": lin, "lowbit_linear_bytes": _blk_linear_bytes(ours),
                "plan_linear_bytes": plan.linear_bytes, "bpw": plan.bits_per_weight,
                "llamacpp_ppl": pt["ppl"], "lowbit_ppl": po["ppl"], "predicted_kl": plan.predicted_kl,
+               "outside_types": {"token_embd": outside[EMBED], "output": outside.get(HEAD)},
                "lowbit_types": types, "file": file_payload_bytes(ours)}
         row["llamacpp_dppl"], row["lowbit_dppl"] = pt["ppl"] - base["ppl"], po["ppl"] - base["ppl"]
         row["loss_ratio"] = row["lowbit_dppl"] / row["llamacpp_dppl"] if row["llamacpp_dppl"] > 0 else None
@@ -359,6 +386,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="gguf step: llama.cpp's threads")
     ap.add_argument("--candidates", help="gguf step: comma-separated gguf-<type> candidates (default GGUF_CANDIDATES)")
     ap.add_argument("--tag", default="", help="gguf step: suffix of the results file (one per candidate set)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="gguf step: reuse the imatrix, llama.cpp's files and the ppl of files unchanged since")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     {"sens": step_sens, "measure": step_measure, "run": step_run, "rtn": step_rtn, "rtntable": step_rtntable, "table": step_table,

@@ -107,3 +107,30 @@ def test_recipe_selects_the_choice_and_round_trips():
     assert recipe.rule_for("lm_head") is None
     assert recipe.rule_for("model.layers.30.self_attn.q_proj") is None    # not in the table: float
     assert "3.6bpw" in recipe.description
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_plan_stores_the_embedding_as_the_sizing_counts_it(tied):
+    """A GGUF plan's recipe, bound to a model, gives the token embedding HEAD_TYPE whether or not
+    it is tied to the output: the type the sizing (budget.sizing._gguf_fixed_bytes) counts for every
+    2-D tensor outside the plan. An untied embedding used to be written F16, past the budget."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.budget.sizing import HEAD_TYPE
+    from lowbit.export.gguf.writer import tensor_type
+    from lowbit.presets.gguf_mixes import bind_to_model
+    cands = ["gguf-q4_k", "gguf-q8_0"]
+    mods = [{"name": f"model.layers.0.{p}", "shape": [256, 256], "group": i}
+            for i, p in enumerate(("self_attn.q_proj", "mlp.down_proj"))]
+    sens = Sensitivity(mods, cands, [[0.1, 0.01], [0.2, 0.02]], [[0.1, 0.01], [0.2, 0.02]],
+                       [[256 * 144, 256 * 272]] * 2, {"tensor_bytes": 0, "model_files_bytes": 0,
+                                                      "overhead_bytes": 0, "total": 0}, fmt="gguf")
+    plan = solve(sens, parse_budget("6bpw"))
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=512, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    recipe = bind_to_model(plan.recipe(), model)
+    assert tensor_type(recipe, "model.embed_tokens.weight", (512, 256), tied) == (HEAD_TYPE.upper(),) * 2
+    if not tied:
+        assert tensor_type(recipe, "lm_head.weight", (512, 256), tied) == (HEAD_TYPE.upper(),) * 2

@@ -107,10 +107,13 @@ class Plan:
             r = candidate_rule(cand)
             rules.append(Rule(f"^{re.escape(mod)}$", r.scheme, r.method, dict(r.method_args)))
         ggml = any(candidate_rule(c).method == "ggml" for c in self.candidates_used)
-        if ggml:       # GGUF: the output / tied embedding as every llama.cpp K mix stores it
+        if ggml:       # GGUF: the output and the token embedding in HEAD_TYPE, as the sizing counts them
             from lowbit.budget.sizing import HEAD_TYPE
-            from lowbit.presets.gguf_mixes import HEAD, ggml_scheme
+            from lowbit.presets.gguf_mixes import EMBED, HEAD, ggml_scheme
             rules.append(Rule(HEAD, ggml_scheme(HEAD_TYPE), "ggml"))
+            # an untied embedding too (tied, it is the output and takes HEAD's rule); without this
+            # rule it was written F16, bigger than the plan's bytes (2x Q6_K's on Qwen2.5-1.5B)
+            rules.append(Rule(EMBED, ggml_scheme(HEAD_TYPE), "ggml"))
         desc = (f"budget {self.budget.text}: {len(self.choice)} modules, {self.bits_per_weight:.3f} bits per weight "
                 f"(file bytes of the quantized linears), predicted KL {self.predicted_kl:.4f} nats/token; "
                 f"schemes: {', '.join(f'{k} x{v}' for k, v in sorted(self.candidates_used.items()))}"
