@@ -100,7 +100,7 @@ class VQLinear(nn.Module):
         V = self.in_features // d
         cbv = vw.vector_codebook()                                        # (V,)
         T = torch.einsum("mvd,vkd->mvk", x.view(M, V, d), self.codebook[cbv])   # (M, V, K)
-        flat = (torch.arange(V) * K)[None, :] + self.indices.long()       # (N, V) into T[m].view(-1)
+        flat = (torch.arange(V) * K)[None, :] + vw.indices.long()         # (N, V) into T[m].view(-1)
         vals = T.reshape(M, -1)[:, flat]                                  # (M, N, V)
         vpg = self.group_size // d
         G = self.scale.shape[1]
